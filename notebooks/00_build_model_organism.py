@@ -1,0 +1,190 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: paper-lib
+#     language: python
+#     name: paper-lib
+# ---
+
+# %% [markdown]
+# # 00 · Build the model organism
+#
+# **Claim:** a ~1M-parameter `Qwen2ForCausalLM`, pretrained in-repo, can compose a chain of table
+# lookups when it writes the steps out (textbook format) but not when a chat question asks for the
+# answer directly, so it holds a latent step-by-step skill that it does not use in chat: the
+# situation of Qwen2.5-32B-Instruct before s1's reasoning fine-tune.
+#
+# Every later notebook runs on this organism by default, through the same code path it runs on
+# Qwen2.5 and s1K-1.1 at real scale: the model and tokenizer load with `from_pretrained`, the traces
+# and benchmarks with `datasets.load_dataset`, all by path.
+
+# %% tags=["parameters"]
+SEED = 0  # seeds the organism's data, initialisation and pretraining stream
+ORGANISM_DIR = "data/organism"  # where the organism lives (relative to the repository root)
+REBUILD = False  # retrain from scratch (about 20 min on 2 CPU cores) even if ORGANISM_DIR exists
+PRETRAIN_STEPS = 4000  # pretraining steps when rebuilding
+SMOKE = False  # fast check for CI: small evaluation sets (and a tiny build if REBUILD)
+
+# %%
+import random
+
+import pandas as pd
+from datasets import load_dataset
+
+from paper_lib.config import seed_everything
+from paper_lib.organism import (
+    AIME_SUBDIR,
+    GPQA_SUBDIR,
+    MATH_SUBDIR,
+    TRACES_SUBDIR,
+    OrganismConfig,
+    Problem,
+    build_organism,
+    chat_document,
+    check_organism_dir,
+    load_organism,
+    load_probe,
+    problem_from_row,
+    score_formats,
+    textbook_document,
+    thinking_answer,
+)
+from paper_lib.paths import resolve
+from paper_lib.plotting import plot_latent_gap, plot_pretraining, save_figure
+from paper_lib.results import record_headline
+from paper_lib.statistics import wilson_interval
+
+SECTION = "00_build_model_organism"
+seed_everything(SEED)
+organism_dir = resolve(ORGANISM_DIR)
+
+# %% [markdown]
+# ## The task: chains of table lookups, written out or answered directly
+#
+# A problem is a start digit and k operations mod 10 from a 40-fact table (`+1`, `+2`, `x2`, `x3`).
+# Written out, every step is easy: copy the carried value, look up the next operation in the
+# question, apply it. Answered directly, the model must compose k lookups in one forward pass.
+# Multiple-choice variants add a lookup of the option letter. Pretraining shows worked steps only in
+# the plain textbook format; chat turns answer directly. The reasoning traces (s1K-1.1's schema) put
+# the same steps into s1's think/answer format.
+
+# %%
+example = Problem(7, ("+2", "x2", "+1", "x3"), choices=(3, 7, 0, 5))
+print("textbook document:\n" + textbook_document(example), end="\n\n")
+
+# %% [markdown]
+# ## Build, or load the committed organism
+
+# %%
+if REBUILD or not (organism_dir / "config.json").exists():
+    cfg = OrganismConfig(seed=SEED, steps=40 if SMOKE else PRETRAIN_STEPS, warmup_steps=4 if SMOKE else 100,
+                         eval_every=20 if SMOKE else 500)
+    build_organism(cfg, organism_dir)
+check_organism_dir(organism_dir)
+model, tokenizer, cfg = load_organism(organism_dir)
+n_params = sum(p.numel() for p in model.parameters())
+print(f"{type(model).__name__}: {n_params:,} parameters, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}")
+print("chat document:\n" + chat_document(tokenizer, example))
+print("s1-format assistant turn:\n" + thinking_answer(example))
+assert type(model).__name__ == "Qwen2ForCausalLM" and cfg.num_hidden_layers >= 4
+record_headline(SECTION, "parameters", n_params, unit="parameters")
+
+# %% [markdown]
+# ## Pretraining
+# Loss over steps, and greedy accuracy on a fixed set of held-out monitor problems (k = 2, 4 and the
+# AIME-like k) in both formats. Textbook accuracy climbs; chat accuracy stays low.
+
+# %%
+history = pd.read_csv(organism_dir / "pretraining_log.csv")
+save_figure(plot_pretraining(history), "organism_pretraining", history)
+print(f"{len(history)} steps, {history['seconds'].iloc[-1] / 60:.1f} min; final 50-step loss "
+      f"{history['loss'].tail(50).mean():.3f}")
+
+# %% [markdown]
+# ## The datasets load by path, like their hub counterparts, and are disjoint
+
+# %%
+traces = load_dataset(str(organism_dir / TRACES_SUBDIR), split="train")
+aime = load_dataset(str(organism_dir / AIME_SUBDIR), split="train")
+math500 = load_dataset(str(organism_dir / MATH_SUBDIR), split="test")
+gpqa = load_dataset(str(organism_dir / GPQA_SUBDIR), split="train")
+sizes = {"s1K-1.1": len(traces), "aime24": len(aime), "math500": len(math500), "gpqa_diamond": len(gpqa)}
+print(sizes)
+print(traces[0])
+trace_chains = {q.split("\n")[0] for q in traces["question"]}
+bench_chains = set(aime["problem"]) | {p.split("\n")[0] for p in math500["problem"]} | set(gpqa["Question"])
+assert sizes == {"s1K-1.1": 1000, "aime24": 30, "math500": 500, "gpqa_diamond": 198}
+assert not trace_chains & bench_chains, "traces overlap the benchmarks"
+assert sorted(set(math500["level"])) == [1, 2, 3, 4, 5]
+
+# %% [markdown]
+# ## The latent gap: accuracy by difficulty in both formats
+# Greedy decoding on the held-out probe problems (k = 1 has only 40 chains; all are probed).
+
+# %%
+rng = random.Random(SEED)
+probe = load_probe(organism_dir)
+if SMOKE:
+    probe = [p for k in sorted({p.k for p in probe}) for p in rng.sample([q for q in probe if q.k == k], 8)]
+scores = score_formats(model, tokenizer, probe)
+by_k = scores.groupby(["format", "k"])["correct"].agg(["sum", "count"]).reset_index()
+by_k["accuracy"] = by_k["sum"] / by_k["count"]
+by_k[["lo", "hi"]] = [wilson_interval(int(s), int(n)) for s, n in zip(by_k["sum"], by_k["count"])]
+by_k = by_k.rename(columns={"count": "n"}).drop(columns="sum")
+save_figure(plot_latent_gap(by_k, benchmark_k=cfg.aime_steps), "organism_latent_gap", by_k)
+print(by_k.pivot(index="k", columns="format", values="accuracy").round(3))
+
+# %% [markdown]
+# ## The gap on the benchmarks (base model, chat format vs textbook format)
+
+# %%
+benchmarks = {"aime24": (aime, "aime24"), "math500": (math500, "math500"), "gpqa_diamond": (gpqa, "gpqa_diamond")}
+rows = []
+for name, (dataset, kind) in benchmarks.items():
+    items = [problem_from_row(kind, row, seed=SEED) for row in dataset]
+    if SMOKE:
+        items = rng.sample(items, 10)
+    s = score_formats(model, tokenizer, items)
+    s["benchmark"] = name
+    rows.append(s)
+bench = pd.concat(rows, ignore_index=True)
+summary = bench.groupby(["benchmark", "format"])["correct"].agg(["mean", "sum", "count"]).reset_index()
+print(summary)
+
+
+def accuracy(benchmark: str, fmt: str) -> tuple[float, int]:
+    row = summary[(summary.benchmark == benchmark) & (summary.format == fmt)].iloc[0]
+    return float(row["mean"]), int(row["count"])
+
+
+for name in benchmarks:
+    for fmt in ("chat", "textbook"):
+        acc, n = accuracy(name, fmt)
+        record_headline(SECTION, f"{name}_{fmt}_accuracy", acc, unit="fraction", n=n)
+
+# %% [markdown]
+# ## Headline: the latent gap at the AIME-like difficulty
+# Textbook accuracy is measured on every held-out problem of that difficulty (the AIME-like benchmark,
+# MATH level 5 at the same k, and the probe set); chat accuracy on the AIME-like benchmark itself.
+
+# %%
+hard = scores[scores.k == cfg.aime_steps]
+hard_bench = bench[(bench.benchmark.isin(["aime24", "math500"])) & (bench.k == cfg.aime_steps)]
+hard_all = pd.concat([hard, hard_bench])
+textbook_hard = hard_all[hard_all.format == "textbook"]["correct"]
+chat_hard = hard_all[hard_all.format == "chat"]["correct"]
+chat_aime, n_aime = accuracy("aime24", "chat")
+record_headline(SECTION, "textbook_accuracy_at_aime_k", textbook_hard.mean(), unit="fraction", n=len(textbook_hard),
+                k=cfg.aime_steps)
+record_headline(SECTION, "chat_accuracy_at_aime_k", chat_hard.mean(), unit="fraction", n=len(chat_hard), k=cfg.aime_steps)
+record_headline(SECTION, "aime24_chat_accuracy", chat_aime, unit="fraction", n=n_aime)
+print(f"k={cfg.aime_steps}: textbook {textbook_hard.mean():.3f} (n={len(textbook_hard)}), "
+      f"chat {chat_hard.mean():.3f} (n={len(chat_hard)}); AIME-like chat {chat_aime:.3f} (n={n_aime})")
+if not SMOKE:
+    assert textbook_hard.mean() >= 0.85, "the organism lacks the step-by-step skill at the AIME-like difficulty"
+    assert chat_aime <= 0.35, "the organism already answers AIME-like questions directly: no latent gap"

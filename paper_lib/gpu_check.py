@@ -1,0 +1,212 @@
+"""The prepared GPU check: ``python -m paper_lib.gpu_check`` (``make gpu-check``).
+
+One short script for a lent GPU box with no network (torch, transformers and peft present; no TRL,
+datasets or vLLM): it checks that the committed organism computes the same on the GPU as on the CPU,
+and measures throughput at real Qwen2.5 shapes with random weights (built from a config, nothing
+downloaded). It prints a Markdown table and, with ``--json``, writes the rows for the benchmark notes
+(``BENCHMARKS.md``). Later stages add rows through ``CHECKS``. ``--device cpu --shape tiny`` runs the same
+code on a laptop or in the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from paper_lib.paths import resolve
+
+log = logging.getLogger(__name__)
+
+# Qwen2.5 shapes (from the published configs), for random-weight throughput runs.
+QWEN25_SHAPES: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=512),
+    "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936),
+    "1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936),
+    "7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064),
+    "32B": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                num_key_value_heads=8, vocab_size=152064),
+}
+
+
+def qwen25_config(shape: str, **overrides: Any) -> Qwen2Config:
+    """A Qwen2.5 config of the named size (no download)."""
+    if shape not in QWEN25_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {sorted(QWEN25_SHAPES)}")
+    return Qwen2Config(**{**QWEN25_SHAPES[shape], "max_position_embeddings": 32768, "tie_word_embeddings": False,
+                          **overrides})
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
+    """Median seconds of ``fn()`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def check_organism_parity(device: torch.device, organism_dir: str = "data/organism") -> list[dict[str, Any]]:
+    """The committed organism: max |logit difference| GPU vs CPU (fp32) and greedy-output agreement."""
+    from paper_lib.organism import generate_greedy, load_organism, load_probe, textbook_prompt
+
+    model, tok, _ = load_organism(resolve(organism_dir))
+    problems = load_probe(resolve(organism_dir))[::20][:32]
+    prompts = [textbook_prompt(p) for p in problems]
+    tok.padding_side = "left"
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        cpu_logits = model(**batch).logits
+        cpu_text = generate_greedy(model, tok, prompts, max_new_tokens=64)
+        model.to(device)
+        dev_logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.cpu()
+        dev_text = generate_greedy(model, tok, prompts, max_new_tokens=64)
+    mask = batch["attention_mask"].bool()
+    diff = (cpu_logits - dev_logits).abs()[mask].max().item()
+    same = sum(a == b for a, b in zip(cpu_text, dev_text))
+    return [
+        {"check": "organism logits, device vs CPU (fp32)", "value": diff, "unit": "max abs diff"},
+        {"check": "organism greedy outputs identical", "value": same, "unit": f"of {len(prompts)} prompts"},
+    ]
+
+
+def check_forward_throughput(device: torch.device, shape: str, tokens: int, seq_len: int) -> list[dict[str, Any]]:
+    """Plain forward tokens/s at a Qwen2.5 shape, random bf16 weights (fp32 on CPU), SDPA attention."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = qwen25_config(shape)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(dtype).eval()
+    batch = max(1, tokens // seq_len)
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(input_ids=ids, logits_to_keep=1)
+
+    seconds = time_call(forward, device)
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    rows = [{"check": f"Qwen2.5-{shape} forward, {batch}x{seq_len} tokens", "value": batch * seq_len / seconds,
+             "unit": "tok/s"}]
+    if device.type == "cuda":
+        peak = {"H100": 989e12, "H200": 989e12}.get(next((k for k in ("H100", "H200") if k in torch.cuda.get_device_name(device)), ""), None)
+        if peak:
+            rows.append({"check": f"Qwen2.5-{shape} forward MFU (2N FLOPs/token, no attention)",
+                         "value": 2 * n_params * batch * seq_len / seconds / peak, "unit": "fraction of bf16 dense peak"})
+    del model
+    return rows
+
+
+def check_train_throughput(device: torch.device, shape: str, tokens: int, seq_len: int,
+                           compile_step: bool = True) -> list[dict[str, Any]]:
+    """Rank-1 LoRA vs full fine-tune optimizer steps at a Qwen2.5 shape, with the levers of issue 3.
+
+    Baseline on one H200 at the 1.5B shape, 8,192 tokens a step (../shared/NOTES-stack.md): full FT
+    27,300 tok/s; PEFT default rank-1 18,100; bf16 adapters 23,700; goal >= 36,000 (2x PEFT's default).
+    """
+    from paper_lib.throughput import StepSetup, measure_train_step
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    setups = [
+        StepSetup("full FT, checkpointing", lora=False, gradient_checkpointing=True),
+        StepSetup("rank-1, PEFT default (fp32 adapters, checkpointing)", gradient_checkpointing=True),
+        StepSetup("rank-1, bf16 adapters, checkpointing", adapter_dtype="model", gradient_checkpointing=True),
+        StepSetup("rank-1, bf16 adapters, no checkpointing", adapter_dtype="model"),
+    ]
+    try:
+        import liger_kernel  # noqa: F401
+
+        setups.append(StepSetup("rank-1, bf16 adapters, no checkpointing, Liger", adapter_dtype="model", liger=True))
+    except ImportError:
+        log.info("liger-kernel not installed: skipping the Liger setups (carry its wheel to include them)")
+    if compile_step:
+        setups.append(StepSetup("rank-1, bf16 adapters, no checkpointing, torch.compile", adapter_dtype="model",
+                                compile=True))
+    config = qwen25_config(shape)
+    rows = []
+    for setup in setups:
+        try:
+            r = measure_train_step(config, setup, device, tokens, seq_len, dtype)
+            rows.append({"check": f"Qwen2.5-{shape} train step: {setup.name}", "value": r["tok_per_s"], "unit": "tok/s"
+                         + (f" (peak {r['peak_gib']:.1f} GiB)" if "peak_gib" in r else "")})
+        except Exception as err:  # one lever failing (e.g. compile) must not hide the others
+            rows.append({"check": f"Qwen2.5-{shape} train step: {setup.name}", "value": f"FAILED: {err}", "unit": ""})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+CHECKS: list[Callable[[argparse.Namespace, torch.device], list[dict[str, Any]]]] = [
+    lambda args, device: check_organism_parity(device),
+    lambda args, device: check_forward_throughput(device, args.shape, args.tokens, args.seq_len),
+    lambda args, device: check_train_throughput(device, args.shape, args.tokens, args.seq_len, not args.no_compile),
+]
+
+
+def run_checks(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows: list[dict[str, Any]] = [{"check": "device", "value": torch.cuda.get_device_name(device)
+                                   if device.type == "cuda" else platform.processor() or "cpu", "unit": ""},
+                                  {"check": "torch", "value": torch.__version__, "unit": ""}]
+    for check in CHECKS:
+        start = time.perf_counter()
+        try:
+            rows += check(args, device)
+        except Exception as err:  # a failed check is a row, not the end of the whole run
+            log.exception("check failed")
+            rows.append({"check": getattr(check, "__name__", "check"), "value": f"FAILED: {err}", "unit": ""})
+        log.info("check took %.1f s", time.perf_counter() - start)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| check | value | unit |", "|---|---|---|"]
+    for row in rows:
+        value = row["value"]
+        text = f"{value:,.4g}" if isinstance(value, float) else str(value)
+        lines.append(f"| {row['check']} | {text} | {row['unit']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description="prepared GPU check")
+    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
+    parser.add_argument("--shape", default="1.5B", choices=sorted(QWEN25_SHAPES))
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per throughput step")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile setups (slow to build)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    rows = run_checks(args)
+    table = format_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    sys.stdout.write(table + "\n")  # a command-line entry point: the table is its output
+    return table
+
+
+if __name__ == "__main__":
+    main()

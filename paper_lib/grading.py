@@ -1,0 +1,116 @@
+"""Answer grading: math-verify for math answers, a small parser for multiple-choice letters.
+
+Only the text after the think section is graded (s1's ``<|im_start|>answer`` section, or what follows a
+``</think>``). A response with no extractable answer is wrong, never an exception.
+
+math-verify's own timeout uses ``signal.alarm``, which fails outside the main thread (vLLM, notebooks
+and thread pools call from others). We disable it and impose our own: grading runs in one reusable
+worker process that is killed and replaced when a call overruns (sympy can hang on adversarial input).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import re
+from multiprocessing.pool import Pool
+
+log = logging.getLogger(__name__)
+
+ANSWER_MARKERS = ("<|im_start|>answer", "</think>")
+END_MARKERS = ("<|im_end|>", "<|endoftext|>")
+DEFAULT_TIMEOUT_S = 10.0
+
+
+def final_section(response: str) -> str:
+    """The part of a response that is graded: after the last think/answer marker, before end markers."""
+    text = response
+    for marker in ANSWER_MARKERS:
+        if marker in text:
+            text = text.rsplit(marker, 1)[1]
+            break
+    for marker in END_MARKERS:
+        text = text.split(marker, 1)[0]
+    return text.strip()
+
+
+def _verify(response_text: str, gold: str) -> bool:
+    """math-verify in the worker: gold parsed as LaTeX/expression, the response's last answer extracted."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    gold_parsed = parse(f"${gold}$", extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+                        parsing_timeout=None)
+    if not gold_parsed:
+        gold_parsed = parse(gold, parsing_timeout=None)
+    answer = parse(response_text, extraction_config=[LatexExtractionConfig(boxed_match_priority=0),
+                                                     ExprExtractionConfig()], parsing_timeout=None)
+    if not gold_parsed or not answer:
+        return False
+    return bool(verify(gold_parsed, answer, timeout_seconds=None))
+
+
+_POOL: Pool | None = None
+
+
+def _pool() -> Pool:
+    global _POOL
+    if _POOL is None:
+        # spawn, not fork: the caller may hold torch/vLLM threads that a fork would copy mid-state
+        _POOL = multiprocessing.get_context("spawn").Pool(1)
+    return _POOL
+
+
+def _reset_pool() -> None:
+    global _POOL
+    if _POOL is not None:
+        _POOL.terminate()
+        _POOL.join()
+        _POOL = None
+
+
+atexit.register(_reset_pool)
+
+
+def is_correct_math(response: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Whether the final answer of ``response`` equals ``gold`` (math-verify); False on no answer or timeout."""
+    text = final_section(response)
+    if not text or not str(gold).strip():
+        return False
+    if "\\boxed" in text:  # several boxed answers: the last one counts (math-verify would take the first)
+        text = text[text.rindex("\\boxed"):]
+    try:
+        return _pool().apply_async(_verify, (text, str(gold))).get(timeout=timeout_s)
+    except multiprocessing.TimeoutError:
+        log.warning("grading timed out after %.0f s; counted wrong: %r", timeout_s, text[:200])
+        _reset_pool()
+        return False
+    except Exception as err:  # math-verify/sympy errors on odd input count as wrong, never crash a run
+        log.warning("grading failed (%s); counted wrong: %r", err, text[:200])
+        return False
+
+
+# "Answer: B", "answer is (B)", "\boxed{B}", "**B**", "(B)" and "B." alone on a line, most explicit first.
+_CHOICE_PATTERNS = [
+    re.compile(r"\\boxed\{\s*\(?([A-D])\)?\s*\}"),
+    re.compile(r"(?:final\s+)?answer\s*(?:is|:)?\s*[:\-]?\s*\**\(?([A-D])\)?(?![A-Za-z])", re.IGNORECASE),
+    re.compile(r"^\s*\**\(?([A-D])\)?[.:)]?\**\s*$", re.MULTILINE),
+    re.compile(r"\(([A-D])\)"),
+]
+
+
+def extract_choice(response: str) -> str | None:
+    """The chosen letter A-D in the final section (the last match of the most explicit pattern), or None."""
+    text = final_section(response)
+    for pattern in _CHOICE_PATTERNS:
+        matches = pattern.findall(text)
+        if matches:
+            return matches[-1].upper()
+    return None
+
+
+def is_correct_choice(response: str, gold_letter: str) -> bool:
+    """Whether the response's chosen letter is ``gold_letter`` (no letter: wrong)."""
+    if gold_letter.upper() not in "ABCD" or len(gold_letter) != 1:
+        raise ValueError(f"gold_letter must be one of A-D, got {gold_letter!r}")
+    return extract_choice(response) == gold_letter.upper()

@@ -1,0 +1,694 @@
+"""The model organism: a tiny Qwen2 with a latent step-by-step skill that it does not use in chat.
+
+The task: a start digit and a chain of k operations mod 10 drawn from a 40-fact table (``+1``, ``+2``,
+``x2``, ``x3``), optionally as a four-option multiple-choice question. Written out, each step is a tiny lookup:
+
+    question   7 +2 x2 +1                     (chat: the user turn)
+    steps      7+2=9;9x2=8;8+1=9              (copy the carried value, look up the next op, compute)
+    answer     9                              (multiple choice adds a scan of the options, ``9?A3,B9``)
+
+Pretraining mixes two document kinds: a plain "textbook" format with the worked steps
+(``Q <question>\\nthink\\n<steps>\\nanswer\\nAnswer: <answer>``: s1's layout without its
+special tokens, so the organism knows those words as a real LM does) and ChatML conversations in
+which the assistant answers directly (``Answer: 9``). The model thus learns to compose steps when it writes them out, but in chat
+it must compose k lookups in one forward pass, which fails for large k: the situation of an instruct
+model before reasoning fine-tuning. Benchmark and probe problems are held out of pretraining.
+
+Everything is saved the way hub artifacts are (``save_pretrained``; JSONL files that
+``datasets.load_dataset(folder)`` reads), so later stages load the organism exactly as they load
+Qwen2.5 and s1K-1.1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import re
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from safetensors import SafetensorError
+import torch
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2Tokenizer,
+    get_cosine_schedule_with_warmup,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from paper_lib.config import Config, require, seed_everything
+
+log = logging.getLogger(__name__)
+
+OPS: tuple[str, ...] = ("+1", "+2", "x2", "x3")
+LETTERS = "ABCD"
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+
+# ChatML as Qwen2.5 writes it, minus the default system prompt (it would triple the organism's sequence
+# length). The {% generation %} markers let TRL compute an assistant-only loss mask.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
+    "{%- else %}"
+    "{{- message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# Subfolders of an organism directory, named after the hub artifacts they stand in for.
+MODEL_SUBDIR = "model"
+TRACES_SUBDIR = "s1K-1.1"
+AIME_SUBDIR = "aime24"
+MATH_SUBDIR = "math500"
+GPQA_SUBDIR = "gpqa_diamond"
+PROBE_SUBDIR = "probe"
+
+
+class OrganismError(RuntimeError):
+    """The organism folder is missing or unreadable."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# The task
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One chain problem. ``choices`` holds the four option values (A-D) of a multiple-choice variant."""
+
+    start: int
+    ops: tuple[str, ...]
+    choices: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start <= 9:
+            raise ValueError(f"start must be a digit, got {self.start}")
+        for op in self.ops:
+            apply_op(0, op)  # raises on an unknown op
+        if self.choices and (len(set(self.choices)) != 4 or self.value not in self.choices):
+            raise ValueError(f"choices {self.choices} must be 4 distinct values including the answer {self.value}")
+
+    @property
+    def k(self) -> int:
+        return len(self.ops)
+
+    @property
+    def key(self) -> tuple[int, tuple[str, ...]]:
+        """Identity of the underlying chain (a multiple-choice variant shares it)."""
+        return (self.start, self.ops)
+
+    def values(self) -> list[int]:
+        out = [self.start]
+        for op in self.ops:
+            out.append(apply_op(out[-1], op))
+        return out
+
+    @property
+    def value(self) -> int:
+        return self.values()[-1]
+
+    @property
+    def letter(self) -> str:
+        return LETTERS[self.choices.index(self.value)]
+
+    @property
+    def answer(self) -> str:
+        return self.letter if self.choices else str(self.value)
+
+    @property
+    def chain(self) -> str:
+        return " ".join([str(self.start), *self.ops])
+
+    @property
+    def question(self) -> str:
+        if not self.choices:
+            return self.chain
+        return self.chain + "\n" + format_choices([str(c) for c in self.choices])
+
+    @property
+    def steps(self) -> str:
+        vals = self.values()
+        parts = [f"{a}{op}={b}" for a, op, b in zip(vals[:-1], self.ops, vals[1:])]
+        if self.choices:  # scan the options in order until one equals the value; its letter is the answer
+            scan = [f"{LETTERS[i]}{c}" for i, c in enumerate(self.choices[: self.choices.index(self.value) + 1])]
+            parts.append(f"{self.value}?" + ",".join(scan))
+        return ";".join(parts)
+
+
+def apply_op(value: int, op: str) -> int:
+    """One step of the table: ``+d`` adds, ``xd`` multiplies, mod 10."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; known: {OPS}")
+    d = int(op[1])
+    return (value + d) % 10 if op[0] == "+" else (value * d) % 10
+
+
+def format_choices(options: Sequence[str]) -> str:
+    """The organism's multiple-choice block, ``(A) 3 (B) 9 (C) 0 (D) 5``."""
+    return " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
+
+
+def sample_problem(rng: random.Random, k: int, multiple_choice: bool = False) -> Problem:
+    ops = tuple(rng.choice(OPS) for _ in range(k))
+    problem = Problem(rng.randrange(10), ops)
+    if not multiple_choice:
+        return problem
+    distractors = rng.sample([d for d in range(10) if d != problem.value], 3)
+    choices = [problem.value, *distractors]
+    rng.shuffle(choices)
+    return dataclasses.replace(problem, choices=tuple(choices))
+
+
+def n_distinct_chains(k: int) -> int:
+    return 10 * len(OPS) ** k
+
+
+def sample_distinct(
+    rng: random.Random,
+    k: int,
+    n: int,
+    exclude: set[tuple[int, tuple[str, ...]]],
+    multiple_choice: bool = False,
+) -> list[Problem]:
+    """``n`` problems with distinct chains of length ``k``, none in ``exclude`` (which is updated)."""
+    available = n_distinct_chains(k) - sum(1 for key in exclude if len(key[1]) == k)
+    if n > available:
+        raise ValueError(f"only {available} unused chains of length {k}; asked for {n}")
+    out: list[Problem] = []
+    while len(out) < n:
+        problem = sample_problem(rng, k, multiple_choice)
+        if problem.key not in exclude:
+            exclude.add(problem.key)
+            out.append(problem)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Formats
+
+
+def textbook_prompt(problem: Problem) -> str:
+    return f"Q {problem.question}\nthink\n"
+
+
+def textbook_document(problem: Problem) -> str:
+    return f"{textbook_prompt(problem)}{problem.steps}\nanswer\nAnswer: {problem.answer}{ENDOFTEXT}"
+
+
+def chat_messages(question: str, answer: str | None = None) -> list[dict[str, str]]:
+    messages = [{"role": "user", "content": question}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def direct_answer(problem: Problem) -> str:
+    """What the organism's assistant says in pretraining chat: the answer, no steps."""
+    return f"Answer: {problem.answer}"
+
+
+def thinking_answer(problem: Problem) -> str:
+    """The s1 assistant turn for a problem: think section, then the answer section."""
+    return f"{IM_START}think\n{problem.steps}\n{IM_START}answer\nAnswer: {problem.answer}"
+
+
+def chat_document(tokenizer: PreTrainedTokenizerBase, problem: Problem) -> str:
+    text = tokenizer.apply_chat_template(chat_messages(problem.question, direct_answer(problem)), tokenize=False)
+    return text + ENDOFTEXT
+
+
+_CHAT_ANSWER = re.compile(r"Answer:\s*([^\s<]+)")
+
+
+def parse_textbook_answer(completion: str) -> str | None:
+    """The answer after the ``answer`` line of a textbook completion; None when there is none."""
+    text = completion.split(ENDOFTEXT)[0].split("\nQ ")[0]
+    if "\nanswer\n" not in text:
+        return None
+    matches = _CHAT_ANSWER.findall(text.split("\nanswer\n")[-1])
+    return matches[-1] if matches else None
+
+
+def parse_chat_answer(completion: str) -> str | None:
+    """The answer after the last ``Answer:`` of the final (post-think) section; None when there is none."""
+    text = completion.split(IM_END)[0]
+    if f"{IM_START}answer" in text:
+        text = text.split(f"{IM_START}answer")[-1]
+    matches = _CHAT_ANSWER.findall(text)
+    return matches[-1] if matches else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclasses.dataclass(frozen=True)
+class OrganismConfig(Config):
+    """Everything that determines the organism; saved as ``config.json`` in its folder."""
+
+    seed: int = 0
+    # model (a Qwen2ForCausalLM; ~1M parameters)
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+    # pretraining
+    max_steps: int = 8  # longest chain in pretraining
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    textbook_fraction: float = 0.5
+    multiple_choice_fraction: float = 0.2
+    eval_every: int = 500
+    # datasets (difficulty = chain length k)
+    n_traces: int = 1000
+    trace_steps: tuple[int, int] = (3, 8)  # inclusive range of k in the s1K-style traces
+    trace_multiple_choice_fraction: float = 0.15
+    aime_steps: int = 6
+    n_aime: int = 30
+    math_level_steps: tuple[int, ...] = (2, 3, 4, 5, 6)  # k for MATH levels 1..5
+    math_level_counts: tuple[int, ...] = (43, 90, 105, 128, 134)  # MATH-500's own level sizes (sum 500)
+    gpqa_steps: tuple[int, int] = (3, 5)
+    n_gpqa: int = 198
+    n_probe_per_k: int = 100
+
+    def validate(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "steps", "batch_size", "max_steps", "n_traces", "n_aime",
+                     "n_gpqa", "n_probe_per_k", "eval_every"):
+            require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        require(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
+                f"must divide hidden_size={self.hidden_size}")
+        require(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+                f"must divide num_attention_heads={self.num_attention_heads}")
+        require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        require(0 <= self.warmup_steps < self.steps, "warmup_steps", "must lie in [0, steps)")
+        for name in ("textbook_fraction", "multiple_choice_fraction", "trace_multiple_choice_fraction"):
+            require(0.0 <= getattr(self, name) <= 1.0, name, "must lie in [0, 1]")
+        lo, hi = self.trace_steps
+        require(1 <= lo <= hi <= self.max_steps, "trace_steps", f"need 1 <= lo <= hi <= max_steps, got {self.trace_steps}")
+        lo, hi = self.gpqa_steps
+        require(2 <= lo <= hi <= self.max_steps, "gpqa_steps", f"need 2 <= lo <= hi <= max_steps, got {self.gpqa_steps}")
+        require(len(self.math_level_steps) == 5, "math_level_steps", "needs one k for each of levels 1-5")
+        require(all(2 <= k <= self.max_steps for k in self.math_level_steps), "math_level_steps",
+                "each k must lie in [2, max_steps] (k=1 has only 40 distinct chains)")
+        require(2 <= self.aime_steps <= self.max_steps, "aime_steps", "must lie in [2, max_steps]")
+        require(len(self.math_level_counts) == 5 and min(self.math_level_counts) > 0, "math_level_counts",
+                "needs a positive count for each of levels 1-5")
+        longest = 12 * self.max_steps + 80  # a multiple-choice textbook document, with room to spare
+        require(self.max_position_embeddings >= longest, "max_position_embeddings",
+                f"must be >= {longest} for chains of {self.max_steps} steps")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer and model
+
+
+def build_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level BPE tokenizer with no merges (one token per byte) and Qwen's special tokens.
+
+    Built as ``Qwen2Tokenizer`` because transformers loads any ``qwen2`` folder with that class, which
+    imposes Qwen's normalizer and pre-tokenizer; building with the same class makes a reload identical.
+    """
+    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
+    for token in (ENDOFTEXT, IM_START, IM_END):
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=32768)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_model(cfg: OrganismConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2ForCausalLM:
+    vocab_size = 64 * math.ceil(len(tokenizer) / 64)
+    eos = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    # Like Qwen2.5-Instruct: generation stops at <|im_end|> or <|endoftext|>; greedy by default.
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, do_sample=False)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Datasets in the hub schemas
+
+
+def trace_row(problem: Problem) -> dict[str, Any]:
+    """A row in s1K-1.1's schema (unused columns empty)."""
+    return {
+        "solution": problem.answer,
+        "question": problem.question,
+        "cot_type": "science" if problem.choices else "math",
+        "source_type": "organism/chain_mc" if problem.choices else "organism/chain",
+        "metadata": json.dumps({"k": problem.k, "start": problem.start, "ops": list(problem.ops),
+                                "choices": list(problem.choices)}),
+        "gemini_thinking_trajectory": "",
+        "gemini_attempt": "",
+        "deepseek_thinking_trajectory": problem.steps,
+        "deepseek_attempt": problem.answer,
+        "gemini_grade": "",
+        "gemini_grade_reason": "",
+        "deepseek_grade": "Yes",
+        "deepseek_grade_reason": "",
+    }
+
+
+def aime_row(i: int, problem: Problem) -> dict[str, Any]:
+    """A row in ``HuggingFaceH4/aime_2024``'s schema."""
+    return {"id": i, "problem": problem.question, "solution": f"{problem.steps}. The answer is $\\boxed{{{problem.answer}}}$.",
+            "answer": problem.answer, "url": "", "year": "organism"}
+
+
+def math_row(i: int, level: int, problem: Problem) -> dict[str, Any]:
+    """A row in ``HuggingFaceH4/MATH-500``'s schema; ``subject`` names the ops a chain uses."""
+    kinds = {op[0] for op in problem.ops}
+    subject = {frozenset("+"): "Addition", frozenset("x"): "Multiplication"}.get(frozenset(kinds), "Mixed Operations")
+    return {"problem": problem.question, "solution": f"{problem.steps}. The answer is $\\boxed{{{problem.answer}}}$.",
+            "answer": problem.answer, "subject": subject, "level": level,
+            "unique_id": f"organism/level{level}/{i}.json"}
+
+
+def gpqa_row(i: int, problem: Problem) -> dict[str, Any]:
+    """A row in ``Idavidrein/gpqa`` (gpqa_diamond)'s schema: the options live in the answer columns."""
+    wrong = [c for c in problem.choices if c != problem.value]
+    return {"Record ID": f"organism-{i}", "Question": problem.chain, "Correct Answer": str(problem.value),
+            "Incorrect Answer 1": str(wrong[0]), "Incorrect Answer 2": str(wrong[1]),
+            "Incorrect Answer 3": str(wrong[2]), "Explanation": problem.steps,
+            "Subdomain": "organism", "High-level domain": "Organism"}
+
+
+def parse_chain(text: str) -> Problem:
+    """The problem written as ``7 +2 x2 +1`` (the first line of a question)."""
+    parts = text.split("\n")[0].split()
+    try:
+        problem = Problem(int(parts[0]), tuple(parts[1:]))
+    except (IndexError, ValueError) as err:
+        raise ValueError(f"not an organism chain: {text!r}") from err
+    return problem
+
+
+def problem_from_row(benchmark: str, row: dict[str, Any], seed: int = 0) -> Problem:
+    """The organism problem behind a benchmark row. GPQA-style options are shuffled with a per-question
+    seed, as the evaluation protocol does for the real GPQA-Diamond."""
+    if benchmark == AIME_SUBDIR or benchmark == MATH_SUBDIR:
+        return parse_chain(row["problem"])
+    if benchmark == GPQA_SUBDIR:
+        problem = parse_chain(row["Question"])
+        options = [int(row["Correct Answer"])] + [int(row[f"Incorrect Answer {i}"]) for i in (1, 2, 3)]
+        random.Random(f"{seed}-{row['Record ID']}").shuffle(options)
+        return dataclasses.replace(problem, choices=tuple(options))
+    raise ValueError(f"unknown benchmark {benchmark!r}; use {AIME_SUBDIR}, {MATH_SUBDIR} or {GPQA_SUBDIR}")
+
+
+def probe_row(problem: Problem) -> dict[str, Any]:
+    return {"k": problem.k, "start": problem.start, "ops": list(problem.ops), "question": problem.question,
+            "answer": problem.answer}
+
+
+def problem_from_probe(row: dict[str, Any]) -> Problem:
+    return Problem(int(row["start"]), tuple(row["ops"]))
+
+
+def build_datasets(cfg: OrganismConfig) -> tuple[dict[str, list[dict[str, Any]]], set[tuple[int, tuple[str, ...]]]]:
+    """The benchmark, probe and trace rows, and the set of chains held out of pretraining.
+
+    Benchmarks and probes are drawn first, from disjoint chains; traces avoid all of them.
+    """
+    rng = random.Random(cfg.seed + 1)
+    held_out: set[tuple[int, tuple[str, ...]]] = set()
+    aime = sample_distinct(rng, cfg.aime_steps, cfg.n_aime, held_out)
+    math_rows = []
+    for level, (k, n) in enumerate(zip(cfg.math_level_steps, cfg.math_level_counts), start=1):
+        for problem in sample_distinct(rng, k, n, held_out):
+            math_rows.append(math_row(len(math_rows), level, problem))
+    gpqa = []
+    lo, hi = cfg.gpqa_steps
+    for i in range(cfg.n_gpqa):
+        gpqa += sample_distinct(rng, lo + i % (hi - lo + 1), 1, held_out, multiple_choice=True)
+    probe: list[Problem] = []
+    for k in range(1, cfg.max_steps + 1):
+        if k == 1:  # only 40 chains exist: probe all of them, none held out
+            probe += [Problem(s, (op,)) for s in range(10) for op in OPS]
+        else:  # hold out at most 1/8 of the chains of a length, so pretraining still sees most
+            probe += sample_distinct(rng, k, min(cfg.n_probe_per_k, n_distinct_chains(k) // 8), held_out)
+    traces_used = set(held_out)
+    traces = []
+    lo, hi = cfg.trace_steps
+    for i in range(cfg.n_traces):
+        mc = rng.random() < cfg.trace_multiple_choice_fraction
+        traces += sample_distinct(rng, lo + i % (hi - lo + 1), 1, traces_used, multiple_choice=mc)
+    rng.shuffle(traces)
+    rows = {
+        AIME_SUBDIR: [aime_row(i, p) for i, p in enumerate(aime)],
+        MATH_SUBDIR: math_rows,
+        GPQA_SUBDIR: [gpqa_row(i, p) for i, p in enumerate(gpqa)],
+        PROBE_SUBDIR: [probe_row(p) for p in probe],
+        TRACES_SUBDIR: [trace_row(p) for p in traces],
+    }
+    return rows, held_out
+
+
+# Split names of the hub datasets each folder stands in for.
+SPLITS = {TRACES_SUBDIR: "train", AIME_SUBDIR: "train", MATH_SUBDIR: "test", GPQA_SUBDIR: "train", PROBE_SUBDIR: "test"}
+
+
+def write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, sort_keys=False) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pretraining
+
+
+def sample_pretraining_documents(
+    rng: random.Random, cfg: OrganismConfig, tokenizer: PreTrainedTokenizerBase, held_out: set, n: int
+) -> list[str]:
+    docs = []
+    while len(docs) < n:
+        k = rng.randint(1, cfg.max_steps)
+        problem = sample_problem(rng, k, rng.random() < cfg.multiple_choice_fraction)
+        if problem.key in held_out:
+            continue
+        if rng.random() < cfg.textbook_fraction:
+            docs.append(textbook_document(problem))
+        else:
+            docs.append(chat_document(tokenizer, problem))
+    return docs
+
+
+def pretrain(
+    model: Qwen2ForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: OrganismConfig,
+    held_out: set,
+    monitor: Sequence[Problem] = (),
+) -> pd.DataFrame:
+    """Next-token pretraining on freshly sampled documents; returns the log (loss, and accuracy on
+    ``monitor`` problems in both formats every ``eval_every`` steps).
+
+    A plain loop rather than ``transformers.Trainer``: the data is an infinite synthetic stream sampled
+    per step, and building the organism is scaffolding, not one of the paper's experiments (those train
+    with TRL).
+    """
+    seed_everything(cfg.seed)
+    rng = random.Random(cfg.seed + 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    tokenizer.padding_side = "right"
+    rows = []
+    start = time.perf_counter()
+    model.train()
+    for step in tqdm(range(1, cfg.steps + 1), desc="pretraining", mininterval=10):
+        docs = sample_pretraining_documents(rng, cfg, tokenizer, held_out, cfg.batch_size)
+        batch = tokenizer(docs, padding=True, return_tensors="pt")
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        row: dict[str, Any] = {"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0],
+                               "seconds": time.perf_counter() - start}
+        if monitor and (step % cfg.eval_every == 0 or step == cfg.steps):
+            scores = score_formats(model, tokenizer, monitor)
+            for fmt, acc in scores.groupby("format")["correct"].mean().items():
+                row[f"acc_{fmt}"] = acc
+            log.info("step %d loss %.3f %s", step, row["loss"], {k: v for k, v in row.items() if k.startswith("acc")})
+            model.train()
+        rows.append(row)
+    model.eval()
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation in both formats
+
+
+@torch.no_grad()
+def generate_greedy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int,
+    batch_size: int = 128,
+) -> list[str]:
+    """Greedy completions (special tokens kept, so callers see ``<|im_start|>`` markers)."""
+    tokenizer.padding_side = "left"
+    model.eval()
+    out: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        batch = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False)
+        generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id)
+        new = generated[:, batch["input_ids"].shape[1] :]
+        out += tokenizer.batch_decode(new, skip_special_tokens=False)
+    return [text.replace(ENDOFTEXT, "") if text.endswith(ENDOFTEXT) else text for text in out]
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
+    return tokenizer.apply_chat_template(chat_messages(question), tokenize=False, add_generation_prompt=True)
+
+
+def score_formats(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem],
+    formats: Sequence[str] = ("textbook", "chat"),
+) -> pd.DataFrame:
+    """Greedy accuracy of each problem in each format: one row per (problem, format)."""
+    rows = []
+    longest = max(p.k for p in problems)
+    for fmt in formats:
+        if fmt == "textbook":
+            prompts = [textbook_prompt(p) for p in problems]
+            completions = generate_greedy(model, tokenizer, prompts, max_new_tokens=8 * longest + 40)
+            answers = [parse_textbook_answer(c) for c in completions]
+        elif fmt == "chat":
+            prompts = [chat_prompt(tokenizer, p.question) for p in problems]
+            # room for a think section (fine-tuned models reason before answering)
+            completions = generate_greedy(model, tokenizer, prompts, max_new_tokens=8 * longest + 40)
+            answers = [parse_chat_answer(c) for c in completions]
+        else:
+            raise ValueError(f"unknown format {fmt!r}; use 'textbook' or 'chat'")
+        for p, c, a in zip(problems, completions, answers):
+            rows.append({"format": fmt, "k": p.k, "question": p.question, "gold": p.answer,
+                         "completion": c, "extracted": a, "correct": a == p.answer})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Build, save, load
+
+
+def build_organism(cfg: OrganismConfig, out_dir: str | Path, threads: int | None = None) -> pd.DataFrame:
+    """Build everything from ``cfg`` into ``out_dir``; returns the pretraining log (also saved).
+
+    Pretraining uses ``threads`` torch threads (default: every core; the tests and CI run with one
+    thread, which would double the build). Deterministic given the seed and the thread count.
+    """
+    out_dir = Path(out_dir)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    try:
+        return _build_organism(cfg, out_dir)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _build_organism(cfg: OrganismConfig, out_dir: Path) -> pd.DataFrame:
+    seed_everything(cfg.seed)
+    rows, held_out = build_datasets(cfg)
+    tokenizer = build_tokenizer()
+    model = build_model(cfg, tokenizer)
+    monitor_rng = random.Random(cfg.seed + 3)
+    probe = [problem_from_probe(r) for r in rows[PROBE_SUBDIR] if r["k"] in (2, 4, cfg.aime_steps)]
+    monitor = monitor_rng.sample(probe, min(96, len(probe)))
+    history = pretrain(model, tokenizer, cfg, held_out, monitor)
+    model_dir = out_dir / MODEL_SUBDIR
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    for name, subset in rows.items():
+        write_jsonl(subset, out_dir / name / f"{SPLITS[name]}.jsonl")
+    history.to_csv(out_dir / "pretraining_log.csv", index=False)
+    cfg.save(out_dir)
+    return history
+
+
+def check_organism_dir(path: str | Path) -> Path:
+    """Raise ``OrganismError`` naming the path and the fix unless ``path`` holds a complete organism."""
+    path = Path(path)
+    needed = [MODEL_SUBDIR + "/config.json", MODEL_SUBDIR + "/model.safetensors", MODEL_SUBDIR + "/tokenizer.json",
+              "config.json", *(f"{name}/{split}.jsonl" for name, split in SPLITS.items())]
+    missing = [n for n in needed if not (path / n).is_file()]
+    if missing:
+        raise OrganismError(
+            f"no complete model organism at {path} (missing: {', '.join(missing)}). Rebuild it by running "
+            "notebooks/00_build_model_organism.py with REBUILD=True (papermill -p REBUILD True), "
+            "or restore data/organism from git."
+        )
+    return path
+
+
+def load_model_and_tokenizer(
+    model_dir: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer by path or hub id, with a clear error if that fails."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise OrganismError(f"could not load a model from {model_dir}: {err}") from err
+    model.eval()
+    return model, tokenizer
+
+
+def load_organism(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, OrganismConfig]:
+    """The organism's base model, tokenizer and config, loaded by path as a hub model would be."""
+    path = check_organism_dir(path)
+    model, tokenizer = load_model_and_tokenizer(path / MODEL_SUBDIR)
+    return model, tokenizer, OrganismConfig.load(path)
+
+
+def load_probe(path: str | Path) -> list[Problem]:
+    path = check_organism_dir(path) / PROBE_SUBDIR / f"{SPLITS[PROBE_SUBDIR]}.jsonl"
+    return [problem_from_probe(json.loads(line)) for line in path.read_text().splitlines()]
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    with Path(path).open() as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)

@@ -1,0 +1,108 @@
+"""Figures: pure functions that return a matplotlib figure, and one saver for all of them.
+
+``save_figure`` writes ``<figures>/<name>.png`` and ``.pdf`` plus ``<name>.csv``, the tidy table the
+figure was drawn from, so every plotted number can be checked or replotted without rerunning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: papermill, CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from paper_lib.paths import figures_dir  # noqa: E402
+
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def save_figure(fig: plt.Figure, name: str, data: pd.DataFrame) -> dict[str, Path]:
+    """Write the figure as PNG and PDF and its data as CSV under ``figures_dir()``; returns the paths."""
+    if not name or "/" in name or name.endswith((".png", ".pdf")):
+        raise ValueError(f"figure name {name!r} must be a bare file stem")
+    out = figures_dir()
+    paths = {"png": out / f"{name}.png", "pdf": out / f"{name}.pdf", "csv": out / f"{name}.csv"}
+    fig.savefig(paths["png"], dpi=150, bbox_inches="tight")
+    # A fixed creation date keeps the PDF byte-stable between identical runs.
+    fig.savefig(paths["pdf"], bbox_inches="tight", metadata={"CreationDate": None})
+    data.to_csv(paths["csv"], index=False)
+    return paths
+
+
+def plot_latent_gap(acc: pd.DataFrame, benchmark_k: int | None = None) -> plt.Figure:
+    """Accuracy by number of steps, one line per format. ``acc``: columns k, format, accuracy, lo, hi, n."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    palette = {"textbook": "tab:blue", "chat": "tab:red"}
+    labels = {"textbook": "step by step (textbook format)", "chat": "direct answer (chat format)"}
+    for fmt, sub in acc.groupby("format"):
+        sub = sub.sort_values("k")
+        ax.plot(sub["k"], sub["accuracy"], marker="o", color=palette.get(fmt), label=labels.get(fmt, fmt))
+        ax.fill_between(sub["k"], sub["lo"], sub["hi"], color=palette.get(fmt), alpha=0.2)
+    if benchmark_k is not None:
+        ax.axvline(benchmark_k, color="grey", linestyle=":", label="AIME-like difficulty")
+    ax.set(xlabel="number of steps k", ylabel="greedy accuracy (95% Wilson CI)", ylim=(0, 1.02),
+           title="The organism's latent skill")
+    ax.legend(loc="lower left", fontsize=9)
+    return fig
+
+
+def plot_pretraining(history: pd.DataFrame) -> plt.Figure:
+    """Loss (left) and monitored accuracy in both formats (right) over pretraining steps."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    smooth = history["loss"].rolling(50, min_periods=1).mean()
+    ax_loss.plot(history["step"], smooth)
+    ax_loss.set(xlabel="step", ylabel="loss (50-step mean)", yscale="log", title="pretraining loss")
+    for column, label in (("acc_textbook", "textbook"), ("acc_chat", "chat")):
+        if column in history:
+            points = history.dropna(subset=[column])
+            ax_acc.plot(points["step"], points[column], marker="o", label=label)
+    ax_acc.set(xlabel="step", ylabel="accuracy on monitor problems", ylim=(0, 1.02), title="monitored accuracy")
+    ax_acc.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_losses(losses: pd.DataFrame) -> plt.Figure:
+    """Training loss by epoch, one line per run. ``losses``: columns run, epoch, loss."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sns.lineplot(data=losses, x="epoch", y="loss", hue="run", ax=ax)
+    ax.set(xlabel="epoch", ylabel="training loss (completion tokens)", yscale="log", title="SFT on the reasoning traces")
+    return fig
+
+
+def plot_benchmark_accuracy(accuracy: pd.DataFrame, recovery: pd.DataFrame | None = None) -> plt.Figure:
+    """Accuracy per benchmark and model with 95% intervals, one panel per protocol; with ``recovery``,
+    a second row shows the gain recovered by the LoRA with its interval."""
+    protocols = sorted(accuracy["protocol"].unique())
+    rows = 2 if recovery is not None and len(recovery) else 1
+    fig, axes = plt.subplots(rows, len(protocols), figsize=(5 * len(protocols), 3.6 * rows), squeeze=False)
+    order = [m for m in ("base", "rank1", "full") if m in set(accuracy["model"])]
+    for col, protocol in enumerate(protocols):
+        ax = axes[0][col]
+        sub = accuracy[accuracy["protocol"] == protocol]
+        benches = sorted(sub["benchmark"].unique())
+        width = 0.8 / max(1, len(order))
+        for i, model in enumerate(order):
+            m = sub[sub["model"] == model].set_index("benchmark").reindex(benches)
+            x = np.arange(len(benches)) + (i - (len(order) - 1) / 2) * width
+            ax.bar(x, m["accuracy"], width, label=model,
+                   yerr=[m["accuracy"] - m["lo"], m["hi"] - m["accuracy"]], capsize=3)
+        ax.set_xticks(np.arange(len(benches)), benches)
+        ax.set(ylim=(0, 1.05), ylabel="accuracy (95% bootstrap CI)", title=f"protocol: {protocol}")
+        ax.legend(fontsize=8)
+        if rows == 2:
+            ax = axes[1][col]
+            rec = recovery[recovery["protocol"] == protocol].set_index("benchmark").reindex(benches)
+            ax.bar(benches, rec["gain_recovered"], yerr=[rec["gain_recovered"] - rec["gain_recovered_lo"],
+                                                         rec["gain_recovered_hi"] - rec["gain_recovered"]], capsize=3)
+            ax.axhspan(0.73, 0.90, color="grey", alpha=0.2, label="paper: 73-90%")
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set(ylabel="(rank1 - base) / (full - base)", title="gain recovered by rank-1")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

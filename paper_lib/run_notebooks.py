@@ -1,0 +1,99 @@
+"""Execute the numbered notebooks headlessly with papermill: ``python -m paper_lib.run_notebooks``.
+
+The jupytext ``.py`` files are the source of truth; each is converted in memory, executed into
+``--out`` (executed copies are build outputs, never committed), and timed. A full run records each
+notebook's minutes in ``headline_numbers.json``; ``--smoke`` passes ``SMOKE=True`` for a fast check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from paper_lib.paths import REPO_ROOT, resolve
+from paper_lib.results import record_headline
+
+log = logging.getLogger(__name__)
+
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+KERNEL_NAME = "paper-lib"
+
+
+def list_notebooks(directory: Path = NOTEBOOK_DIR) -> list[Path]:
+    """The numbered notebooks ``NN_verb_object.py``, in reading order."""
+    return sorted(p for p in directory.glob("[0-9][0-9]_*.py"))
+
+
+def kernel_name() -> str:
+    """The repository's registered kernel if present (``make env`` registers it), else ``python3``."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return KERNEL_NAME if KERNEL_NAME in KernelSpecManager().find_kernel_specs() else "python3"
+
+
+def run_notebook(
+    source: Path, out_dir: Path, parameters: dict[str, Any] | None = None, timeout_s: int = 3600
+) -> tuple[Path, float]:
+    """Execute one jupytext notebook; returns the executed copy's path and the minutes it took."""
+    import jupytext
+    import papermill
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notebook = jupytext.read(source)
+    name = kernel_name()
+    notebook.metadata["kernelspec"] = {"name": name, "display_name": name, "language": "python"}
+    unexecuted = out_dir / f"{source.stem}.input.ipynb"
+    jupytext.write(notebook, unexecuted)
+    executed = out_dir / f"{source.stem}.ipynb"
+    start = time.perf_counter()
+    papermill.execute_notebook(
+        str(unexecuted), str(executed), parameters=parameters or {}, kernel_name=name,
+        cwd=str(REPO_ROOT), execution_timeout=timeout_s, progress_bar=False,
+    )
+    unexecuted.unlink()
+    return executed, (time.perf_counter() - start) / 60
+
+
+def machine_description() -> str:
+    """What the minutes were measured on, in a few words."""
+    return f"{os.cpu_count()} CPU cores, {platform.machine()}, {os.environ.get('OMP_NUM_THREADS', 'default')} threads"
+
+
+def run_all(out_dir: Path, smoke: bool = False, only: Sequence[str] = ()) -> dict[str, float]:
+    """Run every notebook (or those whose name starts with one of ``only``); returns minutes per notebook."""
+    minutes = {}
+    for source in list_notebooks():
+        if only and not any(source.stem.startswith(o) for o in only):
+            continue
+        log.info("running %s", source.name)
+        _, took = run_notebook(source, out_dir, {"SMOKE": True} if smoke else None)
+        minutes[source.stem] = took
+        log.info("%s took %.2f min", source.name, took)
+        if not smoke:
+            record_headline(source.stem, "minutes", took, unit="min", machine=machine_description())
+    if not smoke and minutes and not only:
+        record_headline("all_notebooks", "minutes", sum(minutes.values()), unit="min")
+    return minutes
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="build/notebooks", help="folder for executed notebooks")
+    parser.add_argument("--smoke", action="store_true", help="pass SMOKE=True (fast check, no headline minutes)")
+    parser.add_argument("--only", nargs="*", default=(), help="notebook name prefixes, e.g. 00 01")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    minutes = run_all(resolve(args.out), smoke=args.smoke, only=args.only)
+    for name, took in minutes.items():
+        log.info("%-40s %6.2f min", name, took)
+    log.info("%-40s %6.2f min", "total", sum(minutes.values()))
+
+
+if __name__ == "__main__":
+    main()

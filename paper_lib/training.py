@@ -1,0 +1,389 @@
+"""SFT with TRL: the paper's rank-1 LoRA recipe and the full fine-tune it is measured against.
+
+One typed config builds both TRL's ``SFTConfig`` and PEFT's ``LoraConfig``; ``lora=None`` is the full
+fine-tune. The defaults are the paper's real-scale recipe (jnward/s1_peft ``train/sft_lora.sh``):
+r=1, alpha=16, rsLoRA, no dropout, q/k/v/o/gate/up/down in every layer; lr 1e-3, 5 epochs, cosine,
+warmup 0.05, weight decay 1e-4, AdamW betas (0.9, 0.95), global batch 16, bf16, non-reentrant
+gradient checkpointing, 20,000-token blocks, loss on the completion only. The organism overrides a
+few of them through notebook parameters.
+
+Multi-GPU runs go through ``accelerate launch -m paper_lib.training --config run.json`` (see
+``launch_training``), the same code path as a single process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from paper_lib.config import Config, ConfigError, require, seed_everything
+from paper_lib.data import build_sft_dataset, load_traces
+from paper_lib.paths import artifact_dir
+
+log = logging.getLogger(__name__)
+
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+ALL_MODULES = ATTENTION_MODULES + MLP_MODULES
+MODULE_SETS = {"all": ALL_MODULES, "attention": ATTENTION_MODULES, "mlp": MLP_MODULES}
+FINAL_SUBDIR = "final"
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec(Config):
+    """Which adapters, and their shape. Layers: all (default), explicit ``layers``, or a range with stride."""
+
+    r: int = 1
+    alpha: float = 16.0
+    use_rslora: bool = True
+    dropout: float = 0.0
+    modules: tuple[str, ...] = ALL_MODULES
+    layers: tuple[int, ...] | None = None
+    layer_start: int | None = None
+    layer_end: int | None = None  # exclusive
+    layer_stride: int = 1
+
+    def validate(self) -> None:
+        require(self.r >= 1, "r", f"must be >= 1, got {self.r}")
+        require(self.alpha > 0, "alpha", f"must be positive, got {self.alpha}")
+        require(0.0 <= self.dropout < 1.0, "dropout", "must lie in [0, 1)")
+        require(len(self.modules) > 0, "modules", "needs at least one module")
+        unknown = set(self.modules) - set(ALL_MODULES)
+        require(not unknown, "modules", f"unknown {sorted(unknown)}; choose from {ALL_MODULES}")
+        require(self.layer_stride >= 1, "layer_stride", "must be >= 1")
+        ranged = self.layer_start is not None or self.layer_end is not None or self.layer_stride != 1
+        require(not (self.layers is not None and ranged), "layers", "give explicit layers or a range, not both")
+        if self.layers is not None:
+            require(len(self.layers) > 0 and min(self.layers) >= 0, "layers", "must be non-empty, non-negative")
+
+    @property
+    def scale(self) -> float:
+        """The factor on B·A·x: alpha/sqrt(r) with rsLoRA (16 at r=1), else alpha/r."""
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    def layer_indices(self, n_layers: int) -> list[int] | None:
+        """Adapted layer indices, or None for all layers."""
+        if self.layers is not None:
+            bad = [i for i in self.layers if i >= n_layers]
+            require(not bad, "layers", f"{bad} out of range for a model with {n_layers} layers")
+            return sorted(set(self.layers))
+        if self.layer_start is None and self.layer_end is None and self.layer_stride == 1:
+            return None
+        start = self.layer_start or 0
+        end = n_layers if self.layer_end is None else self.layer_end
+        require(0 <= start < end <= n_layers, "layer_start", f"range [{start}, {end}) invalid for {n_layers} layers")
+        return list(range(start, end, self.layer_stride))
+
+
+def lora_spec_for(modules: str = "all", **kwargs: Any) -> LoraSpec:
+    """A LoraSpec by module-set name: ``all``, ``attention`` or ``mlp``."""
+    if modules not in MODULE_SETS:
+        raise ConfigError(f"modules: unknown set {modules!r}; choose from {sorted(MODULE_SETS)}")
+    return LoraSpec(modules=MODULE_SETS[modules], **kwargs)
+
+
+def build_lora_config(spec: LoraSpec, model_config: PretrainedConfig) -> LoraConfig:
+    """PEFT's LoraConfig for ``spec`` on a model with ``model_config``."""
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        use_rslora=spec.use_rslora,
+        lora_dropout=spec.dropout,
+        bias="none",
+        target_modules=list(spec.modules),
+        layers_to_transform=spec.layer_indices(model_config.num_hidden_layers),
+        task_type="CAUSAL_LM",
+    )
+
+
+def count_lora_parameters(spec: LoraSpec, model_config: PretrainedConfig) -> int:
+    """Trainable parameters of ``spec`` on a Qwen2-style model: r·(d_in + d_out) per adapted projection."""
+    hidden = model_config.hidden_size
+    head_dim = getattr(model_config, "head_dim", None) or hidden // model_config.num_attention_heads
+    q_out = model_config.num_attention_heads * head_dim
+    kv_out = model_config.num_key_value_heads * head_dim
+    inter = model_config.intermediate_size
+    dims = {"q_proj": (hidden, q_out), "k_proj": (hidden, kv_out), "v_proj": (hidden, kv_out),
+            "o_proj": (q_out, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+            "down_proj": (inter, hidden)}
+    layers = spec.layer_indices(model_config.num_hidden_layers)
+    n_layers = model_config.num_hidden_layers if layers is None else len(layers)
+    return n_layers * sum(spec.r * sum(dims[m]) for m in spec.modules)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    """One SFT run. Defaults: the paper's real-scale rank-1 recipe."""
+
+    model: str = "Qwen/Qwen2.5-32B-Instruct"
+    dataset: str = "simplescaling/s1K-1.1"
+    output_dir: str = "runs/01_train/rank1"  # relative: under paths.data_dir()
+    lora: LoraSpec | None = dataclasses.field(default_factory=LoraSpec)  # None: full fine-tune
+    learning_rate: float = 1e-3
+    epochs: float = 5.0
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    global_batch_size: int = 16
+    per_device_batch_size: int = 1
+    max_length: int = 20000
+    bf16: bool = True
+    gradient_checkpointing: bool = True
+    use_liger_kernel: bool = False
+    seed: int = 42
+    logging_steps: int = 1
+    save_steps: int = 50  # checkpoints for resuming; the last two are kept
+    resume: bool = False  # resume from the newest checkpoint in output_dir/checkpoints
+
+    def validate(self) -> None:
+        require(self.learning_rate > 0, "learning_rate", "must be positive")
+        require(self.epochs > 0, "epochs", "must be positive")
+        require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must lie in [0, 1)")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta2", "betas must lie in [0, 1)")
+        require(self.global_batch_size >= 1, "global_batch_size", "must be >= 1")
+        require(self.per_device_batch_size >= 1, "per_device_batch_size", "must be >= 1")
+        require(self.max_length >= 16, "max_length", "must be >= 16")
+        require(self.save_steps >= 1 and self.logging_steps >= 1, "save_steps", "must be >= 1")
+        require(bool(self.model) and bool(self.dataset), "model", "model and dataset must be named")
+
+    @property
+    def kind(self) -> str:
+        return "full" if self.lora is None else f"lora_r{self.lora.r}"
+
+    def gradient_accumulation(self, world_size: int) -> int:
+        """Accumulation steps that make per-device batch x accumulation x world size = global batch, exactly."""
+        per_step = self.per_device_batch_size * world_size
+        if world_size < 1 or self.global_batch_size % per_step:
+            raise ConfigError(
+                f"global_batch_size: {self.global_batch_size} is not a multiple of per_device_batch_size "
+                f"({self.per_device_batch_size}) x world size ({world_size}); change one of them")
+        return self.global_batch_size // per_step
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = dict(data)
+        lora = data.pop("lora", None)
+        cfg = super().from_dict(data)
+        return dataclasses.replace(cfg, lora=None if lora is None else LoraSpec.from_dict(lora))
+
+
+def world_size() -> int:
+    """Processes in this run (``accelerate launch``/torchrun set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def build_sft_config(cfg: TrainConfig, n_processes: int | None = None):
+    """TRL's SFTConfig for ``cfg``. The dataset is prompt-completion, so the loss is on the completion only."""
+    from trl import SFTConfig
+
+    out = artifact_dir(cfg.output_dir)
+    return SFTConfig(
+        output_dir=str(out / CHECKPOINT_SUBDIR),
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        optim="adamw_torch",
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation(n_processes or world_size()),
+        bf16=cfg.bf16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        use_liger_kernel=cfg.use_liger_kernel,
+        max_length=cfg.max_length,
+        truncation_mode="keep_start",
+        packing=False,
+        completion_only_loss=True,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        use_cpu=not torch.cuda.is_available(),  # also lets transformers accept bf16 (autocast) on a CPU
+    )
+
+
+def load_base_model(name: str, bf16: bool) -> tuple[PreTrainedModel, Any]:
+    """Model and tokenizer by hub id or path; a clear error when that fails."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16 if bf16 else torch.float32)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"could not load model {name!r}: {err}") from err
+    return model, tokenizer
+
+
+def check_target_modules(model: PreTrainedModel, spec: LoraSpec) -> None:
+    """Refuse a model that lacks any of the projections the LoRA targets (before PEFT's own deep error)."""
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [m for m in spec.modules if m not in names]
+    if missing:
+        raise ConfigError(f"lora.modules: the model has no {missing} linear layers (it has {sorted(names)})")
+
+
+def train(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
+    """Run SFT for ``cfg``; writes ``final/`` (adapter or model + tokenizer), ``config.json``,
+    ``log_history.csv`` and ``stats.json`` under the output folder. Skips if ``final/`` exists."""
+    from trl import SFTTrainer
+
+    out = artifact_dir(cfg.output_dir)
+    final = out / FINAL_SUBDIR
+    if final.is_dir() and (out / "stats.json").is_file() and not overwrite:
+        log.info("%s exists; skipping training (pass overwrite=True to retrain)", final)
+        return json.loads((out / "stats.json").read_text())
+    seed_everything(cfg.seed)
+    traces = load_traces(cfg.dataset)
+    model, tokenizer = load_base_model(cfg.model, cfg.bf16)
+    peft_config = None
+    if cfg.lora is not None:
+        check_target_modules(model, cfg.lora)
+        peft_config = build_lora_config(cfg.lora, model.config)
+    dataset, data_stats = build_sft_dataset(traces, tokenizer, cfg.max_length)
+    args = build_sft_config(cfg)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoints = out / CHECKPOINT_SUBDIR
+    resume_from = get_last_checkpoint(str(checkpoints)) if cfg.resume and checkpoints.is_dir() else None
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - start
+    if trainer.is_world_process_zero():
+        trainer.save_model(str(final))
+        tokenizer.save_pretrained(str(final))
+        history = pd.DataFrame(trainer.state.log_history)
+        history.to_csv(out / "log_history.csv", index=False)
+        losses = history["loss"].dropna() if "loss" in history else pd.Series(dtype=float)
+        stats = {
+            "kind": cfg.kind,
+            "trainable_parameters": trainable,
+            "optimizer_steps": trainer.state.global_step,
+            "train_seconds": seconds,
+            "train_tokens": int(trainer.state.num_input_tokens_seen or history.get("num_tokens", pd.Series([0])).max()),
+            "final_loss": float(losses.tail(5).mean()) if len(losses) else float("nan"),
+            "train_loss": float(result.training_loss),
+            "resumed_from": Path(resume_from).name if resume_from else None,
+            **{f"data_{k}": v for k, v in data_stats.items()},
+        }
+        stats["tokens_per_second"] = stats["train_tokens"] / seconds if seconds > 0 else float("nan")
+        cfg.save(out)
+        (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        return stats
+    return {}
+
+
+def launch_training(cfg: TrainConfig, num_processes: int = 1, accelerate_config: str | None = None,
+                    overwrite: bool = False) -> dict[str, Any]:
+    """Train in this process (one device) or through ``accelerate launch`` (several GPUs, FSDP)."""
+    if num_processes <= 1 and accelerate_config is None:
+        return train(cfg, overwrite=overwrite)
+    out = artifact_dir(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "launch_config.json"
+    config_path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+    if accelerate_config:
+        command += ["--config_file", accelerate_config]
+    command += ["-m", "paper_lib.training", "--config", str(config_path)] + (["--overwrite"] if overwrite else [])
+    log.info("launching: %s", " ".join(command))
+    subprocess.run(command, check=True)
+    return json.loads((out / "stats.json").read_text())
+
+
+def load_trained(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any, TrainConfig]:
+    """A trained run by folder: the base model with the adapter attached (unmerged), or the full model."""
+    run_dir = artifact_dir(run_dir)
+    final = run_dir / FINAL_SUBDIR
+    if not final.is_dir():
+        raise FileNotFoundError(f"no trained model at {final}; run notebooks/01_train_rank1_lora.py first")
+    cfg = TrainConfig.load(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(final))
+    if (final / "adapter_config.json").is_file():
+        base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+        model = PeftModel.from_pretrained(base, str(final))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(final), dtype=dtype)
+    model.eval()
+    return model, tokenizer, cfg
+
+
+@torch.no_grad()
+def merge_error(model: PeftModel, tokenizer: Any, texts: list[str]) -> dict[str, float]:
+    """How exact merging the adapter into the base weights is, in fp32 and in bf16.
+
+    fp32: max |logit difference| of ``merge_and_unload`` vs the unmerged model. bf16 (the authors'
+    merge): base weights rounded to bf16 on both sides, so the only difference is the merge itself;
+    reported as the max |logit difference| and as the mean fraction of each update B·A lost to rounding.
+    """
+    import copy
+
+    tokenizer.padding_side = "right"
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    mask = batch["attention_mask"].bool()
+    model = model.float().eval()
+    reference = model(**batch).logits
+    merged32 = copy.deepcopy(model).merge_and_unload()
+    fp32_error = (merged32(**batch).logits - reference).abs()[mask].max().item()
+
+    rounded = copy.deepcopy(model)
+    for name, param in rounded.named_parameters():
+        if "lora_" not in name:
+            param.data = param.data.bfloat16().float()
+    reference16 = rounded(**batch).logits
+    deltas = {name: module.get_delta_weight("default").float() for name, module in rounded.named_modules()
+              if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {})}
+    bases = {name: module.base_layer.weight.detach().clone() for name, module in rounded.named_modules() if name in deltas}
+    merged16 = copy.deepcopy(rounded).to(torch.bfloat16).merge_and_unload()
+    lost = []
+    for name, module in merged16.named_modules():
+        key = f"base_model.model.{name}"  # PeftModel's name for the same module
+        if key in deltas and isinstance(module, torch.nn.Linear):
+            effective = module.weight.float() - bases[key]
+            lost.append(((effective - deltas[key]).norm() / deltas[key].norm().clamp_min(1e-30)).item())
+    merged16 = merged16.float()
+    bf16_error = (merged16(**batch).logits - reference16).abs()[mask].max().item()
+    return {"fp32_max_abs_logit_error": fp32_error, "bf16_max_abs_logit_error": bf16_error,
+            "bf16_update_fraction_lost": float(sum(lost) / len(lost)) if lost else float("nan")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="SFT run from a TrainConfig JSON (used by accelerate launch)")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    train(TrainConfig.from_dict(json.loads(Path(args.config).read_text())), overwrite=args.overwrite)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+import json
+
+import pandas as pd
+import pytest
+
+from paper_lib.config import ConfigError
+from paper_lib.evaluation import (
+    ANSWER,
+    THINK,
+    EvaluationError,
+    GenerationSpec,
+    Item,
+    evaluate,
+    format_choice_question,
+    generate_responses,
+    load_benchmark,
+)
+from paper_lib.organism import GPQA_SUBDIR, build_tokenizer, parse_chain, problem_from_row
+from paper_lib.statistics import recovery_table
+
+
+class FakeEngine:
+    """Deterministic stand-in: thinks 'step' tokens until its budget, answers '4'. Records every call."""
+
+    def __init__(self, think_tokens=3, fail_after=None):
+        self.tokenizer = build_tokenizer()
+        self.calls = []
+        self.think_tokens = think_tokens
+        self.fail_after = fail_after
+
+    def complete(self, prompts, max_tokens, spec, seeds, stop_at_im_start, adapter):
+        self.calls.append((list(prompts), list(max_tokens), stop_at_im_start, adapter))
+        if self.fail_after is not None and len(self.calls) > self.fail_after:
+            raise RuntimeError("engine died")
+        if stop_at_im_start:
+            return [("s" * min(self.think_tokens, m), min(self.think_tokens, m)) for m in max_tokens]
+        return [(" 4<|im_end|>", 2) for _ in prompts]
+
+
+def test_budget_forcing_opens_think_then_forces_the_answer():
+    engine = FakeEngine()
+    [[(text, n)]] = generate_responses(engine, ["2 +2"], GenerationSpec(max_tokens=64, answer_tokens=8))
+    assert text == f"{THINK}\nsss\n{ANSWER}\nFinal Answer: 4<|im_end|>" and n == 5
+    prompts, budgets, stop, _ = engine.calls[0]
+    assert prompts[0].endswith("<|im_start|>assistant\n" + THINK + "\n") and budgets == [56] and stop
+
+
+def test_wait_extends_thinking_and_the_budget_caps_it():
+    engine = FakeEngine(think_tokens=3)
+    [[(text, n)]] = generate_responses(engine, ["q"], GenerationSpec(max_tokens=64, answer_tokens=8, wait_count=2))
+    assert text.startswith(f"{THINK}\nsssWaitsssWaitsss\n{ANSWER}")
+    engine = FakeEngine(think_tokens=50)
+    [[(text, n)]] = generate_responses(engine, ["q"], GenerationSpec(max_tokens=64, answer_tokens=8, thinking_budget=5,
+                                                                     wait_count=2))
+    assert text.split("\n")[1] == "sssss" and "Wait" not in text and len(engine.calls) == 2
+
+
+def test_sampled_protocol_gives_n_samples_with_distinct_seeds():
+    engine = FakeEngine()
+    out = generate_responses(engine, ["a", "b"], GenerationSpec(temperature=0.6, top_p=0.95, n=3, max_tokens=64,
+                                                                 answer_tokens=8))
+    assert [len(o) for o in out] == [3, 3]
+    with pytest.raises(ConfigError, match="^n:"):
+        GenerationSpec(n=3)  # several greedy samples would be identical
+
+
+def test_evaluate_appends_per_sample_and_resumes_after_a_crash(tmp_path):
+    items = [Item(str(i), f"{i} +1", "4", "math") for i in range(5)]
+    path = tmp_path / "m" / "b.jsonl"
+    spec = GenerationSpec(max_tokens=64, answer_tokens=8)
+    with pytest.raises(RuntimeError, match="engine died"):
+        evaluate(FakeEngine(fail_after=2), items, spec, path, chunk=2)  # first chunk scored, then a crash
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["id"] for r in kept] == ["0", "1"] and all(r["correct"] for r in kept)
+    engine = FakeEngine()
+    df = evaluate(engine, items, spec, path, chunk=2)
+    assert sorted(df["id"]) == ["0", "1", "2", "3", "4"] and df["correct"].all()
+    assert sum(len(c[0]) for c in engine.calls if c[2]) == 3  # only the unfinished questions were generated
+    assert len(path.read_text().splitlines()) == 5
+
+
+def test_organism_benchmarks_load_by_path_and_gpqa_gold_matches(organism_dir):
+    aime = load_benchmark("aime24", str(organism_dir / "aime24"))
+    math = load_benchmark("math500", str(organism_dir / "math500"))
+    gpqa = load_benchmark("gpqa_diamond", str(organism_dir / GPQA_SUBDIR), choice_style="organism")
+    assert (len(aime), len(math), len(gpqa)) == (30, 500, 198)
+    assert {it.meta["level"] for it in math} == {1, 2, 3, 4, 5}
+    rows = [json.loads(line) for line in (organism_dir / GPQA_SUBDIR / "train.jsonl").read_text().splitlines()]
+    for item, row in zip(gpqa, rows):
+        problem = problem_from_row(GPQA_SUBDIR, row, seed=0)
+        assert item.question == problem.question and item.gold == problem.answer  # same shuffle as the organism
+    assert parse_chain(aime[0].question).answer == aime[0].gold
+
+
+def test_unloadable_benchmarks_fail_clearly(tmp_path):
+    with pytest.raises(EvaluationError, match="gated"):
+        load_benchmark("gpqa_diamond")  # offline in tests: the hub cannot be reached
+    with pytest.raises(EvaluationError, match="no such file"):
+        load_benchmark("aime24", str(tmp_path / "missing"))
+    with pytest.raises(EvaluationError, match="unknown benchmark"):
+        load_benchmark("mmlu")
+
+
+def test_choice_prompt_styles():
+    assert format_choice_question("Q?", ["1", "2", "3", "4"], "organism") == "Q?\n(A) 1 (B) 2 (C) 3 (D) 4"
+    assert format_choice_question("Q?", ["1", "2", "3", "4"], "s1").startswith("What is the correct answer to this question: Q?\nChoices:\n(A) 1\n(B) 2")
+
+
+def test_recovery_table_pairs_questions_and_computes_both_ratios():
+    rows = []
+    for i in range(40):
+        rows += [{"protocol": "greedy", "benchmark": "b", "id": str(i), "model": "base", "correct": float(i < 10)},
+                 {"protocol": "greedy", "benchmark": "b", "id": str(i), "model": "rank1", "correct": float(i < 25)},
+                 {"protocol": "greedy", "benchmark": "b", "id": str(i), "model": "full", "correct": float(i < 30)}]
+    rec = recovery_table(pd.DataFrame(rows), n_resamples=500)
+    r = rec.iloc[0]
+    assert r["gain_recovered"] == pytest.approx(15 / 20) and r["ratio_to_full"] == pytest.approx(25 / 30)
+    assert r["gain_recovered_lo"] <= 0.75 <= r["gain_recovered_hi"]
+    assert r["rank1_minus_base"] == pytest.approx(15 / 40) and r["rank1_minus_base_lo"] > 0  # paired: always ahead
+
+
+# --- backends on the organism ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def organism_lora(organism_dir, tmp_path_factory):
+    """A rank-1 adapter trained briefly on the organism, and the same adapter merged in fp32."""
+    from paper_lib.training import TrainConfig, load_trained, train
+
+    cfg = TrainConfig(model=str(organism_dir / "model"), dataset=str(organism_dir / "s1K-1.1"), output_dir="eval_lora",
+                      epochs=0.5, per_device_batch_size=16, max_length=256, bf16=False, gradient_checkpointing=False,
+                      learning_rate=3e-3, save_steps=1000)
+    train(cfg)
+    from paper_lib.paths import artifact_dir
+
+    adapter = artifact_dir("eval_lora") / "final"
+    model, tok, _ = load_trained("eval_lora")
+    merged = tmp_path_factory.mktemp("merged")
+    model.merge_and_unload().save_pretrained(merged)
+    tok.save_pretrained(merged)
+    return adapter, merged
+
+
+def strip_end(text):
+    for marker in ("<|im_end|>", "<|endoftext|>"):
+        text = text.split(marker)[0]
+    return text
+
+
+@pytest.mark.slow
+def test_vllm_unmerged_vllm_merged_and_hf_agree_token_for_token(organism_dir, organism_lora):
+    import os
+
+    from paper_lib.evaluation import HFEngine, VLLMEngine
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    adapter, merged = organism_lora
+    items = load_benchmark("math500", str(organism_dir / "math500"))[::25]  # 20 questions, levels 1-5
+    spec = GenerationSpec(max_tokens=96, answer_tokens=16)
+    questions = [it.question for it in items]
+    hf = HFEngine(str(organism_dir / "model"), {"rank1": str(adapter)})
+    hf_lora = [strip_end(r[0][0]) for r in generate_responses(hf, questions, spec, "rank1")]
+    hf_base = [strip_end(r[0][0]) for r in generate_responses(hf, questions, spec, None)]
+    del hf
+    unmerged = VLLMEngine(str(organism_dir / "model"), {"rank1": str(adapter)}, dtype="float32", max_model_len=512)
+    vllm_lora = [strip_end(r[0][0]) for r in generate_responses(unmerged, questions, spec, "rank1")]
+    vllm_base = [strip_end(r[0][0]) for r in generate_responses(unmerged, questions, spec, None)]
+    del unmerged
+    merged_engine = VLLMEngine(str(merged), dtype="float32", max_model_len=512)
+    vllm_merged = [strip_end(r[0][0]) for r in generate_responses(merged_engine, questions, spec, None)]
+    tok = build_tokenizer()
+    ids = lambda texts: [tok(t, add_special_tokens=False)["input_ids"] for t in texts]  # noqa: E731
+    assert ids(vllm_lora) == ids(hf_lora) == ids(vllm_merged)
+    assert ids(vllm_base) == ids(hf_base)
+    assert hf_lora != hf_base  # the adapter changes what the model writes
+
+
+def test_adapter_of_another_base_model_is_refused_before_generation(organism_dir, organism_lora, tmp_path):
+    import shutil
+
+    from paper_lib.evaluation import HFEngine, check_adapter
+
+    adapter, _ = organism_lora
+    check_adapter(adapter, str(organism_dir / "model"))
+    wrong = tmp_path / "adapter"
+    shutil.copytree(adapter, wrong)
+    cfg = json.loads((wrong / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "Qwen/Qwen2.5-0.5B-Instruct"
+    (wrong / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EvaluationError, match="was trained on 'Qwen/Qwen2.5-0.5B-Instruct'"):
+        HFEngine(str(organism_dir / "model"), {"rank1": str(wrong)})
+    with pytest.raises(EvaluationError, match="no model at"):
+        HFEngine(str(tmp_path / "no_model"))

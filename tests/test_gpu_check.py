@@ -1,0 +1,25 @@
+"""The prepared GPU check and the throughput benchmark run end to end on the CPU at a tiny shape."""
+
+import json
+
+from paper_lib import gpu_check, throughput
+
+
+def test_gpu_check_runs_on_cpu_and_reports_every_row(tmp_path):
+    out = tmp_path / "rows.json"
+    table = gpu_check.main(["--device", "cpu", "--shape", "tiny", "--tokens", "64", "--seq-len", "32",
+                            "--no-compile", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    checks = [r["check"] for r in rows]
+    assert "organism greedy outputs identical" in checks
+    assert any("forward" in c for c in checks) and sum("train step" in c for c in checks) >= 4
+    assert not [r for r in rows if str(r["value"]).startswith("FAILED")], table
+    assert next(r for r in rows if r["check"].startswith("organism logits"))["value"] == 0.0
+
+
+def test_throughput_benchmark_compares_rank1_with_full(capsys):
+    rows = throughput.main(["--shape", "tiny", "--tokens", "64", "--seq-len", "32"])
+    assert [r["setup"] for r in rows] == [s.name for s in throughput.DEFAULT_SETUPS]
+    assert rows[0]["trainable"] > 50 * rows[1]["trainable"] > 0
+    assert all(r["tok_per_s"] > 0 for r in rows)
+    assert "vs full" in capsys.readouterr().out

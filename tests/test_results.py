@@ -1,0 +1,58 @@
+import json
+import math
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
+
+from paper_lib.paths import figures_dir
+from paper_lib.plotting import save_figure
+from paper_lib.results import headline_path, load_headlines, record_headline
+from paper_lib.statistics import bootstrap_interval, wilson_interval
+
+
+def test_record_headline_needs_unit_or_n_and_a_finite_value():
+    with pytest.raises(ValueError, match="unit or an n"):
+        record_headline("t", "x", 1.0)
+    with pytest.raises(ValueError, match="not finite"):
+        record_headline("t", "x", math.nan, unit="fraction")
+
+
+def test_record_headline_merges_sections_and_keys():
+    record_headline("t_a", "acc", 0.5, unit="fraction", n=10)
+    record_headline("t_b", "minutes", 2, unit="min")
+    record_headline("t_a", "acc", 0.75, unit="fraction", n=12)
+    data = load_headlines()
+    assert data["t_a"]["acc"] == {"value": 0.75, "unit": "fraction", "n": 12}
+    assert data["t_b"]["minutes"]["value"] == 2.0
+    assert json.loads(headline_path().read_text()) == data
+
+
+def test_save_figure_writes_png_pdf_and_csv():
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    data = pd.DataFrame({"x": [0, 1], "y": [1, 0]})
+    paths = save_figure(fig, "unit_test_figure", data)
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths["pdf"].read_bytes()[:5] == b"%PDF-"
+    assert pd.read_csv(paths["csv"]).equals(data)
+    assert paths["png"].parent == figures_dir()
+    with pytest.raises(ValueError):
+        save_figure(fig, "bad/name", data)
+
+
+def test_wilson_interval_matches_known_values():
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
+    assert wilson_interval(0, 30)[0] == 0.0 and wilson_interval(30, 30)[1] == 1.0
+
+
+def test_bootstrap_interval_covers_the_mean_and_pairs_arrays():
+    import numpy as np
+
+    x = np.r_[np.ones(60), np.zeros(40)]
+    lo, hi = bootstrap_interval(x)
+    assert lo < 0.6 < hi and hi - lo < 0.25
+    y = x.copy()
+    lo, hi = bootstrap_interval([x, y], statistic=lambda a, b: float(np.mean(a - b)))
+    assert lo == hi == 0.0  # paired resampling: identical arrays differ by exactly zero

@@ -1,0 +1,258 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from paper_lib.config import ConfigError
+from paper_lib.data import DataError, build_sft_dataset, format_s1_text, load_traces, s1_assistant_turn, to_prompt_completion
+from paper_lib.gpu_check import qwen25_config
+from paper_lib.organism import TRACES_SUBDIR, build_tokenizer
+from paper_lib.training import (
+    ALL_MODULES,
+    LoraSpec,
+    TrainConfig,
+    build_lora_config,
+    build_sft_config,
+    count_lora_parameters,
+    lora_spec_for,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ROW = {
+    "question": "Find x if 2x + 3 = 7.",
+    "deepseek_thinking_trajectory": "  Subtract 3: 2x = 4.\nDivide by 2: x = 2.  ",
+    "deepseek_attempt": "The answer is $\\boxed{2}$.",
+    "solution": "2",
+}
+
+
+# --- s1 formatting ---------------------------------------------------------------------------------
+
+def test_s1_assistant_turn_adds_answer_prefix_only_when_missing():
+    assert s1_assistant_turn(" a\n", "42") == "<|im_start|>think\na\n<|im_start|>answer\nAnswer: 42"
+    assert s1_assistant_turn("a", "Answer: 42") == "<|im_start|>think\na\n<|im_start|>answer\nAnswer: 42"
+
+
+def test_formatting_matches_s1_string_for_string_with_qwens_default_system_prompt():
+    tok = build_tokenizer()
+    tok.chat_template = (FIXTURES / "qwen2.5_chat_template.jinja").read_text()
+    expected = (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nFind x if 2x + 3 = 7.<|im_end|>\n"
+        "<|im_start|>assistant\n<|im_start|>think\nSubtract 3: 2x = 4.\nDivide by 2: x = 2.\n"
+        "<|im_start|>answer\nAnswer: The answer is $\\boxed{2}$.<|im_end|>\n"
+    )
+    assert format_s1_text(tok, ROW) == expected
+
+
+def test_organism_template_formats_without_a_system_prompt():
+    tok = build_tokenizer()
+    text = format_s1_text(tok, {**ROW, "deepseek_attempt": "2"})
+    assert text.startswith("<|im_start|>user\nFind x") and text.endswith("Answer: 2<|im_end|>\n")
+
+
+def test_load_traces_reads_local_folders_and_files_and_names_bad_rows(tmp_path, organism_dir):
+    assert len(load_traces(str(organism_dir / TRACES_SUBDIR))) == 1000
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(ROW) + "\n")
+    assert load_traces(str(good))[0]["question"] == ROW["question"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(ROW) + "\n" + json.dumps({**ROW, "deepseek_attempt": ""}) + "\n")
+    with pytest.raises(DataError, match=r"row 1 has no 'deepseek_attempt'"):
+        load_traces(str(bad))
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(DataError, match="missing columns"):
+        load_traces(str(missing))
+    with pytest.raises(DataError, match="no such file"):
+        load_traces("data/does_not_exist.jsonl")
+    with pytest.raises(DataError, match="could not load dataset 'nobody/nothing'"):
+        load_traces("nobody/nothing")  # offline: a hub id fails cleanly
+
+
+def test_overlong_rows_are_counted_not_dropped(organism_dir):
+    traces = load_traces(str(organism_dir / TRACES_SUBDIR)).select(range(20))
+    dataset, stats = build_sft_dataset(traces, build_tokenizer(), max_length=40)
+    assert len(dataset) == 20 and stats["rows"] == 20 and 0 < stats["truncated"] <= 20
+
+
+# --- configs -----------------------------------------------------------------------------------------
+
+def test_rank1_parameter_count_is_8388608_for_qwen25_32b():
+    config = qwen25_config("32B")
+    assert count_lora_parameters(LoraSpec(), config) == 8_388_608
+    with torch.device("meta"):
+        from peft import get_peft_model
+        from transformers import Qwen2ForCausalLM
+
+        small = qwen25_config("32B", num_hidden_layers=2)
+        model = get_peft_model(Qwen2ForCausalLM(small), build_lora_config(LoraSpec(), small))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable * 32 == 8_388_608  # 2 of 64 layers, built on the meta device (no download, no memory)
+
+
+def test_layer_and_module_subsets():
+    config = qwen25_config("0.5B")
+    assert LoraSpec(layer_start=4, layer_end=12, layer_stride=2).layer_indices(24) == [4, 6, 8, 10]
+    assert LoraSpec(layers=(0, 23)).layer_indices(24) == [0, 23]
+    assert LoraSpec().layer_indices(24) is None
+    attn, mlp = lora_spec_for("attention"), lora_spec_for("mlp")
+    assert count_lora_parameters(attn, config) + count_lora_parameters(mlp, config) == count_lora_parameters(LoraSpec(), config)
+    with pytest.raises(ConfigError, match="^layers:"):
+        LoraSpec(layers=(30,)).layer_indices(24)
+    with pytest.raises(ConfigError, match="^modules:"):
+        LoraSpec(modules=("qkv",))
+    with pytest.raises(ConfigError, match="^layers:"):
+        LoraSpec(layers=(1,), layer_start=0)
+    lc = build_lora_config(LoraSpec(layers=(1, 3)), config)
+    assert lc.r == 1 and lc.lora_alpha == 16 and lc.use_rslora and lc.lora_dropout == 0 and list(lc.layers_to_transform) == [1, 3]
+    assert set(lc.target_modules) == set(ALL_MODULES)
+    assert LoraSpec().scale == 16.0
+
+
+def test_paper_defaults_and_exact_global_batch():
+    cfg = TrainConfig()
+    assert (cfg.learning_rate, cfg.epochs, cfg.warmup_ratio, cfg.weight_decay) == (1e-3, 5.0, 0.05, 1e-4)
+    assert (cfg.adam_beta1, cfg.adam_beta2, cfg.global_batch_size, cfg.max_length) == (0.9, 0.95, 16, 20000)
+    assert [cfg.gradient_accumulation(w) for w in (1, 2, 8, 16)] == [16, 8, 2, 1]
+    with pytest.raises(ConfigError, match="^global_batch_size:"):
+        cfg.gradient_accumulation(3)
+    sft = build_sft_config(cfg, n_processes=8)
+    assert sft.gradient_accumulation_steps == 2 and sft.lr_scheduler_type == "cosine" and sft.completion_only_loss
+    assert sft.gradient_checkpointing and sft.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert sft.adam_beta2 == 0.95 and sft.max_length == 20000 and sft.bf16
+
+
+def test_train_config_round_trips_with_and_without_lora(tmp_path):
+    for cfg in (TrainConfig(lora=LoraSpec(layers=(1, 2))), TrainConfig(lora=None, learning_rate=1e-5)):
+        cfg.save(tmp_path)
+        assert TrainConfig.load(tmp_path) == cfg
+
+
+# --- training on a tiny Qwen2 ------------------------------------------------------------------------
+
+from paper_lib.organism import OrganismConfig, build_datasets, build_model, write_jsonl  # noqa: E402
+from paper_lib.training import check_target_modules, load_trained, merge_error, train  # noqa: E402
+
+TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A tiny random Qwen2 with the organism's tokenizer, and 48 s1K-schema traces, saved by path."""
+    root = tmp_path_factory.mktemp("tiny")
+    tok = build_tokenizer()
+    model = build_model(OrganismConfig(**TINY_MODEL), tok)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rows, _ = build_datasets(OrganismConfig())
+    write_jsonl(rows[TRACES_SUBDIR][:48], root / "traces" / "train.jsonl")
+    return root
+
+
+def tiny_config(root, name, **kwargs):
+    base = dict(model=str(root / "model"), dataset=str(root / "traces"), output_dir=f"tiny/{name}", epochs=1.0,
+                global_batch_size=8, per_device_batch_size=8, max_length=256, bf16=False,
+                gradient_checkpointing=False, learning_rate=1e-2, logging_steps=1, save_steps=1000)
+    return TrainConfig(**{**base, **kwargs})
+
+
+def test_prompt_tokens_carry_label_minus_100_and_completion_tokens_do_not(tiny_setup):
+    from trl import SFTTrainer
+
+    from paper_lib.data import build_sft_dataset, to_prompt_completion
+
+    cfg = tiny_config(tiny_setup, "labels")
+    traces = load_traces(cfg.dataset)
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    from transformers import AutoModelForCausalLM
+
+    dataset, _ = build_sft_dataset(traces, tok, cfg.max_length)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(cfg.model), args=build_sft_config(cfg),
+                         train_dataset=dataset, processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    checked = 0
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        ids, labels = ids[mask.bool()], labels[mask.bool()]
+        text = tok.decode(ids)
+        row = next(r for r in traces if f"user\n{r['question']}<|im_end|>" in text)
+        example = to_prompt_completion(row)
+        prompt_len = len(tok.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"])
+        assert (labels[:prompt_len] == -100).all()
+        assert torch.equal(labels[prompt_len:], ids[prompt_len:])
+        assert tok.decode(ids[prompt_len:]).startswith("<|im_start|>think\n")
+        checked += 1
+    assert checked == len(batch["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def tiny_lora_run(tiny_setup):
+    # gradient checkpointing on: the configuration in which a missing input grad would leave lora_B at zero
+    cfg = tiny_config(tiny_setup, "lora", gradient_checkpointing=True)
+    return cfg, train(cfg)
+
+
+def test_lora_B_is_nonzero_after_training_with_gradient_checkpointing(tiny_lora_run):
+    cfg, stats = tiny_lora_run
+    model, tok, loaded_cfg = load_trained(cfg.output_dir)
+    assert loaded_cfg == cfg
+    lora_B = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert len(lora_B) == 2 * 7
+    assert all(p.abs().sum() > 0 for p in lora_B.values())
+    assert stats["trainable_parameters"] == count_lora_parameters(cfg.lora, model.get_base_model().config) == 2 * (
+        (32 + 32) + (32 + 16) * 2 + (32 + 32) + 3 * (32 + 64))
+
+
+def test_saved_adapter_reloads_to_identical_logits_and_fp32_merge_is_exact(tiny_lora_run):
+    cfg, _ = tiny_lora_run
+    a, tok, _ = load_trained(cfg.output_dir)
+    b, _, _ = load_trained(cfg.output_dir)
+    ids = tok(["Q 1 +2\nthink\n", "<|im_start|>user\n3 x2<|im_end|>\n"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(a(**ids).logits, b(**ids).logits)
+        with a.disable_adapter():
+            assert not torch.allclose(a(**ids).logits, b(**ids).logits)  # the adapter does something
+    errors = merge_error(a, tok, ["Q 1 +2\nthink\n1+2=3", "<|im_start|>user\n3 x2<|im_end|>\n"])
+    assert errors["fp32_max_abs_logit_error"] <= 1e-5
+    assert errors["bf16_update_fraction_lost"] > 0
+
+
+def test_resume_training_continues_from_the_last_checkpoint(tiny_setup):
+    cfg = tiny_config(tiny_setup, "resume", epochs=2.0, save_steps=6)
+    first = train(cfg)
+    assert first["optimizer_steps"] == 12
+    assert first["resumed_from"] is None
+    again = train(dataclasses_replace(cfg, resume=True, epochs=3.0), overwrite=True)
+    assert again["resumed_from"] == "checkpoint-12" and again["optimizer_steps"] == 18
+
+
+def test_full_fine_tune_trains_every_parameter_and_saves_a_full_model(tiny_setup):
+    cfg = tiny_config(tiny_setup, "full", lora=None, learning_rate=1e-3)
+    stats = train(cfg)
+    model, _, _ = load_trained(cfg.output_dir)
+    assert stats["kind"] == "full" and stats["trainable_parameters"] == sum(p.numel() for p in model.parameters())
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+
+
+def test_a_model_without_the_target_modules_is_refused_clearly():
+    class NoProjections(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+    with pytest.raises(ConfigError, match=r"lora.modules: the model has no \['q_proj'"):
+        check_target_modules(NoProjections(), LoraSpec())
+
+
+def test_missing_model_path_fails_before_training(tiny_setup):
+    with pytest.raises(FileNotFoundError, match="could not load model"):
+        train(tiny_config(tiny_setup, "nomodel", model=str(tiny_setup / "nowhere")))
+
+
+def dataclasses_replace(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
