@@ -4,19 +4,23 @@ Only the text after the think section is graded (s1's ``<|im_start|>answer`` sec
 ``</think>``). A response with no extractable answer is wrong, never an exception.
 
 math-verify's own timeout uses ``signal.alarm``, which fails outside the main thread (vLLM, notebooks
-and thread pools call from others). We disable it and impose our own: grading runs in one reusable
-worker process that is killed and replaced when a call overruns (sympy can hang on adversarial input).
+and thread pools call from others). We disable it and impose our own: each grading call runs in a
+daemon thread that the caller waits on for at most ``timeout_s``; an overrunning call (sympy can hang on
+adversarial input) is counted wrong and left to finish in the background. A thread rather than a
+worker process, because spawned processes re-import the caller's ``__main__`` (a script without a
+``__main__`` guard, a notebook kernel) and forked ones inherit vLLM's and torch's threads mid-state.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
-import multiprocessing
 import re
-from multiprocessing.pool import Pool
+import threading
 
 log = logging.getLogger(__name__)
+# math-verify warns once that its timeout is off; ours (below) replaces it.
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 ANSWER_MARKERS = ("<|im_start|>answer", "</think>")
 END_MARKERS = ("<|im_end|>", "<|endoftext|>")
@@ -50,28 +54,6 @@ def _verify(response_text: str, gold: str) -> bool:
     return bool(verify(gold_parsed, answer, timeout_seconds=None))
 
 
-_POOL: Pool | None = None
-
-
-def _pool() -> Pool:
-    global _POOL
-    if _POOL is None:
-        # spawn, not fork: the caller may hold torch/vLLM threads that a fork would copy mid-state
-        _POOL = multiprocessing.get_context("spawn").Pool(1)
-    return _POOL
-
-
-def _reset_pool() -> None:
-    global _POOL
-    if _POOL is not None:
-        _POOL.terminate()
-        _POOL.join()
-        _POOL = None
-
-
-atexit.register(_reset_pool)
-
-
 def is_correct_math(response: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """Whether the final answer of ``response`` equals ``gold`` (math-verify); False on no answer or timeout."""
     text = final_section(response)
@@ -79,15 +61,24 @@ def is_correct_math(response: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT
         return False
     if "\\boxed" in text:  # several boxed answers: the last one counts (math-verify would take the first)
         text = text[text.rindex("\\boxed"):]
-    try:
-        return _pool().apply_async(_verify, (text, str(gold))).get(timeout=timeout_s)
-    except multiprocessing.TimeoutError:
+    result: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            result["value"] = _verify(text, str(gold))
+        except Exception as err:  # math-verify/sympy errors on odd input count as wrong, never crash a run
+            result["error"] = err
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
         log.warning("grading timed out after %.0f s; counted wrong: %r", timeout_s, text[:200])
-        _reset_pool()
         return False
-    except Exception as err:  # math-verify/sympy errors on odd input count as wrong, never crash a run
-        log.warning("grading failed (%s); counted wrong: %r", err, text[:200])
+    if "error" in result:
+        log.warning("grading failed (%s); counted wrong: %r", result["error"], text[:200])
         return False
+    return bool(result.get("value", False))
 
 
 # "Answer: B", "answer is (B)", "\boxed{B}", "**B**", "(B)" and "B." alone on a line, most explicit first.

@@ -339,9 +339,10 @@ def load_trained(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tup
 def merge_error(model: PeftModel, tokenizer: Any, texts: list[str]) -> dict[str, float]:
     """How exact merging the adapter into the base weights is, in fp32 and in bf16.
 
-    fp32: max |logit difference| of ``merge_and_unload`` vs the unmerged model. bf16 (the authors'
-    merge): base weights rounded to bf16 on both sides, so the only difference is the merge itself;
-    reported as the max |logit difference| and as the mean fraction of each update B·A lost to rounding.
+    fp32: ``merge_and_unload`` vs the unmerged model. bf16 (the authors' merge): base weights rounded to
+    bf16 on both sides, so the only difference is the merge itself; also the mean fraction of each
+    update B·A lost to rounding. Errors are absolute and relative logit errors and probability errors:
+    the absolute logit error of an exact fp32 merge scales with the logits (float32 accumulation order).
     """
     import copy
 
@@ -351,7 +352,7 @@ def merge_error(model: PeftModel, tokenizer: Any, texts: list[str]) -> dict[str,
     model = model.float().eval()
     reference = model(**batch).logits
     merged32 = copy.deepcopy(model).merge_and_unload()
-    fp32_error = (merged32(**batch).logits - reference).abs()[mask].max().item()
+    fp32 = compare_logits(merged32(**batch).logits, reference, mask)
 
     rounded = copy.deepcopy(model)
     for name, param in rounded.named_parameters():
@@ -368,10 +369,19 @@ def merge_error(model: PeftModel, tokenizer: Any, texts: list[str]) -> dict[str,
         if key in deltas and isinstance(module, torch.nn.Linear):
             effective = module.weight.float() - bases[key]
             lost.append(((effective - deltas[key]).norm() / deltas[key].norm().clamp_min(1e-30)).item())
-    merged16 = merged16.float()
-    bf16_error = (merged16(**batch).logits - reference16).abs()[mask].max().item()
-    return {"fp32_max_abs_logit_error": fp32_error, "bf16_max_abs_logit_error": bf16_error,
+    bf16 = compare_logits(merged16.float()(**batch).logits, reference16, mask)
+    return {**{f"fp32_{k}": v for k, v in fp32.items()}, **{f"bf16_{k}": v for k, v in bf16.items()},
             "bf16_update_fraction_lost": float(sum(lost) / len(lost)) if lost else float("nan")}
+
+
+def compare_logits(logits: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Max absolute and relative (to the largest reference logit) logit error, and max probability error,
+    over the unmasked positions."""
+    diff = (logits - reference).abs()[mask]
+    prob = (logits.softmax(-1) - reference.softmax(-1)).abs()[mask]
+    return {"max_abs_logit_error": diff.max().item(),
+            "max_rel_logit_error": (diff.max() / reference.abs()[mask].max()).item(),
+            "max_abs_prob_error": prob.max().item()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -65,3 +65,21 @@ def test_every_aime24_answer_grades_correct_as_a_boxed_integer():
     wrong = [r["answer"] for r in rows if not is_correct_math(f"Answer: \\boxed{{{int(r['answer'])}}}", r["answer"])]
     assert wrong == []
     assert not is_correct_math("\\boxed{26}", "025")
+
+
+def test_a_hanging_grade_times_out_as_wrong_and_grading_works_off_the_main_thread(monkeypatch):
+    import threading
+    import time
+
+    import paper_lib.grading as grading
+
+    monkeypatch.setattr(grading, "_verify", lambda text, gold: time.sleep(5) or True)
+    start = time.perf_counter()
+    assert not grading.is_correct_math("Answer: 4", "4", timeout_s=0.2)
+    assert time.perf_counter() - start < 2
+    monkeypatch.undo()
+    out = []
+    thread = threading.Thread(target=lambda: out.append(grading.is_correct_math("Answer: \\boxed{4}", "4")))
+    thread.start()
+    thread.join()
+    assert out == [True]  # math-verify's signal-based timeout would raise outside the main thread

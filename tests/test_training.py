@@ -216,7 +216,7 @@ def test_saved_adapter_reloads_to_identical_logits_and_fp32_merge_is_exact(tiny_
         with a.disable_adapter():
             assert not torch.allclose(a(**ids).logits, b(**ids).logits)  # the adapter does something
     errors = merge_error(a, tok, ["Q 1 +2\nthink\n1+2=3", "<|im_start|>user\n3 x2<|im_end|>\n"])
-    assert errors["fp32_max_abs_logit_error"] <= 1e-5
+    assert errors["fp32_max_abs_logit_error"] <= 1e-5 and errors["fp32_max_abs_prob_error"] <= 1e-5
     assert errors["bf16_update_fraction_lost"] > 0
 
 

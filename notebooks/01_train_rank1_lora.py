@@ -1,0 +1,155 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: paper-lib
+#     language: python
+#     name: paper-lib
+# ---
+
+# %% [markdown]
+# # 01 · Train the rank-1 LoRA and the full fine-tune
+#
+# **Claim:** one code path (TRL `SFTTrainer` + PEFT) trains both sides of the paper's comparison on
+# the same reasoning traces: a rank-1 rsLoRA on all seven projections of every layer, and the
+# full-parameter fine-tune it is measured against.
+#
+# Defaults run on the model organism in minutes on 2 CPU cores. Real scale is the same notebook with
+# parameters only, e.g. the paper's run (8 GPUs, FSDP):
+#
+# ```bash
+# jupytext --to ipynb -o - notebooks/01_train_rank1_lora.py | papermill - build/01.ipynb -k paper-lib \
+#   -p MODEL Qwen/Qwen2.5-32B-Instruct -p DATASET simplescaling/s1K-1.1 -p OUTPUT_DIR runs/01_train_32b \
+#   -p LORA_LR 1e-3 -p FULL_LR 1e-5 -p EPOCHS 5 -p PER_DEVICE_BATCH 1 -p MAX_LENGTH 20000 -p BF16 True \
+#   -p GRADIENT_CHECKPOINTING True -p TRAIN_FULL False \
+#   -p NUM_PROCESSES 8 -p ACCELERATE_CONFIG paper_lib/accelerate_configs/fsdp_8gpu.yaml
+# ```
+# (see the README for one-GPU variants and resuming).
+
+# %% tags=["parameters"]
+SEED = 42  # seeds data order, initialisation of the adapters, and dropout (none here)
+MODEL = "data/organism/model"  # base model: path or hub id (real scale: Qwen/Qwen2.5-32B-Instruct)
+DATASET = "data/organism/s1K-1.1"  # traces in s1K-1.1's schema: path or hub id (simplescaling/s1K-1.1)
+OUTPUT_DIR = "runs/01_train"  # under data/ (or $PAPER_DATA_DIR): rank1/ and full/ go here
+LORA_RANK = 1  # the paper's rank
+LORA_MODULES = "all"  # all, attention or mlp
+LORA_LR = 1e-3  # paper: 1e-3
+FULL_LR = 1e-4  # paper's comparator (s1.1): 1e-5; the organism is tiny and needs more
+TRAIN_FULL = True  # also train the full fine-tune comparator
+EPOCHS = 5.0  # paper: 5
+GLOBAL_BATCH = 16  # paper: 16 (per-device batch x accumulation x processes, exactly)
+PER_DEVICE_BATCH = 16  # paper: 1 (20k-token sequences); the organism's traces are ~100 tokens
+MAX_LENGTH = 512  # paper: 20000 tokens
+BF16 = False  # paper: True (GPU)
+GRADIENT_CHECKPOINTING = False  # paper: True (non-reentrant); pointless for a 1M-parameter model
+USE_LIGER = False  # Liger kernels (GPU only): fused cross-entropy, RMSNorm, SwiGLU, RoPE
+NUM_PROCESSES = 1  # >1: launched through accelerate (FSDP config below)
+ACCELERATE_CONFIG = ""  # e.g. paper_lib/accelerate_configs/fsdp_8gpu.yaml
+RESUME = False  # continue an interrupted run from its last checkpoint
+OVERWRITE = False  # retrain even if a finished run exists in OUTPUT_DIR
+SMOKE = False  # fast check for CI: a few optimizer steps
+
+# %%
+import pandas as pd
+from transformers import AutoTokenizer
+
+from paper_lib.config import seed_everything
+from paper_lib.data import format_s1_text, load_traces
+from paper_lib.paths import artifact_dir
+from paper_lib.plotting import plot_training_losses, save_figure
+from paper_lib.results import record_headline
+from paper_lib.training import (
+    TrainConfig,
+    count_lora_parameters,
+    launch_training,
+    lora_spec_for,
+    load_trained,
+    merge_error,
+)
+
+SECTION = "01_train_rank1_lora"
+seed_everything(SEED)
+epochs = 0.05 if SMOKE else EPOCHS
+common = dict(model=MODEL, dataset=DATASET, epochs=epochs, global_batch_size=GLOBAL_BATCH,
+              per_device_batch_size=PER_DEVICE_BATCH, max_length=MAX_LENGTH, bf16=BF16,
+              gradient_checkpointing=GRADIENT_CHECKPOINTING, use_liger_kernel=USE_LIGER, seed=SEED, resume=RESUME)
+lora_cfg = TrainConfig(output_dir=f"{OUTPUT_DIR}/rank{LORA_RANK}", lora=lora_spec_for(LORA_MODULES, r=LORA_RANK),
+                       learning_rate=LORA_LR, **common)
+full_cfg = TrainConfig(output_dir=f"{OUTPUT_DIR}/full", lora=None, learning_rate=FULL_LR, **common)
+
+# %% [markdown]
+# ## The training text: s1's format through the model's chat template
+# Loss is on the assistant completion only (TRL's prompt-completion format).
+
+# %%
+traces = load_traces(DATASET)
+print(format_s1_text(AutoTokenizer.from_pretrained(MODEL), traces[0]))
+print(f"{len(traces)} traces")
+
+# %% [markdown]
+# ## Rank-1 LoRA
+
+# %%
+lora_stats = launch_training(lora_cfg, NUM_PROCESSES, ACCELERATE_CONFIG or None, overwrite=OVERWRITE)
+lora_model, tokenizer, _ = load_trained(lora_cfg.output_dir)
+lora_B = [p for n, p in lora_model.named_parameters() if "lora_B" in n]
+expected = count_lora_parameters(lora_cfg.lora, lora_model.get_base_model().config)
+print({k: lora_stats[k] for k in ("trainable_parameters", "optimizer_steps", "final_loss", "tokens_per_second")})
+assert lora_stats["trainable_parameters"] == expected, "trainable parameters differ from r*(d_in+d_out) per adapter"
+assert all(b.abs().sum() > 0 for b in lora_B), "some lora_B is still zero: no gradient reached it"
+
+# %% [markdown]
+# ## Full fine-tune (the comparator)
+
+# %%
+full_stats = launch_training(full_cfg, NUM_PROCESSES, ACCELERATE_CONFIG or None, overwrite=OVERWRITE) if TRAIN_FULL else None
+if full_stats:
+    print({k: full_stats[k] for k in ("trainable_parameters", "optimizer_steps", "final_loss", "tokens_per_second")})
+
+# %% [markdown]
+# ## Loss curves
+
+# %%
+histories = []
+for name, cfg in (("rank-1 LoRA", lora_cfg), ("full fine-tune", full_cfg)):
+    path = artifact_dir(cfg.output_dir) / "log_history.csv"
+    if path.is_file():
+        h = pd.read_csv(path)
+        histories.append(h[h["loss"].notna()][["step", "epoch", "loss"]].assign(run=name))
+losses = pd.concat(histories, ignore_index=True)
+save_figure(plot_training_losses(losses), "training_loss", losses)
+
+# %% [markdown]
+# ## Merging: fp32 is exact, bf16 is not
+# The authors merged the adapter into the base in bf16 before serving it with vLLM. A rank-1 update is
+# small next to the weights it is added to, and bf16 rounds part of it away. We measure each merge
+# against the unmerged model: logit errors (absolute, and relative to the largest logit: an exact merge
+# in fp32 still differs by float32 accumulation order), probability errors, and for bf16 the share of
+# each update B·A that rounding loses.
+
+# %%
+errors = merge_error(lora_model, tokenizer, [format_s1_text(tokenizer, traces[i]) for i in range(8)])
+print(errors)
+# fp32: exact up to float32 accumulation order, so the logit error is relative to the logits' scale
+assert errors["fp32_max_rel_logit_error"] <= 1e-5
+assert errors["bf16_max_abs_prob_error"] > errors["fp32_max_abs_prob_error"]
+
+# %% [markdown]
+# ## Headline numbers
+
+# %%
+for name, stats in (("rank1", lora_stats), ("full", full_stats)):
+    if not stats:
+        continue
+    for key, unit in (("final_loss", "nats/token"), ("trainable_parameters", "parameters"),
+                      ("tokens_per_second", "tok/s"), ("train_seconds", "s"), ("optimizer_steps", "steps")):
+        record_headline(SECTION, f"{name}_{key}", stats[key], unit=unit)
+for key, value in errors.items():
+    record_headline(SECTION, f"merge_{key}", value, unit="fraction" if "fraction" in key or "rel" in key else
+                    ("probability" if "prob" in key else "logit"), n=8)
+if full_stats and not SMOKE:
+    assert lora_stats["final_loss"] < 2 * full_stats["final_loss"] + 0.5, "rank-1 loss far above the full fine-tune's"
