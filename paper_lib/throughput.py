@@ -122,8 +122,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--generation", metavar="RUN_DIR", default=None,
+                        help="instead: generation throughput of notebook 01's rank-1 run (e.g. runs/01_train/rank1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    if args.generation:
+        return main_generation(args.generation)
     device = torch.device(args.device)
     if args.shape == "organism":
         config = organism_config()
@@ -137,6 +141,70 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     lines = [f"shape={args.shape} device={device} tokens/step={rows[0]['tokens_per_step']} threads={torch.get_num_threads()}",
              "| setup | tok/s | vs full | trainable |", "|---|---|---|---|"]
     lines += [f"| {r['setup']} | {r['tok_per_s']:,.0f} | {r['tok_per_s'] / full:.2f}x | {r['trainable']:,} |" for r in rows]
+    sys.stdout.write("\n".join(lines) + "\n")  # a command-line entry point: the table is its output
+    return rows
+
+
+
+def measure_generation(model_dir: str, adapter_dir: str, merged_dir: str, n_prompts: int = 64,
+                       new_tokens: int = 128) -> list[dict[str, Any]]:
+    """Greedy generation tokens/s on the same prompts and lengths: HF ``generate`` vs vLLM, and in vLLM the
+    rank-1 adapter served unmerged vs merged into the weights. Every run generates exactly ``new_tokens``
+    per prompt (end-of-text ignored) so the token counts are equal."""
+    import os
+
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from paper_lib.evaluation import HFEngine, chat_prompt
+    from paper_lib.organism import load_probe
+    from paper_lib.paths import resolve
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    problems = load_probe(resolve("data/organism"))[::7][:n_prompts]
+    hf = HFEngine(model_dir, {"rank1": adapter_dir}, batch_size=n_prompts)
+    prompts = [chat_prompt(hf.tokenizer, p.question) for p in problems]
+    rows = []
+    batch = hf.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    hf.model.set_adapter("rank1")
+    for label, model in (("HF generate, PEFT adapter unmerged", hf.model),):
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=hf.tokenizer.pad_token_id)
+        rows.append({"setup": label, "tok_per_s": n_prompts * new_tokens / (time.perf_counter() - start)})
+    del hf
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    common = dict(dtype="float32", max_model_len=512, enforce_eager=True, kv_cache_memory_bytes=2**30)
+    llm = LLM(model=str(resolve(model_dir)), enable_lora=True, max_lora_rank=1, **common)
+    lora = LoRARequest("rank1", 1, str(resolve(adapter_dir)))
+    llm.generate(prompts[:2], params, lora_request=lora, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
+    rows.append({"setup": "vLLM, rank-1 adapter unmerged (LoRARequest)", "tok_per_s": n_prompts * new_tokens / (time.perf_counter() - start)})
+    del llm
+    llm = LLM(model=str(resolve(merged_dir)), **common)
+    llm.generate(prompts[:2], params, use_tqdm=False)
+    start = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    rows.append({"setup": "vLLM, adapter merged (fp32)", "tok_per_s": n_prompts * new_tokens / (time.perf_counter() - start)})
+    return rows
+
+
+def main_generation(run_dir: str) -> list[dict[str, Any]]:
+    """Merge the run's adapter in fp32 into a scratch folder, then time the three serving setups."""
+    import tempfile
+
+    from paper_lib.paths import artifact_dir
+    from paper_lib.training import FINAL_SUBDIR, load_trained
+
+    model, tokenizer, cfg = load_trained(run_dir)
+    with tempfile.TemporaryDirectory() as merged:
+        model.merge_and_unload().save_pretrained(merged)
+        tokenizer.save_pretrained(merged)
+        rows = measure_generation(cfg.model, str(artifact_dir(run_dir) / FINAL_SUBDIR), merged)
+    lines = [f"64 prompts x 128 new tokens, greedy, fp32, threads={torch.get_num_threads()}", "| setup | tok/s |", "|---|---|"]
+    lines += [f"| {r['setup']} | {r['tok_per_s']:,.0f} |" for r in rows]
     sys.stdout.write("\n".join(lines) + "\n")  # a command-line entry point: the table is its output
     return rows
 

@@ -1,0 +1,56 @@
+import pytest
+import torch
+from peft import get_peft_model
+
+from paper_lib.activations import ADAPTER_MODULES, NoLoraError, find_adapters, lora_activations
+from paper_lib.organism import Problem, textbook_document
+from paper_lib.training import LoraSpec, build_lora_config, lora_spec_for
+
+
+def peft_organism(organism, spec):
+    model, tok, _ = organism
+    import copy
+
+    peft_model = get_peft_model(copy.deepcopy(model), build_lora_config(spec, model.config))
+    torch.manual_seed(0)
+    for name, p in peft_model.named_parameters():  # non-zero B so that adapters act, like a trained one
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    return peft_model.eval(), tok
+
+
+def test_lora_activations_equal_A_dot_module_input(organism):
+    model, tok = peft_organism(organism, LoraSpec())
+    docs = [textbook_document(Problem(7, ("+2", "x2", "+1"))), "<|im_start|>user\n3 x3 +1<|im_end|>\n"]
+    batch = tok(docs, return_tensors="pt", padding=True)
+    acts, layers, modules = lora_activations(model, batch["input_ids"], batch["attention_mask"])
+    assert acts.shape == (2, batch["input_ids"].shape[1], 4, 7) and modules == list(ADAPTER_MODULES) and layers == [0, 1, 2, 3]
+    inputs = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, key=k: inputs.__setitem__(key, args[0].detach()))
+               for k, m in find_adapters(model).items()]
+    with torch.no_grad():
+        model(**batch)
+    for h in handles:
+        h.remove()
+    worst = 0.0
+    for (layer, module), x in inputs.items():
+        A = find_adapters(model)[(layer, module)].lora_A["default"].weight  # [1, d_in]
+        expected = (x.float() @ A.float().T)[..., 0]
+        worst = max(worst, (acts[:, :, layers.index(layer), modules.index(module)] - expected).abs().max().item())
+    assert worst <= 1e-5
+
+
+def test_missing_modules_are_absent_not_zero_filled(organism):
+    model, tok = peft_organism(organism, lora_spec_for("mlp"))
+    batch = tok(["Q 1 +1\nthink\n"], return_tensors="pt")
+    acts, layers, modules = lora_activations(model, batch["input_ids"])
+    assert modules == ["gate_proj", "up_proj", "down_proj"] and acts.shape[-1] == 3
+    model, tok = peft_organism(organism, LoraSpec(layers=(1, 3)))
+    acts, layers, modules = lora_activations(model, batch["input_ids"])
+    assert layers == [1, 3] and acts.shape[-2] == 2
+
+
+def test_a_model_without_lora_gets_a_clear_error(organism):
+    model, tok, _ = organism
+    with pytest.raises(NoLoraError, match="no LoRA adapter"):
+        lora_activations(model, tok(["Q 1"], return_tensors="pt")["input_ids"])
