@@ -687,6 +687,12 @@ def load_probe(path: str | Path) -> list[Problem]:
     return [problem_from_probe(json.loads(line)) for line in path.read_text().splitlines()]
 
 
+def heldout_traces(path: str | Path, n: int, min_k: int = 3, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` traces in s1K-1.1's schema for probe problems: held out of pretraining and of the SFT traces."""
+    problems = [p for p in load_probe(path) if p.k >= min_k]
+    return [trace_row(p) for p in random.Random(seed).sample(problems, min(n, len(problems)))]
+
+
 def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
     with Path(path).open() as handle:
         for line in handle:

@@ -106,3 +106,22 @@ def plot_benchmark_accuracy(accuracy: pd.DataFrame, recovery: pd.DataFrame | Non
             ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_adapter_ablations(summary: pd.DataFrame, table: pd.DataFrame) -> plt.Figure:
+    """Figure 1: (a) KL when one layer's adapters are removed, (b) module x layer heatmap of single-adapter
+    KLs, (c) all attention vs all MLP adapters. ``summary``: group, kl, lo, hi; ``table``: module x layer."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), gridspec_kw={"width_ratios": [1.2, 1.4, 0.6]})
+    layers = summary[summary["group"].str.startswith("layer ")]
+    x = layers["group"].str.replace("layer ", "").astype(int)
+    axes[0].bar(x, layers["kl"], yerr=[layers["kl"] - layers["lo"], layers["hi"] - layers["kl"]], capsize=3)
+    axes[0].set_xticks(x)
+    axes[0].set(xlabel="layer", ylabel="KL(full || ablated), nats/token", title="(a) leave one layer's adapters out")
+    sns.heatmap(table, ax=axes[1], cmap="viridis", cbar_kws={"label": "KL"}, annot=table.shape[1] <= 8, fmt=".3f")
+    axes[1].set(title="(b) one adapter at a time", xlabel="layer", ylabel="")
+    kinds = summary[summary["group"].isin(["attention", "mlp"])]
+    axes[2].bar(kinds["group"], kinds["kl"], yerr=[kinds["kl"] - kinds["lo"], kinds["hi"] - kinds["kl"]], capsize=3,
+                color=["tab:orange", "tab:green"][: len(kinds)])
+    axes[2].set(title="(c) by kind", ylabel="KL")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,116 @@
+"""Adapter ablations: how much the next-token distribution moves when chosen adapters are removed.
+
+Metric (the paper's figure 1): KL(p_full || p_ablated), summed over the vocabulary, averaged over the
+completion tokens of each trace; we report the mean over traces with a bootstrap interval. Ablating an
+adapter sets its scale to zero for the forward pass, which removes scale·B·A·x exactly (the same as
+zeroing A and B) and is restored afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import pandas as pd
+import torch
+
+from paper_lib.activations import ADAPTER_MODULES, adapter_layout, find_adapters
+from paper_lib.statistics import bootstrap_interval
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@contextmanager
+def ablated(model: torch.nn.Module, keys: Iterable[tuple[int, str]], adapter: str = "default") -> Iterator[None]:
+    """Within the context, the adapters at ``keys`` ((layer, module) pairs) contribute nothing."""
+    layers = find_adapters(model, adapter)
+    saved = {}
+    try:
+        for key in keys:
+            if key not in layers:
+                raise KeyError(f"no adapter at layer {key[0]}, module {key[1]}")
+            saved[key] = layers[key].scaling[adapter]
+            layers[key].scaling[adapter] = 0.0
+        yield
+    finally:
+        for key, scale in saved.items():
+            layers[key].scaling[adapter] = scale
+
+
+def ablation_groups(model: torch.nn.Module, adapter: str = "default") -> dict[str, dict[str, list[tuple[int, str]]]]:
+    """The paper's ablation families: leave one layer out, one (layer, module) at a time, all attention
+    vs all MLP adapters, and everything (the adapter's whole effect)."""
+    layers, modules = adapter_layout(model, adapter)
+    present = set(find_adapters(model, adapter))
+    by_layer = {f"layer {l}": [(l, m) for m in modules if (l, m) in present] for l in layers}
+    single = {f"{l}/{m}": [(l, m)] for l in layers for m in modules if (l, m) in present}
+    kinds = {"attention": [k for k in present if k[1] in ATTENTION], "mlp": [k for k in present if k[1] in MLP]}
+    return {"layer": by_layer, "single": single, "kind": {k: v for k, v in kinds.items() if v},
+            "all": {"all adapters": sorted(present)}}
+
+
+def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_ref || p) per position, summed over the vocabulary: [..., vocab] -> [...]."""
+    ref = reference_logits.float().log_softmax(-1)
+    other = logits.float().log_softmax(-1)
+    return (ref.exp() * (ref - other)).sum(-1)
+
+
+@torch.no_grad()
+def ablation_kl(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]],
+                groups: dict[str, list[tuple[int, str]]], adapter: str = "default") -> pd.DataFrame:
+    """Per (group, trace): mean KL over the trace's scored positions. Each batch holds input_ids,
+    attention_mask and ``score_mask`` (positions whose next-token prediction counts: the completion)."""
+    rows = []
+    trace = 0
+    for batch in batches:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        reference = model(**inputs).logits
+        mask = batch["score_mask"].bool()
+        for name, keys in groups.items():
+            with ablated(model, keys, adapter):
+                kl = kl_divergence(reference, model(**inputs).logits)
+            per_trace = (kl * mask).sum(1) / mask.sum(1).clamp_min(1)
+            rows += [{"group": name, "trace": trace + i, "kl": float(v)} for i, v in enumerate(per_trace)]
+        trace += len(batch["input_ids"])
+    return pd.DataFrame(rows)
+
+
+def summarize_kl(per_trace: pd.DataFrame, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Mean KL per group with a 95% bootstrap interval over traces."""
+    rows = []
+    for name, group in per_trace.groupby("group", sort=False):
+        x = group["kl"].to_numpy()
+        lo, hi = bootstrap_interval(x, n_resamples=n_resamples, seed=seed)
+        rows.append({"group": name, "kl": float(np.mean(x)), "lo": lo, "hi": hi, "n": len(x)})
+    return pd.DataFrame(rows)
+
+
+def completion_batches(tokenizer, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 32,
+                       max_length: int = 2048) -> list[dict[str, torch.Tensor]]:
+    """Teacher-forcing batches of prompt + completion; ``score_mask`` marks the positions that predict a
+    completion token (the paper scored every position; we score the completion only)."""
+    tokenizer.padding_side = "right"
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        texts = [p + c for p, c in zip(prompts[i : i + batch_size], completions[i : i + batch_size])]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                        add_special_tokens=False)
+        score = torch.zeros_like(enc["input_ids"])
+        for row, prompt in enumerate(prompts[i : i + batch_size]):
+            start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            end = int(enc["attention_mask"][row].sum())
+            score[row, max(start - 1, 0) : end - 1] = 1  # position t predicts token t+1
+        out.append({**enc, "score_mask": score})
+    return out
+
+
+def module_layer_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The single-adapter KLs as a module x layer table (rows in ``ADAPTER_MODULES`` order)."""
+    single = summary[summary["group"].str.contains("/")].copy()
+    single[["layer", "module"]] = single["group"].str.split("/", expand=True)
+    single["layer"] = single["layer"].astype(int)
+    table = single.pivot(index="module", columns="layer", values="kl")
+    return table.reindex([m for m in ADAPTER_MODULES if m in table.index])

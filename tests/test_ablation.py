@@ -1,0 +1,59 @@
+import pytest
+import torch
+from peft import get_peft_model
+
+from paper_lib.ablation import ablated, ablation_groups, ablation_kl, completion_batches, kl_divergence, summarize_kl
+from paper_lib.training import LoraSpec, build_lora_config
+
+
+@pytest.fixture(scope="module")
+def peft_model(organism):
+    import copy
+
+    model, tok, _ = organism
+    m = get_peft_model(copy.deepcopy(model), build_lora_config(LoraSpec(), model.config)).eval()
+    torch.manual_seed(0)
+    for name, p in m.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    return m, tok
+
+
+def test_ablating_every_adapter_gives_the_base_model_and_is_undone(peft_model):
+    model, tok = peft_model
+    batch = tok(["<|im_start|>user\n3 x2 +1<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
+    with torch.no_grad():
+        full = model(**batch).logits
+        with model.disable_adapter():
+            base = model(**batch).logits
+        keys = ablation_groups(model)["all"]["all adapters"]
+        with ablated(model, keys):
+            off = model(**batch).logits
+        again = model(**batch).logits
+    assert torch.allclose(off, base, atol=1e-6) and not torch.allclose(full, base, atol=1e-3)
+    assert torch.equal(again, full)
+    with pytest.raises(KeyError):
+        with ablated(model, [(99, "q_proj")]):
+            pass
+
+
+def test_groups_cover_the_paper_families(peft_model):
+    groups = ablation_groups(peft_model[0])
+    assert len(groups["layer"]) == 4 and len(groups["single"]) == 28
+    assert len(groups["kind"]["attention"]) == 16 and len(groups["kind"]["mlp"]) == 12
+
+
+def test_kl_is_zero_for_identical_and_positive_otherwise():
+    logits = torch.randn(2, 5, 11)
+    assert torch.allclose(kl_divergence(logits, logits), torch.zeros(2, 5), atol=1e-6)
+    assert (kl_divergence(logits, torch.randn(2, 5, 11)) > 0).all()
+
+
+def test_completion_scoring_masks_the_prompt(peft_model):
+    model, tok = peft_model
+    [batch] = completion_batches(tok, ["ab", "abcd"], ["xyz", "x"], batch_size=2)
+    assert batch["score_mask"][0].tolist()[:5] == [0, 1, 1, 1, 0]  # positions 1-3 predict x, y, z
+    assert batch["score_mask"][1].tolist() == [0, 0, 0, 1, 0]
+    per_trace = ablation_kl(model, [batch], {"layer 0": ablation_groups(model)["layer"]["layer 0"]})
+    summary = summarize_kl(per_trace, n_resamples=50)
+    assert len(per_trace) == 2 and (per_trace["kl"] >= 0).all() and summary.loc[0, "n"] == 2
