@@ -54,3 +54,40 @@ def test_a_model_without_lora_gets_a_clear_error(organism):
     model, tok, _ = organism
     with pytest.raises(NoLoraError, match="no LoRA adapter"):
         lora_activations(model, tok(["Q 1"], return_tensors="pt")["input_ids"])
+
+
+def test_extraction_shards_read_back_and_resume_bit_for_bit(organism, tmp_path, monkeypatch):
+    import numpy as np
+
+    import paper_lib.activations as acts_mod
+    from paper_lib.activations import ActivationStore, extract_activation_shards
+    from paper_lib.organism import Problem, textbook_document
+
+    model, tok = peft_organism(organism, LoraSpec())
+    texts = [textbook_document(Problem(s, ops)) for s in range(10) for ops in [("+1",), ("x2", "+2", "x3")]]
+    clean = extract_activation_shards(model, tok, texts, tmp_path / "clean", batch_size=3, docs_per_shard=4)
+    assert len(clean) == 20 and clean.modules == list(ADAPTER_MODULES)
+    ids, values = clean.document(5)
+    direct, _, _ = lora_activations(model, tok([texts[5]], return_tensors="pt")["input_ids"])
+    assert ids.tolist() == tok(texts[5])["input_ids"]
+    assert np.allclose(values, direct[0].numpy(), rtol=2e-3, atol=1e-3)  # float16 storage
+    assert clean.activations().shape == (len(clean.tokens()), 4, 7) and clean.document_ids()[-1] == 19
+
+    calls = {"n": 0}
+    real = acts_mod.lora_activations
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("interrupted")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(acts_mod, "lora_activations", flaky)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        extract_activation_shards(model, tok, texts, tmp_path / "resumed", batch_size=3, docs_per_shard=4)
+    with pytest.raises(ValueError, match="unfinished"):
+        ActivationStore(tmp_path / "resumed")
+    monkeypatch.setattr(acts_mod, "lora_activations", real)
+    resumed = extract_activation_shards(model, tok, texts, tmp_path / "resumed", batch_size=3, docs_per_shard=4)
+    assert np.array_equal(resumed.activations(), clean.activations())
+    assert np.array_equal(resumed.tokens(), clean.tokens())
