@@ -38,7 +38,6 @@ N_BOOTSTRAP = 2000  # bootstrap resamples
 SMOKE = False  # fast check for CI: a few traces
 
 # %%
-import pandas as pd
 import torch
 
 from paper_lib.ablation import ablation_groups, ablation_kl, completion_batches, module_layer_table, summarize_kl

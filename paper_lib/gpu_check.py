@@ -115,7 +115,6 @@ def check_forward_throughput(device: torch.device, shape: str, tokens: int, seq_
         if peak:
             rows.append({"check": f"Qwen2.5-{shape} forward MFU (2N FLOPs/token, no attention)",
                          "value": 2 * n_params * batch * seq_len / seconds / peak, "unit": "fraction of bf16 dense peak"})
-    del model
     return rows
 
 

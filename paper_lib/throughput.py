@@ -105,7 +105,6 @@ def measure_train_step(
            "trainable": sum(p.numel() for p in params)}
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    del model, optimizer
     return row
 
 

@@ -162,7 +162,7 @@ def tiny_config(root, name, **kwargs):
 def test_prompt_tokens_carry_label_minus_100_and_completion_tokens_do_not(tiny_setup):
     from trl import SFTTrainer
 
-    from paper_lib.data import build_sft_dataset, to_prompt_completion
+    from paper_lib.data import build_sft_dataset
 
     cfg = tiny_config(tiny_setup, "labels")
     traces = load_traces(cfg.dataset)
