@@ -196,3 +196,38 @@ class ActivationStore:
         per_shard = self.meta["docs_per_shard"]
         return np.concatenate([np.repeat(np.arange(len(o) - 1) + s * per_shard, np.diff(o))
                                for s, o in enumerate(self._offsets)])
+
+
+@torch.no_grad()
+def mlp_neuron_activations(model: torch.nn.Module, input_ids: torch.Tensor, neurons: Sequence[tuple[int, int]],
+                           attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MLP neuron activations act(gate)·up (the down_proj input) for ``neurons`` = (layer, index) pairs:
+    ``[batch, seq, len(neurons)]`` (float32). Works with or without LoRA adapters on the model."""
+    wanted: dict[int, list[int]] = {}
+    for layer, index in neurons:
+        wanted.setdefault(layer, []).append(index)
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+    for name, module in model.named_modules():
+        match = _LAYER.search(name + ".")
+        if match and name.endswith("mlp.down_proj") and int(match.group(1)) in wanted:
+            layer = int(match.group(1))
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, args, layer=layer: store.__setitem__(layer, args[0][..., wanted[layer]].detach().float())))
+    missing = set(wanted) - {int(_LAYER.search(n + ".").group(1)) for n, _ in model.named_modules()
+                             if n.endswith("mlp.down_proj") and _LAYER.search(n + ".")}
+    if missing:
+        for handle in handles:
+            handle.remove()
+        raise ValueError(f"the model has no MLP at layers {sorted(missing)}")
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    columns = {layer: 0 for layer in wanted}
+    out = []
+    for layer, _ in neurons:
+        out.append(store[layer][..., columns[layer]])
+        columns[layer] += 1
+    return torch.stack(out, dim=-1).cpu()

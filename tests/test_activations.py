@@ -91,3 +91,31 @@ def test_extraction_shards_read_back_and_resume_bit_for_bit(organism, tmp_path, 
     resumed = extract_activation_shards(model, tok, texts, tmp_path / "resumed", batch_size=3, docs_per_shard=4)
     assert np.array_equal(resumed.activations(), clean.activations())
     assert np.array_equal(resumed.tokens(), clean.tokens())
+
+
+def test_mlp_neurons_are_the_down_proj_input(organism):
+    from paper_lib.activations import mlp_neuron_activations
+
+    model, tok, _ = organism
+    batch = tok(["Q 4 x3 +2\nthink\n"], return_tensors="pt")
+    neurons = [(0, 5), (3, 100), (0, 7)]
+    values = mlp_neuron_activations(model, batch["input_ids"], neurons)
+    captured = {}
+    mlps = {i: layer.mlp for i, layer in enumerate(model.model.layers)}
+    handles = [mlps[i].down_proj.register_forward_pre_hook(lambda m, a, i=i: captured.__setitem__(i, a[0])) for i in (0, 3)]
+    with torch.no_grad():
+        model(**batch)
+    for h in handles:
+        h.remove()
+    expected = torch.stack([captured[0][..., 5], captured[3][..., 100], captured[0][..., 7]], -1)
+    assert values.shape == (1, batch["input_ids"].shape[1], 3) and torch.allclose(values, expected)
+    gate = mlps[0].gate_proj
+    with torch.no_grad():  # and it is act(gate)·up, computed independently from the layer-0 MLP input
+        x = {}
+        h = mlps[0].gate_proj.register_forward_pre_hook(lambda m, a: x.__setitem__("x", a[0]))
+        model(**batch)
+        h.remove()
+        manual = torch.nn.functional.silu(gate(x["x"])) * mlps[0].up_proj(x["x"])
+    assert torch.allclose(values[..., 0], manual[..., 5], atol=1e-5)
+    with pytest.raises(ValueError, match="no MLP at layers"):
+        mlp_neuron_activations(model, batch["input_ids"], [(9, 0)])
