@@ -35,16 +35,31 @@ MAX_LENGTH = 2048  # tokens per trace (paper: the first 2,048)
 BATCH_SIZE = 32  # traces per forward pass
 DTYPE = "float32"  # model dtype (real scale: bfloat16)
 N_BOOTSTRAP = 2000  # bootstrap resamples
+BENCHMARK_DIR = "data/organism"  # behavioural ablation: folder with aime24/ and math500/ (empty: hub datasets)
+BACKEND = "vllm"  # vllm (all adapter variants in one engine) or hf
+MAX_MODEL_LEN = 512  # vLLM context length (real scale: 32768)
+MAX_TOKENS = 160  # generated tokens per response (real scale: 32768)
+OUTPUT_DIR = "runs/03_ablate"  # under data/: adapter variants and per-sample JSONL files
 SMOKE = False  # fast check for CI: a few traces
 
 # %%
+import pandas as pd
 import torch
 
-from paper_lib.ablation import ablation_groups, ablation_kl, completion_batches, module_layer_table, summarize_kl
+from paper_lib.ablation import (
+    ATTENTION,
+    MLP,
+    ablation_groups,
+    ablation_kl,
+    completion_batches,
+    module_layer_table,
+    save_adapter_subset,
+    summarize_kl,
+)
 from paper_lib.config import seed_everything
 from paper_lib.data import load_traces, s1_assistant_turn
 from paper_lib.organism import heldout_traces
-from paper_lib.paths import resolve
+from paper_lib.paths import artifact_dir, resolve
 from paper_lib.plotting import plot_adapter_ablations, save_figure
 from paper_lib.results import record_headline
 from paper_lib.training import load_trained
@@ -110,3 +125,38 @@ record_headline(SECTION, "single_adapter_mlp_over_attention", single_mlp / singl
 print(f"MLP vs attention: all-at-once {kinds['mlp'] / kinds['attention']:.2f}x, single-adapter means "
       f"{single_mlp / single_attn:.2f}x; whole adapter KL {kinds['all adapters']:.3f}")
 assert kinds["all adapters"] >= kinds[[g for g in kinds.index if g.startswith("layer ")]].max() - 1e-6
+
+# %% [markdown]
+# ## Behavioural counterpart: accuracy with attention-only and MLP-only adapters
+# The same adapter with the other kind's B zeroed, served beside the full adapter by one engine
+# (greedy, budget forcing, as notebook 02).
+
+# %%
+import os  # noqa: E402
+
+from paper_lib.evaluation import GenerationSpec, HFEngine, VLLMEngine, evaluate, load_benchmark  # noqa: E402
+from paper_lib.statistics import wilson_interval  # noqa: E402
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+out_dir = artifact_dir(OUTPUT_DIR)
+full_adapter = artifact_dir(ADAPTER_RUN) / "final"
+variants = {"rank1": str(full_adapter),
+            "attention_only": str(save_adapter_subset(full_adapter, out_dir / "attention_only", ATTENTION)),
+            "mlp_only": str(save_adapter_subset(full_adapter, out_dir / "mlp_only", MLP))}
+engine = (VLLMEngine(train_cfg.model, variants, dtype=DTYPE, max_model_len=MAX_MODEL_LEN, seed=SEED)
+          if BACKEND == "vllm" else HFEngine(train_cfg.model, variants))
+spec = GenerationSpec(max_tokens=MAX_TOKENS, answer_tokens=min(32, MAX_TOKENS // 4), seed=SEED)
+rows = []
+for name in ("aime24", "math500"):
+    items = load_benchmark(name, f"{BENCHMARK_DIR}/{name}" if BENCHMARK_DIR else None, limit=4 if SMOKE else None)
+    for label in (None, *variants):
+        df = evaluate(engine, items, spec, out_dir / (label or "base") / f"{name}.greedy.jsonl", adapter=label)
+        k, n = int(df["correct"].sum()), len(df)
+        lo, hi = wilson_interval(k, n)
+        rows.append({"benchmark": name, "adapters": label or "none (base)", "accuracy": k / n, "lo": lo, "hi": hi, "n": n})
+del engine
+behaviour = pd.DataFrame(rows)
+print(behaviour.round(3).to_string())
+for _, r in behaviour.iterrows():
+    record_headline(SECTION, f"{r.benchmark}_{r.adapters.split(' ')[0]}_accuracy", r.accuracy, unit="fraction", n=r.n,
+                    ci95=[r.lo, r.hi])

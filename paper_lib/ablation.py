@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -114,3 +115,28 @@ def module_layer_table(summary: pd.DataFrame) -> pd.DataFrame:
     single["layer"] = single["layer"].astype(int)
     table = single.pivot(index="module", columns="layer", values="kl")
     return table.reindex([m for m in ADAPTER_MODULES if m in table.index])
+
+
+def save_adapter_subset(adapter_dir: str | Path, out_dir: str | Path, keep: Sequence[str]) -> Path:
+    """A copy of a PEFT adapter in which only the modules in ``keep`` act (the others' B set to zero), so
+    attention-only or MLP-only variants can be served beside the full adapter (e.g. by one vLLM engine)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"no PEFT adapter weights at {weights}")
+    unknown = set(keep) - set(ADAPTER_MODULES)
+    if unknown:
+        raise ValueError(f"unknown modules {sorted(unknown)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(weights))
+    for name, tensor in tensors.items():
+        module = next((m for m in ADAPTER_MODULES if f".{m}." in name), None)
+        if "lora_B" in name and module not in keep:
+            tensors[name] = torch.zeros_like(tensor)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    shutil.copy(adapter_dir / "adapter_config.json", out_dir / "adapter_config.json")
+    return out_dir

@@ -2,6 +2,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
+from paper_lib.activations import ADAPTER_MODULES
 from paper_lib.ablation import ablated, ablation_groups, ablation_kl, completion_batches, kl_divergence, summarize_kl
 from paper_lib.training import LoraSpec, build_lora_config
 
@@ -57,3 +58,25 @@ def test_completion_scoring_masks_the_prompt(peft_model):
     per_trace = ablation_kl(model, [batch], {"layer 0": ablation_groups(model)["layer"]["layer 0"]})
     summary = summarize_kl(per_trace, n_resamples=50)
     assert len(per_trace) == 2 and (per_trace["kl"] >= 0).all() and summary.loc[0, "n"] == 2
+
+
+def test_adapter_subsets_act_only_through_the_kept_modules(peft_model, organism, tmp_path):
+    from peft import PeftModel
+
+    from paper_lib.ablation import ATTENTION, MLP, save_adapter_subset
+
+    model, tok = peft_model
+    model.save_pretrained(tmp_path / "full")
+    base = organism[0]
+    save_adapter_subset(tmp_path / "full", tmp_path / "mlp", MLP)
+    batch = tok(["<|im_start|>user\n3 x2 +1<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
+    with torch.no_grad():
+        with ablated(model, ablation_groups(model)["kind"]["attention"]):
+            expected = model(**batch).logits
+        import copy
+
+        mlp_only = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mlp").eval()
+        assert torch.allclose(mlp_only(**batch).logits, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown modules"):
+        save_adapter_subset(tmp_path / "full", tmp_path / "bad", ("qkv",))
+    assert set(ATTENTION) | set(MLP) == set(ADAPTER_MODULES)
