@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -44,12 +44,14 @@ def find_adapters(model: torch.nn.Module, adapter: str = "default") -> dict[tupl
     return found
 
 
+def _layout(keys: Iterable[tuple[int, str]]) -> tuple[list[int], list[str]]:
+    keys = list(keys)
+    return sorted({layer for layer, _ in keys}), [m for m in ADAPTER_MODULES if any(k[1] == m for k in keys)]
+
+
 def adapter_layout(model: torch.nn.Module, adapter: str = "default") -> tuple[list[int], list[str]]:
     """The adapted layer indices and module names (in ``ADAPTER_MODULES`` order) that activations cover."""
-    keys = find_adapters(model, adapter)
-    layers = sorted({layer for layer, _ in keys})
-    modules = [m for m in ADAPTER_MODULES if any(k[1] == m for k in keys)]
-    return layers, modules
+    return _layout(find_adapters(model, adapter))
 
 
 @contextmanager
@@ -74,19 +76,19 @@ def lora_activations(model: torch.nn.Module, input_ids: torch.Tensor, attention_
                      adapter: str = "default") -> tuple[torch.Tensor, list[int], list[str]]:
     """Rank-1 adapter activations ``[batch, seq, n_layers, n_modules]`` (float32), with the layer indices
     and module names of the last two axes. Modules the adapter lacks are absent, not zero-filled."""
-    layers, modules = adapter_layout(model, adapter)
     keys = find_adapters(model, adapter)
+    layers, modules = _layout(keys)
     if any(m.r[adapter] != 1 for m in keys.values()):
         raise ValueError("lora_activations reads rank-1 adapters; this adapter has rank > 1")
+    missing = [(l, m) for l in layers for m in modules if (l, m) not in keys]
+    if missing:  # a (layer, module) pair absent in some layers only: say so, do not fill it in
+        raise ValueError(f"adapters are not rectangular over layers x modules; missing {missing[:5]}")
     with capture_lora_activations(model, adapter) as store:
         model(input_ids=input_ids, attention_mask=attention_mask)
     batch, seq = input_ids.shape
-    out = torch.full((batch, seq, len(layers), len(modules)), float("nan"))
+    out = torch.empty((batch, seq, len(layers), len(modules)))
     for (layer, module), value in store.items():
         out[:, :, layers.index(layer), modules.index(module)] = value[..., 0].float().cpu()
-    if torch.isnan(out).any():  # a (layer, module) pair absent in some layers only: say so, do not hide it
-        missing = [(l, m) for l in layers for m in modules if (l, m) not in keys]
-        raise ValueError(f"adapters are not rectangular over layers x modules; missing {missing[:5]}")
     return out, layers, modules
 
 
@@ -122,6 +124,7 @@ def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Seq
     else:
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     n_shards = math.ceil(len(texts) / docs_per_shard)
+    device = next(model.parameters()).device
     tokenizer.padding_side = "right"
     for shard in tqdm(range(n_shards), desc="extracting activation shards", unit="shard"):
         paths = _shard_paths(out_dir, shard)
@@ -132,7 +135,6 @@ def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Seq
         for i in range(0, len(docs), batch_size):
             enc = tokenizer(list(docs[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
                             max_length=max_length, add_special_tokens=False)
-            device = next(model.parameters()).device
             values, _, _ = lora_activations(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), adapter)
             for row in range(len(enc["input_ids"])):
                 n = int(enc["attention_mask"][row].sum())
@@ -206,20 +208,15 @@ def mlp_neuron_activations(model: torch.nn.Module, input_ids: torch.Tensor, neur
     wanted: dict[int, list[int]] = {}
     for layer, index in neurons:
         wanted.setdefault(layer, []).append(index)
-    store: dict[int, torch.Tensor] = {}
-    handles = []
-    for name, module in model.named_modules():
-        match = _LAYER.search(name + ".")
-        if match and name.endswith("mlp.down_proj") and int(match.group(1)) in wanted:
-            layer = int(match.group(1))
-            handles.append(module.register_forward_pre_hook(
-                lambda _m, args, layer=layer: store.__setitem__(layer, args[0][..., wanted[layer]].detach().float())))
-    missing = set(wanted) - {int(_LAYER.search(n + ".").group(1)) for n, _ in model.named_modules()
-                             if n.endswith("mlp.down_proj") and _LAYER.search(n + ".")}
+    down_projs = {int(match.group(1)): module for name, module in model.named_modules()
+                  if name.endswith("mlp.down_proj") and (match := _LAYER.search(name + "."))}
+    missing = set(wanted) - set(down_projs)
     if missing:
-        for handle in handles:
-            handle.remove()
         raise ValueError(f"the model has no MLP at layers {sorted(missing)}")
+    store: dict[int, torch.Tensor] = {}
+    handles = [down_projs[layer].register_forward_pre_hook(
+        lambda _m, args, layer=layer: store.__setitem__(layer, args[0][..., wanted[layer]].detach().float()))
+        for layer in wanted]
     try:
         model(input_ids=input_ids, attention_mask=attention_mask)
     finally:
