@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 
-.PHONY: all env test notebooks smoke gpu-check bench-train bench-generate sync-notebooks clean
+.PHONY: all env test notebooks smoke gpu-check bench-train bench-extract bench-generate sync-notebooks clean
 
 all: notebooks
 
@@ -43,6 +43,10 @@ test: $(STAMP)
 # rank-1 LoRA vs full fine-tune step throughput on the organism's shape, on this machine's CPU
 bench-train: $(STAMP)
 	$(PY) -m paper_lib.throughput --shape organism --device cpu
+
+# adapter-activation extraction: plain forward vs PEFT + hooks vs ours (build_readout_model)
+bench-extract: $(STAMP)
+	$(PY) -m paper_lib.throughput --extraction --shape small --device cpu --tokens 2048 --seq-len 256
 
 # HF generate vs vLLM, and vLLM with the adapter unmerged vs merged (needs notebook 01's run)
 bench-generate: $(STAMP)

@@ -8,8 +8,11 @@ down act(gate)·up. We read it off the ``lora_A`` submodule's output with forwar
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import math
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -71,25 +74,102 @@ def capture_lora_activations(model: torch.nn.Module, adapter: str = "default") -
             handle.remove()
 
 
+def _check_rectangular(keys: Iterable[tuple[int, str]]) -> tuple[list[int], list[str]]:
+    keys = set(keys)
+    layers, modules = _layout(keys)
+    missing = [(l, m) for l in layers for m in modules if (l, m) not in keys]
+    if missing:  # a (layer, module) pair absent in some layers only: say so, do not fill it in
+        raise ValueError(f"adapters are not rectangular over layers x modules; missing {missing[:5]}")
+    return layers, modules
+
+
 @torch.no_grad()
 def lora_activations(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      adapter: str = "default") -> tuple[torch.Tensor, list[int], list[str]]:
     """Rank-1 adapter activations ``[batch, seq, n_layers, n_modules]`` (float32), with the layer indices
-    and module names of the last two axes. Modules the adapter lacks are absent, not zero-filled."""
-    keys = find_adapters(model, adapter)
-    layers, modules = _layout(keys)
-    if any(m.r[adapter] != 1 for m in keys.values()):
-        raise ValueError("lora_activations reads rank-1 adapters; this adapter has rank > 1")
-    missing = [(l, m) for l in layers for m in modules if (l, m) not in keys]
-    if missing:  # a (layer, module) pair absent in some layers only: say so, do not fill it in
-        raise ValueError(f"adapters are not rectangular over layers x modules; missing {missing[:5]}")
-    with capture_lora_activations(model, adapter) as store:
-        model(input_ids=input_ids, attention_mask=attention_mask)
+    and module names of the last two axes. Modules the adapter lacks are absent, not zero-filled.
+
+    ``model`` is a PEFT model (read with hooks on ``lora_A``) or a model made by ``build_readout_model``
+    (read from the extra output row of each projection)."""
+    readouts = find_readouts(model)
+    if readouts:
+        keys, store = readouts, readouts[next(iter(readouts))].store
+        store.clear()
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)  # no adapter on lm_head
+    else:
+        keys = find_adapters(model, adapter)
+        if any(m.r[adapter] != 1 for m in keys.values()):
+            raise ValueError("lora_activations reads rank-1 adapters; this adapter has rank > 1")
+        with capture_lora_activations(model, adapter) as store:
+            model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
+    layers, modules = _check_rectangular(keys)
     batch, seq = input_ids.shape
     out = torch.empty((batch, seq, len(layers), len(modules)))
     for (layer, module), value in store.items():
-        out[:, :, layers.index(layer), modules.index(module)] = value[..., 0].float().cpu()
+        out[:, :, layers.index(layer), modules.index(module)] = value.reshape(batch, seq).float().cpu()
     return out, layers, modules
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fast extraction: the A row as one extra output of each adapted projection
+
+
+class ReadoutLinear(torch.nn.Module):
+    """An adapted projection that computes its output and records the adapter scalar ``a = A·x``,
+    without PEFT's per-adapter kernels.
+
+    PEFT's unmerged forward runs dropout, lora_A and lora_B as separate kernels with fp32 adapters by
+    default: about half the plain forward's speed on a GPU (../shared/NOTES-stack.md). Here
+    ``merged=True`` folds ``scale·B·A`` into ``W`` once (in float32, then cast to the model dtype), so the
+    forward is the plain model's plus one [d_in -> 1] product per projection: exact in float32; in bf16 it
+    carries the merge rounding that notebook 01 measures. ``merged=False`` keeps ``W`` and adds
+    ``scale·a·B`` in place: the unmerged model's arithmetic, at the cost of one pass over the output.
+    (Appending A to W as an extra output row was measured slower: the sliced outputs are non-contiguous.)
+    PEFT has no such mode, hence this module.
+    """
+
+    def __init__(self, layer: LoraLayer, adapter: str, key: tuple[int, str], store: dict, merged: bool) -> None:
+        super().__init__()
+        base = layer.get_base_layer()
+        weight, a_row = base.weight.detach(), layer.lora_A[adapter].weight.detach()
+        b_col, scale = layer.lora_B[adapter].weight.detach(), layer.scaling[adapter]
+        if a_row.shape[0] != 1:
+            raise ValueError("ReadoutLinear reads rank-1 adapters; this adapter has rank > 1")
+        if merged:
+            weight = (weight.float() + scale * (b_col.float() @ a_row.float())).to(weight.dtype)
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = None if base.bias is None else torch.nn.Parameter(base.bias.detach(), requires_grad=False)
+        self.a_row = torch.nn.Parameter(a_row.to(weight.dtype), requires_grad=False)  # [1, d_in]
+        self.update = None if merged else torch.nn.Parameter((scale * b_col[:, 0]).to(weight.dtype), requires_grad=False)
+        self.key, self.store = key, store
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        a = torch.nn.functional.linear(x, self.a_row)  # [..., 1]
+        self.store[self.key] = a
+        return y if self.update is None else y.addcmul_(a, self.update)
+
+
+def find_readouts(model: torch.nn.Module) -> dict[tuple[int, str], ReadoutLinear]:
+    """The ``ReadoutLinear`` projections of a model made by ``build_readout_model`` (empty otherwise)."""
+    return {m.key: m for m in model.modules() if isinstance(m, ReadoutLinear)}
+
+
+@torch.no_grad()
+def build_readout_model(model: torch.nn.Module, merged: bool = False, adapter: str = "default") -> torch.nn.Module:
+    """The base transformers model with each rank-1 adapted projection replaced by a ``ReadoutLinear``.
+
+    Consumes ``model`` (a PEFT model; its layers are replaced in place, so a 32B model is never copied).
+    ``lora_activations`` and ``extract_activation_shards`` accept the result like a PEFT model."""
+    adapters = find_adapters(model, adapter)
+    _check_rectangular(adapters)
+    store: dict[tuple[int, str], torch.Tensor] = {}
+    names = {module: name for name, module in model.named_modules()}
+    for key, layer in adapters.items():
+        parent_name, _, child = names[layer].rpartition(".")
+        model.get_submodule(parent_name).__setattr__(child, ReadoutLinear(layer, adapter, key, store, merged))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.eval()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -104,16 +184,19 @@ def _shard_paths(out_dir: Path, shard: int) -> dict[str, Path]:
 
 def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], out_dir: str | Path,
                               batch_size: int = 16, docs_per_shard: int = 256, dtype: str = "float16",
-                              max_length: int = 2048, adapter: str = "default") -> "ActivationStore":
+                              max_length: int = 2048, adapter: str = "default", process_index: int = 0,
+                              num_processes: int = 1) -> "ActivationStore | None":
     """Adapter activations of every token of ``texts``, written shard by shard with bounded memory.
 
     Each shard holds whole documents: token ids (int32), activations ``[tokens, n_layers, n_modules]``
     in ``dtype`` and document offsets; a ``.done`` marker is written last, so an interrupted run resumes
-    at the first unfinished shard and produces the same files as an uninterrupted one.
+    at the first unfinished shard and produces the same files as an uninterrupted one. With several
+    processes (one per GPU, e.g. under ``accelerate launch``), process ``i`` writes shards ``i, i + n, ...``
+    into the same folder; the store is returned once every shard is done (None while others still run).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    layers, modules = adapter_layout(model, adapter)
+    layers, modules = _layout(find_readouts(model) or find_adapters(model, adapter))
     meta = {"layers": layers, "modules": modules, "dtype": dtype, "n_docs": len(texts), "docs_per_shard": docs_per_shard,
             "max_length": max_length, "module_order": list(ADAPTER_MODULES)}
     meta_path = out_dir / "meta.json"
@@ -121,12 +204,15 @@ def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Seq
         old = json.loads(meta_path.read_text())
         if old != meta:
             raise ValueError(f"{out_dir} holds an extraction with other settings ({old}); use another folder")
-    else:
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    else:  # atomic: several processes may write the same file at once
+        tmp = out_dir / f".meta.{process_index}.tmp"
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, meta_path)
     n_shards = math.ceil(len(texts) / docs_per_shard)
     device = next(model.parameters()).device
     tokenizer.padding_side = "right"
-    for shard in tqdm(range(n_shards), desc="extracting activation shards", unit="shard"):
+    mine = range(process_index, n_shards, num_processes)
+    for shard in tqdm(mine, desc=f"extracting activation shards (process {process_index})", unit="shard"):
         paths = _shard_paths(out_dir, shard)
         if paths["done"].is_file():
             continue
@@ -145,7 +231,9 @@ def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Seq
         np.save(paths["acts"], np.concatenate(acts))
         np.save(paths["offsets"], np.asarray(offsets, dtype=np.int64))
         paths["done"].write_text("")
-    return ActivationStore(out_dir)
+    if all(_shard_paths(out_dir, shard)["done"].is_file() for shard in range(n_shards)):
+        return ActivationStore(out_dir)
+    return None
 
 
 class ActivationStore:
@@ -228,3 +316,35 @@ def mlp_neuron_activations(model: torch.nn.Module, input_ids: torch.Tensor, neur
         out.append(store[layer][..., columns[layer]])
         columns[layer] += 1
     return torch.stack(out, dim=-1).cpu()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``accelerate launch -m paper_lib.activations --adapter-run RUN --traces DATASET --out DIR``: every
+    process extracts its share of the shards on its own GPU (or run it plainly for one device)."""
+    from accelerate import PartialState
+
+    from paper_lib.data import format_s1_text, load_traces
+    from paper_lib.paths import artifact_dir
+    from paper_lib.training import load_trained
+
+    parser = argparse.ArgumentParser(description="extract rank-1 adapter activations to shards")
+    parser.add_argument("--adapter-run", required=True, help="notebook 01's run folder (under data/)")
+    parser.add_argument("--traces", required=True, help="s1K-schema dataset: hub id, folder or file")
+    parser.add_argument("--out", required=True, help="output folder (under data/)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=20000)
+    parser.add_argument("--merged", action="store_true", help="fold B·A into W (fastest; exact in float32 only)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    state = PartialState()
+    model, tokenizer, _ = load_trained(args.adapter_run, dtype=getattr(torch, args.dtype))
+    model = build_readout_model(model.to(state.device), merged=args.merged)
+    texts = [format_s1_text(tokenizer, row) for row in load_traces(args.traces)]
+    extract_activation_shards(model, tokenizer, texts, artifact_dir(args.out), batch_size=args.batch_size,
+                              max_length=args.max_length, process_index=state.process_index,
+                              num_processes=state.num_processes)
+
+
+if __name__ == "__main__":
+    main()

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 QWEN25_SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=512),
+    "small": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                  vocab_size=4096),  # a CPU benchmark shape: compute-bound enough to show kernel costs
     "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936),
     "1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -157,9 +159,21 @@ def check_train_throughput(device: torch.device, shape: str, tokens: int, seq_le
     return rows
 
 
+def check_extraction_throughput(device: torch.device, shape: str, tokens: int, seq_len: int) -> list[dict[str, Any]]:
+    """Adapter-activation extraction vs the plain forward (goal: ours >= 0.95x plain; PEFT's LoRA forward
+    is ~0.5x on an H200 at the 1.5B shape per ../shared/NOTES-stack.md)."""
+    from paper_lib.throughput import measure_extraction
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = measure_extraction(qwen25_config(shape), device, tokens, seq_len, dtype)
+    return [{"check": f"Qwen2.5-{shape} extraction: {r['setup']}", "value": r["tok_per_s"],
+             "unit": f"tok/s ({r['vs_plain']:.2f}x plain)"} for r in rows]
+
+
 CHECKS: list[Callable[[argparse.Namespace, torch.device], list[dict[str, Any]]]] = [
     lambda args, device: check_organism_parity(device),
     lambda args, device: check_forward_throughput(device, args.shape, args.tokens, args.seq_len),
+    lambda args, device: check_extraction_throughput(device, args.shape, args.tokens, args.seq_len),
     lambda args, device: check_train_throughput(device, args.shape, args.tokens, args.seq_len, not args.no_compile),
 ]
 

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -108,6 +109,55 @@ def measure_train_step(
     return row
 
 
+def measure_extraction(config: Qwen2Config, device: torch.device, tokens: int, seq_len: int,
+                       dtype: torch.dtype = torch.float32, repeats: int = 5) -> list[dict[str, Any]]:
+    """Tokens/s of adapter-activation extraction against the plain forward it rides on (random weights,
+    a rank-1 adapter on all seven projections with non-zero B; no logits beyond the last position).
+
+    Rows: plain forward (no adapter); PEFT LoRA forward; PEFT + hooks on lora_A (``lora_activations``);
+    ours (``build_readout_model``) fused and merged, each without and with reading the scalars out to
+    CPU, so capture overhead = forward-only / with-capture of the same model."""
+    import copy
+
+    from peft import get_peft_model
+
+    from paper_lib.activations import build_readout_model, lora_activations
+    from paper_lib.gpu_check import time_call
+
+    with torch.device(device):
+        base = Qwen2ForCausalLM(config).to(dtype).eval()
+    peft_model = get_peft_model(copy.deepcopy(base), build_lora_config(LoraSpec(), config))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.01)
+    peft_model.eval()
+    batch = max(1, tokens // seq_len)
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
+
+    def forward(model: torch.nn.Module) -> Callable[[], None]:
+        return lambda: model(input_ids=ids, logits_to_keep=1)
+
+    def extract(model: torch.nn.Module) -> Callable[[], None]:
+        return lambda: lora_activations(model, ids)
+
+    setups: list[tuple[str, Callable[[], None]]] = [("plain forward (no adapter)", forward(base)),
+                                                    ("PEFT LoRA forward", forward(peft_model)),
+                                                    ("PEFT LoRA + hooks, scalars to CPU", extract(peft_model))]
+    for merged in (False, True):
+        readout = build_readout_model(copy.deepcopy(peft_model), merged=merged)
+        name = "ours, merged" if merged else "ours, fused (unmerged arithmetic)"
+        setups += [(f"{name}, forward only", forward(readout)), (f"{name}, scalars to CPU", extract(readout))]
+    rows = []
+    with torch.no_grad():
+        for name, fn in setups:
+            seconds = time_call(fn, device, warmup=2, repeats=repeats)
+            rows.append({"setup": name, "tok_per_s": batch * seq_len / seconds})
+    plain = rows[0]["tok_per_s"]
+    for row in rows:
+        row["vs_plain"] = row["tok_per_s"] / plain
+    return rows
+
+
 def organism_config() -> Qwen2Config:
     """The committed organism's architecture (random weights are enough for timing)."""
     from paper_lib.organism import OrganismConfig, build_model, build_tokenizer
@@ -117,10 +167,11 @@ def organism_config() -> Qwen2Config:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description="rank-1 LoRA vs full fine-tune step throughput")
-    parser.add_argument("--shape", default="organism", help="organism, or a Qwen2.5 size (0.5B, 1.5B, 7B, 32B)")
+    parser.add_argument("--shape", default="organism", help="organism, or a Qwen2.5 size (0.5B, 1.5B, 7B, 32B; small and tiny for CPU)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--extraction", action="store_true", help="instead: adapter-activation extraction vs plain forward")
     parser.add_argument("--generation", metavar="RUN_DIR", default=None,
                         help="instead: generation throughput of notebook 01's rank-1 run (e.g. runs/01_train/rank1)")
     args = parser.parse_args(argv)
@@ -135,6 +186,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
         config = qwen25_config(args.shape)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.extraction:
+        rows = measure_extraction(config, device, args.tokens, args.seq_len, dtype)
+        lines = [f"shape={args.shape} device={device} tokens/forward={args.tokens} threads={torch.get_num_threads()}",
+                 "| setup | tok/s | vs plain forward |", "|---|---|---|"]
+        lines += [f"| {r['setup']} | {r['tok_per_s']:,.0f} | {r['vs_plain']:.2f}x |" for r in rows]
+        sys.stdout.write("\n".join(lines) + "\n")  # a command-line entry point: the table is its output
+        return rows
     rows = [measure_train_step(config, s, device, args.tokens, args.seq_len, dtype) for s in DEFAULT_SETUPS]
     full = rows[0]["tok_per_s"]
     lines = [f"shape={args.shape} device={device} tokens/step={rows[0]['tokens_per_step']} threads={torch.get_num_threads()}",

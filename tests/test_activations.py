@@ -119,3 +119,42 @@ def test_mlp_neurons_are_the_down_proj_input(organism):
     assert torch.allclose(values[..., 0], manual[..., 5], atol=1e-5)
     with pytest.raises(ValueError, match="no MLP at layers"):
         mlp_neuron_activations(model, batch["input_ids"], [(9, 0)])
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_readout_model_gives_the_same_scalars_and_logits(organism, merged):
+    import copy
+
+    from paper_lib.activations import build_readout_model, find_readouts
+
+    model, tok = peft_organism(organism, LoraSpec())
+    batch = tok([textbook_document(Problem(4, ("x3", "+2"))), "<|im_start|>user\n3 x3<|im_end|>\n"], return_tensors="pt", padding=True)
+    ref, layers, modules = lora_activations(model, batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        ref_logits = model(**batch).logits
+    readout = build_readout_model(copy.deepcopy(model), merged=merged)
+    assert len(find_readouts(readout)) == 28 and not any("lora" in n for n, _ in readout.named_parameters())
+    got, got_layers, got_modules = lora_activations(readout, batch["input_ids"], batch["attention_mask"])
+    assert (got_layers, got_modules) == (layers, modules)
+    scale = ref.abs().max().item()
+    assert (got - ref).abs().max().item() <= 1e-6 * max(1.0, scale) * 10  # float32 summation order only
+    with torch.no_grad():
+        assert (readout(**batch).logits - ref_logits).abs().max().item() < 1e-4
+    mlp_only, _ = peft_organism(organism, lora_spec_for("mlp"))
+    _, _, mods = lora_activations(build_readout_model(mlp_only, merged=merged), batch["input_ids"])
+    assert mods == ["gate_proj", "up_proj", "down_proj"]
+
+
+def test_extraction_split_over_processes_equals_one_process(organism, tmp_path):
+    import numpy as np
+
+    from paper_lib.activations import build_readout_model, extract_activation_shards
+
+    model, tok = peft_organism(organism, LoraSpec())
+    texts = [textbook_document(Problem(s, ("x2", "+1"))) for s in range(10)]
+    one = extract_activation_shards(model, tok, texts, tmp_path / "one", batch_size=4, docs_per_shard=3)
+    readout = build_readout_model(model)
+    assert extract_activation_shards(readout, tok, texts, tmp_path / "two", 4, 3, process_index=1, num_processes=2) is None
+    two = extract_activation_shards(readout, tok, texts, tmp_path / "two", 4, 3, process_index=0, num_processes=2)
+    assert np.array_equal(one.tokens(), two.tokens())
+    assert np.abs(one.activations().astype(np.float32) - two.activations().astype(np.float32)).max() <= 2e-3

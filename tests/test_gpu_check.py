@@ -13,6 +13,7 @@ def test_gpu_check_runs_on_cpu_and_reports_every_row(tmp_path):
     checks = [r["check"] for r in rows]
     assert "organism greedy outputs identical" in checks
     assert any("forward" in c for c in checks) and sum("train step" in c for c in checks) >= 4
+    assert sum("extraction" in c for c in checks) == 7
     assert not [r for r in rows if str(r["value"]).startswith("FAILED")], table
     assert next(r for r in rows if r["check"].startswith("organism logits"))["value"] == 0.0
 
@@ -23,3 +24,11 @@ def test_throughput_benchmark_compares_rank1_with_full(capsys):
     assert rows[0]["trainable"] > 50 * rows[1]["trainable"] > 0
     assert all(r["tok_per_s"] > 0 for r in rows)
     assert "vs full" in capsys.readouterr().out
+
+
+def test_extraction_benchmark_reports_plain_peft_and_ours(capsys):
+    rows = throughput.main(["--extraction", "--shape", "tiny", "--tokens", "64", "--seq-len", "32"])
+    names = [r["setup"] for r in rows]
+    assert names[0].startswith("plain") and any(n.startswith("PEFT") for n in names) and sum("ours" in n for n in names) == 4
+    assert rows[0]["vs_plain"] == 1.0 and all(r["tok_per_s"] > 0 for r in rows)
+    assert "vs plain forward" in capsys.readouterr().out
