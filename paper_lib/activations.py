@@ -288,34 +288,88 @@ class ActivationStore:
                                for s, o in enumerate(self._offsets)])
 
 
+def _projection_inputs(model: torch.nn.Module, keys: Iterable[tuple[int, str]]) -> dict[tuple[int, str], torch.nn.Module]:
+    """The projection module at each (layer, module) key: a PEFT LoRA layer, a ``ReadoutLinear`` or a plain
+    Linear (the outermost module of that name, whose input is the projection's input)."""
+    found: dict[tuple[int, str], torch.nn.Module] = {}
+    for name, module in model.named_modules():
+        short = name.rsplit(".", 1)[-1]
+        match = _LAYER.search(name + ".")
+        if match and short in ADAPTER_MODULES:
+            found.setdefault((int(match.group(1)), short), module)
+    missing = sorted(set(keys) - set(found))
+    if missing:
+        raise ValueError(f"the model has no projection at {missing[:5]} (layer, module)")
+    return {key: found[key] for key in keys}
+
+
 @torch.no_grad()
+def projected_activations(model: torch.nn.Module, input_ids: torch.Tensor,
+                          directions: dict[tuple[int, str], torch.Tensor],
+                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``x · d`` for each row ``d`` of ``directions[(layer, module)]`` ([n, d_in]), where ``x`` is that
+    projection's input: ``[batch, seq, total n]`` (float32), columns in the dict's order. With A rows as
+    directions this is the adapter activation; with one-hot rows of the down_proj input, MLP neurons; with
+    random rows, the random-direction control."""
+    modules = _projection_inputs(model, directions)
+    store: dict[tuple[int, str], torch.Tensor] = {}
+
+    def hook(key: tuple[int, str]) -> Any:
+        def read(_module: torch.nn.Module, args: tuple) -> None:
+            x = args[0]
+            store[key] = (x.float() @ directions[key].to(x.device, torch.float32).T).cpu()
+        return read
+
+    handles = [modules[key].register_forward_pre_hook(hook(key)) for key in directions]
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat([store[key] for key in directions], dim=-1)
+
+
 def mlp_neuron_activations(model: torch.nn.Module, input_ids: torch.Tensor, neurons: Sequence[tuple[int, int]],
                            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """MLP neuron activations act(gate)·up (the down_proj input) for ``neurons`` = (layer, index) pairs:
     ``[batch, seq, len(neurons)]`` (float32). Works with or without LoRA adapters on the model."""
-    wanted: dict[int, list[int]] = {}
-    for layer, index in neurons:
-        wanted.setdefault(layer, []).append(index)
-    down_projs = {int(match.group(1)): module for name, module in model.named_modules()
-                  if name.endswith("mlp.down_proj") and (match := _LAYER.search(name + "."))}
-    missing = set(wanted) - set(down_projs)
-    if missing:
-        raise ValueError(f"the model has no MLP at layers {sorted(missing)}")
-    store: dict[int, torch.Tensor] = {}
-    handles = [down_projs[layer].register_forward_pre_hook(
-        lambda _m, args, layer=layer: store.__setitem__(layer, args[0][..., wanted[layer]].detach().float()))
-        for layer in wanted]
+    directions = mlp_neuron_directions(model, neurons)
+    values = projected_activations(model, input_ids, directions, attention_mask)
+    return values[..., _neuron_order(neurons)]
+
+
+def mlp_neuron_directions(model: torch.nn.Module, neurons: Sequence[tuple[int, int]]) -> dict[tuple[int, str], torch.Tensor]:
+    """One-hot rows of each layer's down_proj input for ``neurons`` (grouped by layer, layers ascending)."""
+    layers = sorted({layer for layer, _ in neurons})
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask)
-    finally:
-        for handle in handles:
-            handle.remove()
-    columns = {layer: 0 for layer in wanted}
+        modules = _projection_inputs(model, [(layer, "down_proj") for layer in layers])
+    except ValueError:
+        raise ValueError(f"the model has no MLP at some of layers {layers}") from None
+    eye = {layer: torch.eye(modules[(layer, "down_proj")].weight.shape[1]) for layer in layers}
+    return {(layer, "down_proj"): eye[layer][[i for l, i in neurons if l == layer]] for layer in layers}
+
+
+def _neuron_order(neurons: Sequence[tuple[int, int]]) -> list[int]:
+    """Column of each neuron in ``mlp_neuron_directions``'s layer-grouped output."""
+    grouped = sorted(range(len(neurons)), key=lambda j: (neurons[j][0], j))
+    position = {j: col for col, j in enumerate(grouped)}
+    return [position[j] for j in range(len(neurons))]
+
+
+def extract_projections(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str],
+                        directions: dict[tuple[int, str], torch.Tensor], batch_size: int = 16,
+                        max_length: int = 2048) -> np.ndarray:
+    """``projected_activations`` for every token of ``texts``, tokenized and truncated exactly as
+    ``extract_activation_shards`` does, so rows align with an ``ActivationStore``'s tokens: ``[tokens, n]``."""
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "right"
     out = []
-    for layer, _ in neurons:
-        out.append(store[layer][..., columns[layer]])
-        columns[layer] += 1
-    return torch.stack(out, dim=-1).cpu()
+    for i in tqdm(range(0, len(texts), batch_size), desc="projections", unit="batch"):
+        enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_length, add_special_tokens=False)
+        values = projected_activations(model, enc["input_ids"].to(device), directions, enc["attention_mask"].to(device))
+        out += [values[row, : int(n)].numpy() for row, n in enumerate(enc["attention_mask"].sum(1))]
+    return np.concatenate(out)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -125,3 +125,90 @@ def plot_adapter_ablations(summary: pd.DataFrame, table: pd.DataFrame) -> plt.Fi
     axes[2].set(title="(c) by kind", ylabel="KL")
     fig.tight_layout()
     return fig
+
+
+def plot_interpretability(scored: pd.DataFrame, shares: pd.DataFrame) -> plt.Figure:
+    """Figure 2: (a) precision@k of each feature's best role, per population; (b) AUROC of that role;
+    (c) class shares per population with 95% bootstrap intervals. ``scored``: population, precision,
+    auroc; ``shares``: population, class, share, lo, hi."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), gridspec_kw={"width_ratios": [1, 1, 1.4]})
+    order = list(dict.fromkeys(scored["population"]))
+    for ax, column, label in ((axes[0], "precision", "precision@k of the best role"), (axes[1], "auroc", "AUROC of the best role")):
+        sns.boxplot(data=scored, x="population", y=column, order=order, ax=ax, color="lightgrey", fliersize=0)
+        sns.stripplot(data=scored, x="population", y=column, order=order, ax=ax, size=3, alpha=0.6)
+        ax.set(xlabel="", ylabel=label, ylim=(0, 1.02))
+    axes[0].set_title("(a) top-k purity")
+    axes[1].set_title("(b) role detection")
+    classes = list(dict.fromkeys(shares["class"]))
+    width = 0.8 / len(classes)
+    for i, name in enumerate(classes):
+        sub = shares[shares["class"] == name].set_index("population").reindex(order)
+        x = np.arange(len(order)) + (i - (len(classes) - 1) / 2) * width
+        axes[2].bar(x, sub["share"], width, yerr=[sub["share"] - sub["lo"], sub["hi"] - sub["share"]], capsize=3,
+                    label=name)
+    axes[2].set_xticks(np.arange(len(order)), order)
+    axes[2].set(ylim=(0, 1.02), ylabel="share of features (95% bootstrap CI)", title="(c) classes")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def feature_page_html(features: list[dict], title: str, intro: str = "") -> str:
+    """A self-contained HTML page (inline CSS and script, no network) with a feature picker and each
+    feature's top examples as token heatmaps. Each feature: ``name``, optional ``summary`` (text),
+    ``examples`` (``tokens``, ``values``, ``center``), optional ``histogram`` (``edges``, ``counts``) and
+    ``logits`` (list of [token, value]) drawn as small tables/bars."""
+    import html
+    import json
+
+    def heat(tokens: list[str], values: list[float], center: int, scale: float) -> str:
+        spans = []
+        for i, (tok, val) in enumerate(zip(tokens, values)):
+            alpha = max(0.0, min(1.0, val / scale)) if scale > 0 else 0.0
+            text = html.escape(tok).replace("\n", "&#8629;") or "&nbsp;"
+            border = ' class="c"' if i == center else ""
+            spans.append(f'<span{border} style="background:rgba(230,80,0,{alpha:.2f})" title="{val:.3f}">{text}</span>')
+        return "".join(spans)
+
+    blocks, options = [], []
+    for n, feature in enumerate(features):
+        examples = feature.get("examples", [])
+        scale = max((e["values"][e["center"]] for e in examples), default=0.0)
+        rows = "".join(f'<div class="ex"><span class="v">{e["values"][e["center"]]:.3f}</span>'
+                       f'{heat(e["tokens"], e["values"], e["center"], scale)}</div>' for e in examples)
+        extra = ""
+        if feature.get("histogram"):
+            counts = feature["histogram"]["counts"]
+            edges = feature["histogram"]["edges"]
+            top = max(counts) or 1
+            bars = "".join(f'<div class="bar" style="height:{60 * c / top:.0f}px" title="[{lo:.3g}, {hi:.3g}): {c}"></div>'
+                           for c, lo, hi in zip(counts, edges[:-1], edges[1:]))
+            extra += f'<h4>activation histogram (non-zero)</h4><div class="hist">{bars}</div>'
+        if feature.get("logits"):
+            cells = "".join(f"<tr><td>{html.escape(str(t))}</td><td>{v:+.3f}</td></tr>" for t, v in feature["logits"])
+            extra += f"<h4>top logit effects</h4><table>{cells}</table>"
+        summary = html.escape(feature.get("summary", ""))
+        blocks.append(f'<section id="f{n}" class="feat"><h3>{html.escape(feature["name"])}</h3><p>{summary}</p>'
+                      f'{rows or "<p>(no activating examples)</p>"}{extra}</section>')
+        options.append(f'<option value="f{n}">{html.escape(feature["name"])}</option>')
+    style = ("body{font-family:sans-serif;margin:1em}.ex{font-family:monospace;white-space:pre;margin:2px 0}"
+             ".v{display:inline-block;width:5em;color:#555}.c{outline:2px solid #333}.feat{display:none}"
+             ".hist{display:flex;align-items:flex-end;height:62px;gap:1px}.bar{width:6px;background:#e65000}"
+             "td{padding:0 8px;font-family:monospace}")
+    script = ("function show(id){for(const s of document.querySelectorAll('.feat'))s.style.display='none';"
+              "const e=document.getElementById(id);if(e)e.style.display='block';}"
+              "document.getElementById('pick').addEventListener('change',e=>show(e.target.value));"
+              f"show({json.dumps('f0')});")
+    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{style}</style>'
+            f'</head><body><h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>'
+            f'<label>feature: <select id="pick">{"".join(options)}</select></label>{"".join(blocks)}'
+            f"<script>{script}</script></body></html>\n")
+
+
+def save_html(page: str, name: str) -> Path:
+    """Write ``<figures>/<name>.html``."""
+    if not name or "/" in name or name.endswith(".html"):
+        raise ValueError(f"page name {name!r} must be a bare file stem")
+    path = figures_dir() / f"{name}.html"
+    path.write_text(page)
+    return path

@@ -117,7 +117,7 @@ def test_mlp_neurons_are_the_down_proj_input(organism):
         h.remove()
         manual = torch.nn.functional.silu(gate(x["x"])) * mlps[0].up_proj(x["x"])
     assert torch.allclose(values[..., 0], manual[..., 5], atol=1e-5)
-    with pytest.raises(ValueError, match="no MLP at layers"):
+    with pytest.raises(ValueError, match="no MLP at some of layers"):
         mlp_neuron_activations(model, batch["input_ids"], [(9, 0)])
 
 

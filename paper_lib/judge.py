@@ -1,0 +1,183 @@
+"""An LLM judge for real-scale interpretability: explain a feature, then score the explanation by detection.
+
+Any OpenAI-compatible endpoint works (a local ``vllm serve``, or an API), named by ``JudgeConfig``; the
+key is read from the environment variable ``api_key_env`` (never from a file or a parameter value).
+The official ``openai`` client does the HTTP, retries (429, 5xx, connection errors, with backoff) and
+timeouts; this module adds the prompts, the parsing, an on-disk cache of every answer (a rerun asks
+nothing twice) and per-feature result files that keep finished scores when a later call fails.
+
+Protocol (after EleutherAI's delphi and the paper's autointerp): the explainer sees a feature's top
+examples, each with its activating token marked ``<<...>>`` and the activation scaled 0-10, and writes
+an explanation of at most ten words. The detection scorer then sees, one at a time, activating contexts
+(held-out top examples) and non-activating contexts (random tokens where the feature is <= 0), each
+with one marked token, and answers yes or no; accuracy and F1 on that balanced set score the
+explanation. An unparseable answer counts as wrong and is recorded as such.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from paper_lib.config import Config, require
+
+log = logging.getLogger(__name__)
+
+
+class JudgeError(RuntimeError):
+    """The judge endpoint could not be reached or answered with an error."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig(Config):
+    """Where the judge lives and how it is asked."""
+
+    base_url: str  # e.g. http://127.0.0.1:8000/v1 (vllm serve) or https://api.openai.com/v1
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"  # the key's environment variable; local servers need none
+    max_retries: int = 3
+    timeout_s: float = 60.0
+    temperature: float = 0.0
+    max_tokens: int = 48
+
+    def validate(self) -> None:
+        require(self.base_url.startswith(("http://", "https://")), "base_url", f"not an http(s) URL: {self.base_url!r}")
+        require(bool(self.model), "model", "must name the judge model")
+        require(self.max_retries >= 0, "max_retries", "must be >= 0")
+        require(self.timeout_s > 0, "timeout_s", "must be > 0")
+
+
+class Judge:
+    """Chat completions with an answer cache (JSONL, one line per distinct request)."""
+
+    def __init__(self, cfg: JudgeConfig, cache_path: str | Path) -> None:
+        from openai import OpenAI
+
+        self.cfg = cfg
+        self.client = OpenAI(base_url=cfg.base_url, api_key=os.environ.get(cfg.api_key_env) or "EMPTY",
+                             max_retries=cfg.max_retries, timeout=cfg.timeout_s)
+        self.cache_path = Path(cache_path)
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        self.cache: dict[str, str] = {}
+        if self.cache_path.is_file():
+            for line in self.cache_path.read_text().splitlines():
+                if line.strip():
+                    entry = json.loads(line)
+                    self.cache[entry["key"]] = entry["answer"]
+        self.requests = 0  # answers fetched from the endpoint (not from the cache)
+
+    def ask(self, prompt: str) -> str:
+        import openai
+
+        key = hashlib.sha256(json.dumps([self.cfg.model, prompt, self.cfg.temperature, self.cfg.max_tokens]).encode()).hexdigest()
+        if key in self.cache:
+            return self.cache[key]
+        try:
+            response = self.client.chat.completions.create(
+                model=self.cfg.model, messages=[{"role": "user", "content": prompt}],
+                temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens)
+        except openai.APIStatusError as err:
+            raise JudgeError(f"judge at {self.cfg.base_url} answered HTTP {err.status_code}: {err.message}") from err
+        except openai.APIConnectionError as err:  # includes timeouts
+            raise JudgeError(f"cannot reach the judge at {self.cfg.base_url}: {err}") from err
+        answer = response.choices[0].message.content or ""
+        self.requests += 1
+        self.cache[key] = answer
+        with self.cache_path.open("a") as handle:
+            handle.write(json.dumps({"key": key, "prompt": prompt, "answer": answer}) + "\n")
+        return answer
+
+
+def format_example(tokens: list[str], values: list[float], center: int, scale: float | None = None) -> str:
+    """One context as text with the centre token marked ``<<...>>``; with ``scale``, prefixed by the
+    centre's activation on a 0-10 scale."""
+    text = "".join(f"<<{t}>>" if i == center else t for i, t in enumerate(tokens)).replace("\n", "\\n")
+    if scale is None:
+        return text
+    level = int(round(10 * max(0.0, values[center]) / scale)) if scale > 0 else 0
+    return f"({level}) {text}"
+
+
+def explanation_prompt(examples: list[dict[str, Any]]) -> str:
+    scale = max(e["values"][e["center"]] for e in examples)
+    lines = "\n".join(format_example(e["tokens"], e["values"], e["center"], scale) for e in examples)
+    return ("We study one feature of a language model. Below are text excerpts where it activates strongly. In each, "
+            "the token it activates on is marked <<like this>>, and the number in parentheses is its activation "
+            f"(0-10).\n\n{lines}\n\nIn at most 10 words, what does this feature detect? Reply with the explanation only.")
+
+
+def parse_explanation(answer: str) -> str:
+    """The first non-empty line, unquoted, cut to ten words ("" when there is none)."""
+    line = next((s.strip() for s in answer.splitlines() if s.strip()), "")
+    line = re.sub(r"^(explanation|answer)\s*:\s*", "", line, flags=re.I).strip("\"'` ")
+    return " ".join(line.split()[:10])
+
+
+def detection_prompt(explanation: str, example: dict[str, Any]) -> str:
+    return (f'A feature of a language model is explained as: "{explanation}".\nHere is a text excerpt with one token '
+            f'marked <<like this>>:\n{format_example(example["tokens"], example["values"], example["center"])}\n'
+            "Does the feature activate on the marked token? Answer yes or no.")
+
+
+def parse_yes_no(answer: str) -> bool | None:
+    match = re.search(r"\b(yes|no)\b", answer, flags=re.I)
+    return None if match is None else match.group(1).lower() == "yes"
+
+
+def non_activating_examples(values: np.ndarray, token_ids: np.ndarray, doc_ids: np.ndarray, decode: Any, n: int,
+                            width: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` contexts centred on random tokens where the feature (``values`` [tokens]) is <= 0."""
+    from paper_lib.interp import context_window
+
+    candidates = np.flatnonzero(values <= 0)
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(candidates, size=min(n, len(candidates)), replace=False) if len(candidates) else []
+    examples = []
+    for index in chosen:
+        start, end = context_window(int(index), doc_ids, width)
+        examples.append({"tokens": [decode(int(t)) for t in token_ids[start:end]],
+                         "values": values[start:end].astype(float).tolist(), "center": int(index - start)})
+    return examples
+
+
+def score_feature(judge: Judge, name: str, explain_with: list[dict[str, Any]], activating: list[dict[str, Any]],
+                  non_activating: list[dict[str, Any]]) -> dict[str, Any]:
+    """Explain from ``explain_with``, then detection accuracy / F1 on ``activating`` + ``non_activating``."""
+    explanation = parse_explanation(judge.ask(explanation_prompt(explain_with)))
+    truth = [True] * len(activating) + [False] * len(non_activating)
+    said = [parse_yes_no(judge.ask(detection_prompt(explanation, e))) for e in activating + non_activating]
+    tp = sum(s is True and t for s, t in zip(said, truth))
+    fp = sum(s is True and not t for s, t in zip(said, truth))
+    fn = sum(s is not True and t for s, t in zip(said, truth))
+    correct = sum(s is not None and s == t for s, t in zip(said, truth))
+    return {"feature": name, "explanation": explanation, "n": len(truth), "unparsed": sum(s is None for s in said),
+            "accuracy": correct / len(truth) if truth else float("nan"),
+            "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0}
+
+
+def score_features(judge: Judge, features: list[dict[str, Any]], out_path: str | Path) -> list[dict[str, Any]]:
+    """``score_feature`` for each of ``features`` (dicts with ``name``, ``explain_with``, ``activating``,
+    ``non_activating``), one JSONL line per finished feature; features already in ``out_path`` are not
+    asked again, and a judge failure leaves every finished line in place."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if out_path.is_file():
+        done = {r["feature"]: r for r in map(json.loads, out_path.read_text().splitlines()) if r}
+    for feature in features:
+        if feature["name"] in done:
+            continue
+        record = score_feature(judge, feature["name"], feature["explain_with"], feature["activating"],
+                               feature["non_activating"])
+        with out_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        done[feature["name"]] = record
+    return [done[f["name"]] for f in features]

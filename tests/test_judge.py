@@ -1,0 +1,164 @@
+"""The LLM-judge plumbing: a misbehaving loopback server (retries, errors, caching, kept results) and
+vLLM's own OpenAI-compatible server serving the organism (the real end-to-end path)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from paper_lib.config import ConfigError
+from paper_lib.judge import (
+    Judge,
+    JudgeConfig,
+    JudgeError,
+    parse_explanation,
+    parse_yes_no,
+    score_feature,
+    score_features,
+)
+
+
+def completion(text):
+    return {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+
+@pytest.fixture
+def fake_server():
+    """A loopback endpoint whose behaviour the test sets: ``state["fail"]`` failures (HTTP 500) first,
+    then answers from ``state["answer"](prompt)``; it records requests and auth headers."""
+    state = {"fail": 0, "requests": 0, "auth": [], "answer": lambda prompt: "yes"}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            state["requests"] += 1
+            state["auth"].append(self.headers.get("Authorization"))
+            if state["fail"] > 0:
+                state["fail"] -= 1
+                self.send_response(500)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"error": {"message": "boom"}}')
+                return
+            payload = json.dumps(completion(state["answer"](body["messages"][0]["content"]))).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{server.server_port}/v1"
+    yield state
+    server.shutdown()
+
+
+EXAMPLE = {"tokens": ["3", "x", "2", "=", "6"], "values": [0.0, 0.1, 0.2, 0.0, 1.5], "center": 4}
+
+
+def test_retries_then_succeeds_key_from_env_and_caches(fake_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("JUDGE_TEST_KEY", "sekret")
+    fake_server["fail"] = 2
+    judge = Judge(JudgeConfig(fake_server["url"], "m", api_key_env="JUDGE_TEST_KEY", max_retries=2), tmp_path / "cache.jsonl")
+    assert judge.ask("hello") == "yes" and fake_server["requests"] == 3
+    assert fake_server["auth"][-1] == "Bearer sekret"
+    assert judge.ask("hello") == "yes" and fake_server["requests"] == 3  # cached
+    again = Judge(JudgeConfig(fake_server["url"], "m", max_retries=0), tmp_path / "cache.jsonl")
+    assert again.ask("hello") == "yes" and again.requests == 0  # the cache is on disk
+
+
+def test_errors_name_the_url_and_status(fake_server, tmp_path):
+    fake_server["fail"] = 10
+    judge = Judge(JudgeConfig(fake_server["url"], "m", max_retries=1), tmp_path / "c.jsonl")
+    with pytest.raises(JudgeError, match=rf"{fake_server['url']}.*HTTP 500"):
+        judge.ask("hi")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = Judge(JudgeConfig(f"http://127.0.0.1:{port}/v1", "m", max_retries=0, timeout_s=5), tmp_path / "d.jsonl")
+    with pytest.raises(JudgeError, match=rf"cannot reach the judge at http://127.0.0.1:{port}/v1"):
+        dead.ask("hi")
+    with pytest.raises(ConfigError, match="base_url"):
+        JudgeConfig("localhost:8000", "m")
+
+
+def test_scores_detection_and_keeps_finished_features(fake_server, tmp_path):
+    # explanation "final answer digits"; says yes exactly when the marked token is <<6>>
+    fake_server["answer"] = lambda p: ("Explanation: final answer digits\nmore" if "what does this feature" in p
+                                       else ("Yes." if "<<6>>" in p else "no"))
+    judge = Judge(JudgeConfig(fake_server["url"], "m", max_retries=0), tmp_path / "c.jsonl")
+    quiet = dict(EXAMPLE, center=1)
+    record = score_feature(judge, "f", [EXAMPLE], [EXAMPLE, EXAMPLE], [quiet, quiet])
+    assert record["explanation"] == "final answer digits"
+    assert record["accuracy"] == 1.0 and record["f1"] == 1.0 and record["unparsed"] == 0
+    fake_server["answer"] = lambda p: "hmm" if "what does" not in p else "x"
+    features = [{"name": n, "explain_with": [dict(EXAMPLE, tokens=[n] + EXAMPLE["tokens"][1:])], "activating": [EXAMPLE],
+                 "non_activating": [quiet]} for n in "abc"]
+    fake_server["requests"] = 0
+    first = score_features(judge, features[:2], tmp_path / "scores.jsonl")
+    assert [r["unparsed"] for r in first] == [2, 2]  # "hmm" is no answer: counted wrong, recorded
+    assert fake_server["requests"] == 4  # "b" asked only its explanation; its detection prompts were cached
+    fake_server["fail"] = 100
+    with pytest.raises(JudgeError):
+        score_features(judge, features, tmp_path / "scores.jsonl")
+    kept = [json.loads(line)["feature"] for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert kept == ["a", "b"]
+    fake_server["fail"] = 0
+    done = score_features(judge, features, tmp_path / "scores.jsonl")
+    assert [r["feature"] for r in done] == ["a", "b", "c"] and done[0]["accuracy"] == 0.0
+
+
+def test_parsers():
+    assert parse_explanation('\n"Digits after an equals sign in arithmetic steps of a long chain here"') == \
+        "Digits after an equals sign in arithmetic steps of a"
+    assert parse_yes_no("Yes, it does") is True and parse_yes_no("NO") is False and parse_yes_no("maybe") is None
+
+
+def test_end_to_end_against_vllms_openai_server_on_loopback(tmp_path):
+    pytest.importorskip("vllm")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1", TMPDIR=str(tmp_path),
+               VLLM_CACHE_ROOT=str(tmp_path / "vllm"))
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "data/organism/model",
+         "--served-model-name", "organism", "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+         "--kv-cache-memory-bytes", str(2**28), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        cfg = JudgeConfig(f"http://127.0.0.1:{port}/v1", "organism", max_retries=0, timeout_s=60, max_tokens=16)
+        judge = Judge(cfg, tmp_path / "cache.jsonl")
+        deadline = time.time() + 240
+        while True:
+            try:
+                judge.ask("1 +1")
+                break
+            except JudgeError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise AssertionError((tmp_path / "server.log").read_text()[-3000:])
+                time.sleep(2)
+        quiet = dict(EXAMPLE, center=1)
+        record = score_feature(judge, "f", [EXAMPLE], [EXAMPLE], [quiet])
+        # the organism is no judge: the plumbing is what is checked (a parsed record, every answer cached)
+        assert set(record) == {"feature", "explanation", "n", "unparsed", "accuracy", "f1"} and record["n"] == 2
+        asked = judge.requests
+        assert asked == 4 and score_feature(judge, "f", [EXAMPLE], [EXAMPLE], [quiet]) == record
+        assert judge.requests == asked
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
