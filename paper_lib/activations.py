@@ -356,6 +356,34 @@ def _neuron_order(neurons: Sequence[tuple[int, int]]) -> list[int]:
     return [position[j] for j in range(len(neurons))]
 
 
+def sample_mlp_neurons(model: torch.nn.Module, n: int, seed: int = 0) -> list[tuple[int, int]]:
+    """``n`` distinct MLP neurons (layer, index), drawn uniformly over all layers' down_proj inputs."""
+    layers = sorted({int(m.group(1)) for name, _ in model.named_modules()
+                     if name.endswith("mlp.down_proj") and (m := _LAYER.search(name + "."))})
+    if not layers:
+        raise ValueError("the model has no MLP down_proj layers")
+    widths = {l: _projection_inputs(model, [(l, "down_proj")])[(l, "down_proj")].weight.shape[1] for l in layers}
+    total = sum(widths.values())
+    if n > total:
+        raise ValueError(f"asked for {n} neurons; the model has {total}")
+    flat = np.random.default_rng(seed).choice(total, size=n, replace=False)
+    starts = np.cumsum([0] + [widths[l] for l in layers])
+    return [(layers[int(np.searchsorted(starts, f, side="right")) - 1],
+             int(f - starts[int(np.searchsorted(starts, f, side="right")) - 1])) for f in flat]
+
+
+def random_directions(model: torch.nn.Module, keys: Sequence[tuple[int, str]], seed: int = 0) -> dict[tuple[int, str], torch.Tensor]:
+    """One Gaussian direction (unit norm) in the input space of each projection at ``keys``: the control
+    population, read exactly like the adapters' A rows."""
+    modules = _projection_inputs(model, keys)
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for key in keys:
+        d = torch.randn(1, modules[key].weight.shape[1], generator=generator)
+        out[key] = d / d.norm()
+    return out
+
+
 def extract_projections(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str],
                         directions: dict[tuple[int, str], torch.Tensor], batch_size: int = 16,
                         max_length: int = 2048) -> np.ndarray:

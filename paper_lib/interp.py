@@ -152,18 +152,19 @@ def class_shares(classes: pd.DataFrame, n_resamples: int = 2000, seed: int = 0) 
 
 
 def compare_populations(scored: pd.DataFrame, a: str, b: str, n_resamples: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Population ``a`` vs ``b``: chi-square test of the class counts, Mann-Whitney U test of precision@k,
-    and the difference in mean precision with a bootstrap 95% interval. ``scored``: columns population,
-    class, precision."""
+    """Population ``a`` vs ``b``: chi-square test of the class counts; for precision@k and AUROC, the
+    Mann-Whitney U test and the difference in means with a bootstrap 95% interval. ``scored``: columns
+    population, class, precision, auroc."""
     from scipy.stats import chi2_contingency, mannwhitneyu
 
     table = pd.crosstab(scored["population"], scored["class"]).reindex(index=[a, b], columns=list(CLASSES), fill_value=0)
     table = table.loc[:, table.sum() > 0]
-    chi2_p = float(chi2_contingency(table.to_numpy())[1]) if table.shape[1] > 1 else 1.0
-    pa = scored.loc[scored["population"] == a, "precision"].to_numpy()
-    pb = scored.loc[scored["population"] == b, "precision"].to_numpy()
+    out = {"chi2_p": float(chi2_contingency(table.to_numpy())[1]) if table.shape[1] > 1 else 1.0}
     rng = np.random.default_rng(seed)
-    diffs = [rng.choice(pa, len(pa)).mean() - rng.choice(pb, len(pb)).mean() for _ in range(n_resamples)]
-    return {"chi2_p": chi2_p, "mannwhitney_p": float(mannwhitneyu(pa, pb).pvalue),
-            "precision_diff": float(pa.mean() - pb.mean()), "precision_diff_lo": float(np.quantile(diffs, 0.025)),
-            "precision_diff_hi": float(np.quantile(diffs, 0.975))}
+    for column in ("precision", "auroc"):
+        va = scored.loc[scored["population"] == a, column].dropna().to_numpy()
+        vb = scored.loc[scored["population"] == b, column].dropna().to_numpy()
+        diffs = [rng.choice(va, len(va)).mean() - rng.choice(vb, len(vb)).mean() for _ in range(n_resamples)]
+        out |= {f"{column}_mannwhitney_p": float(mannwhitneyu(va, vb).pvalue), f"{column}_diff": float(va.mean() - vb.mean()),
+                f"{column}_diff_lo": float(np.quantile(diffs, 0.025)), f"{column}_diff_hi": float(np.quantile(diffs, 0.975))}
+    return out

@@ -158,3 +158,36 @@ def test_extraction_split_over_processes_equals_one_process(organism, tmp_path):
     two = extract_activation_shards(readout, tok, texts, tmp_path / "two", 4, 3, process_index=0, num_processes=2)
     assert np.array_equal(one.tokens(), two.tokens())
     assert np.abs(one.activations().astype(np.float32) - two.activations().astype(np.float32)).max() <= 2e-3
+
+
+def test_projections_with_A_rows_are_the_adapter_activations_and_controls_sample_right(organism):
+    import numpy as np
+
+    from paper_lib.activations import (
+        extract_projections,
+        find_adapters,
+        projected_activations,
+        random_directions,
+        sample_mlp_neurons,
+    )
+
+    model, tok = peft_organism(organism, LoraSpec())
+    batch = tok(["Q 1 +1 x2\nthink\n1+1=2;2x2=4"], return_tensors="pt")
+    acts, layers, modules = lora_activations(model, batch["input_ids"])
+    keys = [(1, "q_proj"), (3, "down_proj")]
+    rows = {k: find_adapters(model)[k].lora_A["default"].weight.detach() for k in keys}
+    got = projected_activations(model, batch["input_ids"], rows)
+    for j, (layer, module) in enumerate(keys):
+        assert torch.allclose(got[0, :, j], acts[0, :, layers.index(layer), modules.index(module)], atol=1e-5)
+    neurons = sample_mlp_neurons(model, 50, seed=1)
+    assert len(set(neurons)) == 50 and all(0 <= l < 4 and 0 <= i < 512 for l, i in neurons)
+    assert neurons == sample_mlp_neurons(model, 50, seed=1) != sample_mlp_neurons(model, 50, seed=2)
+    dirs = random_directions(model, keys, seed=0)
+    assert dirs[(3, "down_proj")].shape == (1, 512) and torch.isclose(dirs[(1, "q_proj")].norm(), torch.tensor(1.0))
+    texts = ["Q 1 +1\nthink\n", "Q 2 x3 +2 +1\nthink\n2x3=6"]
+    values = extract_projections(model, tok, texts, dirs, batch_size=2)
+    single = projected_activations(model, tok([texts[1]], return_tensors="pt")["input_ids"], dirs)[0].numpy()
+    assert values.shape == (sum(len(tok(t)["input_ids"]) for t in texts), 2)
+    assert np.allclose(values[-len(single):], single, atol=1e-5)
+    with pytest.raises(ValueError, match="no projection"):
+        projected_activations(model, batch["input_ids"], {(7, "q_proj"): rows[(1, "q_proj")]})

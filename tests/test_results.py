@@ -56,3 +56,23 @@ def test_bootstrap_interval_covers_the_mean_and_pairs_arrays():
     y = x.copy()
     lo, hi = bootstrap_interval([x, y], statistic=lambda a, b: float(np.mean(a - b)))
     assert lo == hi == 0.0  # paired resampling: identical arrays differ by exactly zero
+
+
+def test_feature_page_is_self_contained_and_shows_examples(tmp_path, monkeypatch):
+    import re
+
+    from paper_lib.plotting import feature_page_html, save_html
+
+    monkeypatch.setenv("PAPER_FIGURES_DIR", str(tmp_path))
+    features = [{"name": "L0.gate_proj+", "summary": "best role <step_result>",
+                 "examples": [{"tokens": ["3", "x", "2", "=", "6", "\n"], "values": [0, 0.1, 0.2, 0, 1.5, 0], "center": 4}],
+                 "histogram": {"edges": [0, 1, 2], "counts": [5, 1]}, "logits": [["6", 1.25]]},
+                {"name": "L1.q_proj-", "examples": []}]
+    page = feature_page_html(features, "Features", "intro")
+    path = save_html(page, "features_page")
+    assert path.name == "features_page.html" and path.read_text() == page
+    assert not re.search(r"(src|href)=\"?https?://", page)  # nothing fetched from the network
+    assert page.count('<section id="f') == 2 and page.count("<option") == 2
+    assert "&lt;step_result&gt;" in page and "&#8629;" in page  # escaped text, visible newlines
+    assert 'class="c"' in page and "rgba(230,80,0,1.00)" in page  # the activating token, strongest colour
+    assert "(no activating examples)" in page and "+1.250" in page and 'class="bar"' in page

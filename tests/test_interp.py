@@ -1,0 +1,98 @@
+"""Top-k, context windows, token roles and the role scorer."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ORGANISM_DIR
+from paper_lib.interp import (
+    auroc,
+    class_shares,
+    classify_features,
+    compare_populations,
+    context_window,
+    score_against_roles,
+    signed_features,
+    top_examples,
+    top_k_indices,
+    top_k_streaming,
+)
+
+
+def test_top_k_equals_a_brute_force_sort_and_streams_exactly():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(5000, 9)).astype(np.float32)
+    brute = np.argsort(-values, axis=0, kind="stable")[:37].T
+    v, i = top_k_indices(values, 37)
+    assert np.array_equal(i, brute) and np.array_equal(v, np.take_along_axis(values.T, brute, 1))
+    for chunks in (np.array_split(values, 11), [values[:3], values[3:]]):
+        sv, si = top_k_streaming(chunks, 37)
+        assert np.array_equal(si, brute) and np.array_equal(sv, v)
+    ties = np.zeros((10, 1), np.float32)
+    assert top_k_indices(ties, 3)[1].tolist() == [[0, 1, 2]]  # ties: lower index first
+    assert top_k_indices(values[:4], 10)[1].shape == (9, 4)
+
+
+def test_signed_features_and_context_windows_stay_in_the_document():
+    values, names = signed_features(np.array([[1.0, -2.0]]), ["a", "b"])
+    assert names == ["a+", "b+", "a-", "b-"] and values.tolist() == [[1.0, -2.0, -1.0, 2.0]]
+    docs = np.array([0, 0, 0, 1, 1, 1, 1, 2])
+    assert context_window(3, docs, 2) == (3, 6) and context_window(2, docs, 5) == (0, 3) and context_window(7, docs, 1) == (7, 8)
+    tokens = np.arange(8)
+    feats = top_examples(np.arange(8.0)[:, None] - 5, ["f"], tokens, docs, str, k=4, width=1)
+    ex = feats[0]["examples"]
+    assert [e["value"] for e in ex] == [2.0, 1.0]  # only values above 0
+    assert ex[0]["tokens"] == ["7"] and ex[1]["tokens"] == ["5", "6"] and ex[1]["center"] == 1
+
+
+def test_auroc_and_role_scores():
+    assert auroc(np.array([0.1, 0.9, 0.8, 0.2]), np.array([0, 1, 1, 0])) == 1.0
+    assert auroc(np.array([1.0, 1.0]), np.array([1, 0])) == 0.5
+    roles = np.array(["digit", "op", "digit", "op", "space", "digit"] * 50)
+    families = {"digit": "values", "op": "ops", "space": "syntax"}
+    pure = (roles == "digit").astype(float) + np.linspace(0, 0.1, len(roles))
+    mixed = np.isin(roles, ["digit", "op"]).astype(float)
+    noise = np.random.default_rng(0).normal(size=len(roles))
+    scores = score_against_roles(np.stack([pure, mixed, noise], 1), ["pure", "mixed", "noise"], roles,
+                                 families | {"op": "values"}, k=20)
+    assert scores.loc[0, "role"] == "digit" and scores.loc[0, "precision"] == 1.0 and scores.loc[0, "auroc"] == 1.0
+    assert scores.loc[1, "precision"] < 0.9 and scores.loc[1, "family_precision"] == 1.0
+    classes = classify_features(scores, mono=0.9, broad=0.9)
+    assert classes.tolist()[:2] == ["monosemantic", "broad"] and classes[2] in ("broad", "polysemantic")
+
+
+def test_class_shares_and_population_tests():
+    scored = pd.DataFrame({"population": ["a"] * 40 + ["b"] * 40,
+                           "class": ["monosemantic"] * 30 + ["polysemantic"] * 10 + ["monosemantic"] * 10 + ["polysemantic"] * 30,
+                           "precision": [1.0] * 30 + [0.3] * 10 + [1.0] * 10 + [0.3] * 30,
+                           "auroc": [0.9] * 40 + [0.6] * 40})
+    shares = class_shares(scored, n_resamples=500)
+    a = shares[(shares.population == "a") & (shares["class"] == "monosemantic")].iloc[0]
+    assert a.share == 0.75 and a.lo < 0.75 < a.hi and shares.groupby("population").share.sum().round(6).eq(1).all()
+    test = compare_populations(scored, "a", "b", n_resamples=500)
+    assert test["chi2_p"] < 1e-3 and test["precision_diff"] == pytest.approx(0.35) and test["precision_diff_lo"] > 0
+    assert test["auroc_diff"] == pytest.approx(0.3)
+
+
+def test_token_roles_of_an_organism_trace(organism):
+    from paper_lib.data import format_s1_text
+    from paper_lib.organism import ROLES, character_roles, token_roles
+
+    _, tok, _ = organism
+    row = json.loads((ORGANISM_DIR / "s1K-1.1" / "train.jsonl").read_text().splitlines()[0])
+    text = format_s1_text(tok, row)
+    roles = token_roles(tok, text)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(roles) == len(ids) and set(roles) <= set(ROLES) and "other" not in roles
+    pairs = [(tok.decode([i]), r) for i, r in zip(ids, roles)]
+    think = pairs.index(("t", "think_marker"))
+    assert [r for _, r in pairs[think + 6 : think + 12]] == ["step_input", "step_operator", "step_operand", "step_equals",
+                                                              "step_result", "step_separator"]
+    assert pairs[-3] == (row["deepseek_attempt"], "final_answer") and pairs[-2][1] == "chat_marker"
+    mc = "<|im_start|>user\n1 +1\n(A) 2 (B) 5<|im_end|>\n<|im_start|>assistant\n<|im_start|>think\n1+1=2;2?A2\n"
+    labels = dict(zip(range(len(mc)), character_roles(mc)))
+    assert labels[mc.index("(A)") + 1] == "option_letter" and labels[mc.index("?")] == "scan_mark"
+    assert labels[mc.index("?A2") + 1] == "scan_letter" and labels[mc.index("?A2") + 2] == "scan_option_value"
+    assert token_roles(tok, text, max_length=10) == roles[:10]
