@@ -236,6 +236,33 @@ def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Seq
     return None
 
 
+def write_activation_store(out_dir: str | Path, documents: Sequence[tuple[np.ndarray, np.ndarray]], layers: Sequence[int],
+                           modules: Sequence[str], dtype: str = "float16", docs_per_shard: int = 256) -> "ActivationStore":
+    """A store from in-memory documents ``(token ids [n], activations [n, n_layers, n_modules])``: for
+    activations computed elsewhere (e.g. the paper's own float16 ``[tokens, 64, 7]`` arrays, whose module
+    order is ``ADAPTER_MODULES``) and for synthetic data in tests."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unknown = set(modules) - set(ADAPTER_MODULES)
+    if unknown:
+        raise ValueError(f"unknown modules {sorted(unknown)}")
+    for i, (ids, acts) in enumerate(documents):
+        if acts.shape != (len(ids), len(layers), len(modules)):
+            raise ValueError(f"document {i}: activations {acts.shape} do not match {len(ids)} tokens x "
+                             f"{len(layers)} layers x {len(modules)} modules")
+    meta = {"layers": list(layers), "modules": list(modules), "dtype": dtype, "n_docs": len(documents),
+            "docs_per_shard": docs_per_shard, "max_length": None, "module_order": list(ADAPTER_MODULES)}
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for shard in range(math.ceil(len(documents) / docs_per_shard)):
+        docs = documents[shard * docs_per_shard : (shard + 1) * docs_per_shard]
+        paths = _shard_paths(out_dir, shard)
+        np.save(paths["tokens"], np.concatenate([np.asarray(ids, dtype=np.int32) for ids, _ in docs]))
+        np.save(paths["acts"], np.concatenate([np.asarray(acts).astype(dtype) for _, acts in docs]))
+        np.save(paths["offsets"], np.concatenate([[0], np.cumsum([len(ids) for ids, _ in docs])]).astype(np.int64))
+        paths["done"].write_text("")
+    return ActivationStore(out_dir)
+
+
 class ActivationStore:
     """Read-only view of an extraction: documents by index, or all tokens' activations at once.
 

@@ -1,0 +1,351 @@
+"""A BatchTopK sparse autoencoder on the whole adapter state, and splicing it back into the model.
+
+Training is sae-lens's own (``SAETrainer`` + ``BatchTopKTrainingSAE``, AuxK for dead latents), fed by a
+data provider that streams the activation shards of ``paper_lib.activations``; no HookedTransformer.
+The input is the layer-major vector of every adapter scalar of a token (64 x 7 = 448 at 32B). With
+``normalize="per_adapter"`` each input dimension is divided by its root-mean-square over the training
+tokens first (sae-lens only offers one global scale or full whitening; adapter scales differ by orders of
+magnitude, so one global scale would let a few adapters dominate the loss); the scales are saved beside
+the SAE and undone on reconstruction. Inference uses sae-lens's saved JumpReLU form (the learned
+threshold), so a token's latents never depend on the rest of its batch.
+
+The splice: the adapters act on the model only through their scalars (update = scale · a · B), so
+replacing the scalars by the SAE's reconstruction inside the forward pass measures exactly how much of the
+adapter's effect the SAE keeps. Teacher-forced: one pass reads the scalars, a second pass runs with the
+reconstruction in their place. Generation does the same token by token with two KV caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from paper_lib.activations import ActivationStore, adapter_layout, capture_lora_activations, find_adapters
+from paper_lib.ablation import ablated, kl_divergence
+from paper_lib.config import Config, require
+
+log = logging.getLogger(__name__)
+
+SAE_SUBDIR, SCALES_FILE, HISTORY_FILE = "sae", "input_scales.npy", "training_history.csv"
+
+
+@dataclasses.dataclass(frozen=True)
+class SAESpec(Config):
+    """BatchTopK SAE settings; defaults are the paper's (8x, k=16, lr 5e-4, batch 512, one epoch,
+    AuxK weight 1/32, dead = no firing in 1M tokens) plus per-adapter input normalisation."""
+
+    expansion: int = 8
+    k: float = 16
+    lr: float = 5e-4
+    batch_size: int = 512
+    epochs: float = 1.0
+    aux_coefficient: float = 1 / 32
+    dead_tokens: int = 1_000_000
+    normalize: str = "per_adapter"  # or "none" (the paper)
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        require(self.expansion >= 1, "expansion", "must be >= 1")
+        require(self.k > 0, "k", "must be > 0")
+        require(self.lr > 0, "lr", "must be > 0")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.epochs > 0, "epochs", "must be > 0")
+        require(self.dead_tokens >= self.batch_size, "dead_tokens", "must cover at least one batch")
+        require(self.normalize in ("per_adapter", "none"), "normalize", "must be 'per_adapter' or 'none'")
+
+
+def input_scales(acts: np.ndarray, normalize: str) -> np.ndarray:
+    """Per-dimension divisor: RMS over tokens (``per_adapter``) or ones (``none``)."""
+    if normalize == "none":
+        return np.ones(acts.shape[1], dtype=np.float32)
+    rms = np.sqrt(np.mean(np.square(acts, dtype=np.float64), axis=0))
+    return np.where(rms > 0, rms, 1.0).astype(np.float32)
+
+
+def store_matrix(store: ActivationStore, docs: Sequence[int] | None = None) -> np.ndarray:
+    """The store's activations as ``[tokens, n_layers * n_modules]`` float32 (layer-major), for the given
+    documents (all by default). Loads them into memory: at real scale, stream with ``shard_batches``."""
+    acts = store.activations()
+    if docs is not None:
+        acts = acts[np.isin(store.document_ids(), np.asarray(docs))]
+    return np.asarray(acts, dtype=np.float32).reshape(len(acts), -1)
+
+
+def shard_batches(store: ActivationStore, batch_size: int, scales: np.ndarray, seed: int = 0,
+                  docs: Sequence[int] | None = None) -> Iterator[torch.Tensor]:
+    """An endless stream of shuffled ``[batch, d_in]`` training batches: shards in a new random order each
+    pass, tokens shuffled within a shard (memory: one shard), restricted to ``docs`` if given."""
+    rng = np.random.default_rng(seed)
+    keep = None if docs is None else set(int(d) for d in docs)
+    per_shard = store.meta["docs_per_shard"]
+    carry = np.empty((0, len(scales)), dtype=np.float32)
+    while True:
+        for shard in rng.permutation(len(store.shards)):
+            paths = store.shards[shard]
+            acts = np.load(paths["acts"], mmap_mode="r")
+            offsets = store._offsets[shard]
+            rows = np.arange(len(acts))
+            if keep is not None:
+                doc_of_row = np.repeat(np.arange(len(offsets) - 1) + shard * per_shard, np.diff(offsets))
+                rows = rows[np.isin(doc_of_row, list(keep))]
+            if not len(rows):
+                continue
+            x = np.asarray(acts[rng.permutation(rows)], dtype=np.float32).reshape(len(rows), -1) / scales
+            x = np.concatenate([carry, x])
+            n = len(x) // batch_size * batch_size
+            for i in range(0, n, batch_size):
+                yield torch.from_numpy(x[i : i + batch_size].copy())
+            carry = x[n:]
+
+
+def train_sae(store: ActivationStore, spec: SAESpec, out_dir: str | Path, train_docs: Sequence[int] | None = None,
+              d_in_check: int | None = None) -> pd.DataFrame:
+    """Train with sae-lens and save the inference SAE (``out_dir/sae``), the input scales, the per-step
+    history (loss, MSE, AuxK, FVU, L0 of each batch) and ``config.json``. Returns the history."""
+    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(spec.seed)
+    train = store_matrix(store, train_docs)
+    d_in = train.shape[1]
+    if d_in_check is not None and d_in != d_in_check:
+        raise ValueError(f"the store has {d_in} adapter scalars per token, expected {d_in_check}")
+    scales = input_scales(train, spec.normalize)
+    sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
+        d_in=d_in, d_sae=spec.expansion * d_in, k=spec.k, aux_loss_coefficient=spec.aux_coefficient, device=spec.device))
+    window = max(1, spec.dead_tokens // spec.batch_size)
+    trainer = SAETrainer(
+        cfg=SAETrainerConfig(total_training_samples=int(spec.epochs * len(train)), train_batch_size_samples=spec.batch_size,
+                             lr=spec.lr, lr_end=spec.lr / 10, device=spec.device, dead_feature_window=window,
+                             feature_sampling_window=window,
+                             logger=LoggingConfig(log_to_wandb=False)),
+        sae=sae, data_provider=(b.to(spec.device) for b in shard_batches(store, spec.batch_size, scales, spec.seed, train_docs)))
+    history: list[dict[str, float]] = []
+    step = trainer.step
+
+    def logged_step(batch: torch.Tensor):  # sae-lens logs only to wandb: keep the curves ourselves
+        out = step(batch)
+        with torch.no_grad():
+            resid = (out.sae_out - out.sae_in).pow(2).sum()
+            total = (out.sae_in - out.sae_in.mean(0)).pow(2).sum()
+            history.append({"step": len(history), "loss": float(out.loss), "mse": float(out.losses["mse_loss"]),
+                            "aux": float(out.losses.get("auxiliary_reconstruction_loss", 0.0)),
+                            "fvu": float(resid / total), "l0": float((out.feature_acts > 0).float().sum(-1).mean()),
+                            "dead": int(trainer.dead_neurons.sum())})
+        return out
+
+    trainer.step = logged_step
+    trainer.fit()
+    sae.save_inference_model(out_dir / SAE_SUBDIR)
+    np.save(out_dir / SCALES_FILE, scales)
+    frame = pd.DataFrame(history)
+    frame.to_csv(out_dir / HISTORY_FILE, index=False)
+    spec.save(out_dir)
+    return frame
+
+
+def load_sae(out_dir: str | Path, device: str = "cpu") -> tuple[Any, torch.Tensor]:
+    """The inference SAE (sae-lens JumpReLU, the learned threshold) and the input scales."""
+    from sae_lens import SAE
+
+    out_dir = Path(out_dir)
+    if not (out_dir / SAE_SUBDIR).is_dir():
+        raise FileNotFoundError(f"no trained SAE at {out_dir / SAE_SUBDIR}; run notebook 05 (or train_sae) first")
+    sae = SAE.load_from_disk(str(out_dir / SAE_SUBDIR), device=device)
+    return sae.eval(), torch.from_numpy(np.load(out_dir / SCALES_FILE)).to(device)
+
+
+@torch.no_grad()
+def encode(sae: Any, scales: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    """Latents ``[..., d_sae]`` of adapter states ``[..., d_in]`` (per token, batch-independent)."""
+    return sae.encode(acts.to(scales.device, torch.float32) / scales)
+
+
+@torch.no_grad()
+def reconstruct(sae: Any, scales: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    """The SAE's reconstruction of adapter states, in the adapters' own units."""
+    return sae.decode(encode(sae, scales, acts)) * scales
+
+
+@torch.no_grad()
+def sae_metrics(sae: Any, scales: torch.Tensor, acts: np.ndarray, batch_size: int = 8192) -> dict[str, float]:
+    """On held-out tokens ``[tokens, d_in]``: FVU in the SAE's input space (each adapter normalised) and in
+    raw units, mean L0, the fraction of latents that never fire, and the firing count of every latent."""
+    x = torch.from_numpy(np.asarray(acts, dtype=np.float32))
+    resid_n = total_n = resid_raw = total_raw = l0 = 0.0
+    fired = torch.zeros(sae.cfg.d_sae)
+    mean_n, mean_raw = (x / scales.cpu()).mean(0), x.mean(0)
+    for i in range(0, len(x), batch_size):
+        chunk = x[i : i + batch_size].to(scales.device)
+        latents = encode(sae, scales, chunk)
+        recon_n = sae.decode(latents)
+        resid_n += float((recon_n - chunk / scales).pow(2).sum())
+        total_n += float((chunk / scales - mean_n.to(scales.device)).pow(2).sum())
+        resid_raw += float((recon_n * scales - chunk).pow(2).sum())
+        total_raw += float((chunk - mean_raw.to(scales.device)).pow(2).sum())
+        active = latents > 0
+        l0 += float(active.sum())
+        fired += active.sum(0).float().cpu()
+    return {"fvu": resid_n / total_n, "fvu_raw": resid_raw / total_raw, "l0": l0 / len(x),
+            "dead_fraction": float((fired == 0).float().mean()), "tokens": len(x), "fired": fired.numpy()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Replacing the adapter scalars inside the forward pass
+
+
+@contextmanager
+def replaced_lora_activations(model: torch.nn.Module, values: torch.Tensor, layers: Sequence[int],
+                              modules: Sequence[str], adapter: str = "default") -> Iterator[None]:
+    """Within the context, every adapter's scalar is ``values[..., layer, module]`` (``[batch, seq,
+    n_layers, n_modules]``, matching the forward's input) instead of ``A·x``: the update becomes
+    scale · value · B."""
+    handles = []
+    for (layer, module), lora in find_adapters(model, adapter).items():
+        column = values[..., layers.index(layer), modules.index(module)]
+
+        def hook(_mod, _inp, out, column=column):
+            return column.to(out.device, out.dtype).reshape(out.shape)
+
+        handles.append(lora.lora_A[adapter].register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _transformed_forward(model: torch.nn.Module, transform: Callable[[torch.Tensor], torch.Tensor],
+                         adapter: str = "default", caches: tuple[Any, Any] | None = None, **inputs: Any) -> Any:
+    """Two passes: read the scalars, then run with ``transform(scalars)`` in their place (with a KV cache
+    per pass when generating). Scalars are ``[batch, seq, n_layers, n_modules]`` in the store's layout."""
+    layers, modules = adapter_layout(model, adapter)
+    with capture_lora_activations(model, adapter) as store:
+        model(**inputs, **({"past_key_values": caches[0]} if caches else {}))
+    batch, seq = inputs["input_ids"].shape
+    scalars = torch.zeros(batch, seq, len(layers), len(modules))
+    for (layer, module), value in store.items():
+        scalars[:, :, layers.index(layer), modules.index(module)] = value.reshape(batch, seq).float().cpu()
+    with replaced_lora_activations(model, transform(scalars), layers, modules, adapter):
+        return model(**inputs, **({"past_key_values": caches[1]} if caches else {}))
+
+
+def state_transform(sae: Any, scales: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A scalar transform for ``_transformed_forward``: the SAE reconstruction of each token's adapter
+    state (layer-major), optionally with ``fn`` applied to the latents first (e.g. steering)."""
+
+    def transform(scalars: torch.Tensor) -> torch.Tensor:
+        flat = scalars.reshape(*scalars.shape[:2], -1).to(scales.device)
+        latents = encode(sae, scales, flat)
+        if fn is not None:
+            latents = fn(latents)
+        return (sae.decode(latents) * scales).reshape(scalars.shape).cpu()
+
+    return transform
+
+
+@torch.no_grad()
+def splice_kl(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], sae: Any, scales: torch.Tensor,
+              adapter: str = "default") -> pd.DataFrame:
+    """Per trace: KL(full || no adapter) and KL(full || SAE-spliced) over the scored positions, and the
+    fraction of the adapter's effect the splice recovers, 1 - KL_spliced / KL_no_adapter (per trace)."""
+    rows, trace = [], 0
+    all_keys = list(find_adapters(model, adapter))
+    transform = state_transform(sae, scales)
+    for batch in batches:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        mask = batch["score_mask"].bool()
+        reference = model(**inputs).logits
+        with ablated(model, all_keys, adapter):
+            kl_none = kl_divergence(reference, model(**inputs).logits)
+        kl_splice = kl_divergence(reference, _transformed_forward(model, transform, adapter, **inputs).logits)
+        for i in range(len(mask)):
+            n = mask[i].sum().clamp_min(1)
+            rows.append({"trace": trace + i, "kl_no_adapter": float((kl_none[i] * mask[i]).sum() / n),
+                         "kl_spliced": float((kl_splice[i] * mask[i]).sum() / n)})
+        trace += len(mask)
+    return pd.DataFrame(rows)
+
+
+class ScalarEngine:
+    """Greedy generation with the adapter scalars transformed at every step (the SAE splice, or steering),
+    behind the evaluation module's engine interface (``complete``), so benchmarks run unchanged.
+
+    Each step runs the model twice over the new tokens, with two KV caches: once as is, to read the
+    scalars, once with ``transform(scalars)`` in their place (whose logits pick the next token). HF
+    ``generate`` has no hook for a two-pass step, hence this loop.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+                 batch_size: int = 64, adapter: str = "default") -> None:
+        self.model, self.tokenizer, self.transforms = model, tokenizer, transforms
+        self.batch_size, self.adapter = batch_size, adapter
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, transform: Callable[[torch.Tensor], torch.Tensor],
+                 stop_ids: Sequence[int]) -> list[list[int]]:
+        from transformers import DynamicCache
+
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        device = next(self.model.parameters()).device
+        enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        mask = enc["attention_mask"]
+        caches = (DynamicCache(), DynamicCache())
+        ids = enc["input_ids"]
+        out: list[list[int]] = [[] for _ in prompts]
+        finished = torch.zeros(len(prompts), dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1] :]
+            logits = _transformed_forward(self.model, transform, self.adapter, caches, input_ids=ids, attention_mask=mask,
+                                          position_ids=positions, use_cache=True, logits_to_keep=1).logits[:, -1]
+            ids = logits.argmax(-1, keepdim=True)
+            for row, token in enumerate(ids[:, 0].tolist()):
+                if not finished[row]:
+                    out[row].append(token)
+                    finished[row] = token in stop_ids
+            if finished.all():
+                break
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+        return out
+
+    def complete(self, prompts, max_tokens, spec, seeds, stop_at_im_start, adapter):
+        if spec.temperature > 0:
+            raise ValueError("ScalarEngine generates greedily; use temperature 0")
+        if adapter not in self.transforms:
+            raise ValueError(f"unknown variant {adapter!r}; this engine has {sorted(self.transforms)}")
+        tok = self.tokenizer
+        stop = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        if stop_at_im_start:
+            stop.append(tok.convert_tokens_to_ids("<|im_start|>"))
+        results = []
+        for i in range(0, len(prompts), self.batch_size):
+            chunk, budgets = prompts[i : i + self.batch_size], max_tokens[i : i + self.batch_size]
+            for ids, budget in zip(self.generate(chunk, max(budgets), self.transforms[adapter], stop), budgets):
+                ids = ids[:budget]
+                text_ids = ids[:-1] if ids and ids[-1] in stop else ids
+                results.append((tok.decode(text_ids, skip_special_tokens=False), len(ids)))
+        return results
+
+
+def decoder_scalars(sae: Any, scales: torch.Tensor, latent: int) -> torch.Tensor:
+    """A latent's decoder direction in adapter units ``[d_in]``: what one unit of the latent adds to each
+    adapter scalar."""
+    return (sae.W_dec[latent].detach() * scales).cpu()
+
+
+def save_summary(path: str | Path, summary: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,125 @@
+"""The SAE module: planted-dictionary recovery through sae-lens, batch-independent inference, the splice."""
+
+import numpy as np
+import pytest
+import torch
+
+from paper_lib.activations import ADAPTER_MODULES, write_activation_store
+from paper_lib.config import ConfigError
+from paper_lib.sae import (
+    SAESpec,
+    ScalarEngine,
+    _transformed_forward,
+    encode,
+    load_sae,
+    reconstruct,
+    sae_metrics,
+    shard_batches,
+    store_matrix,
+    train_sae,
+)
+
+
+def planted_store(path, n_tokens=60000, n_features=40, seed=0):
+    rng = np.random.default_rng(seed)
+    dictionary = rng.normal(size=(n_features, 28))
+    dictionary /= np.linalg.norm(dictionary, axis=1, keepdims=True)
+    codes = (rng.random((n_tokens, n_features)) < 3 / n_features) * rng.exponential(1.0, (n_tokens, n_features))
+    acts = (codes @ dictionary).astype(np.float32).reshape(n_tokens, 4, 7)
+    docs = [(np.arange(100, dtype=np.int32), acts[i : i + 100]) for i in range(0, n_tokens, 100)]
+    return write_activation_store(path, docs, [0, 1, 2, 3], list(ADAPTER_MODULES), dtype="float32"), dictionary
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    store, dictionary = planted_store(root / "store")
+    spec = SAESpec(expansion=2, k=3, lr=3e-3, batch_size=256, epochs=10, dead_tokens=10000, normalize="none")
+    history = train_sae(store, spec, root / "sae")
+    return store, dictionary, history, root / "sae"
+
+
+def test_recovers_a_planted_sparse_dictionary(planted):
+    store, dictionary, history, out = planted
+    sae, scales = load_sae(out)
+    decoder = sae.W_dec.detach().numpy()
+    decoder = decoder / np.linalg.norm(decoder, axis=1, keepdims=True)
+    best = np.abs(dictionary @ decoder.T).max(axis=1)
+    assert best.mean() >= 0.95, best
+    metrics = sae_metrics(sae, scales, store_matrix(store))
+    assert metrics["fvu"] < 0.1 and 2 <= metrics["l0"] <= 4 and 0 <= metrics["dead_fraction"] < 0.5
+    assert list(history.columns) == ["step", "loss", "mse", "aux", "fvu", "l0", "dead"]
+    assert history.fvu.iloc[-50:].mean() < history.fvu.iloc[:10].mean() / 3  # it learned
+    assert SAESpec.load(out) == SAESpec(expansion=2, k=3, lr=3e-3, batch_size=256, epochs=10, dead_tokens=10000,
+                                        normalize="none")
+
+
+def test_inference_is_per_token_and_normalisation_is_undone(planted, tmp_path):
+    store, _, _, out = planted
+    sae, scales = load_sae(out)
+    x = torch.from_numpy(store_matrix(store)[:500])
+    alone = torch.cat([encode(sae, scales, x[i : i + 1]) for i in range(0, 500, 50)])
+    together = encode(sae, scales, x)[::50]
+    assert torch.equal(alone > 0, together > 0) and torch.allclose(alone, together, atol=1e-5)
+    scaled = torch.full_like(scales, 3.0)
+    assert torch.allclose(reconstruct(sae, scaled, x * 3), reconstruct(sae, scales, x) * 3, atol=1e-5)
+
+
+def test_batches_stream_the_chosen_documents_only(tmp_path):
+    store, _ = planted_store(tmp_path / "s", n_tokens=2000)
+    scales = np.full(28, 2.0, dtype=np.float32)
+    stream = shard_batches(store, 64, scales, seed=1, docs=range(5))
+    seen = torch.cat([next(stream) for _ in range(20)])  # 1,280 rows from 500 tokens: several passes
+    allowed = store_matrix(store, range(5)) / 2
+    assert seen.shape == (1280, 28)
+    assert all(np.isclose(allowed, row.numpy(), atol=1e-6).all(1).any() for row in seen[:50])
+
+
+def test_spec_validation_and_missing_sae(tmp_path):
+    with pytest.raises(ConfigError, match="normalize"):
+        SAESpec(normalize="layer")
+    with pytest.raises(ConfigError, match="dead_tokens"):
+        SAESpec(dead_tokens=10)
+    with pytest.raises(FileNotFoundError, match="notebook 05"):
+        load_sae(tmp_path)
+
+
+def test_splice_with_identity_and_zero_matches_the_model_and_the_ablation(organism):
+    from peft import get_peft_model
+
+    from paper_lib.ablation import ablated
+    from paper_lib.activations import find_adapters
+    from paper_lib.organism import Problem, textbook_document
+    from paper_lib.training import LoraSpec, build_lora_config
+
+    import copy
+
+    base, tok, _ = organism
+    model = get_peft_model(copy.deepcopy(base), build_lora_config(LoraSpec(), base.config))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    model.eval()
+    batch = tok([textbook_document(Problem(3, ("x2", "+1"))), "<|im_start|>user\n5 +2<|im_end|>\n"], return_tensors="pt",
+                padding=True)
+    with torch.no_grad():
+        full = model(**batch).logits
+        same = _transformed_forward(model, lambda s: s, **batch).logits
+        zero = _transformed_forward(model, torch.zeros_like, **batch).logits
+        with ablated(model, list(find_adapters(model))):
+            none = model(**batch).logits
+    assert (same - full).abs().max() < 1e-5 and (zero - none).abs().max() < 1e-5 and (full - none).abs().max() > 1e-2
+    # generation: the identity transform gives HF generate's greedy tokens
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ("3 x2 +1", "7 +2 +2 x3", "1 x3")]
+    engine = ScalarEngine(model, tok, {"same": lambda s: s})
+    stops = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    ours = engine.generate(prompts, 12, lambda s: s, stop_ids=stops)
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        ref = model.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id)
+    ref = [row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))]
+           for row in ref[:, enc["input_ids"].shape[1] :].tolist()]
+    assert ours == ref and all(row[-1] in stops for row in ours)
