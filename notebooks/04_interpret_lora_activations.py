@@ -82,7 +82,7 @@ from paper_lib.training import load_trained
 
 SECTION = "04_interpret_lora_activations"
 seed_everything(SEED)
-out_dir = artifact_dir(OUTPUT_DIR)
+out_dir = artifact_dir(OUTPUT_DIR + ("_smoke" if SMOKE else ""))  # a smoke run never clashes with a full one
 peft_model, tokenizer, train_cfg = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE))
 if torch.cuda.is_available():
     peft_model.cuda()

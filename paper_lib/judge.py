@@ -23,6 +23,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -181,3 +182,29 @@ def score_features(judge: Judge, features: list[dict[str, Any]], out_path: str |
             handle.write(json.dumps(record) + "\n")
         done[feature["name"]] = record
     return [done[f["name"]] for f in features]
+
+
+# The paper's seven categories of SAE features (its LLM categoriser's label set).
+PAPER_CATEGORIES = ("computational operations", "symbolic manipulation", "variable/value tracking",
+                    "reasoning flow control", "domain-specific patterns", "relational/logical operators",
+                    "result formulation")
+
+
+def category_prompt(explanation: str, categories: Sequence[str] = PAPER_CATEGORIES) -> str:
+    options = "\n".join(f"- {c}" for c in categories)
+    return (f'A feature of a language model reasoning about maths and science is explained as: "{explanation}".\n'
+            f"Which category fits it best?\n{options}\nReply on two lines:\ncategory: <one of the categories above>\n"
+            "subcategory: <two to four words>")
+
+
+def parse_category(answer: str, categories: Sequence[str] = PAPER_CATEGORIES) -> tuple[str | None, str]:
+    """(category or None when the answer names none of ``categories``, subcategory or "")."""
+    lowered = answer.lower()
+    line = next((s for s in lowered.splitlines() if s.strip().startswith("category")), lowered)
+    category = next((c for c in categories if c in line), None)
+    sub = next((s.split(":", 1)[1].strip() for s in answer.splitlines() if s.strip().lower().startswith("subcategory")), "")
+    return category, " ".join(sub.split()[:4])
+
+
+def categorise(judge: Judge, explanation: str, categories: Sequence[str] = PAPER_CATEGORIES) -> tuple[str | None, str]:
+    return parse_category(judge.ask(category_prompt(explanation, categories)), categories)

@@ -776,9 +776,11 @@ def character_roles(text: str) -> list[str]:
             _label_question(text, labels, body_start, body_end)
         elif name == "think":
             _label_thinking(text, labels, body_start, body_end)
-        elif name == "answer" and text.startswith("Answer: ", body_start):
-            _label(labels, body_start, body_start + 8, "answer_prefix")
-            _label(labels, body_start + 8, body_end, "final_answer")
+        elif name == "answer":  # "Answer: x" in the traces; "Final Answer: x" when budget forcing wrote it
+            prefix = next((p for p in ("Answer: ", "Final Answer: ") if text.startswith(p, body_start)), None)
+            if prefix:
+                _label(labels, body_start, body_start + len(prefix), "answer_prefix")
+                _label(labels, body_start + len(prefix), body_end, "final_answer")
     for i, char in enumerate(text):
         if char == "\n":
             labels[i] = "newline"

@@ -212,3 +212,59 @@ def save_html(page: str, name: str) -> Path:
     path = figures_dir() / f"{name}.html"
     path.write_text(page)
     return path
+
+
+def plot_sae_training(history: pd.DataFrame) -> plt.Figure:
+    """SAE training curves: loss, FVU of each batch, L0 and dead latents over steps (``history`` from
+    ``sae.train_sae``)."""
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.3))
+    smooth = max(1, len(history) // 50)
+    for ax, column, label in zip(axes, ("loss", "fvu", "l0", "dead"),
+                                 ("loss (MSE + AuxK)", "FVU (batch)", "L0 (active latents / token)", "dead latents")):
+        ax.plot(history["step"], history[column].rolling(smooth, min_periods=1).mean())
+        ax.set(xlabel="step", title=label)
+    axes[0].set_yscale("log")
+    axes[1].set_yscale("log")
+    fig.tight_layout()
+    return fig
+
+
+def plot_splice(kl: pd.DataFrame, accuracy: pd.DataFrame) -> plt.Figure:
+    """The splice test: (a) KL to the full adapter with no adapter vs the SAE reconstruction spliced in,
+    (b) benchmark accuracy per variant. ``kl``: variant, kl, lo, hi; ``accuracy``: benchmark, variant,
+    accuracy, lo, hi."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [0.8, 1.4]})
+    axes[0].bar(kl["variant"], kl["kl"], yerr=[kl["kl"] - kl["lo"], kl["hi"] - kl["kl"]], capsize=3,
+                color=["tab:grey", "tab:purple"][: len(kl)])
+    axes[0].set(yscale="log", ylabel="KL(full || variant), nats/token", title="(a) teacher-forced, held-out traces")
+    variants = list(dict.fromkeys(accuracy["variant"]))
+    benches = list(dict.fromkeys(accuracy["benchmark"]))
+    width = 0.8 / len(variants)
+    for i, variant in enumerate(variants):
+        sub = accuracy[accuracy["variant"] == variant].set_index("benchmark").reindex(benches)
+        x = np.arange(len(benches)) + (i - (len(variants) - 1) / 2) * width
+        axes[1].bar(x, sub["accuracy"], width, yerr=[sub["accuracy"] - sub["lo"], sub["hi"] - sub["accuracy"]], capsize=3,
+                    label=variant)
+    axes[1].set_xticks(np.arange(len(benches)), benches)
+    axes[1].set(ylim=(0, 1.05), ylabel="greedy accuracy (95% Wilson CI)", title="(b) benchmarks")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_feature_donut(mass: pd.DataFrame, title: str = "SAE features: activation mass by category") -> plt.Figure:
+    """Figure 3: a two-ring donut, inner ring = category, outer ring = subcategory, sized by activation
+    mass. ``mass``: columns category, subcategory, mass."""
+    mass = mass[mass["mass"] > 0].sort_values(["category", "mass"], ascending=[True, False])
+    inner = mass.groupby("category", sort=False)["mass"].sum()
+    cmap = plt.get_cmap("tab10")
+    colors = {c: cmap(i % 10) for i, c in enumerate(inner.index)}
+    fig, ax = plt.subplots(figsize=(7, 7))
+    ax.pie(inner.values, radius=0.7, colors=[colors[c] for c in inner.index], labels=inner.index, labeldistance=0.35,
+           wedgeprops=dict(width=0.35, edgecolor="white"), textprops=dict(fontsize=8))
+    total = mass["mass"].sum()
+    outer_labels = [s if m / total > 0.02 else "" for s, m in zip(mass["subcategory"], mass["mass"])]
+    ax.pie(mass["mass"], radius=1.0, colors=[(*colors[c][:3], 0.55) for c in mass["category"]], labels=outer_labels,
+           labeldistance=1.05, wedgeprops=dict(width=0.3, edgecolor="white"), textprops=dict(fontsize=7))
+    ax.set(aspect="equal", title=title)
+    return fig

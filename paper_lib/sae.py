@@ -18,7 +18,6 @@ reconstruction in their place. Generation does the same token by token with two 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,8 +28,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from paper_lib.activations import ActivationStore, adapter_layout, capture_lora_activations, find_adapters
 from paper_lib.ablation import ablated, kl_divergence
+from paper_lib.activations import ActivationStore, adapter_layout, capture_lora_activations, find_adapters
 from paper_lib.config import Config, require
 
 log = logging.getLogger(__name__)
@@ -347,5 +346,32 @@ def decoder_scalars(sae: Any, scales: torch.Tensor, latent: int) -> torch.Tensor
     return (sae.W_dec[latent].detach() * scales).cpu()
 
 
-def save_summary(path: str | Path, summary: dict[str, Any]) -> None:
-    Path(path).write_text(json.dumps(summary, indent=2) + "\n")
+@torch.no_grad()
+def latents(sae: Any, scales: torch.Tensor, acts: np.ndarray, chunk: int = 65536) -> Iterator[np.ndarray]:
+    """SAE latents of adapter states ``[tokens, d_in]`` in chunks of ``[chunk, d_sae]`` (float32), so that a
+    10M-token store streams through ``interp.top_k_streaming`` without a dense [tokens, d_sae] array."""
+    for i in range(0, len(acts), chunk):
+        yield encode(sae, scales, torch.from_numpy(np.asarray(acts[i : i + chunk], dtype=np.float32))).cpu().numpy()
+
+
+@torch.no_grad()
+def decoder_logit_effects(model: torch.nn.Module, direction: torch.Tensor, layers: Sequence[int], modules: Sequence[str],
+                          tokenizer: Any, top: int = 8, adapter: str = "default") -> list[tuple[str, float]]:
+    """The tokens whose logits a latent's decoder direction (``[n_layers * n_modules]`` adapter scalars)
+    raises most through the direct path: the o_proj and down_proj updates (scale · a · B, written to the
+    residual stream) summed and read through the final norm's weight and the unembedding."""
+    adapters = find_adapters(model, adapter)
+    direction = direction.reshape(len(layers), len(modules))
+    residual = None
+    for (layer, module), lora in adapters.items():
+        if module not in ("o_proj", "down_proj"):
+            continue
+        b = lora.lora_B[adapter].weight[:, 0].float() * lora.scaling[adapter]
+        term = direction[layers.index(layer), modules.index(module)].to(b.device) * b
+        residual = term if residual is None else residual + term
+    if residual is None:
+        return []
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    logits = base.lm_head.weight.float() @ (base.model.norm.weight.float() * residual)
+    values, ids = logits.topk(top)
+    return [(tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids)]

@@ -96,3 +96,5 @@ def test_token_roles_of_an_organism_trace(organism):
     assert labels[mc.index("(A)") + 1] == "option_letter" and labels[mc.index("?")] == "scan_mark"
     assert labels[mc.index("?A2") + 1] == "scan_letter" and labels[mc.index("?A2") + 2] == "scan_option_value"
     assert token_roles(tok, text, max_length=10) == roles[:10]
+    forced = character_roles("<|im_start|>answer\nFinal Answer: 7")  # budget forcing's wording
+    assert forced[-1] == "final_answer" and forced[-9] == "answer_prefix"

@@ -121,6 +121,14 @@ def test_scores_detection_and_keeps_finished_features(fake_server, tmp_path):
     assert [r["feature"] for r in done] == ["a", "b", "c"] and done[0]["accuracy"] == 0.0
 
 
+def test_categories_parse():
+    from paper_lib.judge import parse_category
+
+    assert parse_category("Category: Variable/Value Tracking\nsubcategory: carried digit values here now") == \
+        ("variable/value tracking", "carried digit values here")
+    assert parse_category("I am not sure") == (None, "")
+
+
 def test_parsers():
     assert parse_explanation('\n"Digits after an equals sign in arithmetic steps of a long chain here"') == \
         "Digits after an equals sign in arithmetic steps of a"

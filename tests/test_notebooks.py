@@ -37,7 +37,8 @@ def test_notebook_follows_the_skeleton(path):
     tree = ast.parse(params[0].source)
     names = []
     for node in tree.body:
-        assert isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant), "flat literals only"
+        value = node.value.operand if isinstance(node.value, ast.UnaryOp) and isinstance(node.value.op, ast.USub) else node.value
+        assert isinstance(node, ast.Assign) and isinstance(value, ast.Constant), "flat literals only"
         names.append(node.targets[0].id)
     assert all(n.isupper() for n in names) and {"SEED", "SMOKE"} <= set(names)
     lines = params[0].source.splitlines()
@@ -56,9 +57,12 @@ def test_notebook_follows_the_skeleton(path):
 def test_notebook_runs_in_smoke_mode(path, tmp_path):
     from paper_lib.paths import artifact_dir
 
-    # Later notebooks read notebook 01's runs: produce them first when this test runs on its own.
-    if path.stem > "01" and not (artifact_dir("runs/01_train/rank1") / "final").is_dir():
-        run_notebook(next(p for p in NOTEBOOKS if p.stem.startswith("01")), tmp_path, {"SMOKE": True}, timeout_s=900)
+    # Later notebooks read earlier ones' artifacts: produce them first when this test runs on its own.
+    needs = {"01": artifact_dir("runs/01_train/rank1") / "final", "04": artifact_dir("runs/04_interpret_smoke/activations"),
+             "05": artifact_dir("runs/05_sae_smoke/sae")}
+    for prefix, artifact in needs.items():
+        if path.stem > prefix and not artifact.exists():
+            run_notebook(next(p for p in NOTEBOOKS if p.stem.startswith(prefix)), tmp_path, {"SMOKE": True}, timeout_s=900)
     executed, minutes = run_notebook(path, tmp_path, {"SMOKE": True}, timeout_s=900)
     nb = jupytext.read(executed)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]

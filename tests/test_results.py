@@ -76,3 +76,25 @@ def test_feature_page_is_self_contained_and_shows_examples(tmp_path, monkeypatch
     assert "&lt;step_result&gt;" in page and "&#8629;" in page  # escaped text, visible newlines
     assert 'class="c"' in page and "rgba(230,80,0,1.00)" in page  # the activating token, strongest colour
     assert "(no activating examples)" in page and "+1.250" in page and 'class="bar"' in page
+
+
+def test_feature_page_renders_in_headless_chromium(tmp_path):
+    """The page works with no server and no network: Chromium runs its script and shows the first feature."""
+    import shutil
+    import subprocess
+
+    from paper_lib.plotting import feature_page_html
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no Chromium here (Debian: apt-get install chromium); the structure test above still runs")
+    features = [{"name": f"latent {i}", "summary": f"feature {i}",
+                 "examples": [{"tokens": ["a", "b", str(i)], "values": [0.0, 0.5, 1.0], "center": 2}]} for i in range(3)]
+    page = tmp_path / "page.html"
+    page.write_text(feature_page_html(features, "Dashboard"))
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert 'id="f0" class="feat" style="display: block;"' in dom
+    assert 'id="f1" class="feat" style="display: none;"' in dom and "feature 0" in dom

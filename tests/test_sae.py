@@ -85,14 +85,14 @@ def test_spec_validation_and_missing_sae(tmp_path):
 
 
 def test_splice_with_identity_and_zero_matches_the_model_and_the_ablation(organism):
+    import copy
+
     from peft import get_peft_model
 
     from paper_lib.ablation import ablated
     from paper_lib.activations import find_adapters
     from paper_lib.organism import Problem, textbook_document
     from paper_lib.training import LoraSpec, build_lora_config
-
-    import copy
 
     base, tok, _ = organism
     model = get_peft_model(copy.deepcopy(base), build_lora_config(LoraSpec(), base.config))
