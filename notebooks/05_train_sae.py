@@ -131,6 +131,7 @@ kl = pd.DataFrame([{"variant": name, "kl": per_trace[col].mean(),
 print(kl.round(4).to_string())
 print(f"fraction of the adapter's KL effect recovered: {recovered:.3f} [{rec_lo:.3f}, {rec_hi:.3f}] (n={len(per_trace)} traces)")
 assert per_trace.kl_spliced.mean() < per_trace.kl_no_adapter.mean()
+assert SMOKE or recovered > 0.9, "the SAE loses most of the adapter's effect: check its FVU and training curves"
 
 # %% [markdown]
 # ## The splice in generation: benchmark accuracy
@@ -139,18 +140,18 @@ assert per_trace.kl_spliced.mean() < per_trace.kl_no_adapter.mean()
 # (the base model).
 
 # %%
-engine = ScalarEngine(model, tokenizer, {"rank-1 (as is)": lambda s: s, "SAE spliced": state_transform(sae, scales),
-                                         "no adapter": torch.zeros_like})
+variants = {"rank1": "rank-1 (as is)", "sae_spliced": "SAE spliced", "no_adapter": "no adapter"}  # slug -> label
+engine = ScalarEngine(model, tokenizer, {"rank1": lambda s: s, "sae_spliced": state_transform(sae, scales),
+                                         "no_adapter": torch.zeros_like})
 gen = GenerationSpec(max_tokens=MAX_TOKENS, answer_tokens=min(32, MAX_TOKENS // 4), seed=SEED)
 accuracy = []
 for name, limit in (("aime24", 4 if SMOKE else None), ("math500", 8 if SMOKE else (N_MATH or None))):
     items = load_benchmark(name, f"{BENCHMARK_DIR}/{name}" if BENCHMARK_DIR else None)
     items = items[:limit] if limit else items
-    for variant in engine.transforms:
-        slug = variant.split(" ")[0].replace("-", "")
-        df = evaluate(engine, items, gen, out_dir / slug / f"{name}.greedy.jsonl", adapter=variant)
+    for slug, label in variants.items():
+        df = evaluate(engine, items, gen, out_dir / slug / f"{name}.greedy.jsonl", adapter=slug)
         k, n = int(df.correct.sum()), len(df)
-        accuracy.append({"benchmark": name, "variant": variant, "accuracy": k / n, "n": n,
+        accuracy.append({"benchmark": name, "variant": label, "slug": slug, "accuracy": k / n, "n": n,
                          **dict(zip(("lo", "hi"), wilson_interval(k, n)))})
 accuracy = pd.DataFrame(accuracy)
 print(accuracy.round(3).to_string())
@@ -171,5 +172,5 @@ record_headline(SECTION, "splice_kl_recovered", recovered, unit="fraction of KL(
 for _, r in kl.iterrows():
     record_headline(SECTION, f"kl_{r.variant.replace(' ', '_').lower()}", r.kl, unit="nats/token", n=len(per_trace), ci95=[r.lo, r.hi])
 for _, r in accuracy.iterrows():
-    key = f"{r.benchmark}_{r.variant.split(' ')[0].replace('-', '').lower()}_accuracy"
+    key = f"{r.benchmark}_{r.slug}_accuracy"
     record_headline(SECTION, key, r.accuracy, unit="fraction", n=r.n, ci95=[r.lo, r.hi])

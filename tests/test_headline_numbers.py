@@ -1,0 +1,54 @@
+"""Regression locks on the embedded default's key numbers, as `make all` last wrote them.
+
+`figures/headline_numbers.json` is committed; rerunning `make all` after a change rewrites it, and this test
+then fails if a key number moved beyond its tolerance (tolerances allow for thread-count and library
+jitter, not for a changed result). Every number must carry a unit or an n.
+"""
+
+import json
+
+import pytest
+
+from paper_lib.paths import REPO_ROOT
+
+HEADLINES = json.loads((REPO_ROOT / "figures" / "headline_numbers.json").read_text())
+
+# (section, key): (expected, absolute tolerance)
+EXPECTED = {
+    ("00_build_model_organism", "textbook_accuracy_at_aime_k"): (1.0, 0.03),
+    ("00_build_model_organism", "chat_accuracy_at_aime_k"): (0.152, 0.05),
+    ("01_train_rank1_lora", "rank1_trainable_parameters"): (11264, 0),
+    ("01_train_rank1_lora", "rank1_final_loss"): (0.038, 0.01),
+    ("01_train_rank1_lora", "full_final_loss"): (0.021, 0.01),
+    ("02_evaluate_reasoning", "greedy_aime24_rank1_accuracy"): (0.70, 0.10),
+    ("02_evaluate_reasoning", "greedy_aime24_gain_recovered"): (0.78, 0.15),
+    ("02_evaluate_reasoning", "greedy_math500_gain_recovered"): (0.86, 0.08),
+    ("03_ablate_adapters", "kl_all_adapters"): (2.67, 0.3),
+    ("03_ablate_adapters", "kl_layer_0"): (0.83, 0.15),
+    ("04_interpret_lora_activations", "lora_monosemantic_share"): (0.66, 0.10),
+    ("04_interpret_lora_activations", "mlp_monosemantic_share"): (0.61, 0.10),
+    ("04_interpret_lora_activations", "random_monosemantic_share"): (0.68, 0.10),
+    ("04_interpret_lora_activations", "lora_median_auroc"): (0.83, 0.08),
+    ("04_interpret_lora_activations", "mlp_median_auroc"): (0.59, 0.08),
+    ("05_train_sae", "splice_kl_recovered"): (0.999, 0.01),
+    ("05_train_sae", "heldout_fvu"): (0.03, 0.02),
+    ("05_train_sae", "heldout_l0"): (3.93, 0.3),
+    ("05_train_sae", "aime24_sae_spliced_accuracy"): (0.70, 0.10),
+    ("06_interpret_sae_features", "sae_monosemantic_share"): (0.90, 0.07),
+    ("06_interpret_sae_features", "live_latents"): (143, 25),
+    ("06_interpret_sae_features", "steering_steps_change"): (-6.0, 1.5),
+}
+
+
+@pytest.mark.parametrize("key", list(EXPECTED), ids=lambda k: f"{k[0][:2]}-{k[1]}")
+def test_key_number_within_tolerance(key):
+    section, name = key
+    assert section in HEADLINES, f"{section} missing: run `make all`"
+    expected, tolerance = EXPECTED[key]
+    assert HEADLINES[section][name]["value"] == pytest.approx(expected, abs=tolerance)
+
+
+def test_every_number_has_a_unit_or_n():
+    for section, entries in HEADLINES.items():
+        for name, entry in entries.items():
+            assert "unit" in entry or "n" in entry, f"{section}.{name}"
