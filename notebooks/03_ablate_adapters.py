@@ -51,15 +51,14 @@ from paper_lib.ablation import (
     MLP,
     ablation_groups,
     ablation_kl,
-    completion_batches,
     module_layer_table,
     save_adapter_subset,
+    scoring_traces,
     summarize_kl,
+    trace_batches,
 )
 from paper_lib.config import seed_everything
-from paper_lib.data import load_traces, s1_assistant_turn
-from paper_lib.organism import heldout_traces
-from paper_lib.paths import artifact_dir, resolve
+from paper_lib.paths import artifact_dir
 from paper_lib.plotting import plot_adapter_ablations, save_figure
 from paper_lib.results import record_headline
 from paper_lib.training import load_trained
@@ -75,15 +74,9 @@ n_traces = 8 if SMOKE else N_TRACES
 # predict completion tokens are scored.
 
 # %%
-if TRACES == "organism-probe":
-    rows = heldout_traces(resolve(ORGANISM_DIR), n_traces, seed=SEED)
-else:
-    rows = list(load_traces(TRACES).shuffle(seed=SEED).select(range(n_traces)))
-prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=False,
-                                         add_generation_prompt=True) for r in rows]
-completions = [s1_assistant_turn(r["deepseek_thinking_trajectory"], r["deepseek_attempt"]) + "<|im_end|>" for r in rows]
-batches = completion_batches(tokenizer, prompts, completions, BATCH_SIZE, MAX_LENGTH)
-print(prompts[0] + completions[0])
+rows = scoring_traces(TRACES, n_traces, seed=SEED, organism_dir=ORGANISM_DIR)
+batches = trace_batches(tokenizer, rows, BATCH_SIZE, MAX_LENGTH)
+print(tokenizer.decode(batches[0]["input_ids"][0][batches[0]["attention_mask"][0].bool()]))
 print(f"{len(rows)} traces, {sum(int(b['score_mask'].sum()) for b in batches)} scored positions")
 
 # %% [markdown]

@@ -73,7 +73,7 @@ from paper_lib.activations import (
 )
 from paper_lib.config import seed_everything
 from paper_lib.data import format_s1_text, load_traces
-from paper_lib.interp import class_shares, classify_features, compare_populations, score_against_roles, signed_features, top_examples
+from paper_lib.interp import class_shares, compare_populations, score_populations, signed_features, top_examples
 from paper_lib.organism import ROLE_FAMILY, token_roles
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import feature_page_html, plot_interpretability, save_figure, save_html
@@ -154,12 +154,7 @@ assert all(len(f["examples"]) <= PAGE_EXAMPLES for f in features)
 if ROLE_SCORER:
     roles = np.concatenate([token_roles(tokenizer, t, MAX_LENGTH) for t in texts])
     assert len(roles) == len(token_ids)
-    scored = []
-    for name, (values, names) in populations.items():
-        table = score_against_roles(values, names, roles, ROLE_FAMILY, k=TOP_K)
-        table["class"] = classify_features(table, mono=MONO, broad=BROAD)
-        scored.append(table.assign(population=name))
-    scored = pd.concat(scored, ignore_index=True)
+    scored = score_populations(populations, roles, ROLE_FAMILY, k=TOP_K, mono=MONO, broad=BROAD)
     scored.to_csv(out_dir / "role_scores.csv", index=False)
     shares = class_shares(scored, n_resamples=N_BOOTSTRAP, seed=SEED)
     print(shares.round(3).to_string())

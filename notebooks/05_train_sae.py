@@ -58,13 +58,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from paper_lib.ablation import completion_batches
+from paper_lib.ablation import scoring_traces, trace_batches
 from paper_lib.activations import ActivationStore
 from paper_lib.config import seed_everything
-from paper_lib.data import load_traces, s1_assistant_turn
 from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
-from paper_lib.organism import heldout_traces
-from paper_lib.paths import artifact_dir, resolve
+from paper_lib.paths import artifact_dir
 from paper_lib.plotting import plot_sae_training, plot_splice, save_figure
 from paper_lib.results import record_headline
 from paper_lib.sae import SAESpec, ScalarEngine, load_sae, sae_metrics, splice_kl, state_transform, store_matrix, train_sae
@@ -114,14 +112,8 @@ model, tokenizer, _ = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE))
 if torch.cuda.is_available():
     model.cuda()
 n_traces = 8 if SMOKE else N_SPLICE_TRACES
-if TRACES == "organism-probe":
-    rows = heldout_traces(resolve(ORGANISM_DIR), n_traces, seed=SEED)
-else:
-    rows = list(load_traces(TRACES).shuffle(seed=SEED).select(range(n_traces)))
-prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=False,
-                                         add_generation_prompt=True) for r in rows]
-completions = [s1_assistant_turn(r["deepseek_thinking_trajectory"], r["deepseek_attempt"]) + "<|im_end|>" for r in rows]
-per_trace = splice_kl(model, completion_batches(tokenizer, prompts, completions, 32, MAX_LENGTH), sae, scales)
+rows = scoring_traces(TRACES, n_traces, seed=SEED, organism_dir=ORGANISM_DIR)
+per_trace = splice_kl(model, trace_batches(tokenizer, rows, 32, MAX_LENGTH), sae, scales)
 recovered = 1 - per_trace.kl_spliced.mean() / per_trace.kl_no_adapter.mean()
 rec_lo, rec_hi = bootstrap_interval([per_trace.kl_spliced.to_numpy(), per_trace.kl_no_adapter.to_numpy()],
                                     lambda s, n: 1 - s.mean() / n.mean(), N_BOOTSTRAP, seed=SEED)

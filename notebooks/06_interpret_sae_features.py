@@ -62,7 +62,7 @@ from paper_lib.activations import ActivationStore
 from paper_lib.config import seed_everything
 from paper_lib.data import format_s1_text, load_traces
 from paper_lib.evaluation import GenerationSpec, chat_prompt, evaluate, load_benchmark
-from paper_lib.interp import class_shares, classify_features, compare_populations, score_against_roles, signed_features, top_examples
+from paper_lib.interp import class_shares, compare_populations, score_populations, signed_features, top_examples
 from paper_lib.organism import ROLE_FAMILY, token_roles
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import feature_page_html, plot_feature_donut, plot_interpretability, save_figure, save_html
@@ -114,12 +114,8 @@ if ROLE_SCORER:
     roles = np.concatenate([token_roles(tokenizer, t, extraction["MAX_LENGTH"]) for t in texts])
     assert len(roles) == len(token_ids)
     raw_values, raw_names = signed_features(acts, [f"L{l}.{m}" for l in store.layers for m in store.modules])
-    scored = []
-    for population, values, labels in (("SAE feature", features[:, live], names), ("LoRA", raw_values, raw_names)):
-        table = score_against_roles(values, labels, roles, ROLE_FAMILY, k=TOP_K)
-        table["class"] = classify_features(table, mono=MONO, broad=BROAD)
-        scored.append(table.assign(population=population))
-    scored = pd.concat(scored, ignore_index=True)
+    scored = score_populations({"SAE feature": (features[:, live], names), "LoRA": (raw_values, raw_names)}, roles,
+                               ROLE_FAMILY, k=TOP_K, mono=MONO, broad=BROAD)
     scored.to_csv(out_dir / "role_scores.csv", index=False)
     shares = class_shares(scored, n_resamples=N_BOOTSTRAP, seed=SEED)
     test = compare_populations(scored, "SAE feature", "LoRA", N_BOOTSTRAP, SEED)

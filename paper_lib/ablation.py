@@ -108,6 +108,29 @@ def completion_batches(tokenizer, prompts: Sequence[str], completions: Sequence[
     return out
 
 
+def scoring_traces(source: str, n: int, seed: int = 0, organism_dir: str = "data/organism") -> list[dict]:
+    """``n`` traces in s1K-1.1's schema to score teacher-forced: ``"organism-probe"`` = held-out organism
+    traces (in no training set), else a dataset path or hub id, shuffled with ``seed``."""
+    from paper_lib.data import load_traces
+    from paper_lib.organism import heldout_traces
+    from paper_lib.paths import resolve
+
+    if source == "organism-probe":
+        return heldout_traces(resolve(organism_dir), n, seed=seed)
+    return list(load_traces(source).shuffle(seed=seed).select(range(n)))
+
+
+def trace_batches(tokenizer, rows: Sequence[dict], batch_size: int = 32, max_length: int = 2048) -> list[dict[str, torch.Tensor]]:
+    """``completion_batches`` of s1K rows: the chat-formatted question as prompt, s1's assistant turn (and
+    end of turn) as the scored completion."""
+    from paper_lib.data import s1_assistant_turn
+
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=False,
+                                             add_generation_prompt=True) for r in rows]
+    completions = [s1_assistant_turn(r["deepseek_thinking_trajectory"], r["deepseek_attempt"]) + "<|im_end|>" for r in rows]
+    return completion_batches(tokenizer, prompts, completions, batch_size, max_length)
+
+
 def module_layer_table(summary: pd.DataFrame) -> pd.DataFrame:
     """The single-adapter KLs as a module x layer table (rows in ``ADAPTER_MODULES`` order)."""
     single = summary[summary["group"].str.contains("/")].copy()

@@ -135,6 +135,18 @@ def classify_features(scores: pd.DataFrame, mono: float = 0.9, broad: float = 0.
                      index=scores.index, name="class")
 
 
+def score_populations(populations: Mapping[str, tuple[np.ndarray, Sequence[str]]], roles: Sequence[str],
+                      families: Mapping[str, str], k: int = 50, mono: float = 0.9, broad: float = 0.9) -> pd.DataFrame:
+    """``score_against_roles`` and ``classify_features`` for each population (name -> (values [tokens, F],
+    feature names)), stacked with a ``population`` column."""
+    tables = []
+    for population, (values, names) in populations.items():
+        table = score_against_roles(values, names, roles, families, k=k)
+        table["class"] = classify_features(table, mono=mono, broad=broad)
+        tables.append(table.assign(population=population))
+    return pd.concat(tables, ignore_index=True)
+
+
 def class_shares(classes: pd.DataFrame, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
     """Share of each class per population with percentile-bootstrap 95% intervals (features resampled).
     ``classes``: columns population, class."""

@@ -34,6 +34,21 @@ def save_figure(fig: plt.Figure, name: str, data: pd.DataFrame) -> dict[str, Pat
     return paths
 
 
+def _grouped_bars(ax: plt.Axes, data: pd.DataFrame, x: str, group: str, value: str,
+                  x_order: list | None = None, group_order: list | None = None) -> None:
+    """Bars of ``value`` per ``x`` category, one bar per ``group`` side by side, with ``lo``/``hi`` error
+    bars and a legend."""
+    x_order = x_order or list(dict.fromkeys(data[x]))
+    group_order = group_order or list(dict.fromkeys(data[group]))
+    width = 0.8 / max(1, len(group_order))
+    for i, name in enumerate(group_order):
+        sub = data[data[group] == name].set_index(x).reindex(x_order)
+        positions = np.arange(len(x_order)) + (i - (len(group_order) - 1) / 2) * width
+        ax.bar(positions, sub[value], width, yerr=[sub[value] - sub["lo"], sub["hi"] - sub[value]], capsize=3, label=name)
+    ax.set_xticks(np.arange(len(x_order)), x_order)
+    ax.legend(fontsize=8)
+
+
 def plot_latent_gap(acc: pd.DataFrame, benchmark_k: int | None = None) -> plt.Figure:
     """Accuracy by number of steps, one line per format. ``acc``: columns k, format, accuracy, lo, hi, n."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -86,15 +101,8 @@ def plot_benchmark_accuracy(accuracy: pd.DataFrame, recovery: pd.DataFrame | Non
         ax = axes[0][col]
         sub = accuracy[accuracy["protocol"] == protocol]
         benches = sorted(sub["benchmark"].unique())
-        width = 0.8 / max(1, len(order))
-        for i, model in enumerate(order):
-            m = sub[sub["model"] == model].set_index("benchmark").reindex(benches)
-            x = np.arange(len(benches)) + (i - (len(order) - 1) / 2) * width
-            ax.bar(x, m["accuracy"], width, label=model,
-                   yerr=[m["accuracy"] - m["lo"], m["hi"] - m["accuracy"]], capsize=3)
-        ax.set_xticks(np.arange(len(benches)), benches)
+        _grouped_bars(ax, sub, "benchmark", "model", "accuracy", benches, order)
         ax.set(ylim=(0, 1.05), ylabel="accuracy (95% bootstrap CI)", title=f"protocol: {protocol}")
-        ax.legend(fontsize=8)
         if rows == 2:
             ax = axes[1][col]
             rec = recovery[recovery["protocol"] == protocol].set_index("benchmark").reindex(benches)
@@ -139,16 +147,8 @@ def plot_interpretability(scored: pd.DataFrame, shares: pd.DataFrame) -> plt.Fig
         ax.set(xlabel="", ylabel=label, ylim=(0, 1.02))
     axes[0].set_title("(a) top-k purity")
     axes[1].set_title("(b) role detection")
-    classes = list(dict.fromkeys(shares["class"]))
-    width = 0.8 / len(classes)
-    for i, name in enumerate(classes):
-        sub = shares[shares["class"] == name].set_index("population").reindex(order)
-        x = np.arange(len(order)) + (i - (len(classes) - 1) / 2) * width
-        axes[2].bar(x, sub["share"], width, yerr=[sub["share"] - sub["lo"], sub["hi"] - sub["share"]], capsize=3,
-                    label=name)
-    axes[2].set_xticks(np.arange(len(order)), order)
+    _grouped_bars(axes[2], shares, "population", "class", "share", order)
     axes[2].set(ylim=(0, 1.02), ylabel="share of features (95% bootstrap CI)", title="(c) classes")
-    axes[2].legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -237,17 +237,8 @@ def plot_splice(kl: pd.DataFrame, accuracy: pd.DataFrame) -> plt.Figure:
     axes[0].bar(kl["variant"], kl["kl"], yerr=[kl["kl"] - kl["lo"], kl["hi"] - kl["kl"]], capsize=3,
                 color=["tab:grey", "tab:purple"][: len(kl)])
     axes[0].set(yscale="log", ylabel="KL(full || variant), nats/token", title="(a) teacher-forced, held-out traces")
-    variants = list(dict.fromkeys(accuracy["variant"]))
-    benches = list(dict.fromkeys(accuracy["benchmark"]))
-    width = 0.8 / len(variants)
-    for i, variant in enumerate(variants):
-        sub = accuracy[accuracy["variant"] == variant].set_index("benchmark").reindex(benches)
-        x = np.arange(len(benches)) + (i - (len(variants) - 1) / 2) * width
-        axes[1].bar(x, sub["accuracy"], width, yerr=[sub["accuracy"] - sub["lo"], sub["hi"] - sub["accuracy"]], capsize=3,
-                    label=variant)
-    axes[1].set_xticks(np.arange(len(benches)), benches)
+    _grouped_bars(axes[1], accuracy, "benchmark", "variant", "accuracy")
     axes[1].set(ylim=(0, 1.05), ylabel="greedy accuracy (95% Wilson CI)", title="(b) benchmarks")
-    axes[1].legend(fontsize=8)
     fig.tight_layout()
     return fig
 
