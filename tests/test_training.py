@@ -256,3 +256,23 @@ def dataclasses_replace(cfg, **changes):
     import dataclasses
 
     return dataclasses.replace(cfg, **changes)
+
+
+def test_extraction_entry_point_writes_a_store_of_the_trained_adapter(tiny_lora_run, tmp_path):
+    """`accelerate launch -m paper_lib.activations ...` with one process: the same store a notebook would read."""
+    import numpy as np
+
+    from paper_lib.activations import ActivationStore, lora_activations
+    from paper_lib.activations import main as extract_main
+    from paper_lib.data import format_s1_text
+
+    cfg, _ = tiny_lora_run
+    extract_main(["--adapter-run", str(cfg.output_dir), "--traces", cfg.dataset, "--out", str(tmp_path / "acts"),
+                  "--dtype", "float32", "--max-length", "256"])
+    store = ActivationStore(tmp_path / "acts")
+    model, tok, _ = load_trained(cfg.output_dir)
+    text = format_s1_text(tok, load_traces(cfg.dataset)[0])
+    ids, values = store.document(0)
+    direct, _, _ = lora_activations(model, tok([text], return_tensors="pt", add_special_tokens=False)["input_ids"])
+    assert ids.tolist() == tok(text, add_special_tokens=False)["input_ids"][:256]
+    assert np.allclose(values, direct[0, : len(ids)].numpy(), atol=2e-3, rtol=2e-3)
