@@ -211,11 +211,12 @@ def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Seq
     n_shards = math.ceil(len(texts) / docs_per_shard)
     device = next(model.parameters()).device
     tokenizer.padding_side = "right"
-    mine = range(process_index, n_shards, num_processes)
-    for shard in tqdm(mine, desc=f"extracting activation shards (process {process_index})", unit="shard"):
+    todo = [s for s in range(process_index, n_shards, num_processes) if not _shard_paths(out_dir, s)["done"].is_file()]
+    # progress in traces (not shards), so the time-left estimate moves with every batch
+    progress = tqdm(total=sum(len(texts[s * docs_per_shard : (s + 1) * docs_per_shard]) for s in todo), unit="trace",
+                    desc=f"extracting adapter activations (process {process_index})")
+    for shard in todo:
         paths = _shard_paths(out_dir, shard)
-        if paths["done"].is_file():
-            continue
         docs = texts[shard * docs_per_shard : (shard + 1) * docs_per_shard]
         tokens, acts, offsets = [], [], [0]
         for i in range(0, len(docs), batch_size):
@@ -227,10 +228,12 @@ def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Seq
                 tokens.append(enc["input_ids"][row, :n].numpy().astype(np.int32))
                 acts.append(values[row, :n].numpy().astype(dtype))
                 offsets.append(offsets[-1] + n)
+            progress.update(len(enc["input_ids"]))
         np.save(paths["tokens"], np.concatenate(tokens))
         np.save(paths["acts"], np.concatenate(acts))
         np.save(paths["offsets"], np.asarray(offsets, dtype=np.int64))
         paths["done"].write_text("")
+    progress.close()
     if all(_shard_paths(out_dir, shard)["done"].is_file() for shard in range(n_shards)):
         return ActivationStore(out_dir)
     return None
