@@ -68,6 +68,7 @@ from paper_lib.activations import (
     build_readout_model,
     extract_activation_shards,
     extract_projections,
+    mlp_neuron_directions,
     random_directions,
     sample_mlp_neurons,
 )
@@ -108,7 +109,7 @@ start = time.perf_counter()
 store = extract_activation_shards(model, tokenizer, texts, store_dir, batch_size=BATCH_SIZE, max_length=MAX_LENGTH)
 seconds = time.perf_counter() - start
 token_ids, doc_ids = store.tokens(), store.document_ids()
-lora = store.activations().astype(np.float32).reshape(len(token_ids), -1)
+lora = store.activations().reshape(len(token_ids), -1)  # the store's dtype (float16): all populations alike
 lora_names = [f"L{layer}.{module}" for layer in store.layers for module in store.modules]
 print(f"{len(token_ids):,} tokens x {lora.shape[1]} adapters in {seconds:.1f} s ({len(token_ids) / seconds:,.0f} tok/s, "
       "0 if the shards existed)")
@@ -122,16 +123,12 @@ assert np.isfinite(lora).all() and lora.shape[1] == len(store.layers) * len(stor
 # %%
 keys = [(layer, module) for layer in store.layers for module in store.modules]
 neurons = sample_mlp_neurons(model, len(keys), seed=SEED)
-mlp_dirs = {}
-for layer, index in neurons:
-    mlp_dirs.setdefault((layer, "down_proj"), []).append(index)
-mlp_directions = {key: torch.eye(model.get_submodule(f"model.layers.{key[0]}.mlp.down_proj").weight.shape[1])[idx]
-                  for key, idx in sorted(mlp_dirs.items())}
-mlp_names = [f"L{key[0]}.n{i}" for key, idx in sorted(mlp_dirs.items()) for i in idx]
+mlp_directions = mlp_neuron_directions(model, neurons)  # one-hot rows of the down_proj input, grouped by layer
+mlp_names = [f"L{layer}.n{i}" for layer, _ in mlp_directions for l, i in neurons if l == layer]
 directions = random_directions(model, keys, seed=SEED)
-mlp = extract_projections(model, tokenizer, texts, mlp_directions, BATCH_SIZE, MAX_LENGTH)
-rand = extract_projections(model, tokenizer, texts, directions, BATCH_SIZE, MAX_LENGTH)
-assert mlp.shape == rand.shape == lora.shape
+mlp = extract_projections(model, tokenizer, texts, mlp_directions, BATCH_SIZE, MAX_LENGTH, dtype=store.meta["dtype"])
+rand = extract_projections(model, tokenizer, texts, directions, BATCH_SIZE, MAX_LENGTH, dtype=store.meta["dtype"])
+assert mlp.shape == rand.shape == lora.shape and mlp.dtype == rand.dtype == lora.dtype
 populations = {"LoRA": signed_features(lora, lora_names), "MLP neuron": signed_features(mlp, mlp_names),
                "random direction": signed_features(rand, [f"L{k[0]}.{k[1]}.rand" for k in keys])}
 print({name: values.shape for name, (values, _) in populations.items()})

@@ -67,7 +67,7 @@ from paper_lib.organism import ROLE_FAMILY, token_roles
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import feature_page_html, plot_feature_donut, plot_interpretability, save_figure, save_html
 from paper_lib.results import record_headline
-from paper_lib.sae import ScalarEngine, decoder_logit_effects, decoder_scalars, latents, load_sae, store_matrix
+from paper_lib.sae import LatentView, ScalarEngine, decoder_logit_effects, decoder_scalars, latent_summary, latents, load_sae
 from paper_lib.training import load_trained
 
 SECTION = "06_interpret_sae_features"
@@ -80,13 +80,13 @@ store = ActivationStore(interp_dir / "activations")
 sae, scales = load_sae(artifact_dir(SAE_DIR + suffix))
 model, tokenizer, _ = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE))
 token_ids, doc_ids = store.tokens(), store.document_ids()
-acts = store_matrix(store)
-features = np.concatenate(list(latents(sae, scales, acts)))  # [tokens, d_sae]; stream it at real scale
-fired = (features > 0).sum(0)
+acts = store.activations().reshape(len(token_ids), -1)  # [tokens, d_in] in the store's dtype
+summary = latent_summary(sae, scales, acts, k=PAGE_EXAMPLES)  # streamed: no dense [tokens, d_sae] array
+fired, d_sae = summary["fired"], sae.cfg.d_sae
 live = np.flatnonzero(fired)
 names = [f"latent {i}" for i in live]
-print(f"{len(token_ids):,} tokens; {len(live)} of {features.shape[1]} latents fire at least once")
-assert len(live) > 0
+print(f"{len(token_ids):,} tokens; {len(live)} of {d_sae} latents fire at least once")
+assert len(live) > 0 and fired.sum() > 0
 
 # %% [markdown]
 # ## Dashboard: every live feature's top examples, activation histogram and direct logit effects
@@ -94,11 +94,10 @@ assert len(live) > 0
 
 # %%
 vocab = {i: tokenizer.decode([i]) for i in np.unique(token_ids).tolist()}
-examples = top_examples(features[:, live], names, token_ids, doc_ids, vocab.__getitem__, k=PAGE_EXAMPLES, width=CONTEXT)
+examples = top_examples(LatentView(sae, scales, acts, live), names, token_ids, doc_ids, vocab.__getitem__, k=PAGE_EXAMPLES,
+                        width=CONTEXT, top=(summary["top_values"][live], summary["top_indices"][live]))
 for entry, latent in zip(examples, live):
-    nonzero = features[:, latent][features[:, latent] > 0]
-    counts, edges = np.histogram(nonzero, bins=30)
-    entry["histogram"] = {"counts": counts.tolist(), "edges": edges.tolist()}
+    entry["histogram"] = {"counts": summary["hist_counts"][latent].tolist(), "edges": summary["hist_edges"][latent].tolist()}
     entry["logits"] = decoder_logit_effects(model, decoder_scalars(sae, scales, int(latent)), store.layers, store.modules,
                                             tokenizer, top=6)
     entry["summary"] = f"fires on {fired[latent]:,} tokens ({fired[latent] / len(token_ids):.2%})"
@@ -114,7 +113,8 @@ if ROLE_SCORER:
     roles = np.concatenate([token_roles(tokenizer, t, extraction["MAX_LENGTH"]) for t in texts])
     assert len(roles) == len(token_ids)
     raw_values, raw_names = signed_features(acts, [f"L{l}.{m}" for l in store.layers for m in store.modules])
-    scored = score_populations({"SAE feature": (features[:, live], names), "LoRA": (raw_values, raw_names)}, roles,
+    features = np.concatenate(list(latents(sae, scales, acts)))[:, live]  # dense: fine at the organism's size
+    scored = score_populations({"SAE feature": (features, names), "LoRA": (raw_values, raw_names)}, roles,
                                ROLE_FAMILY, k=TOP_K, mono=MONO, broad=BROAD)
     scored.to_csv(out_dir / "role_scores.csv", index=False)
     shares = class_shares(scored, n_resamples=N_BOOTSTRAP, seed=SEED)
@@ -130,7 +130,7 @@ if ROLE_SCORER:
 
 # %%
 path = save_html(feature_page_html(examples, "SAE features on the rank-1 adapter state",
-                                   f"{len(live)} live latents of {features.shape[1]}; {len(token_ids):,} tokens. Histogram: the "
+                                   f"{len(live)} live latents of {d_sae}; {len(token_ids):,} tokens. Histogram: the "
                                    "latent's non-zero activations; logit effects: its decoder direction through the o_proj and "
                                    "down_proj adapters' B vectors and the unembedding."), "sae_feature_dashboard")
 print(path)
@@ -144,7 +144,7 @@ print(path)
 if ROLE_SCORER:
     mass = pd.DataFrame({"category": sae_scores.loc[names, "family"].to_numpy(),
                          "subcategory": sae_scores.loc[names, "role"].to_numpy(),
-                         "mass": features[:, live].sum(0)}).groupby(["category", "subcategory"], as_index=False)["mass"].sum()
+                         "mass": summary["mass"][live]}).groupby(["category", "subcategory"], as_index=False)["mass"].sum()
     save_figure(plot_feature_donut(mass), "sae_feature_categories", mass)
     print(mass.sort_values("mass", ascending=False).head(10).round(1).to_string())
 
@@ -163,7 +163,7 @@ if ROLE_SCORER:
     candidates = sae_scores[sae_scores.role.isin(completion_roles)].sort_values(["precision", "auroc"], ascending=False)
     steer = int(candidates.index[0].split(" ")[1]) if STEER_FEATURE < 0 else STEER_FEATURE
     role = sae_scores.loc[f"latent {steer}", "role"]
-    unit = float(features[:, steer][features[:, steer] > 0].mean())
+    unit = float(summary["mass"][steer] / summary["fired"][steer])  # mean non-zero activation
     direction = decoder_scalars(sae, scales, steer).reshape(len(store.layers), len(store.modules))
     strengths = [float(s) for s in STEER_STRENGTHS.split(",")]
     engine = ScalarEngine(model, tokenizer, {f"x{s:g}": (lambda a, s=s: a + s * unit * direction) for s in strengths})
@@ -190,7 +190,7 @@ if ROLE_SCORER:
 # ## Headline numbers
 
 # %%
-record_headline(SECTION, "live_latents", float(len(live)), unit="latents", n=int(features.shape[1]))
+record_headline(SECTION, "live_latents", float(len(live)), unit="latents", n=int(d_sae))
 if ROLE_SCORER:
     for _, r in shares.iterrows():
         key = f"{'sae' if r.population.startswith('SAE') else 'lora'}_{r['class']}_share"
@@ -222,7 +222,7 @@ if JUDGE_URL:
         explanation = parse_explanation(judge.ask(explanation_prompt(examples[i]["examples"][:10])))
         category, sub = categorise(judge, explanation)
         judged.append({"feature": names[i], "explanation": explanation, "category": category or "uncategorised",
-                       "subcategory": sub or "-", "mass": float(features[:, live[i]].sum())})
+                       "subcategory": sub or "-", "mass": float(summary["mass"][live[i]])})
     judged = pd.DataFrame(judged)
     judged.to_csv(out_dir / "judge_categories.csv", index=False)
     mass_llm = judged.groupby(["category", "subcategory"], as_index=False)["mass"].sum()

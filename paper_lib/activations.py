@@ -416,9 +416,10 @@ def random_directions(model: torch.nn.Module, keys: Sequence[tuple[int, str]], s
 
 def extract_projections(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str],
                         directions: dict[tuple[int, str], torch.Tensor], batch_size: int = 16,
-                        max_length: int = 2048) -> np.ndarray:
+                        max_length: int = 2048, dtype: str = "float32") -> np.ndarray:
     """``projected_activations`` for every token of ``texts``, tokenized and truncated exactly as
-    ``extract_activation_shards`` does, so rows align with an ``ActivationStore``'s tokens: ``[tokens, n]``."""
+    ``extract_activation_shards`` does, so rows align with an ``ActivationStore``'s tokens: ``[tokens, n]``
+    in ``dtype`` (pass the store's dtype so that every population is compared at the same precision)."""
     device = next(model.parameters()).device
     tokenizer.padding_side = "right"
     out = []
@@ -426,7 +427,7 @@ def extract_projections(model: torch.nn.Module, tokenizer: Any, texts: Sequence[
         enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
                         max_length=max_length, add_special_tokens=False)
         values = projected_activations(model, enc["input_ids"].to(device), directions, enc["attention_mask"].to(device))
-        out += [values[row, : int(n)].numpy() for row, n in enumerate(enc["attention_mask"].sum(1))]
+        out += [values[row, : int(n)].numpy().astype(dtype) for row, n in enumerate(enc["attention_mask"].sum(1))]
     return np.concatenate(out)
 
 

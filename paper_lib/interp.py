@@ -23,25 +23,40 @@ CLASSES = ("monosemantic", "broad", "polysemantic")
 
 
 def signed_features(values: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray, list[str]]:
-    """Both polarities of each column: ``[tokens, F] -> [tokens, 2F]``, named ``name+`` and ``name-``."""
-    values = np.asarray(values, dtype=np.float32)
+    """Both polarities of each column: ``[tokens, F] -> [tokens, 2F]``, named ``name+`` and ``name-`` (in the
+    input's float dtype: float16 stores stay float16, halving memory at real scale)."""
+    values = np.asarray(values)
+    if not np.issubdtype(values.dtype, np.floating):
+        values = values.astype(np.float32)
     if values.ndim != 2 or values.shape[1] != len(names):
         raise ValueError(f"values {values.shape} do not match {len(names)} names")
     return np.concatenate([values, -values], axis=1), [f"{n}+" for n in names] + [f"{n}-" for n in names]
 
 
-def top_k_indices(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def top_k_indices(values: np.ndarray, k: int, block: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k per column of ``values`` ``[tokens, F]``: (values [F, k'], token indices [F, k']) in
-    descending order, k' = min(k, tokens). Ties are broken by the lower token index."""
+    descending order, k' = min(k, tokens); among equal values the lower token index comes first, also at
+    the k-th place (what a stable sort gives; ``argpartition`` alone picks arbitrary ties there, and float16
+    stores have many). O(tokens) per column, ``block`` columns at a time to bound memory."""
     values = np.asarray(values)
-    k = min(k, len(values))
+    n_tokens, n_features = values.shape
+    k = min(k, n_tokens)
+    out_v = np.empty((n_features, k), values.dtype)
+    out_i = np.empty((n_features, k), np.int64)
     if k == 0:
-        return np.empty((values.shape[1], 0), values.dtype), np.empty((values.shape[1], 0), np.int64)
-    part = np.argpartition(-values, k - 1, axis=0)[:k].T  # [F, k], unordered
-    part_values = np.take_along_axis(values.T, part, axis=1)
-    order = np.lexsort((part, -part_values), axis=1)  # by value descending, then index ascending
-    idx = np.take_along_axis(part, order, axis=1)
-    return np.take_along_axis(values.T, idx, axis=1), idx.astype(np.int64)
+        return out_v, out_i
+    for first in range(0, n_features, block):
+        v = values[:, first : first + block]
+        kth = -np.partition(-v, k - 1, axis=0)[k - 1]  # the k-th largest value of each column
+        greater, equal = v > kth, v == kth
+        need = k - greater.sum(0)
+        chosen = greater | (equal & (np.cumsum(equal, axis=0, dtype=np.int64) <= need))
+        idx = np.nonzero(chosen.T)[1].reshape(-1, k)  # exactly k per column, ascending index
+        vals = np.take_along_axis(v.T, idx, axis=1)
+        order = np.lexsort((idx, -vals), axis=1)  # by value descending, then index ascending
+        out_i[first : first + block] = np.take_along_axis(idx, order, axis=1)
+        out_v[first : first + block] = np.take_along_axis(vals, order, axis=1)
+    return out_v, out_i
 
 
 def top_k_streaming(chunks: Iterable[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,12 +91,15 @@ def context_window(token_index: int, doc_ids: np.ndarray, width: int) -> tuple[i
     return start, end
 
 
-def top_examples(values: np.ndarray, names: Sequence[str], token_ids: np.ndarray, doc_ids: np.ndarray,
-                 decode: Any, k: int = 20, width: int = 8, min_value: float = 0.0) -> list[dict[str, Any]]:
+def top_examples(values: Any, names: Sequence[str], token_ids: np.ndarray, doc_ids: np.ndarray,
+                 decode: Any, k: int = 20, width: int = 8, min_value: float = 0.0,
+                 top: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """For each feature, its top-k tokens (value > ``min_value``) with ±``width`` tokens of context:
     ``{"name", "examples": [{"tokens", "values", "center", "doc", "value"}]}``; ``decode`` maps a token
-    id to its text."""
-    top_v, top_i = top_k_indices(values, k)
+    id to its text. ``values`` is ``[tokens, F]`` or anything indexable as ``values[start:end, f]`` when
+    ``top`` (values, indices ``[F, k]``, e.g. from ``top_k_streaming``) is given."""
+    top_v, top_i = top if top is not None else top_k_indices(values, k)
+    top_v, top_i = top_v[:, :k], top_i[:, :k]
     features = []
     for f, name in enumerate(names):
         examples = []
@@ -90,7 +108,7 @@ def top_examples(values: np.ndarray, names: Sequence[str], token_ids: np.ndarray
                 break
             start, end = context_window(int(index), doc_ids, width)
             examples.append({"tokens": [decode(int(t)) for t in token_ids[start:end]],
-                             "values": values[start:end, f].astype(float).round(4).tolist(),
+                             "values": np.asarray(values[start:end, f], dtype=float).round(4).tolist(),
                              "center": int(index - start), "doc": int(doc_ids[index]), "value": float(value)})
         features.append({"name": name, "examples": examples})
     return features

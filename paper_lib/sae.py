@@ -65,19 +65,41 @@ class SAESpec(Config):
 
 def input_scales(acts: np.ndarray, normalize: str) -> np.ndarray:
     """Per-dimension divisor: RMS over tokens (``per_adapter``) or ones (``none``)."""
+    return _scales_from_moments(np.square(acts, dtype=np.float64).sum(0), len(acts), normalize)
+
+
+def _scales_from_moments(sum_squares: np.ndarray, n: int, normalize: str) -> np.ndarray:
     if normalize == "none":
-        return np.ones(acts.shape[1], dtype=np.float32)
-    rms = np.sqrt(np.mean(np.square(acts, dtype=np.float64), axis=0))
+        return np.ones(len(sum_squares), dtype=np.float32)
+    rms = np.sqrt(sum_squares / max(n, 1))
     return np.where(rms > 0, rms, 1.0).astype(np.float32)
 
 
 def store_matrix(store: ActivationStore, docs: Sequence[int] | None = None) -> np.ndarray:
     """The store's activations as ``[tokens, n_layers * n_modules]`` float32 (layer-major), for the given
-    documents (all by default). Loads them into memory: at real scale, stream with ``shard_batches``."""
-    acts = store.activations()
-    if docs is not None:
-        acts = acts[np.isin(store.document_ids(), np.asarray(docs))]
-    return np.asarray(acts, dtype=np.float32).reshape(len(acts), -1)
+    documents (all by default). Loads them into memory: at real scale use ``store_chunks``."""
+    return np.concatenate(list(store_chunks(store, docs)))
+
+
+def _shard_rows(store: ActivationStore, shard: int, docs: set[int] | None) -> np.ndarray:
+    """Row indices of ``shard`` that belong to ``docs`` (all rows if None)."""
+    offsets = store._offsets[shard]
+    rows = np.arange(offsets[-1])
+    if docs is None:
+        return rows
+    first = shard * store.meta["docs_per_shard"]
+    doc_of_row = np.repeat(np.arange(len(offsets) - 1) + first, np.diff(offsets))
+    return rows[np.isin(doc_of_row, list(docs))]
+
+
+def store_chunks(store: ActivationStore, docs: Sequence[int] | None = None) -> Iterator[np.ndarray]:
+    """The store's activations shard by shard, in order, as ``[rows, d_in]`` float32 (one shard in memory)."""
+    keep = None if docs is None else set(int(d) for d in docs)
+    for shard, paths in enumerate(store.shards):
+        rows = _shard_rows(store, shard, keep)
+        if len(rows):
+            acts = np.load(paths["acts"], mmap_mode="r")
+            yield np.asarray(acts[rows], dtype=np.float32).reshape(len(rows), -1)
 
 
 def shard_batches(store: ActivationStore, batch_size: int, scales: np.ndarray, seed: int = 0,
@@ -86,19 +108,13 @@ def shard_batches(store: ActivationStore, batch_size: int, scales: np.ndarray, s
     pass, tokens shuffled within a shard (memory: one shard), restricted to ``docs`` if given."""
     rng = np.random.default_rng(seed)
     keep = None if docs is None else set(int(d) for d in docs)
-    per_shard = store.meta["docs_per_shard"]
     carry = np.empty((0, len(scales)), dtype=np.float32)
     while True:
         for shard in rng.permutation(len(store.shards)):
-            paths = store.shards[shard]
-            acts = np.load(paths["acts"], mmap_mode="r")
-            offsets = store._offsets[shard]
-            rows = np.arange(len(acts))
-            if keep is not None:
-                doc_of_row = np.repeat(np.arange(len(offsets) - 1) + shard * per_shard, np.diff(offsets))
-                rows = rows[np.isin(doc_of_row, list(keep))]
+            rows = _shard_rows(store, int(shard), keep)
             if not len(rows):
                 continue
+            acts = np.load(store.shards[shard]["acts"], mmap_mode="r")
             x = np.asarray(acts[rng.permutation(rows)], dtype=np.float32).reshape(len(rows), -1) / scales
             x = np.concatenate([carry, x])
             n = len(x) // batch_size * batch_size
@@ -117,16 +133,19 @@ def train_sae(store: ActivationStore, spec: SAESpec, out_dir: str | Path, train_
 
     out_dir = Path(out_dir)
     torch.manual_seed(spec.seed)
-    train = store_matrix(store, train_docs)
-    d_in = train.shape[1]
+    d_in = len(store.layers) * len(store.modules)
     if d_in_check is not None and d_in != d_in_check:
         raise ValueError(f"the store has {d_in} adapter scalars per token, expected {d_in_check}")
-    scales = input_scales(train, spec.normalize)
+    n_train, sum_squares = 0, np.zeros(d_in)
+    for chunk in store_chunks(store, train_docs):  # streamed: a 10M-token store never sits in memory
+        n_train += len(chunk)
+        sum_squares += np.square(chunk, dtype=np.float64).sum(0)
+    scales = _scales_from_moments(sum_squares, n_train, spec.normalize)
     sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
         d_in=d_in, d_sae=spec.expansion * d_in, k=spec.k, aux_loss_coefficient=spec.aux_coefficient, device=spec.device))
     window = max(1, spec.dead_tokens // spec.batch_size)
     trainer = SAETrainer(
-        cfg=SAETrainerConfig(total_training_samples=int(spec.epochs * len(train)), train_batch_size_samples=spec.batch_size,
+        cfg=SAETrainerConfig(total_training_samples=int(spec.epochs * n_train), train_batch_size_samples=spec.batch_size,
                              lr=spec.lr, lr_end=spec.lr / 10, device=spec.device, dead_feature_window=window,
                              feature_sampling_window=window,
                              logger=LoggingConfig(log_to_wandb=False)),
@@ -349,9 +368,52 @@ def decoder_scalars(sae: Any, scales: torch.Tensor, latent: int) -> torch.Tensor
 @torch.no_grad()
 def latents(sae: Any, scales: torch.Tensor, acts: np.ndarray, chunk: int = 65536) -> Iterator[np.ndarray]:
     """SAE latents of adapter states ``[tokens, d_in]`` in chunks of ``[chunk, d_sae]`` (float32), so that a
-    10M-token store streams through ``interp.top_k_streaming`` without a dense [tokens, d_sae] array."""
+    10M-token store never becomes a dense [tokens, d_sae] array."""
     for i in range(0, len(acts), chunk):
         yield encode(sae, scales, torch.from_numpy(np.asarray(acts[i : i + chunk], dtype=np.float32))).cpu().numpy()
+
+
+def latent_summary(sae: Any, scales: torch.Tensor, acts: np.ndarray, k: int = 32, bins: int = 30,
+                   chunk: int = 65536) -> dict[str, np.ndarray]:
+    """Per latent, in two streamed passes over ``acts`` ``[tokens, d_in]``: how many tokens it fires on
+    (``fired``), its summed activation (``mass``), its exact top-k (``top_values``, ``top_indices``,
+    ``[d_sae, k]``) and a histogram of its non-zero activations (``hist_counts`` ``[d_sae, bins]`` over
+    ``hist_edges`` ``[d_sae, bins + 1]``, from 0 to its maximum)."""
+    from paper_lib.interp import top_k_streaming
+
+    d_sae = sae.cfg.d_sae
+    fired, mass = np.zeros(d_sae, np.int64), np.zeros(d_sae)
+
+    def first_pass() -> Iterator[np.ndarray]:
+        for z in latents(sae, scales, acts, chunk):
+            fired[:] += (z > 0).sum(0)
+            mass[:] += z.sum(0, dtype=np.float64)
+            yield z
+
+    top_values, top_indices = top_k_streaming(first_pass(), k)
+    top = np.where(top_values[:, 0] > 0, top_values[:, 0], 1.0)
+    edges = np.linspace(0, 1, bins + 1)[None, :] * top[:, None]
+    counts = np.zeros(d_sae * bins, np.int64)
+    for z in latents(sae, scales, acts, chunk):
+        active = z > 0
+        slots = np.clip((z[active] / top[np.nonzero(active)[1]] * bins).astype(np.int64), 0, bins - 1)
+        counts += np.bincount(np.nonzero(active)[1] * bins + slots, minlength=d_sae * bins)
+    counts = counts.reshape(d_sae, bins)
+    return {"fired": fired, "mass": mass, "top_values": top_values, "top_indices": top_indices, "hist_counts": counts,
+            "hist_edges": edges}
+
+
+class LatentView:
+    """``view[start:end, j]`` = latent ``columns[j]`` on tokens ``start:end``, encoded on demand, so that
+    ``interp.top_examples`` can show context windows without a dense latent array."""
+
+    def __init__(self, sae: Any, scales: torch.Tensor, acts: np.ndarray, columns: Sequence[int]) -> None:
+        self.sae, self.scales, self.acts, self.columns = sae, scales, acts, list(columns)
+
+    def __getitem__(self, index: tuple[slice, int]) -> np.ndarray:
+        rows, j = index
+        z = encode(self.sae, self.scales, torch.from_numpy(np.asarray(self.acts[rows], dtype=np.float32)))
+        return z[:, self.columns[j]].cpu().numpy()
 
 
 @torch.no_grad()

@@ -32,6 +32,10 @@ def test_top_k_equals_a_brute_force_sort_and_streams_exactly():
         assert np.array_equal(si, brute) and np.array_equal(sv, v)
     ties = np.zeros((10, 1), np.float32)
     assert top_k_indices(ties, 3)[1].tolist() == [[0, 1, 2]]  # ties: lower index first
+    coarse = rng.integers(0, 4, size=(3000, 40)).astype(np.float16)  # many ties at the k-th place
+    stable = np.argsort(-coarse.astype(np.float32), axis=0, kind="stable")[:25].T
+    assert np.array_equal(top_k_indices(coarse, 25, block=7)[1], stable)
+    assert np.array_equal(top_k_streaming(np.array_split(coarse, 9), 25)[1], stable)
     assert top_k_indices(values[:4], 10)[1].shape == (9, 4)
 
 
