@@ -311,11 +311,14 @@ class ActivationStore:
         """Every token's activations, ``[tokens, n_layers, n_modules]`` (loads all shards)."""
         return np.concatenate([np.load(p["acts"], mmap_mode="r") for p in self.shards])
 
+    def shard_document_ids(self, shard: int) -> np.ndarray:
+        """For every token of one shard, the index of its document."""
+        offsets = self._offsets[shard]
+        return np.repeat(np.arange(len(offsets) - 1) + shard * self.meta["docs_per_shard"], np.diff(offsets))
+
     def document_ids(self) -> np.ndarray:
         """For every token, the index of its document."""
-        per_shard = self.meta["docs_per_shard"]
-        return np.concatenate([np.repeat(np.arange(len(o) - 1) + s * per_shard, np.diff(o))
-                               for s, o in enumerate(self._offsets)])
+        return np.concatenate([self.shard_document_ids(s) for s in range(len(self.shards))])
 
 
 def _projection_inputs(model: torch.nn.Module, keys: Iterable[tuple[int, str]]) -> dict[tuple[int, str], torch.nn.Module]:

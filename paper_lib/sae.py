@@ -63,12 +63,8 @@ class SAESpec(Config):
         require(self.normalize in ("per_adapter", "none"), "normalize", "must be 'per_adapter' or 'none'")
 
 
-def input_scales(acts: np.ndarray, normalize: str) -> np.ndarray:
-    """Per-dimension divisor: RMS over tokens (``per_adapter``) or ones (``none``)."""
-    return _scales_from_moments(np.square(acts, dtype=np.float64).sum(0), len(acts), normalize)
-
-
 def _scales_from_moments(sum_squares: np.ndarray, n: int, normalize: str) -> np.ndarray:
+    """Per-dimension divisor from sums of squares over ``n`` tokens: RMS (``per_adapter``) or ones (``none``)."""
     if normalize == "none":
         return np.ones(len(sum_squares), dtype=np.float32)
     rms = np.sqrt(sum_squares / max(n, 1))
@@ -83,13 +79,9 @@ def store_matrix(store: ActivationStore, docs: Sequence[int] | None = None) -> n
 
 def _shard_rows(store: ActivationStore, shard: int, docs: set[int] | None) -> np.ndarray:
     """Row indices of ``shard`` that belong to ``docs`` (all rows if None)."""
-    offsets = store._offsets[shard]
-    rows = np.arange(offsets[-1])
-    if docs is None:
-        return rows
-    first = shard * store.meta["docs_per_shard"]
-    doc_of_row = np.repeat(np.arange(len(offsets) - 1) + first, np.diff(offsets))
-    return rows[np.isin(doc_of_row, list(docs))]
+    doc_of_row = store.shard_document_ids(shard)
+    rows = np.arange(len(doc_of_row))
+    return rows if docs is None else rows[np.isin(doc_of_row, list(docs))]
 
 
 def store_chunks(store: ActivationStore, docs: Sequence[int] | None = None) -> Iterator[np.ndarray]:
