@@ -3,7 +3,8 @@
 For an adapted projection W, PEFT computes W·x + scale · B(A·x). A rank-1 adapter's activation is the
 scalar A·x at the module's input, before the rsLoRA scale (B is not involved): q, k, v read the
 input-layernorm output, gate and up the post-attention-layernorm output, o the concatenated heads,
-down act(gate)·up. We read it off the ``lora_A`` submodule's output with forward hooks.
+down act(gate)·up. We read it off the ``lora_A`` submodule's output with forward hooks, or, for fast
+extraction, from a ``ReadoutLinear`` that computes it beside the projection (``build_readout_model``).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def lora_activations(model: torch.nn.Module, input_ids: torch.Tensor, attention_
     and module names of the last two axes. Modules the adapter lacks are absent, not zero-filled.
 
     ``model`` is a PEFT model (read with hooks on ``lora_A``) or a model made by ``build_readout_model``
-    (read from the extra output row of each projection)."""
+    (read from what each ``ReadoutLinear`` recorded)."""
     readouts = find_readouts(model)
     if readouts:
         keys, store = readouts, readouts[next(iter(readouts))].store
@@ -103,15 +104,21 @@ def lora_activations(model: torch.nn.Module, input_ids: torch.Tensor, attention_
         with capture_lora_activations(model, adapter) as store:
             model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
     layers, modules = _check_rectangular(keys)
-    batch, seq = input_ids.shape
+    return stack_scalars(store, layers, modules, *input_ids.shape), layers, modules
+
+
+def stack_scalars(store: dict[tuple[int, str], torch.Tensor], layers: Sequence[int], modules: Sequence[str],
+                  batch: int, seq: int) -> torch.Tensor:
+    """Captured ``(layer, module) -> A·x`` values as one ``[batch, seq, n_layers, n_modules]`` float32 CPU
+    tensor in the given layout."""
     out = torch.empty((batch, seq, len(layers), len(modules)))
     for (layer, module), value in store.items():
         out[:, :, layers.index(layer), modules.index(module)] = value.reshape(batch, seq).float().cpu()
-    return out, layers, modules
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
-# Fast extraction: the A row as one extra output of each adapted projection
+# Fast extraction: a = A·x computed beside each adapted projection, no PEFT kernels
 
 
 class ReadoutLinear(torch.nn.Module):
@@ -182,6 +189,14 @@ def _shard_paths(out_dir: Path, shard: int) -> dict[str, Path]:
             "offsets": stem.with_suffix(".offsets.npy"), "done": stem.with_suffix(".done")}
 
 
+def _encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """The one tokenization of every extraction (right padding, truncation, no added special tokens), so
+    that adapter scalars and other projections align token for token."""
+    tokenizer.padding_side = "right"
+    return tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                     add_special_tokens=False)
+
+
 def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], out_dir: str | Path,
                               batch_size: int = 16, docs_per_shard: int = 256, dtype: str = "float16",
                               max_length: int = 2048, adapter: str = "default", process_index: int = 0,
@@ -210,7 +225,6 @@ def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Seq
         os.replace(tmp, meta_path)
     n_shards = math.ceil(len(texts) / docs_per_shard)
     device = next(model.parameters()).device
-    tokenizer.padding_side = "right"
     todo = [s for s in range(process_index, n_shards, num_processes) if not _shard_paths(out_dir, s)["done"].is_file()]
     # progress in traces (not shards), so the time-left estimate moves with every batch
     progress = tqdm(total=sum(len(texts[s * docs_per_shard : (s + 1) * docs_per_shard]) for s in todo), unit="trace",
@@ -220,8 +234,7 @@ def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Seq
         docs = texts[shard * docs_per_shard : (shard + 1) * docs_per_shard]
         tokens, acts, offsets = [], [], [0]
         for i in range(0, len(docs), batch_size):
-            enc = tokenizer(list(docs[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_length, add_special_tokens=False)
+            enc = _encode(tokenizer, docs[i : i + batch_size], max_length)
             values, _, _ = lora_activations(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), adapter)
             for row in range(len(enc["input_ids"])):
                 n = int(enc["attention_mask"][row].sum())
@@ -424,11 +437,9 @@ def extract_projections(model: torch.nn.Module, tokenizer: Any, texts: Sequence[
     ``extract_activation_shards`` does, so rows align with an ``ActivationStore``'s tokens: ``[tokens, n]``
     in ``dtype`` (pass the store's dtype so that every population is compared at the same precision)."""
     device = next(model.parameters()).device
-    tokenizer.padding_side = "right"
     out = []
     for i in tqdm(range(0, len(texts), batch_size), desc="projections", unit="batch"):
-        enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length, add_special_tokens=False)
+        enc = _encode(tokenizer, texts[i : i + batch_size], max_length)
         values = projected_activations(model, enc["input_ids"].to(device), directions, enc["attention_mask"].to(device))
         out += [values[row, : int(n)].numpy().astype(dtype) for row, n in enumerate(enc["attention_mask"].sum(1))]
     return np.concatenate(out)

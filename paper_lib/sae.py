@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from paper_lib.ablation import ablated, kl_divergence
-from paper_lib.activations import ActivationStore, adapter_layout, capture_lora_activations, find_adapters
+from paper_lib.activations import ActivationStore, adapter_layout, capture_lora_activations, find_adapters, stack_scalars
 from paper_lib.config import Config, require
 
 log = logging.getLogger(__name__)
@@ -244,25 +244,18 @@ def _transformed_forward(model: torch.nn.Module, transform: Callable[[torch.Tens
     layers, modules = adapter_layout(model, adapter)
     with capture_lora_activations(model, adapter) as store:
         model(**inputs, **({"past_key_values": caches[0]} if caches else {}))
-    batch, seq = inputs["input_ids"].shape
-    scalars = torch.zeros(batch, seq, len(layers), len(modules))
-    for (layer, module), value in store.items():
-        scalars[:, :, layers.index(layer), modules.index(module)] = value.reshape(batch, seq).float().cpu()
+    scalars = stack_scalars(store, layers, modules, *inputs["input_ids"].shape)
     with replaced_lora_activations(model, transform(scalars), layers, modules, adapter):
         return model(**inputs, **({"past_key_values": caches[1]} if caches else {}))
 
 
-def state_transform(sae: Any, scales: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor] | None = None
-                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+def state_transform(sae: Any, scales: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """A scalar transform for ``_transformed_forward``: the SAE reconstruction of each token's adapter
-    state (layer-major), optionally with ``fn`` applied to the latents first (e.g. steering)."""
+    state (layer-major)."""
 
     def transform(scalars: torch.Tensor) -> torch.Tensor:
-        flat = scalars.reshape(*scalars.shape[:2], -1).to(scales.device)
-        latents = encode(sae, scales, flat)
-        if fn is not None:
-            latents = fn(latents)
-        return (sae.decode(latents) * scales).reshape(scalars.shape).cpu()
+        flat = scalars.reshape(*scalars.shape[:2], -1)
+        return reconstruct(sae, scales, flat).reshape(scalars.shape).cpu()
 
     return transform
 
