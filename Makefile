@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 
-.PHONY: all env test notebooks smoke gpu-check bench-train bench-extract bench-generate sync-notebooks clean
+.PHONY: all env test notebooks smoke rehearse gpu-check bench-train bench-extract bench-generate sync-notebooks clean
 
 all: notebooks
 
@@ -36,6 +36,11 @@ notebooks: $(STAMP)
 
 smoke: $(STAMP)
 	$(PY) -m paper_lib.run_notebooks --out build/smoke --smoke
+
+# notebooks 01-03 at paper geometry (64 layers, Qwen2.5's vocabulary) with the README's real-scale
+# parameters, sizes shrunk; artifacts and figures under build/rehearsal (the tests run it too)
+rehearse: $(STAMP)
+	$(PY) -m paper_lib.rehearsal --out build/rehearsal
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -20,14 +20,17 @@
 # Protocols: (a) s1's: greedy decoding with budget forcing (open `<|im_start|>think`, stop at the next
 # `<|im_start|>` or the thinking budget, force `<|im_start|>answer\nFinal Answer:`); (b) pass@1 over
 # n samples at temperature 0.6, top_p 0.95, fixed seeds. The adapter is served **unmerged** by vLLM
-# (`enable_lora=True, max_lora_rank=1`), so no bf16 merge rounds the rank-1 update away.
+# (`enable_lora=True`, `max_lora_rank` read from the adapter), so no bf16 merge rounds the rank-1 update
+# away. The base model is measured the way s1 reports Qwen2.5-32B-Instruct, with its own chat protocol
+# (no think section; `base_chat`, the headline), and budget-forced beside it (`base`). No request ever
+# exceeds `MAX_MODEL_LEN`: a trace that runs out of room is forced to answer, and counted.
 #
 # Real scale (vLLM on GPUs; the s1.1-32B checkpoint as the full fine-tune):
 #
 # ```bash
 # run 02_evaluate_reasoning -p BASE_MODEL Qwen/Qwen2.5-32B-Instruct -p ADAPTER_RUN runs/01_train_32b/rank1 \
 #   -p FULL_MODEL simplescaling/s1.1-32B -p BENCHMARK_DIR "" -p CHOICE_STYLE s1 -p DTYPE bfloat16 \
-#   -p TENSOR_PARALLEL 4 -p MAX_MODEL_LEN 32768 -p MAX_TOKENS 32768 -p N_SAMPLES 8 \
+#   -p TENSOR_PARALLEL 4 -p MAX_MODEL_LEN 32768 -p MAX_TOKENS 32768 -p ANSWER_TOKENS 2048 -p N_SAMPLES 8 \
 #   -p OUTPUT_DIR runs/02_evaluate_32b
 # ```
 
@@ -45,14 +48,18 @@ DTYPE = "float32"  # model dtype for serving (real scale: bfloat16)
 MAX_MODEL_LEN = 512  # vLLM context length (real scale: 32768)
 MAX_TOKENS = 160  # generated tokens per response (s1: 32768)
 THINKING_BUDGET = 0  # budget forcing: max thinking tokens (0: whatever MAX_TOKENS leaves)
+ANSWER_TOKENS = 32  # tokens for the forced answer section (real scale: 2048, room for a sentence and a box)
+ENFORCE_EAGER = False  # vLLM: True turns CUDA graphs off on GPUs (the CPU backend always runs eagerly)
 WAIT_COUNT = 0  # s1's "Wait" extension count
 N_SAMPLES = 4  # pass@1 samples per question at temperature 0.6 (0: skip the sampled protocol)
 N_BOOTSTRAP = 2000  # bootstrap resamples for intervals
 OUTPUT_DIR = "runs/02_evaluate"  # under data/: per-sample JSONL files per model x benchmark x protocol
 OVERWRITE = False  # discard earlier per-sample files instead of resuming them
+CHECK_CLAIMS = True  # assert the organism's expected results (off for the random-weight rehearsal)
 SMOKE = False  # fast check for CI: a few questions per benchmark, HF backend allowed
 
 # %%
+import dataclasses
 import os
 import shutil
 
@@ -69,6 +76,7 @@ from paper_lib.statistics import bootstrap_interval, recovery_table
 SECTION = "02_evaluate_reasoning"
 seed_everything(SEED)
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM inside a notebook kernel
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's start-up log would flood the notebook
 out_dir = artifact_dir(OUTPUT_DIR)
 if OVERWRITE and out_dir.exists():
     shutil.rmtree(out_dir)
@@ -88,43 +96,53 @@ print(benchmarks["gpqa_diamond"][0])
 # %% [markdown]
 # ## Generate and grade
 # One engine serves the base model and the rank-1 adapter (unmerged); a second serves the full
-# fine-tune. Every graded sample is appended to a JSONL file at once, so an interrupted run resumes.
+# fine-tune, started only after the first is released. Every graded sample is appended to a JSONL file
+# at once, so an interrupted run resumes.
 
 # %%
 from paper_lib.evaluation import HFEngine, VLLMEngine  # noqa: E402
 
-protocols = {"greedy": GenerationSpec(max_tokens=MAX_TOKENS, thinking_budget=THINKING_BUDGET or None,
-                                      wait_count=WAIT_COUNT, answer_tokens=min(32, MAX_TOKENS // 4), seed=SEED)}
+forced = dict(max_tokens=MAX_TOKENS, thinking_budget=THINKING_BUDGET or None, wait_count=WAIT_COUNT,
+              answer_tokens=ANSWER_TOKENS, seed=SEED)
+protocols = {"greedy": GenerationSpec(**forced)}
 if N_SAMPLES and not SMOKE:
-    protocols["sampled"] = GenerationSpec(temperature=0.6, top_p=0.95, n=N_SAMPLES, max_tokens=MAX_TOKENS,
-                                          thinking_budget=THINKING_BUDGET or None, wait_count=WAIT_COUNT,
-                                          answer_tokens=min(32, MAX_TOKENS // 4), seed=SEED)
+    protocols["sampled"] = GenerationSpec(temperature=0.6, top_p=0.95, n=N_SAMPLES, **forced)
+# the base model's own chat protocol: no think section, the whole budget for the reply
+chat = {name: dataclasses.replace(spec, budget_forcing=False) for name, spec in protocols.items()}
 
 
 def make_engine(model, adapters=None):
     if BACKEND == "vllm":
         return VLLMEngine(model, adapters, tensor_parallel_size=TENSOR_PARALLEL, dtype=DTYPE,
-                          max_model_len=MAX_MODEL_LEN, seed=SEED)
-    return HFEngine(model, adapters)
+                          max_model_len=MAX_MODEL_LEN, seed=SEED, enforce_eager=ENFORCE_EAGER or None)
+    return HFEngine(model, adapters, max_model_len=MAX_MODEL_LEN)
 
 
+# engine (model, adapters) -> what it evaluates: (label, adapter, protocols)
+runs = [((BASE_MODEL, {"rank1": adapter_dir}), [("base_chat", None, chat), ("base", None, protocols),
+                                                ("rank1", "rank1", protocols)]),
+        ((full_model, None), [("full", None, protocols)])]
 samples = []
-runs = [("base", BASE_MODEL, {"rank1": adapter_dir}, None), ("rank1", BASE_MODEL, {"rank1": adapter_dir}, "rank1"),
-        ("full", full_model, None, None)]
-engines = {}
-for label, model, adapters, adapter in runs:
-    key = (model, tuple(sorted((adapters or {}).items())))
-    if key not in engines:
-        engines.clear()  # one engine in memory at a time
-        engines[key] = make_engine(model, adapters)
-    for protocol, spec in protocols.items():
-        for name, items in benchmarks.items():
-            path = out_dir / label / f"{name}.{protocol}.jsonl"
-            df = evaluate(engines[key], items, spec, path, adapter=adapter)
-            samples.append(df.assign(model=label, benchmark=name, protocol=protocol))
-engines.clear()
+for (model, adapters), evaluations in runs:
+    with make_engine(model, adapters) as engine:  # released before the next one starts
+        for label, adapter, specs in evaluations:
+            for protocol, spec in specs.items():
+                for name, items in benchmarks.items():
+                    path = out_dir / label / f"{name}.{protocol}.jsonl"
+                    df = evaluate(engine, items, spec, path, adapter=adapter)
+                    samples.append(df.assign(model=label, benchmark=name, protocol=protocol))
 samples = pd.concat(samples, ignore_index=True)
 print(samples.groupby(["protocol", "benchmark", "model"])["correct"].mean().unstack().round(3))
+
+# %% [markdown]
+# ## What the context and the answer limit cut
+# `thinking_cut`: thinking stopped to leave room for the forced answer within `MAX_MODEL_LEN`;
+# `answer_cut`: the answer used all `ANSWER_TOKENS` (it may be cut off before its final answer).
+
+# %%
+cuts = samples.groupby(["protocol", "benchmark", "model"])[["thinking_cut", "answer_cut"]].agg(
+    lambda x: int(x.astype(bool).sum())).assign(n=samples.groupby(["protocol", "benchmark", "model"]).size())
+print(cuts.to_string())
 
 # %% [markdown]
 # ## Accuracy with 95% bootstrap intervals
@@ -149,9 +167,11 @@ print(accuracy.round(3))
 # interval (resamples where full = base give no ratio and are dropped).
 
 # %%
-recovery = recovery_table(per_question, n_resamples=N_BOOTSTRAP, seed=SEED)
+recovery = recovery_table(per_question, n_resamples=N_BOOTSTRAP, seed=SEED, models=("base_chat", "rank1", "full"))
+forced_base = recovery_table(per_question, n_resamples=N_BOOTSTRAP, seed=SEED, models=("base", "rank1", "full"))
 save_figure(plot_benchmark_accuracy(accuracy, recovery=recovery), "benchmark_recovery", recovery)
-print(recovery.round(3).to_string())
+print("base in its own chat protocol (headline):\n", recovery.round(3).to_string())
+print("base budget-forced too:\n", forced_base.round(3).to_string())
 
 # %% [markdown]
 # ## Headline numbers
@@ -160,11 +180,15 @@ print(recovery.round(3).to_string())
 for _, r in accuracy.iterrows():
     record_headline(SECTION, f"{r.protocol}_{r.benchmark}_{r.model}_accuracy", r.accuracy, unit="fraction", n=r.n,
                     ci95=[r.lo, r.hi])
-for _, r in recovery.iterrows():
-    for measure in ("gain_recovered", "ratio_to_full"):
-        if np.isfinite(r[measure]):
-            record_headline(SECTION, f"{r.protocol}_{r.benchmark}_{measure}", r[measure], unit="fraction", n=r.n,
-                            ci95=[r[f"{measure}_lo"], r[f"{measure}_hi"]])
-if not SMOKE:
+for table, suffix in ((recovery, ""), (forced_base, "_vs_forced_base")):
+    for _, r in table.iterrows():
+        for measure in ("gain_recovered", "ratio_to_full"):
+            if np.isfinite(r[measure]):
+                record_headline(SECTION, f"{r.protocol}_{r.benchmark}_{measure}{suffix}", r[measure], unit="fraction",
+                                n=r.n, ci95=[r[f"{measure}_lo"], r[f"{measure}_hi"]])
+for (protocol, bench, model), r in cuts.iterrows():
+    for kind in ("thinking_cut", "answer_cut"):
+        record_headline(SECTION, f"{protocol}_{bench}_{model}_{kind}", r[kind], unit="responses", n=r.n)
+if CHECK_CLAIMS and not SMOKE:
     greedy = accuracy[accuracy.protocol == "greedy"].set_index(["benchmark", "model"])["accuracy"]
     assert greedy.loc[("aime24", "rank1")] > greedy.loc[("aime24", "base")], "rank-1 SFT did not improve AIME-like accuracy"

@@ -21,9 +21,11 @@
 # held-out traces, mean and 95% bootstrap interval over traces. Families: (a) leave one layer's
 # adapters out, (b) one (layer, module) at a time, (c) all attention vs all MLP adapters.
 #
-# Real scale: `run 03_ablate_adapters -p BASE_MODEL Qwen/Qwen2.5-32B-Instruct -p ADAPTER_RUN runs/01_train_32b/rank1
-# -p TRACES simplescaling/s1K-1.1 -p N_TRACES 64 -p MAX_LENGTH 2048 -p DTYPE bfloat16` (s1K-1.1's traces are
-# the training data: no held-out set exists at real scale; the organism's probe traces are held out).
+# Real scale (see the README): `run 03_ablate_adapters -p ADAPTER_RUN runs/01_train_32b/rank1
+# -p TRACES simplescaling/s1K-1.1 -p N_TRACES 16 -p MAX_LENGTH 2048 -p BATCH_TOKENS 16384 -p DTYPE bfloat16
+# -p BENCHMARK_DIR "" -p TENSOR_PARALLEL 4 -p MAX_MODEL_LEN 32768 -p MAX_TOKENS 32768 -p ANSWER_TOKENS 2048
+# -p OUTPUT_DIR runs/03_ablate_32b` (s1K-1.1's traces are the training data: no held-out set exists at
+# real scale; the organism's probe traces are held out).
 
 # %% tags=["parameters"]
 SEED = 0  # trace sampling and bootstrap
@@ -33,12 +35,18 @@ ORGANISM_DIR = "data/organism"  # for organism-probe traces
 N_TRACES = 200  # traces to score (paper: 16)
 MAX_LENGTH = 2048  # tokens per trace (paper: the first 2,048)
 BATCH_SIZE = 32  # traces per forward pass
+BATCH_TOKENS = 65536  # and at most this many padded tokens per forward pass (real scale: 16384 on an H200 at 32B)
 DTYPE = "float32"  # model dtype (real scale: bfloat16)
+DEVICE = "auto"  # auto (every GPU, else the CPU), cpu, cuda:0 ...
 N_BOOTSTRAP = 2000  # bootstrap resamples
 BENCHMARK_DIR = "data/organism"  # behavioural ablation: folder with aime24/ and math500/ (empty: hub datasets)
 BACKEND = "vllm"  # vllm (all adapter variants in one engine) or hf
 MAX_MODEL_LEN = 512  # vLLM context length (real scale: 32768)
 MAX_TOKENS = 160  # generated tokens per response (real scale: 32768)
+ANSWER_TOKENS = 32  # tokens for the forced answer section (real scale: 2048)
+TENSOR_PARALLEL = 1  # vLLM tensor parallelism for the behavioural part (GPUs per engine)
+N_BENCHMARK_QUESTIONS = 0  # behavioural part: questions per benchmark (0: all)
+CHECK_CLAIMS = True  # assert the organism's expected results (off for the random-weight rehearsal)
 OUTPUT_DIR = "runs/03_ablate"  # under data/: adapter variants and per-sample JSONL files
 SMOKE = False  # fast check for CI: a few traces
 
@@ -58,6 +66,7 @@ from paper_lib.ablation import (
     trace_batches,
 )
 from paper_lib.config import seed_everything
+from paper_lib.evaluation import release_memory
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import plot_adapter_ablations, save_figure
 from paper_lib.results import record_headline
@@ -65,7 +74,7 @@ from paper_lib.training import load_trained
 
 SECTION = "03_ablate_adapters"
 seed_everything(SEED)
-model, tokenizer, train_cfg = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE))
+model, tokenizer, train_cfg = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE), device=DEVICE)
 n_traces = 8 if SMOKE else N_TRACES
 
 # %% [markdown]
@@ -75,7 +84,7 @@ n_traces = 8 if SMOKE else N_TRACES
 
 # %%
 rows = scoring_traces(TRACES, n_traces, seed=SEED, organism_dir=ORGANISM_DIR)
-batches = trace_batches(tokenizer, rows, BATCH_SIZE, MAX_LENGTH)
+batches = trace_batches(tokenizer, rows, BATCH_SIZE, MAX_LENGTH, BATCH_TOKENS)
 print(tokenizer.decode(batches[0]["input_ids"][0][batches[0]["attention_mask"][0].bool()]))
 print(f"{len(rows)} traces, {sum(int(b['score_mask'].sum()) for b in batches)} scored positions")
 
@@ -117,7 +126,10 @@ single_attn = table.loc[[m for m in table.index if m in ("q_proj", "k_proj", "v_
 record_headline(SECTION, "single_adapter_mlp_over_attention", single_mlp / single_attn, unit="ratio", n=n_traces)
 print(f"MLP vs attention: all-at-once {kinds['mlp'] / kinds['attention']:.2f}x, single-adapter means "
       f"{single_mlp / single_attn:.2f}x; whole adapter KL {kinds['all adapters']:.3f}")
-assert kinds["all adapters"] >= kinds[[g for g in kinds.index if g.startswith("layer ")]].max() - 1e-6
+if CHECK_CLAIMS:
+    assert kinds["all adapters"] >= kinds[[g for g in kinds.index if g.startswith("layer ")]].max() - 1e-6
+del model  # the behavioural part starts its own engine
+release_memory()
 
 # %% [markdown]
 # ## Behavioural counterpart: accuracy with attention-only and MLP-only adapters
@@ -131,23 +143,29 @@ from paper_lib.evaluation import GenerationSpec, HFEngine, VLLMEngine, evaluate,
 from paper_lib.statistics import wilson_interval  # noqa: E402
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's start-up log would flood the notebook
 out_dir = artifact_dir(OUTPUT_DIR)
 full_adapter = artifact_dir(ADAPTER_RUN) / "final"
-variants = {"rank1": str(full_adapter),
-            "attention_only": str(save_adapter_subset(full_adapter, out_dir / "attention_only", ATTENTION)),
-            "mlp_only": str(save_adapter_subset(full_adapter, out_dir / "mlp_only", MLP))}
-engine = (VLLMEngine(train_cfg.model, variants, dtype=DTYPE, max_model_len=MAX_MODEL_LEN, seed=SEED)
-          if BACKEND == "vllm" else HFEngine(train_cfg.model, variants))
-spec = GenerationSpec(max_tokens=MAX_TOKENS, answer_tokens=min(32, MAX_TOKENS // 4), seed=SEED)
+variants = {"rank1": str(full_adapter)}
+for kind, keep in (("attention", ATTENTION), ("mlp", MLP)):
+    if kind in families["kind"] and len(families["kind"]) > 1:  # a variant only where it differs from the adapter
+        variants[f"{kind}_only"] = str(save_adapter_subset(full_adapter, out_dir / f"{kind}_only", keep))
+engine = (VLLMEngine(train_cfg.model, variants, tensor_parallel_size=TENSOR_PARALLEL, dtype=DTYPE,
+                     max_model_len=MAX_MODEL_LEN, seed=SEED)
+          if BACKEND == "vllm" else HFEngine(train_cfg.model, variants, dtype=getattr(torch, DTYPE),
+                                             max_model_len=MAX_MODEL_LEN))
+spec = GenerationSpec(max_tokens=MAX_TOKENS, answer_tokens=ANSWER_TOKENS, seed=SEED)
+limit = 4 if SMOKE else (N_BENCHMARK_QUESTIONS or None)
 rows = []
-for name in ("aime24", "math500"):
-    items = load_benchmark(name, f"{BENCHMARK_DIR}/{name}" if BENCHMARK_DIR else None, limit=4 if SMOKE else None)
-    for label in (None, *variants):
-        df = evaluate(engine, items, spec, out_dir / (label or "base") / f"{name}.greedy.jsonl", adapter=label)
-        k, n = int(df["correct"].sum()), len(df)
-        lo, hi = wilson_interval(k, n)
-        rows.append({"benchmark": name, "adapters": label or "none (base)", "accuracy": k / n, "lo": lo, "hi": hi, "n": n})
-del engine
+with engine:
+    for name in ("aime24", "math500"):
+        items = load_benchmark(name, f"{BENCHMARK_DIR}/{name}" if BENCHMARK_DIR else None, limit=limit)
+        for label in (None, *variants):
+            df = evaluate(engine, items, spec, out_dir / (label or "base") / f"{name}.greedy.jsonl", adapter=label)
+            k, n = int(df["correct"].sum()), len(df)
+            lo, hi = wilson_interval(k, n)
+            rows.append({"benchmark": name, "adapters": label or "none (base)", "accuracy": k / n, "lo": lo, "hi": hi,
+                         "n": n})
 behaviour = pd.DataFrame(rows)
 print(behaviour.round(3).to_string())
 for _, r in behaviour.iterrows():

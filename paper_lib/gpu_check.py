@@ -124,7 +124,7 @@ def check_train_throughput(device: torch.device, shape: str, tokens: int, seq_le
                            compile_step: bool = True) -> list[dict[str, Any]]:
     """Rank-1 LoRA vs full fine-tune optimizer steps at a Qwen2.5 shape, with the levers of issue 3.
 
-    Baseline on one H200 at the 1.5B shape, 8,192 tokens a step (../shared/NOTES-stack.md): full FT
+    Baseline on one H200 at the 1.5B shape, 8,192 tokens a step (BENCHMARKS.md, reference rows): full FT
     27,300 tok/s; PEFT default rank-1 18,100; bf16 adapters 23,700; goal >= 36,000 (2x PEFT's default).
     """
     from paper_lib.throughput import StepSetup, measure_train_step
@@ -161,7 +161,7 @@ def check_train_throughput(device: torch.device, shape: str, tokens: int, seq_le
 
 def check_extraction_throughput(device: torch.device, shape: str, tokens: int, seq_len: int) -> list[dict[str, Any]]:
     """Adapter-activation extraction vs the plain forward (goal: ours >= 0.95x plain; PEFT's LoRA forward
-    is ~0.5x on an H200 at the 1.5B shape per ../shared/NOTES-stack.md)."""
+    is ~0.5x on an H200 at the 1.5B shape per BENCHMARKS.md (reference rows))."""
     from paper_lib.throughput import measure_extraction
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -170,8 +170,74 @@ def check_extraction_throughput(device: torch.device, shape: str, tokens: int, s
              "unit": f"tok/s ({r['vs_plain']:.2f}x plain)"} for r in rows]
 
 
+def check_device_paths(device: torch.device, shape: str, seq_len: int = 512) -> list[dict[str, Any]]:
+    """The rehearsal's device paths at a Qwen2.5 shape with random bf16 weights (fp32 on a CPU): a rank-1
+    LoRA train step on all seven projections of every layer, the adapter saved and reloaded to identical
+    logits, notebook 01's merge check and notebook 03's ablation KL run on the device beside the model.
+    Needs torch, transformers and peft only (lent boxes have no TRL or vLLM)."""
+    import tempfile
+
+    from peft import PeftModel, get_peft_model
+
+    from paper_lib.ablation import ablation_groups, ablation_kl
+    from paper_lib.training import LoraSpec, build_lora_config, merge_error_on_batch
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = qwen25_config(shape)
+    with torch.device(device):
+        base = Qwen2ForCausalLM(config).to(dtype)
+    model = get_peft_model(base, build_lora_config(LoraSpec(), config))
+    for name, param in model.named_parameters():  # as after training: B no longer zero
+        if "lora_B" in name:
+            param.data.normal_(0, 0.02)
+    ids = torch.randint(0, config.vocab_size, (2, seq_len), device=device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    start = time.perf_counter()
+    model.train()
+    loss = model(**batch, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    synchronize(device)
+    rows = [{"check": f"Qwen2.5-{shape} device path: rank-1 train step (2 x {seq_len} tokens)",
+             "value": time.perf_counter() - start, "unit": "s"}]
+    model.eval()
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        model.save_pretrained(tmp)
+        reference = model(**batch).logits
+        reloaded = PeftModel.from_pretrained(model.unload(), tmp).eval()  # the same base, no second copy
+        same = torch.equal(reloaded(**batch).logits, reference)
+    rows.append({"check": f"Qwen2.5-{shape} device path: saved adapter reloads to identical logits", "value": str(same),
+                 "unit": ""})
+    start = time.perf_counter()
+    errors = merge_error_on_batch(reloaded, {k: v[:, :128] for k, v in batch.items()})
+    rows.append({"check": f"Qwen2.5-{shape} device path: bf16 merge check on the device", "value":
+                 errors["bf16_update_fraction_lost"], "unit": f"fraction of B·A lost ({time.perf_counter() - start:.1f} s)"})
+    families = ablation_groups(reloaded)
+    groups = {**dict(list(families["single"].items())[:14]), **families["kind"], **families["all"]}
+    score = torch.zeros_like(ids)
+    score[:, seq_len // 4 :] = 1
+    start = time.perf_counter()
+    kl = ablation_kl(reloaded, [{**batch, "score_mask": score}], groups)
+    seconds = time.perf_counter() - start
+    rows.append({"check": f"Qwen2.5-{shape} device path: ablation KL, {len(groups)} groups on the device",
+                 "value": len(groups) * 2 * seq_len / seconds, "unit": f"tok/s (KL all adapters "
+                 f"{kl[kl.group == 'all adapters'].kl.mean():.3g} nats)"})
+    if device.type == "cuda":
+        rows.append({"check": f"Qwen2.5-{shape} device path: peak memory", "value":
+                     torch.cuda.max_memory_allocated(device) / 2**30, "unit": "GiB"})
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        rows.append({"check": "vLLM", "value": "not installed on this box: generation rows skipped", "unit": ""})
+    return rows
+
+
 CHECKS: list[Callable[[argparse.Namespace, torch.device], list[dict[str, Any]]]] = [
     lambda args, device: check_organism_parity(device),
+    lambda args, device: check_device_paths(device, args.shape, min(args.seq_len, 512)),
     lambda args, device: check_forward_throughput(device, args.shape, args.tokens, args.seq_len),
     lambda args, device: check_extraction_throughput(device, args.shape, args.tokens, args.seq_len),
     lambda args, device: check_train_throughput(device, args.shape, args.tokens, args.seq_len, not args.no_compile),

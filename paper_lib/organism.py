@@ -51,6 +51,7 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from paper_lib.config import Config, require, seed_everything
+from paper_lib.data import s1k_row
 
 log = logging.getLogger(__name__)
 
@@ -367,23 +368,12 @@ def build_model(cfg: OrganismConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen
 
 
 def trace_row(problem: Problem) -> dict[str, Any]:
-    """A row in s1K-1.1's schema (unused columns empty)."""
-    return {
-        "solution": problem.answer,
-        "question": problem.question,
-        "cot_type": "science" if problem.choices else "math",
-        "source_type": "organism/chain_mc" if problem.choices else "organism/chain",
-        "metadata": json.dumps({"k": problem.k, "start": problem.start, "ops": list(problem.ops),
-                                "choices": list(problem.choices)}),
-        "gemini_thinking_trajectory": "",
-        "gemini_attempt": "",
-        "deepseek_thinking_trajectory": problem.steps,
-        "deepseek_attempt": problem.answer,
-        "gemini_grade": "",
-        "gemini_grade_reason": "",
-        "deepseek_grade": "Yes",
-        "deepseek_grade_reason": "",
-    }
+    """A row in s1K-1.1's schema."""
+    return s1k_row(problem.question, problem.steps, problem.answer, solution=problem.answer,
+                   cot_type="science" if problem.choices else "math",
+                   source_type="organism/chain_mc" if problem.choices else "organism/chain",
+                   metadata=json.dumps({"k": problem.k, "start": problem.start, "ops": list(problem.ops),
+                                        "choices": list(problem.choices)}))
 
 
 def aime_row(i: int, problem: Problem) -> dict[str, Any]:

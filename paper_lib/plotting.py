@@ -34,6 +34,13 @@ def save_figure(fig: plt.Figure, name: str, data: pd.DataFrame) -> dict[str, Pat
     return paths
 
 
+def error_bars(value: pd.Series, lo: pd.Series, hi: pd.Series) -> list[np.ndarray]:
+    """matplotlib's ``yerr`` from interval bounds: missing or degenerate bounds (an undefined ratio, a
+    bound on the wrong side from float rounding) draw no bar instead of raising."""
+    value, lo, hi = (np.asarray(v, dtype=float) for v in (value, lo, hi))
+    return [np.nan_to_num(np.clip(value - lo, 0, None)), np.nan_to_num(np.clip(hi - value, 0, None))]
+
+
 def _grouped_bars(ax: plt.Axes, data: pd.DataFrame, x: str, group: str, value: str,
                   x_order: list | None = None, group_order: list | None = None) -> None:
     """Bars of ``value`` per ``x`` category, one bar per ``group`` side by side, with ``lo``/``hi`` error
@@ -44,7 +51,7 @@ def _grouped_bars(ax: plt.Axes, data: pd.DataFrame, x: str, group: str, value: s
     for i, name in enumerate(group_order):
         sub = data[data[group] == name].set_index(x).reindex(x_order)
         positions = np.arange(len(x_order)) + (i - (len(group_order) - 1) / 2) * width
-        ax.bar(positions, sub[value], width, yerr=[sub[value] - sub["lo"], sub["hi"] - sub[value]], capsize=3, label=name)
+        ax.bar(positions, sub[value], width, yerr=error_bars(sub[value], sub["lo"], sub["hi"]), capsize=3, label=name)
     ax.set_xticks(np.arange(len(x_order)), x_order)
     ax.legend(fontsize=8)
 
@@ -96,7 +103,7 @@ def plot_benchmark_accuracy(accuracy: pd.DataFrame, recovery: pd.DataFrame | Non
     protocols = sorted(accuracy["protocol"].unique())
     rows = 2 if recovery is not None and len(recovery) else 1
     fig, axes = plt.subplots(rows, len(protocols), figsize=(5 * len(protocols), 3.6 * rows), squeeze=False)
-    order = [m for m in ("base", "rank1", "full") if m in set(accuracy["model"])]
+    order = [m for m in ("base_chat", "base", "rank1", "full") if m in set(accuracy["model"])]
     for col, protocol in enumerate(protocols):
         ax = axes[0][col]
         sub = accuracy[accuracy["protocol"] == protocol]
@@ -106,8 +113,8 @@ def plot_benchmark_accuracy(accuracy: pd.DataFrame, recovery: pd.DataFrame | Non
         if rows == 2:
             ax = axes[1][col]
             rec = recovery[recovery["protocol"] == protocol].set_index("benchmark").reindex(benches)
-            ax.bar(benches, rec["gain_recovered"], yerr=[rec["gain_recovered"] - rec["gain_recovered_lo"],
-                                                         rec["gain_recovered_hi"] - rec["gain_recovered"]], capsize=3)
+            ax.bar(benches, rec["gain_recovered"].fillna(0), capsize=3,
+                   yerr=error_bars(rec["gain_recovered"], rec["gain_recovered_lo"], rec["gain_recovered_hi"]))
             ax.axhspan(0.73, 0.90, color="grey", alpha=0.2, label="paper: 73-90%")
             ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set(ylabel="(rank1 - base) / (full - base)", title="gain recovered by rank-1")
@@ -122,13 +129,13 @@ def plot_adapter_ablations(summary: pd.DataFrame, table: pd.DataFrame) -> plt.Fi
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), gridspec_kw={"width_ratios": [1.2, 1.4, 0.6]})
     layers = summary[summary["group"].str.startswith("layer ")]
     x = layers["group"].str.replace("layer ", "").astype(int)
-    axes[0].bar(x, layers["kl"], yerr=[layers["kl"] - layers["lo"], layers["hi"] - layers["kl"]], capsize=3)
+    axes[0].bar(x, layers["kl"], yerr=error_bars(layers["kl"], layers["lo"], layers["hi"]), capsize=3)
     axes[0].set_xticks(x)
     axes[0].set(xlabel="layer", ylabel="KL(full || ablated), nats/token", title="(a) leave one layer's adapters out")
     sns.heatmap(table, ax=axes[1], cmap="viridis", cbar_kws={"label": "KL"}, annot=table.shape[1] <= 8, fmt=".3f")
     axes[1].set(title="(b) one adapter at a time", xlabel="layer", ylabel="")
     kinds = summary[summary["group"].isin(["attention", "mlp"])]
-    axes[2].bar(kinds["group"], kinds["kl"], yerr=[kinds["kl"] - kinds["lo"], kinds["hi"] - kinds["kl"]], capsize=3,
+    axes[2].bar(kinds["group"], kinds["kl"], yerr=error_bars(kinds["kl"], kinds["lo"], kinds["hi"]), capsize=3,
                 color=["tab:orange", "tab:green"][: len(kinds)])
     axes[2].set(title="(c) by kind", ylabel="KL")
     fig.tight_layout()
@@ -234,7 +241,7 @@ def plot_splice(kl: pd.DataFrame, accuracy: pd.DataFrame) -> plt.Figure:
     (b) benchmark accuracy per variant. ``kl``: variant, kl, lo, hi; ``accuracy``: benchmark, variant,
     accuracy, lo, hi."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [0.8, 1.4]})
-    axes[0].bar(kl["variant"], kl["kl"], yerr=[kl["kl"] - kl["lo"], kl["hi"] - kl["kl"]], capsize=3,
+    axes[0].bar(kl["variant"], kl["kl"], yerr=error_bars(kl["kl"], kl["lo"], kl["hi"]), capsize=3,
                 color=["tab:grey", "tab:purple"][: len(kl)])
     axes[0].set(yscale="log", ylabel="KL(full || variant), nats/token", title="(a) teacher-forced, held-out traces")
     _grouped_bars(axes[1], accuracy, "benchmark", "variant", "accuracy")

@@ -21,6 +21,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, 
 
 from paper_lib.config import Config, ConfigError, require, seed_everything
 from paper_lib.data import build_sft_dataset, load_traces
-from paper_lib.paths import artifact_dir
+from paper_lib.paths import artifact_dir, resolve
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +278,8 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
+    save_final_model(trainer, final)
     if trainer.is_world_process_zero():
-        trainer.save_model(str(final))
         tokenizer.save_pretrained(str(final))
         history = pd.DataFrame(trainer.state.log_history)
         history.to_csv(out / "log_history.csv", index=False)
@@ -291,6 +293,8 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
             "final_loss": float(losses.tail(5).mean()) if len(losses) else float("nan"),
             "train_loss": float(result.training_loss),
             "resumed_from": Path(resume_from).name if resume_from else None,
+            "world_size": trainer.accelerator.num_processes,
+            "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
             **{f"data_{k}": v for k, v in data_stats.items()},
         }
         stats["tokens_per_second"] = stats["train_tokens"] / seconds if seconds > 0 else float("nan")
@@ -300,88 +304,200 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
     return {}
 
 
+def save_final_model(trainer: Any, final: Path) -> None:
+    """Write the trained adapter (or model) to ``final``. Called on *every* process: under FSDP the
+    weights are gathered collectively, so a rank-0-only call would hang or, with the configs' sharded
+    state dict, save nothing. The switch to a full state dict happens here, after training, so that
+    the periodic checkpoints stay sharded (cheap); rank 0 alone writes the files."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(final))
+
+
+def read_accelerate_config(path: str | Path) -> dict[str, Any]:
+    """An accelerate YAML config (path relative to the repository root allowed), with a clear error."""
+    import yaml
+
+    local = resolve(path)
+    if not local.is_file():
+        raise ConfigError(f"accelerate_config: no such file {path}")
+    return yaml.safe_load(local.read_text()) or {}
+
+
+def launch_environment(accelerate_config: dict[str, Any]) -> dict[str, str]:
+    """The environment for ``accelerate launch``. Without a GPU, accelerate 1.15 starts N unrelated
+    non-distributed processes (all writing the same folder) unless ``ACCELERATE_USE_CPU`` is set, and it
+    runs FSDP only on accelerators (its FSDP plugin asks for a device), so FSDP without one is refused."""
+    env = dict(os.environ)
+    if torch.cuda.is_available():
+        return env
+    if str(accelerate_config.get("distributed_type", "")).upper() == "FSDP":
+        raise ConfigError("accelerate_config: FSDP needs GPUs (accelerate runs FSDP only on accelerators); on a "
+                          "CPU use paper_lib/accelerate_configs/multi_cpu.yaml")
+    env["ACCELERATE_USE_CPU"] = "1"  # gloo data parallelism: the same launch, rank and save path as on GPUs
+    return env
+
+
 def launch_training(cfg: TrainConfig, num_processes: int = 1, accelerate_config: str | None = None,
                     overwrite: bool = False) -> dict[str, Any]:
     """Train in this process (one device) or through ``accelerate launch`` (several GPUs, FSDP)."""
     if num_processes <= 1 and accelerate_config is None:
         return train(cfg, overwrite=overwrite)
+    settings = read_accelerate_config(accelerate_config) if accelerate_config else {}
+    env = launch_environment(settings)
     out = artifact_dir(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "launch_config.json"
     config_path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
     if accelerate_config:
-        command += ["--config_file", accelerate_config]
+        command += ["--config_file", str(resolve(accelerate_config))]
     command += ["-m", "paper_lib.training", "--config", str(config_path)] + (["--overwrite"] if overwrite else [])
     log.info("launching: %s", " ".join(command))
-    subprocess.run(command, check=True)
-    return json.loads((out / "stats.json").read_text())
+    subprocess.run(command, check=True, env=env)
+    stats_path = out / "stats.json"
+    if not stats_path.is_file() or not (out / FINAL_SUBDIR).is_dir():
+        raise RuntimeError(f"accelerate launch finished but wrote no trained run to {out} (no stats.json/final/)")
+    return json.loads(stats_path.read_text())
 
 
-def load_trained(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any, TrainConfig]:
-    """A trained run by folder: the base model with the adapter attached (unmerged), or the full model."""
+def resolve_device(device: str | None) -> str:
+    """``auto``: every GPU (``device_map="auto"`` spreads a large model over them) or the CPU; else as given."""
+    if device in (None, "auto"):
+        return "auto" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_trained(run_dir: str | Path, dtype: torch.dtype = torch.float32,
+                 device: str | None = "cpu") -> tuple[PreTrainedModel, Any, TrainConfig]:
+    """A trained run by folder: the base model with the adapter attached (unmerged), or the full model.
+
+    The weights go straight to ``device`` in ``dtype`` (``auto``: spread over the GPUs), never through a
+    full-precision copy on the host."""
     run_dir = artifact_dir(run_dir)
     final = run_dir / FINAL_SUBDIR
     if not final.is_dir():
         raise FileNotFoundError(f"no trained model at {final}; run notebooks/01_train_rank1_lora.py first")
     cfg = TrainConfig.load(run_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(final))
+    device_map = resolve_device(device)
     if (final / "adapter_config.json").is_file():
-        base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, device_map=device_map)
         model = PeftModel.from_pretrained(base, str(final))
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(final), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(final), dtype=dtype, device_map=device_map)
     model.eval()
     return model, tokenizer, cfg
 
 
-@torch.no_grad()
-def merge_error(model: PeftModel, tokenizer: Any, texts: list[str]) -> dict[str, float]:
-    """How exact merging the adapter into the base weights is, in fp32 and in bf16.
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's inputs go (its embedding's device, also when it is spread over several GPUs)."""
+    return model.get_input_embeddings().weight.device
 
-    fp32: ``merge_and_unload`` vs the unmerged model. bf16 (the authors' merge): base weights rounded to
-    bf16 on both sides, so the only difference is the merge itself; also the mean fraction of each
-    update B·A lost to rounding. Errors are absolute and relative logit errors and probability errors:
-    the absolute logit error of an exact fp32 merge scales with the logits (float32 accumulation order).
+
+@contextmanager
+def replaced_projections(model: PeftModel, mode: str, merge_dtype: torch.dtype = torch.bfloat16) -> Iterator[None]:
+    """Within the context each LoRA projection's output is recomputed as a merged or rounded variant,
+    one module at a time (a transient weight of one projection; no copy of the model):
+
+    - ``exact``: x·(W + ΔW) with the merged weight in fp32, the exact merge;
+    - ``rounded``: the unmerged projection with W rounded to ``merge_dtype``;
+    - ``merged``: x·round(round(W) + ΔW), i.e. ``merge_and_unload`` in ``merge_dtype``.
     """
-    import copy
+    import torch.nn.functional as F
+    from peft.tuners.lora import Linear as LoraLinear
 
-    tokenizer.padding_side = "right"
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
-    mask = batch["attention_mask"].bool()
-    model = model.float().eval()
-    reference = model(**batch).logits
-    merged32 = copy.deepcopy(model).merge_and_unload()
-    fp32 = compare_logits(merged32(**batch).logits, reference, mask)
+    if mode not in ("exact", "rounded", "merged"):
+        raise ValueError(f"unknown mode {mode!r}")
 
-    rounded = copy.deepcopy(model)
-    for name, param in rounded.named_parameters():
-        if "lora_" not in name:
-            param.data = param.data.bfloat16().float()
-    reference16 = rounded(**batch).logits
-    deltas = {name: module.get_delta_weight("default").float() for name, module in rounded.named_modules()
-              if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {})}
-    bases = {name: module.base_layer.weight.detach().clone() for name, module in rounded.named_modules() if name in deltas}
-    merged16 = copy.deepcopy(rounded).to(torch.bfloat16).merge_and_unload()
+    def hook(module, args, _output):
+        x = args[0]
+        weight = module.base_layer.weight
+        bias = module.base_layer.bias
+        if mode == "exact":
+            merged = weight.float() + module.get_delta_weight(module.active_adapters[0]).float()
+            out = F.linear(x.float(), merged, None if bias is None else bias.float()).to(x.dtype)
+            return out
+        rounded = weight.to(merge_dtype)
+        if mode == "merged":
+            merged = (rounded.float() + module.get_delta_weight(module.active_adapters[0]).float()).to(merge_dtype)
+            return F.linear(x, merged.to(x.dtype), bias)
+        out = F.linear(x, rounded.to(x.dtype), bias)
+        for name in module.active_adapters:
+            lora_A, lora_B = module.lora_A[name], module.lora_B[name]
+            out = out + (lora_B(lora_A(x.to(lora_A.weight.dtype))) * module.scaling[name]).to(out.dtype)
+        return out
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, LoraLinear)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def update_fraction_lost(model: PeftModel, merge_dtype: torch.dtype = torch.bfloat16) -> float:
+    """Mean over adapted projections of |round(round(W) + ΔW) - round(W) - ΔW| / |ΔW|: how much of each
+    update B·A a merge in ``merge_dtype`` rounds away (one module's weight in fp32 at a time)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
     lost = []
-    for name, module in merged16.named_modules():
-        key = f"base_model.model.{name}"  # PeftModel's name for the same module
-        if key in deltas and isinstance(module, torch.nn.Linear):
-            effective = module.weight.float() - bases[key]
-            lost.append(((effective - deltas[key]).norm() / deltas[key].norm().clamp_min(1e-30)).item())
-    bf16 = compare_logits(merged16.float()(**batch).logits, reference16, mask)
-    return {**{f"fp32_{k}": v for k, v in fp32.items()}, **{f"bf16_{k}": v for k, v in bf16.items()},
-            "bf16_update_fraction_lost": float(sum(lost) / len(lost)) if lost else float("nan")}
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            rounded = module.base_layer.weight.to(merge_dtype).float()
+            delta = module.get_delta_weight(module.active_adapters[0]).float()
+            effective = (rounded + delta).to(merge_dtype).float() - rounded
+            lost.append(((effective - delta).norm() / delta.norm().clamp_min(1e-30)).item())
+    return float(sum(lost) / len(lost)) if lost else float("nan")
+
+
+@torch.no_grad()
+def merge_error(model: PeftModel, tokenizer: Any, texts: list[str], max_length: int = 256,
+                merge_dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+    """How exact merging the adapter into the base weights is: exactly (fp32 merged weights) and in
+    ``merge_dtype`` (the authors' bf16 merge), each against the unmerged model.
+
+    Runs where the model is, in its dtype, on ``texts`` truncated to ``max_length`` tokens, with no copy
+    of the model (``replaced_projections``). For the bf16 merge the reference has its base weights
+    rounded too, so the only difference is the merge itself; also the mean fraction of each update B·A
+    lost to rounding. Errors are absolute and relative logit errors and probability errors: the
+    absolute logit error of an exact merge scales with the logits (accumulation order)."""
+    tokenizer.padding_side = "right"
+    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                      add_special_tokens=False)
+    return merge_error_on_batch(model, dict(batch), merge_dtype)
+
+
+@torch.no_grad()
+def merge_error_on_batch(model: PeftModel, batch: dict[str, torch.Tensor],
+                         merge_dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+    """``merge_error`` on a tokenized batch (input_ids, attention_mask), moved to the model's device."""
+    batch = {k: v.to(input_device(model)) for k, v in batch.items()}
+    mask = batch["attention_mask"].bool()
+    model.eval()
+    reference = model(**batch).logits
+    with replaced_projections(model, "exact"):
+        exact = compare_logits(model(**batch).logits, reference, mask)
+    del reference
+    with replaced_projections(model, "rounded", merge_dtype):
+        reference16 = model(**batch).logits
+    with replaced_projections(model, "merged", merge_dtype):
+        merged16 = compare_logits(model(**batch).logits, reference16, mask)
+    del reference16
+    tag = str(merge_dtype).rsplit(".", 1)[-1].replace("bfloat16", "bf16")
+    return {**{f"fp32_{k}": v for k, v in exact.items()}, **{f"{tag}_{k}": v for k, v in merged16.items()},
+            f"{tag}_update_fraction_lost": update_fraction_lost(model, merge_dtype)}
 
 
 def compare_logits(logits: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """Max absolute and relative (to the largest reference logit) logit error, and max probability error,
-    over the unmasked positions."""
-    diff = (logits - reference).abs()[mask]
-    prob = (logits.softmax(-1) - reference.softmax(-1)).abs()[mask]
-    return {"max_abs_logit_error": diff.max().item(),
-            "max_rel_logit_error": (diff.max() / reference.abs()[mask].max()).item(),
-            "max_abs_prob_error": prob.max().item()}
+    over the unmasked positions, in fp32."""
+    logits, reference = logits[mask].float(), reference[mask].float()
+    diff = (logits - reference).abs().max()
+    prob = (logits.softmax(-1) - reference.softmax(-1)).abs().max()
+    return {"max_abs_logit_error": diff.item(), "max_rel_logit_error": (diff / reference.abs().max()).item(),
+            "max_abs_prob_error": prob.item()}
 
 
 def main(argv: list[str] | None = None) -> None:

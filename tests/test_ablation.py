@@ -80,3 +80,30 @@ def test_adapter_subsets_act_only_through_the_kept_modules(peft_model, organism,
     with pytest.raises(ValueError, match="unknown modules"):
         save_adapter_subset(tmp_path / "full", tmp_path / "bad", ("qkv",))
     assert set(ATTENTION) | set(MLP) == set(ADAPTER_MODULES)
+
+
+def test_chunked_kl_from_hidden_states_equals_kl_of_full_logits(peft_model):
+    """Logits only for scored positions, a few at a time, give the full-logit KL."""
+    model, tok = peft_model
+    [batch] = completion_batches(tok, ["ab", "abcd", "a"], ["xyz" * 5, "x", "yy"], batch_size=3)
+    mask = batch["score_mask"].bool()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    keys = ablation_groups(model)["layer"]["layer 1"]
+    with torch.no_grad():
+        full = model(**inputs).logits
+        with ablated(model, keys):
+            kl = kl_divergence(full, model(**inputs).logits)
+    expected = ((kl * mask).sum(1) / mask.sum(1)).tolist()
+    per_trace = ablation_kl(model, [batch], {"layer 1": keys}, chunk_elements=3 * model.config.vocab_size)
+    assert per_trace["kl"].tolist() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_batches_sized_by_tokens_keep_order_and_bound_padded_tokens(peft_model):
+    _, tok = peft_model
+    prompts = ["q"] * 6
+    completions = ["x" * n for n in (5, 40, 3, 3, 30, 2)]
+    batches = completion_batches(tok, prompts, completions, batch_size=32, batch_tokens=64)
+    assert all(b["input_ids"].numel() <= 64 for b in batches)
+    decoded = [tok.decode(row[m.bool()]) for b in batches for row, m in zip(b["input_ids"], b["attention_mask"])]
+    assert decoded == [p + c for p, c in zip(prompts, completions)]
+    assert len(completion_batches(tok, prompts, completions, batch_size=32)) == 1  # no token cap: one batch

@@ -1,13 +1,16 @@
 import json
+import weakref
 
 import pandas as pd
 import pytest
+import torch
 
 from paper_lib.config import ConfigError
 from paper_lib.evaluation import (
     ANSWER,
     THINK,
     EvaluationError,
+    chat_prompt,
     GenerationSpec,
     Item,
     evaluate,
@@ -39,7 +42,7 @@ class FakeEngine:
 
 def test_budget_forcing_opens_think_then_forces_the_answer():
     engine = FakeEngine()
-    [[(text, n)]] = generate_responses(engine, ["2 +2"], GenerationSpec(max_tokens=64, answer_tokens=8))
+    [[(text, n, *_)]] = generate_responses(engine, ["2 +2"], GenerationSpec(max_tokens=64, answer_tokens=8))
     assert text == f"{THINK}\nsss\n{ANSWER}\nFinal Answer: 4<|im_end|>" and n == 5
     prompts, budgets, stop, _ = engine.calls[0]
     assert prompts[0].endswith("<|im_start|>assistant\n" + THINK + "\n") and budgets == [56] and stop
@@ -47,12 +50,53 @@ def test_budget_forcing_opens_think_then_forces_the_answer():
 
 def test_wait_extends_thinking_and_the_budget_caps_it():
     engine = FakeEngine(think_tokens=3)
-    [[(text, n)]] = generate_responses(engine, ["q"], GenerationSpec(max_tokens=64, answer_tokens=8, wait_count=2))
+    [[(text, n, *_)]] = generate_responses(engine, ["q"], GenerationSpec(max_tokens=64, answer_tokens=8, wait_count=2))
     assert text.startswith(f"{THINK}\nsssWaitsssWaitsss\n{ANSWER}")
     engine = FakeEngine(think_tokens=50)
-    [[(text, n)]] = generate_responses(engine, ["q"], GenerationSpec(max_tokens=64, answer_tokens=8, thinking_budget=5,
+    [[(text, n, *_)]] = generate_responses(engine, ["q"], GenerationSpec(max_tokens=64, answer_tokens=8, thinking_budget=5,
                                                                      wait_count=2))
     assert text.split("\n")[1] == "sssss" and "Wait" not in text and len(engine.calls) == 2
+
+
+class ContextEngine(FakeEngine):
+    """Like vLLM: a context of ``max_model_len`` tokens, and a request whose prompt does not fit raises for
+    the whole batch. Thinks forever (one token per 's') unless stopped."""
+
+    def __init__(self, max_model_len, **kwargs):
+        super().__init__(think_tokens=10_000, **kwargs)
+        self.max_model_len = max_model_len
+
+    def complete(self, prompts, max_tokens, spec, seeds, stop_at_im_start, adapter):
+        for prompt, m in zip(prompts, max_tokens):
+            n = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            if n + m > self.max_model_len or m < 1:
+                raise ValueError(f"your prompt contains at least {n} input tokens, which exceeds this limit")
+        return super().complete(prompts, max_tokens, spec, seeds, stop_at_im_start, adapter)
+
+
+def test_budget_forcing_never_asks_for_more_than_the_context_and_counts_what_it_cut():
+    """MAX_MODEL_LEN = MAX_TOKENS (the README's command): a runaway trace fills the context, and the
+    forced answer must still fit; a prompt longer than the context gets an empty, wrong response."""
+    engine = ContextEngine(max_model_len=96)
+    spec = GenerationSpec(max_tokens=96, answer_tokens=8, wait_count=2)
+    [[short], [long]] = generate_responses(engine, ["2 +2", "q" * 200], spec)
+    assert short.thinking_cut and not short.answer_cut and short.text.endswith("Final Answer: 4<|im_end|>")
+    total = len(engine.tokenizer(chat_prompt(engine.tokenizer, "2 +2") + short.text, add_special_tokens=False)["input_ids"])
+    assert total <= 96
+    assert long.text == "" and long.thinking_cut and long.answer_cut
+    chat = GenerationSpec(max_tokens=96, answer_tokens=8, budget_forcing=False)
+    [[r]] = generate_responses(engine, ["2 +2"], chat)
+    assert r.text == " 4<|im_end|>" and not r.answer_cut
+
+
+def test_answers_that_use_every_answer_token_are_counted():
+    class Verbose(FakeEngine):
+        def complete(self, prompts, max_tokens, spec, seeds, stop_at_im_start, adapter):
+            out = super().complete(prompts, max_tokens, spec, seeds, stop_at_im_start, adapter)
+            return out if stop_at_im_start else [("x" * m, m) for m in max_tokens]
+
+    [[r]] = generate_responses(Verbose(), ["q"], GenerationSpec(max_tokens=64, answer_tokens=8))
+    assert r.answer_cut and not r.thinking_cut and r.tokens == 3 + 8
 
 
 def test_sampled_protocol_gives_n_samples_with_distinct_seeds():
@@ -147,7 +191,7 @@ def strip_end(text):
 
 
 @pytest.mark.slow
-def test_vllm_unmerged_vllm_merged_and_hf_agree_token_for_token(organism_dir, organism_lora):
+def test_vllm_unmerged_vllm_merged_and_hf_agree_token_for_token_and_engines_are_released(organism_dir, organism_lora):
     import os
 
     from paper_lib.evaluation import HFEngine, VLLMEngine
@@ -160,13 +204,19 @@ def test_vllm_unmerged_vllm_merged_and_hf_agree_token_for_token(organism_dir, or
     hf = HFEngine(str(organism_dir / "model"), {"rank1": str(adapter)})
     hf_lora = [strip_end(r[0][0]) for r in generate_responses(hf, questions, spec, "rank1")]
     hf_base = [strip_end(r[0][0]) for r in generate_responses(hf, questions, spec, None)]
-    del hf
-    unmerged = VLLMEngine(str(organism_dir / "model"), {"rank1": str(adapter)}, dtype="float32", max_model_len=512)
-    vllm_lora = [strip_end(r[0][0]) for r in generate_responses(unmerged, questions, spec, "rank1")]
-    vllm_base = [strip_end(r[0][0]) for r in generate_responses(unmerged, questions, spec, None)]
-    del unmerged
-    merged_engine = VLLMEngine(str(merged), dtype="float32", max_model_len=512)
-    vllm_merged = [strip_end(r[0][0]) for r in generate_responses(merged_engine, questions, spec, None)]
+    hf.close()
+    memory_before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    with VLLMEngine(str(organism_dir / "model"), {"rank1": str(adapter)}, dtype="float32", max_model_len=512) as unmerged:
+        vllm_lora = [strip_end(r[0][0]) for r in generate_responses(unmerged, questions, spec, "rank1")]
+        vllm_base = [strip_end(r[0][0]) for r in generate_responses(unmerged, questions, spec, None)]
+        released = weakref.ref(unmerged.llm)
+    # released before the next engine starts: nothing holds the closed engine, its memory is back
+    assert released() is None and unmerged.llm is None
+    assert not torch.cuda.is_available() or torch.cuda.memory_allocated() <= memory_before
+    with pytest.raises(EvaluationError, match="closed"):
+        generate_responses(unmerged, questions[:1], spec, None)
+    with VLLMEngine(str(merged), dtype="float32", max_model_len=512) as merged_engine:
+        vllm_merged = [strip_end(r[0][0]) for r in generate_responses(merged_engine, questions, spec, None)]
     tok = build_tokenizer()
     ids = lambda texts: [tok(t, add_special_tokens=False)["input_ids"] for t in texts]  # noqa: E731
     assert ids(vllm_lora) == ids(hf_lora) == ids(vllm_merged)

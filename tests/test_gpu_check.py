@@ -14,6 +14,8 @@ def test_gpu_check_runs_on_cpu_and_reports_every_row(tmp_path):
     assert "organism greedy outputs identical" in checks
     assert any("forward" in c for c in checks) and sum("train step" in c for c in checks) >= 4
     assert sum("extraction" in c for c in checks) == 7
+    assert sum("device path" in c for c in checks) >= 4
+    assert next(r for r in rows if "reloads to identical" in r["check"])["value"] == "True"
     assert not [r for r in rows if str(r["value"]).startswith("FAILED")], table
     assert next(r for r in rows if r["check"].startswith("organism logits"))["value"] == 0.0
 

@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from paper_lib.config import ConfigError
 from paper_lib.data import DataError, build_sft_dataset, format_s1_text, load_traces, s1_assistant_turn, to_prompt_completion
 from paper_lib.gpu_check import qwen25_config
 from paper_lib.organism import TRACES_SUBDIR, build_tokenizer
+from paper_lib.paths import artifact_dir
 from paper_lib.training import (
     ALL_MODULES,
     LoraSpec,
@@ -19,7 +21,7 @@ from paper_lib.training import (
     lora_spec_for,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parent.parent / "paper_lib" / "templates"
 ROW = {
     "question": "Find x if 2x + 3 = 7.",
     "deepseek_thinking_trajectory": "  Subtract 3: 2x = 4.\nDivide by 2: x = 2.  ",
@@ -276,3 +278,67 @@ def test_extraction_entry_point_writes_a_store_of_the_trained_adapter(tiny_lora_
     direct, _, _ = lora_activations(model, tok([text], return_tensors="pt", add_special_tokens=False)["input_ids"])
     assert ids.tolist() == tok(text, add_special_tokens=False)["input_ids"][:256]
     assert np.allclose(values, direct[0, : len(ids)].numpy(), atol=2e-3, rtol=2e-3)
+
+
+def test_two_process_launch_trains_once_saves_the_adapter_and_it_reloads(tiny_setup):
+    """The multi-process path end to end (gloo on a CPU: accelerate runs FSDP only on accelerators): one
+    distributed run of two ranks, the adapter written by the all-ranks save, reloaded to the logits of
+    the trainer's own last checkpoint."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from paper_lib.training import launch_training
+
+    cfg = tiny_config(tiny_setup, "two_ranks", global_batch_size=8, per_device_batch_size=4, save_steps=6)
+    stats = launch_training(cfg, num_processes=2, accelerate_config="paper_lib/accelerate_configs/multi_cpu.yaml")
+    assert stats["world_size"] == 2 and stats["distributed_type"] == "MULTI_CPU"
+    assert stats["optimizer_steps"] == 6  # 48 traces / global batch 8: the ranks split the batch, not repeat it
+    model, tok, _ = load_trained(cfg.output_dir)
+    assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    checkpoint = artifact_dir(cfg.output_dir) / "checkpoints" / "checkpoint-6"
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.model), str(checkpoint)).eval()
+    ids = tok(["Q 1 +2\nthink\n", "<|im_start|>user\n3 x2<|im_end|>\n"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(model(**ids).logits, reference(**ids).logits)
+
+
+def test_fsdp_save_gathers_a_full_state_dict_on_every_rank():
+    """Under FSDP every rank must call the save (it gathers collectively) with a full state dict; the
+    configs' sharded state dict would otherwise write nothing."""
+    from types import SimpleNamespace
+
+    from paper_lib.training import save_final_model
+
+    calls = []
+    plugin = SimpleNamespace(set_state_dict_type=lambda kind: calls.append(("state_dict_type", kind)))
+    trainer = SimpleNamespace(is_fsdp_enabled=True, accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)),
+                              save_model=lambda path: calls.append(("save_model", path)),
+                              is_world_process_zero=lambda: False)  # a non-zero rank still takes part
+    save_final_model(trainer, Path("final"))
+    assert calls == [("state_dict_type", "FULL_STATE_DICT"), ("save_model", "final")]
+
+
+def test_fsdp_on_a_cpu_is_refused_with_the_config_to_use_instead(monkeypatch):
+    from paper_lib.training import launch_environment, read_accelerate_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="FSDP needs GPUs.*multi_cpu.yaml"):
+        launch_environment(read_accelerate_config("paper_lib/accelerate_configs/fsdp_8gpu.yaml"))
+    env = launch_environment(read_accelerate_config("paper_lib/accelerate_configs/multi_cpu.yaml"))
+    assert env["ACCELERATE_USE_CPU"] == "1"
+    with pytest.raises(ConfigError, match="no such file"):
+        read_accelerate_config("paper_lib/accelerate_configs/nope.yaml")
+
+
+def test_merge_check_runs_in_the_model_dtype_without_copying_the_model(tiny_lora_run, monkeypatch):
+    """At 32B a deep copy or an fp32 host copy of the model does not fit: the check works in place."""
+    import copy
+
+    cfg, _ = tiny_lora_run
+    model, tok, _ = load_trained(cfg.output_dir, dtype=torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    monkeypatch.setattr(copy, "deepcopy", lambda *a, **k: pytest.fail("merge_error deep-copied the model"))
+    errors = merge_error(model, tok, ["Q 1 +2\nthink\n1+2=3" * 20], max_length=16)
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "lora_" not in n)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert errors["bf16_update_fraction_lost"] > 0 and all(math.isfinite(v) for v in errors.values())
