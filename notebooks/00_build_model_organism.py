@@ -37,6 +37,7 @@ import pandas as pd
 from datasets import load_dataset
 
 from paper_lib.config import seed_everything
+from paper_lib.params import check_parameters
 from paper_lib.organism import (
     AIME_SUBDIR,
     GPQA_SUBDIR,
@@ -60,6 +61,8 @@ from paper_lib.results import record_headline
 from paper_lib.statistics import wilson_interval
 
 SECTION = "00_build_model_organism"
+# every parameter has its default's type (and an allowed value), checked before any work
+check_parameters(globals(), SECTION)
 seed_everything(SEED)
 organism_dir = resolve(ORGANISM_DIR)
 

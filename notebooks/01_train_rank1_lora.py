@@ -62,6 +62,7 @@ import torch
 from transformers import AutoTokenizer
 
 from paper_lib.config import seed_everything
+from paper_lib.params import check_parameters
 from paper_lib.data import format_s1_text, load_traces
 from paper_lib.evaluation import release_memory
 from paper_lib.paths import artifact_dir
@@ -77,6 +78,8 @@ from paper_lib.training import (
 )
 
 SECTION = "01_train_rank1_lora"
+# every parameter has its default's type (and an allowed value), checked before any work
+check_parameters(globals(), SECTION, choices={"LORA_MODULES": ("all", "attention", "mlp")})
 seed_everything(SEED)
 epochs = 0.05 if SMOKE else EPOCHS
 common = dict(model=MODEL, dataset=DATASET, epochs=epochs, global_batch_size=GLOBAL_BATCH,

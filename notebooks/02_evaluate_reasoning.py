@@ -67,6 +67,7 @@ import numpy as np
 import pandas as pd
 
 from paper_lib.config import seed_everything
+from paper_lib.params import check_parameters
 from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import plot_benchmark_accuracy, save_figure
@@ -74,12 +75,15 @@ from paper_lib.results import record_headline
 from paper_lib.statistics import bootstrap_interval, recovery_table
 
 SECTION = "02_evaluate_reasoning"
+# every parameter has its default's type (and an allowed value), checked before any work
+check_parameters(globals(), SECTION, choices={
+    "CHOICE_STYLE": ("organism", "s1"),
+    "BACKEND": ("vllm", "hf"),
+    "DTYPE": ("float32", "bfloat16", "float16")})
 seed_everything(SEED)
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM inside a notebook kernel
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's start-up log would flood the notebook
 out_dir = artifact_dir(OUTPUT_DIR)
-if OVERWRITE and out_dir.exists():
-    shutil.rmtree(out_dir)
 adapter_dir = str(artifact_dir(ADAPTER_RUN) / "final")
 full_model = FULL_MODEL or str(artifact_dir(FULL_RUN) / "final")
 
@@ -100,7 +104,13 @@ print(benchmarks["gpqa_diamond"][0])
 # at once, so an interrupted run resumes.
 
 # %%
-from paper_lib.evaluation import HFEngine, VLLMEngine  # noqa: E402
+from paper_lib.evaluation import HFEngine, VLLMEngine, check_adapter, resolve_model  # noqa: E402
+
+# every input loaded and checked before anything earlier runs left is discarded
+check_adapter(adapter_dir, BASE_MODEL)
+resolve_model(full_model)
+if OVERWRITE and out_dir.exists():
+    shutil.rmtree(out_dir)
 
 forced = dict(max_tokens=MAX_TOKENS, thinking_budget=THINKING_BUDGET or None, wait_count=WAIT_COUNT,
               answer_tokens=ANSWER_TOKENS, seed=SEED)

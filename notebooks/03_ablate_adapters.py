@@ -66,6 +66,7 @@ from paper_lib.ablation import (
     trace_batches,
 )
 from paper_lib.config import seed_everything
+from paper_lib.params import check_parameters
 from paper_lib.evaluation import release_memory
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import plot_adapter_ablations, save_figure
@@ -73,6 +74,8 @@ from paper_lib.results import record_headline
 from paper_lib.training import load_trained
 
 SECTION = "03_ablate_adapters"
+# every parameter has its default's type (and an allowed value), checked before any work
+check_parameters(globals(), SECTION, choices={"BACKEND": ("vllm", "hf"), "DTYPE": ("float32", "bfloat16", "float16")})
 seed_everything(SEED)
 model, tokenizer, train_cfg = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE), device=DEVICE)
 n_traces = 8 if SMOKE else N_TRACES

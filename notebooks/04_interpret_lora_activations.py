@@ -73,16 +73,21 @@ from paper_lib.activations import (
     sample_mlp_neurons,
 )
 from paper_lib.config import seed_everything
+from paper_lib.judge import JudgeConfig
+from paper_lib.params import check_parameters
 from paper_lib.data import format_s1_text, load_traces
 from paper_lib.interp import class_shares, compare_populations, score_populations, signed_features, top_examples
 from paper_lib.organism import ROLE_FAMILY, token_roles
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import feature_page_html, plot_interpretability, save_figure, save_html
 from paper_lib.results import record_headline
-from paper_lib.training import load_trained
+from paper_lib.training import adapter_provenance, load_trained
 
 SECTION = "04_interpret_lora_activations"
+# every parameter has its default's type (and an allowed value), checked before any work
+check_parameters(globals(), SECTION, choices={"DTYPE": ("float32", "bfloat16", "float16")})
 seed_everything(SEED)
+judge_config = JudgeConfig(JUDGE_URL, JUDGE_MODEL, api_key_env=JUDGE_KEY_ENV) if JUDGE_URL else None  # checked now
 out_dir = artifact_dir(OUTPUT_DIR + ("_smoke" if SMOKE else ""))  # a smoke run never clashes with a full one
 peft_model, tokenizer, train_cfg = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE))
 if torch.cuda.is_available():
@@ -106,7 +111,8 @@ out_dir.mkdir(parents=True, exist_ok=True)
 (out_dir / "config.json").write_text(json.dumps({k: v for k, v in globals().items() if k.isupper() and k != "SECTION"},
                                                 indent=2) + "\n")
 start = time.perf_counter()
-store = extract_activation_shards(model, tokenizer, texts, store_dir, batch_size=BATCH_SIZE, max_length=MAX_LENGTH)
+store = extract_activation_shards(model, tokenizer, texts, store_dir, batch_size=BATCH_SIZE, max_length=MAX_LENGTH,
+                                  provenance=adapter_provenance(ADAPTER_RUN))
 seconds = time.perf_counter() - start
 token_ids, doc_ids = store.tokens(), store.document_ids()
 lora = store.activations().reshape(len(token_ids), -1)  # the store's dtype (float16): all populations alike
@@ -211,9 +217,9 @@ if ROLE_SCORER:
 
 # %%
 if JUDGE_URL:
-    from paper_lib.judge import Judge, JudgeConfig, non_activating_examples, score_features
+    from paper_lib.judge import Judge, non_activating_examples, score_features
 
-    judge = Judge(JudgeConfig(JUDGE_URL, JUDGE_MODEL, api_key_env=JUDGE_KEY_ENV), out_dir / "judge" / "cache.jsonl")
+    judge = Judge(judge_config, out_dir / "judge" / "cache.jsonl")
     judged = []
     for name, (values, names) in populations.items():
         chosen = np.random.default_rng(SEED).permutation(len(names))[: N_JUDGE_FEATURES or len(names)]

@@ -61,15 +61,20 @@ import torch
 from paper_lib.ablation import scoring_traces, trace_batches
 from paper_lib.activations import ActivationStore
 from paper_lib.config import seed_everything
+from paper_lib.params import check_parameters
 from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import plot_sae_training, plot_splice, save_figure
 from paper_lib.results import record_headline
-from paper_lib.sae import SAESpec, ScalarEngine, load_sae, sae_metrics, splice_kl, state_transform, store_matrix, train_sae
+from paper_lib.sae import SAESpec, ScalarEngine, load_sae, sae_metrics, splice_kl, state_transform, store_matrix, train_or_reuse_sae
 from paper_lib.statistics import bootstrap_interval, wilson_interval
 from paper_lib.training import load_trained
 
 SECTION = "05_train_sae"
+# every parameter has its default's type (and an allowed value), checked before any work
+check_parameters(globals(), SECTION, choices={
+    "NORMALIZE": ("per_adapter", "none"),
+    "DTYPE": ("float32", "bfloat16", "float16")})
 seed_everything(SEED)
 suffix = "_smoke" if SMOKE else ""  # a smoke run never clashes with a full one
 store = ActivationStore(artifact_dir(INTERPRET_DIR + suffix) / "activations")
@@ -86,11 +91,7 @@ print(f"{n_docs} traces ({len(train_docs)} train, {len(heldout_docs)} held out),
 # ## Train (sae-lens BatchTopK, AuxK for dead latents)
 
 # %%
-if OVERWRITE or not (out_dir / "sae").is_dir():
-    history = train_sae(store, spec, out_dir, train_docs)
-else:
-    history = pd.read_csv(out_dir / "training_history.csv")
-    assert SAESpec.load(out_dir) == spec, f"{out_dir} holds an SAE trained with other settings; set OVERWRITE"
+history = train_or_reuse_sae(store, spec, out_dir, train_docs, overwrite=OVERWRITE)
 sae, scales = load_sae(out_dir, device=DEVICE)
 save_figure(plot_sae_training(history), "sae_training", history)
 

@@ -60,6 +60,8 @@ import torch
 
 from paper_lib.activations import ActivationStore
 from paper_lib.config import seed_everything
+from paper_lib.judge import JudgeConfig
+from paper_lib.params import check_parameters
 from paper_lib.data import format_s1_text, load_traces
 from paper_lib.evaluation import GenerationSpec, chat_prompt, evaluate, load_benchmark
 from paper_lib.interp import class_shares, compare_populations, score_populations, signed_features, top_examples
@@ -71,7 +73,10 @@ from paper_lib.sae import LatentView, ScalarEngine, decoder_logit_effects, decod
 from paper_lib.training import load_trained
 
 SECTION = "06_interpret_sae_features"
+# every parameter has its default's type (and an allowed value), checked before any work
+check_parameters(globals(), SECTION, choices={"DTYPE": ("float32", "bfloat16", "float16")})
 seed_everything(SEED)
+judge_config = JudgeConfig(JUDGE_URL, JUDGE_MODEL, api_key_env=JUDGE_KEY_ENV) if JUDGE_URL else None  # checked now
 suffix = "_smoke" if SMOKE else ""  # pairs with notebooks 04 and 05's smoke runs
 interp_dir, out_dir = artifact_dir(INTERPRET_DIR + suffix), artifact_dir(OUTPUT_DIR + suffix)
 out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,9 +216,9 @@ if ROLE_SCORER:
 
 # %%
 if JUDGE_URL:
-    from paper_lib.judge import Judge, JudgeConfig, categorise, explanation_prompt, parse_explanation
+    from paper_lib.judge import Judge, categorise, explanation_prompt, parse_explanation
 
-    judge = Judge(JudgeConfig(JUDGE_URL, JUDGE_MODEL, api_key_env=JUDGE_KEY_ENV), out_dir / "judge" / "cache.jsonl")
+    judge = Judge(judge_config, out_dir / "judge" / "cache.jsonl")
     chosen = np.random.default_rng(SEED).permutation(len(live))[: N_JUDGE_FEATURES or len(live)]
     judged = []
     for i in chosen:

@@ -25,6 +25,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 
+from paper_lib.config import describe_differences, differences, fingerprint
+
 # The paper's storage order (their [tokens, 64, 7] arrays): MLP first, then attention.
 ADAPTER_MODULES: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -189,6 +191,53 @@ def _shard_paths(out_dir: Path, shard: int) -> dict[str, Path]:
             "offsets": stem.with_suffix(".offsets.npy"), "done": stem.with_suffix(".done")}
 
 
+def file_checksum(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(2**24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+SHARD_FILES = ("tokens", "acts", "offsets")
+
+
+def finish_shard(paths: dict[str, Path]) -> None:
+    """Mark a shard done, last: its ``.done`` records each file's size and checksum."""
+    record = {name: {"bytes": paths[name].stat().st_size, "sha256": file_checksum(paths[name])} for name in SHARD_FILES}
+    paths["done"].write_text(json.dumps(record) + "\n")
+
+
+def check_shard(paths: dict[str, Path], n_docs: int, shape: tuple[int, int], verify: bool = True) -> np.ndarray:
+    """A finished shard's offsets, after checking that the files are whole and agree: sizes (and, with
+    ``verify``, checksums) as recorded when the shard was finished, offsets for ``n_docs`` documents that
+    end where the token and activation rows end, activations of ``shape`` per token."""
+    record = json.loads(paths["done"].read_text() or "{}")  # stores written before checksums: counts only
+    for name, expected in record.items():
+        size = paths[name].stat().st_size if paths[name].is_file() else None
+        if size != expected["bytes"]:
+            raise ValueError(f"shard file {paths[name]} has {size} bytes, {expected['bytes']} when written: it is "
+                             "truncated or was replaced; delete the shard (and its .done) and rerun the extraction")
+        if verify and file_checksum(paths[name]) != expected["sha256"]:
+            raise ValueError(f"shard file {paths[name]} changed since it was written (checksum differs): it is "
+                             "corrupt; delete the shard (and its .done) and rerun the extraction")
+    try:
+        offsets = np.load(paths["offsets"])
+        tokens = np.load(paths["tokens"], mmap_mode="r")
+        acts = np.load(paths["acts"], mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"shard {paths['done'].with_suffix('')} cannot be read ({err}); delete it and rerun the "
+                         "extraction") from err
+    if len(offsets) != n_docs + 1 or offsets[0] != 0 or offsets[-1] != len(tokens) or len(acts) != len(tokens) \
+            or tuple(acts.shape[1:]) != tuple(shape):
+        raise ValueError(f"shard {paths['done'].with_suffix('')} is inconsistent: {len(offsets) - 1} documents (want "
+                         f"{n_docs}), offsets end at {offsets[-1]}, {len(tokens)} token rows, activations "
+                         f"{tuple(acts.shape)} (want [tokens, {shape[0]}, {shape[1]}])")
+    return offsets
+
+
 def _encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
     """The one tokenization of every extraction (right padding, truncation, no added special tokens), so
     that adapter scalars and other projections align token for token."""
@@ -200,7 +249,7 @@ def _encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, 
 def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], out_dir: str | Path,
                               batch_size: int = 16, docs_per_shard: int = 256, dtype: str = "float16",
                               max_length: int = 2048, adapter: str = "default", process_index: int = 0,
-                              num_processes: int = 1) -> "ActivationStore | None":
+                              num_processes: int = 1, provenance: dict[str, Any] | None = None) -> "ActivationStore | None":
     """Adapter activations of every token of ``texts``, written shard by shard with bounded memory.
 
     Each shard holds whole documents: token ids (int32), activations ``[tokens, n_layers, n_modules]``
@@ -208,17 +257,24 @@ def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Seq
     at the first unfinished shard and produces the same files as an uninterrupted one. With several
     processes (one per GPU, e.g. under ``accelerate launch``), process ``i`` writes shards ``i, i + n, ...``
     into the same folder; the store is returned once every shard is done (None while others still run).
+
+    ``meta.json`` records the layout, a fingerprint of ``texts`` and ``provenance`` (what produced the
+    scalars: model, adapter and its weights' hash); a folder holding an extraction of other inputs is
+    refused, naming what differs, so it is never returned for new ones.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     layers, modules = _layout(find_readouts(model) or find_adapters(model, adapter))
     meta = {"layers": layers, "modules": modules, "dtype": dtype, "n_docs": len(texts), "docs_per_shard": docs_per_shard,
-            "max_length": max_length, "module_order": list(ADAPTER_MODULES)}
+            "max_length": max_length, "module_order": list(ADAPTER_MODULES), "texts": fingerprint(list(texts)),
+            **({"provenance": provenance} if provenance else {})}
+    meta = json.loads(json.dumps(meta))  # as it reads back
     meta_path = out_dir / "meta.json"
     if meta_path.is_file():
-        old = json.loads(meta_path.read_text())
-        if old != meta:
-            raise ValueError(f"{out_dir} holds an extraction with other settings ({old}); use another folder")
+        diff = differences(json.loads(meta_path.read_text()), meta)
+        if diff:
+            raise ValueError(f"{out_dir} holds an extraction of other inputs ({describe_differences(diff)}); use "
+                             "another folder, or delete it (OVERWRITE True in notebook 04)")
     else:  # atomic: several processes may write the same file at once
         tmp = out_dir / f".meta.{process_index}.tmp"
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
@@ -245,7 +301,7 @@ def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Seq
         np.save(paths["tokens"], np.concatenate(tokens))
         np.save(paths["acts"], np.concatenate(acts))
         np.save(paths["offsets"], np.asarray(offsets, dtype=np.int64))
-        paths["done"].write_text("")
+        finish_shard(paths)
     progress.close()
     if all(_shard_paths(out_dir, shard)["done"].is_file() for shard in range(n_shards)):
         return ActivationStore(out_dir)
@@ -275,7 +331,7 @@ def write_activation_store(out_dir: str | Path, documents: Sequence[tuple[np.nda
         np.save(paths["tokens"], np.concatenate([np.asarray(ids, dtype=np.int32) for ids, _ in docs]))
         np.save(paths["acts"], np.concatenate([np.asarray(acts).astype(dtype) for _, acts in docs]))
         np.save(paths["offsets"], np.concatenate([[0], np.cumsum([len(ids) for ids, _ in docs])]).astype(np.int64))
-        paths["done"].write_text("")
+        finish_shard(paths)
     return ActivationStore(out_dir)
 
 
@@ -285,7 +341,8 @@ class ActivationStore:
     Shards are memory-mapped, so opening a 10M-token store reads nothing until it is indexed.
     """
 
-    def __init__(self, out_dir: str | Path) -> None:
+    def __init__(self, out_dir: str | Path, verify: bool = True) -> None:
+        """Opens and checks every shard (``check_shard``; ``verify``: checksums too, a read of every file)."""
         self.dir = Path(out_dir)
         meta_path = self.dir / "meta.json"
         if not meta_path.is_file():
@@ -296,7 +353,10 @@ class ActivationStore:
         unfinished = [s for s, p in enumerate(self.shards) if not p["done"].is_file()]
         if unfinished:
             raise ValueError(f"extraction at {self.dir} is unfinished (shards {unfinished[:5]}); rerun it to resume")
-        self._offsets = [np.load(p["offsets"]) for p in self.shards]
+        per_shard = self.meta["docs_per_shard"]
+        shape = (len(self.meta["layers"]), len(self.meta["modules"]))
+        self._offsets = [check_shard(p, min(per_shard, self.meta["n_docs"] - s * per_shard), shape, verify)
+                         for s, p in enumerate(self.shards)]
 
     @property
     def layers(self) -> list[int]:
@@ -452,7 +512,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from paper_lib.data import format_s1_text, load_traces
     from paper_lib.paths import artifact_dir
-    from paper_lib.training import load_trained
+    from paper_lib.training import adapter_provenance, load_trained
 
     parser = argparse.ArgumentParser(description="extract rank-1 adapter activations to shards")
     parser.add_argument("--adapter-run", required=True, help="notebook 01's run folder (under data/)")
@@ -465,12 +525,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     state = PartialState()
-    model, tokenizer, _ = load_trained(args.adapter_run, dtype=getattr(torch, args.dtype))
-    model = build_readout_model(model.to(state.device), merged=args.merged)
+    # straight to this process's device: no full host copy of the model per process
+    model, tokenizer, _ = load_trained(args.adapter_run, dtype=getattr(torch, args.dtype), device=str(state.device))
+    model = build_readout_model(model, merged=args.merged)
     texts = [format_s1_text(tokenizer, row) for row in load_traces(args.traces)]
     extract_activation_shards(model, tokenizer, texts, artifact_dir(args.out), batch_size=args.batch_size,
                               max_length=args.max_length, process_index=state.process_index,
-                              num_processes=state.num_processes)
+                              num_processes=state.num_processes, provenance=adapter_provenance(args.adapter_run))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ on which ``SFTTrainer`` computes the loss on the completion only.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,23 @@ def s1k_row(question: str, trajectory: str, attempt: str, solution: str = "", co
             "gemini_grade_reason": "", "deepseek_grade": "Yes", "deepseek_grade_reason": ""}
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+def check_single_data_file(folder: Path) -> None:
+    """Refuse a folder whose data files ``load_dataset`` would silently merge (a stray copy or backup, or
+    several subsets side by side, as gpqa's four CSVs): name one file instead. Shards of one split
+    (``train-00000-of-00002.parquet``) count as one file."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    groups = {(f.parent, _SHARD.sub("", f.stem)) for f in files}
+    if len(groups) > 1:
+        names = ", ".join(str(f.relative_to(folder)) for f in files[:6])
+        raise DataError(f"{folder} holds several data files ({names}), which load_dataset would merge into one "
+                        "dataset; pass the path of the one file to use")
+
+
 def load_table(source: str, split: str = "train", config: str | None = None) -> Dataset:
     """A dataset by hub id, local folder, or a ``.jsonl``/``.json``/``.parquet``/``.csv`` file.
 
@@ -51,6 +69,7 @@ def load_table(source: str, split: str = "train", config: str | None = None) -> 
                 raise DataError(f"{source}: unsupported file type {local.suffix!r} (use jsonl, json, parquet or csv)")
             return load_dataset(kind, data_files=str(local), split="train")
         if local.is_dir():
+            check_single_data_file(local)
             return load_dataset(str(local), config, split=split)
         looks_local = Path(source).suffix in (".jsonl", ".json", ".parquet", ".csv") or source.startswith((".", "/"))
         if looks_local or source.count("/") != 1:

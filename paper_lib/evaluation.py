@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -24,10 +25,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from paper_lib.config import Config, require
+from paper_lib.config import Config, describe_differences, differences, fingerprint, require
 from paper_lib.data import DataError, load_table
 from paper_lib.grading import extract_choice, final_section, is_correct_choice, is_correct_math
 from paper_lib.paths import resolve
+from paper_lib.results import read_jsonl
+from paper_lib.training import adapter_weights_hash, check_adapter
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,10 @@ BENCHMARKS: dict[str, dict[str, Any]] = {
     "gpqa_diamond": {"source": "Idavidrein/gpqa", "split": "train", "config": "gpqa_diamond"},
 }
 LETTERS = "ABCD"
+# the columns each benchmark must have, non-empty in every row
+BENCHMARK_FIELDS = {"aime24": ("problem", "answer"), "math500": ("problem", "answer"),
+                    "gpqa_diamond": ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
+                                     "Incorrect Answer 3")}
 
 
 class EvaluationError(RuntimeError):
@@ -85,8 +92,18 @@ def load_benchmark(name: str, source: str | None = None, seed: int = 0, choice_s
         hint = (" GPQA-Diamond is gated: accept its terms on the hub and set HF_TOKEN, or pass a local copy "
                 "in its schema." if name == "gpqa_diamond" else "")
         raise EvaluationError(f"cannot load benchmark {name} from {src}: {err}.{hint}") from err
+    required = BENCHMARK_FIELDS[name]
+    missing = [f for f in required if f not in table.column_names]
+    if missing:
+        raise EvaluationError(f"benchmark {name} from {src}: missing columns {missing}; found {table.column_names}")
     items = []
     for i, row in enumerate(table):
+        empty = [f for f in required if row[f] is None or not str(row[f]).strip()]
+        if empty:
+            raise EvaluationError(f"benchmark {name} from {src}: row {i} has no {empty[0]!r} (got {row[empty[0]]!r})")
+        if name == "aime24" and not re.fullmatch(r"\s*\d+\s*", str(row["answer"])):
+            raise EvaluationError(f"benchmark {name} from {src}: row {i}'s answer {row['answer']!r} is not an integer "
+                                  "(AIME answers are 0-999)")
         if name == "gpqa_diamond":
             options = [row["Correct Answer"], row["Incorrect Answer 1"], row["Incorrect Answer 2"], row["Incorrect Answer 3"]]
             options = [str(o).strip() for o in options]
@@ -102,6 +119,11 @@ def load_benchmark(name: str, source: str | None = None, seed: int = 0, choice_s
             items.append(Item(rid, row["problem"], str(row["answer"]), "math", meta))
     if not items:
         raise EvaluationError(f"benchmark {name} from {src} is empty")
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        if item.id in seen:
+            raise EvaluationError(f"benchmark {name} from {src}: rows {seen[item.id]} and {i} share the id {item.id!r}")
+        seen[item.id] = i
     return items[:limit] if limit else items
 
 
@@ -262,30 +284,6 @@ def generate_responses(engine: Engine, questions: Sequence[str], spec: Generatio
 # Backends
 
 
-def check_adapter(adapter_dir: str | Path, base_model: str) -> None:
-    """Refuse an adapter whose recorded base model or shapes do not match ``base_model``, before generating."""
-    from safetensors import safe_open
-    from transformers import AutoConfig
-
-    adapter_dir = Path(adapter_dir)
-    config_path = adapter_dir / "adapter_config.json"
-    if not config_path.is_file():
-        raise EvaluationError(f"no PEFT adapter at {adapter_dir} (adapter_config.json missing)")
-    recorded = json.loads(config_path.read_text()).get("base_model_name_or_path", "")
-    same = recorded == base_model or (Path(recorded).exists() and resolve(recorded).resolve() == resolve(base_model).resolve())
-    if not same:
-        raise EvaluationError(f"adapter {adapter_dir} was trained on {recorded!r}, not on {base_model!r}")
-    config = AutoConfig.from_pretrained(str(resolve(base_model)) if resolve(base_model).exists() else base_model)
-    weights = adapter_dir / "adapter_model.safetensors"
-    with safe_open(str(weights), "pt") as handle:
-        for key in handle.keys():
-            if "lora_A" in key and key.split(".lora_A")[0].endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
-                width = handle.get_slice(key).get_shape()[1]
-                if width != config.hidden_size:
-                    raise EvaluationError(f"adapter {adapter_dir}: {key} reads {width} features, but {base_model} has "
-                                          f"hidden size {config.hidden_size}")
-
-
 def resolve_model(model: str) -> str:
     """A local model folder as an absolute path (checked), or a hub id unchanged."""
     local = resolve(model)
@@ -321,6 +319,7 @@ class VLLMEngine:
                  seed: int = 0, enforce_eager: bool | None = None, cpu_kv_cache_gib: float = 1.0) -> None:
         from vllm import LLM
 
+        self.model_arg = model
         self.model = resolve_model(model)
         self.adapters = {name: str(resolve(path)) for name, path in (adapters or {}).items()}
         for path in self.adapters.values():
@@ -343,6 +342,10 @@ class VLLMEngine:
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self.progress = on_gpu  # vLLM's own bar per call: hours at real scale, seconds on the organism
         self._lora_ids = {name: i + 1 for i, name in enumerate(self.adapters)}
+
+    def identity(self, adapter: str | None) -> dict[str, Any]:
+        return engine_identity(self.model_arg, self.adapters, adapter, max_model_len=self.max_model_len,
+                               dtype=str(self.llm.model_config.dtype) if self.llm else None)
 
     def __enter__(self) -> VLLMEngine:
         return self
@@ -388,6 +391,13 @@ class VLLMEngine:
         return [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outputs]
 
 
+def engine_identity(model: str, adapters: dict[str, str], adapter: str | None, **settings: Any) -> dict[str, Any]:
+    """What generated a file of samples: the model as named, the adapter by the hash of its weights (a
+    retrained adapter in the same folder is another adapter), and serving settings that change outputs."""
+    weights = adapter_weights_hash(adapters[adapter]) if adapter is not None else None
+    return {"model": model, "adapter": adapter, "adapter_weights": weights, **settings}
+
+
 def release_memory() -> None:
     """Collect garbage and return cached accelerator memory, so the next model starts from a clean slate."""
     import gc
@@ -405,6 +415,7 @@ class HFEngine:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        self.model_arg, self.dtype = model, dtype
         self.model_name = resolve_model(model)
         self.adapters = {name: str(resolve(path)) for name, path in (adapters or {}).items()}
         for path in self.adapters.values():
@@ -419,6 +430,10 @@ class HFEngine:
             else:
                 self.model.load_adapter(path, adapter_name=name)
         self.batch_size = batch_size
+
+    def identity(self, adapter: str | None) -> dict[str, Any]:
+        return engine_identity(self.model_arg, self.adapters, adapter, max_model_len=self.max_model_len,
+                               dtype=str(self.dtype))
 
     def __enter__(self) -> HFEngine:
         return self
@@ -475,22 +490,48 @@ class HFEngine:
 # Scoring with a resumable per-sample log
 
 
-SAMPLE_COLUMNS = ["id", "sample", "response", "extracted", "correct", "tokens", "thinking_cut", "answer_cut"]
+SAMPLE_COLUMNS = ["id", "sample", "item", "response", "extracted", "correct", "tokens", "thinking_cut", "answer_cut"]
 
 
 def read_samples(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        return pd.DataFrame(columns=SAMPLE_COLUMNS)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return pd.DataFrame(rows)
+    rows = read_jsonl(path)
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=SAMPLE_COLUMNS)
+
+
+def item_fingerprint(item: Item) -> str:
+    return fingerprint([item.question, item.gold, item.kind])
 
 
 def evaluate(engine: Engine, items: Sequence[Item], spec: GenerationSpec, out_path: str | Path,
-             adapter: str | None = None, chunk: int = 256) -> pd.DataFrame:
-    """Generate, grade and append each sample to ``out_path`` (JSONL); finished samples are skipped."""
+             adapter: str | None = None, chunk: int = 32, overwrite: bool = False) -> pd.DataFrame:
+    """Generate, grade and append each sample to ``out_path`` (JSONL), ``chunk`` questions at a time;
+    finished samples are skipped.
+
+    ``<out_path>.meta.json`` records what generates the file (the spec, the engine's model and adapter);
+    each sample records its question's fingerprint. A rerun with another spec, model, adapter or
+    question text is refused, naming what differs (``overwrite`` discards the old file instead), so a
+    changed setting never returns old rows."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    meta_path = out_path.with_name(out_path.name.removesuffix(".jsonl") + ".meta.json")
+    identity = engine.identity(adapter) if hasattr(engine, "identity") else {"engine": type(engine).__name__,
+                                                                             "adapter": adapter}
+    meta = json.loads(json.dumps({"spec": spec.to_dict(), **identity}))  # as it reads back from JSON
+    if meta_path.is_file() and not overwrite:
+        diff = differences(json.loads(meta_path.read_text()), meta)
+        if diff:
+            raise EvaluationError(f"{out_path} holds samples generated with other settings ({describe_differences(diff)});"
+                                  " pass overwrite (OVERWRITE True) or choose another OUTPUT_DIR")
+    if overwrite or not meta_path.is_file():
+        out_path.unlink(missing_ok=True)
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     done = read_samples(out_path)
+    current = {it.id: item_fingerprint(it) for it in items}
+    if len(done) and "item" in done:
+        stale = done[done["id"].astype(str).map(current).notna() & (done["id"].astype(str).map(current) != done["item"])]
+        if len(stale):
+            raise EvaluationError(f"{out_path} holds samples of question {stale['id'].iloc[0]!r} as it read before (the "
+                                  "benchmark changed); pass overwrite (OVERWRITE True) or choose another OUTPUT_DIR")
     finished = set(zip(done["id"].astype(str), done["sample"].astype(int))) if len(done) else set()
     todo = [it for it in items if any((it.id, s) not in finished for s in range(spec.n))]
     with tqdm(total=len(items), initial=len(items) - len(todo), desc=out_path.stem, unit="question",
@@ -504,10 +545,12 @@ def evaluate(engine: Engine, items: Sequence[Item], spec: GenerationSpec, out_pa
                         if (item.id, s) in finished:
                             continue
                         correct, extracted = grade(item, response.text)
-                        handle.write(json.dumps({"id": item.id, "sample": s, "response": response.text,
-                                                 "extracted": extracted, "correct": bool(correct),
-                                                 "tokens": response.tokens, "thinking_cut": response.thinking_cut,
+                        handle.write(json.dumps({"id": item.id, "sample": s, "item": current[item.id],
+                                                 "response": response.text, "extracted": extracted,
+                                                 "correct": bool(correct), "tokens": response.tokens,
+                                                 "thinking_cut": response.thinking_cut,
                                                  "answer_cut": response.answer_cut}) + "\n")
+                        handle.flush()
             bar.update(len(part))
     results = read_samples(out_path)
     wanted = {it.id for it in items}

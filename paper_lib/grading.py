@@ -54,6 +54,27 @@ def _verify(response_text: str, gold: str) -> bool:
     return bool(verify(gold_parsed, answer, timeout_seconds=None))
 
 
+# Expressions sympy would evaluate for ever (it computes exact powers and factorials): a power whose
+# exponent holds another power (9^{9^{9}}), an exponent of 4+ digits, a factorial of 3+ digits. A
+# thread cannot be stopped once sympy is inside such a computation, so these are refused before it starts.
+_NUMERIC_POWER = r"\d\s*\^\s*[{(]?\s*\d"  # 9^9, 9^{9}, 9^(9)
+_PATHOLOGICAL = (re.compile(r"\^\s*\{[^{}]*" + _NUMERIC_POWER), re.compile(r"\^\s*\([^()]*" + _NUMERIC_POWER),
+                 re.compile(r"\d\s*\^\s*\d+\s*\^\s*[{(]?\s*\d"), re.compile(r"\^\s*[{(]?\s*\d{4,}"),
+                 re.compile(r"\d{3,}\s*!"), re.compile(r"\d\s*\*\*\s*\(?\s*\d+\s*\*\*"))
+MAX_ANSWER_CHARS = 20_000  # a whole answer section of 2,048 tokens is ~8k characters
+
+
+def pathological(text: str) -> str | None:
+    """Why grading ``text`` could run without end (None: it cannot)."""
+    if len(text) > MAX_ANSWER_CHARS:
+        return f"an answer of {len(text)} characters"
+    for pattern in _PATHOLOGICAL:
+        match = pattern.search(text)
+        if match:
+            return f"a tower of powers or a huge exponent or factorial ({match.group(0)[:40]!r})"
+    return None
+
+
 def is_correct_math(response: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """Whether the final answer of ``response`` equals ``gold`` (math-verify); False on no answer or timeout."""
     text = final_section(response)
@@ -61,6 +82,10 @@ def is_correct_math(response: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT
         return False
     if "\\boxed" in text:  # several boxed answers: the last one counts (math-verify would take the first)
         text = text[text.rindex("\\boxed"):]
+    why = pathological(text)
+    if why:
+        log.warning("not graded (counted wrong): %s", why)
+        return False
     result: dict[str, object] = {}
 
     def work() -> None:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from paper_lib.config import Config, require
+from paper_lib.results import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,8 @@ class Judge:
         self.cache_path = Path(cache_path)
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         self.cache: dict[str, str] = {}
-        if self.cache_path.is_file():
-            for line in self.cache_path.read_text().splitlines():
-                if line.strip():
-                    entry = json.loads(line)
-                    self.cache[entry["key"]] = entry["answer"]
+        for entry in read_jsonl(self.cache_path):
+            self.cache[entry["key"]] = entry["answer"]
         self.requests = 0  # answers fetched from the endpoint (not from the cache)
 
     def ask(self, prompt: str) -> str:
@@ -89,7 +87,13 @@ class Judge:
             raise JudgeError(f"judge at {self.cfg.base_url} answered HTTP {err.status_code}: {err.message}") from err
         except openai.APIConnectionError as err:  # includes timeouts
             raise JudgeError(f"cannot reach the judge at {self.cfg.base_url}: {err}") from err
-        answer = response.choices[0].message.content or ""
+        except (openai.APIResponseValidationError, json.JSONDecodeError) as err:
+            raise JudgeError(f"the judge at {self.cfg.base_url} sent a reply that is not a chat completion: {err}") from err
+        try:
+            answer = response.choices[0].message.content or ""
+        except (IndexError, AttributeError, TypeError) as err:
+            raise JudgeError(f"the judge at {self.cfg.base_url} sent a malformed chat completion ({err}): "
+                             f"{str(response)[:200]}") from err
         self.requests += 1
         self.cache[key] = answer
         with self.cache_path.open("a") as handle:
@@ -151,10 +155,14 @@ def non_activating_examples(values: np.ndarray, token_ids: np.ndarray, doc_ids: 
 
 def score_feature(judge: Judge, name: str, explain_with: list[dict[str, Any]], activating: list[dict[str, Any]],
                   non_activating: list[dict[str, Any]]) -> dict[str, Any]:
-    """Explain from ``explain_with``, then detection accuracy / F1 on ``activating`` + ``non_activating``."""
-    explanation = parse_explanation(judge.ask(explanation_prompt(explain_with)))
+    """Explain from ``explain_with``, then detection accuracy / F1 on ``activating`` + ``non_activating``.
+    A judge failure is raised as a ``JudgeError`` naming the feature."""
+    try:
+        explanation = parse_explanation(judge.ask(explanation_prompt(explain_with)))
+        said = [parse_yes_no(judge.ask(detection_prompt(explanation, e))) for e in activating + non_activating]
+    except JudgeError as err:
+        raise JudgeError(f"feature {name}: {err}") from err
     truth = [True] * len(activating) + [False] * len(non_activating)
-    said = [parse_yes_no(judge.ask(detection_prompt(explanation, e))) for e in activating + non_activating]
     tp = sum(s is True and t for s, t in zip(said, truth))
     fp = sum(s is True and not t for s, t in zip(said, truth))
     fn = sum(s is not True and t for s, t in zip(said, truth))
@@ -170,9 +178,7 @@ def score_features(judge: Judge, features: list[dict[str, Any]], out_path: str |
     asked again, and a judge failure leaves every finished line in place."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if out_path.is_file():
-        done = {r["feature"]: r for r in map(json.loads, out_path.read_text().splitlines()) if r}
+    done = {r["feature"]: r for r in read_jsonl(out_path)}
     for feature in features:
         if feature["name"] in done:
             continue

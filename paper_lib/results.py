@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from paper_lib.paths import figures_dir
+
+log = logging.getLogger(__name__)
 
 HEADLINE_FILE = "headline_numbers.json"
 
@@ -51,3 +54,31 @@ def record_headline(
         handle.write("\n")
     os.replace(tmp, path)
     return entry
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of an append-only JSONL file (missing file: none).
+
+    A process killed mid-write leaves a torn last line: it is dropped with a warning and cut from the
+    file, so the next append starts on a clean line and a rerun redoes just that record. A bad line
+    anywhere else is real corruption and raises, naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    records, offset = [], 0
+    for number, line in enumerate(lines, start=1):
+        last = number == len(lines) or all(not rest.strip() for rest in lines[number:])
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if not last:
+                    raise ValueError(f"{path}: line {number} is not JSON ({err}); the file is corrupt") from err
+                log.warning("%s: dropping a torn last line (%d bytes), left by an interrupted write", path, len(line))
+                with path.open("r+b") as handle:
+                    handle.truncate(offset)
+                break
+        offset += len(line) + 1
+    return records

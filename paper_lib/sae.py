@@ -18,6 +18,7 @@ reconstruction in their place. Generation does the same token by token with two 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ import torch
 
 from paper_lib.ablation import ablated, kl_divergence
 from paper_lib.activations import ActivationStore, adapter_layout, capture_lora_activations, find_adapters, stack_scalars
-from paper_lib.config import Config, require
+from paper_lib.config import Config, ConfigError, describe_differences, differences, fingerprint, require
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,34 @@ def train_sae(store: ActivationStore, spec: SAESpec, out_dir: str | Path, train_
     frame.to_csv(out_dir / HISTORY_FILE, index=False)
     spec.save(out_dir)
     return frame
+
+
+INPUTS_FILE = "inputs.json"
+
+
+def sae_inputs(store: ActivationStore, train_docs: Sequence[int] | None) -> dict[str, Any]:
+    """What an SAE is trained on: the activation store (its meta: layout, texts, adapter) and the documents."""
+    docs = list(range(len(store))) if train_docs is None else [int(d) for d in train_docs]
+    return {"store": fingerprint(store.meta), "train_docs": fingerprint(docs), "n_train_docs": len(docs)}
+
+
+def train_or_reuse_sae(store: ActivationStore, spec: SAESpec, out_dir: str | Path,
+                       train_docs: Sequence[int] | None = None, overwrite: bool = False) -> pd.DataFrame:
+    """``train_sae``, unless ``out_dir`` holds an SAE trained with the same spec on the same inputs (its
+    history is returned); one trained with other settings or other activations is refused, naming what
+    differs, unless ``overwrite``."""
+    out_dir = Path(out_dir)
+    inputs = sae_inputs(store, train_docs)
+    if not overwrite and (out_dir / SAE_SUBDIR).is_dir() and (out_dir / HISTORY_FILE).is_file():
+        saved_inputs = json.loads((out_dir / INPUTS_FILE).read_text()) if (out_dir / INPUTS_FILE).is_file() else {}
+        diff = {**differences(SAESpec.load(out_dir).to_dict(), spec.to_dict()), **differences(saved_inputs, inputs)}
+        if diff:
+            raise ConfigError(f"{out_dir} holds an SAE trained with other settings or inputs "
+                              f"({describe_differences(diff)}); set OVERWRITE True or choose another OUTPUT_DIR")
+        return pd.read_csv(out_dir / HISTORY_FILE)
+    history = train_sae(store, spec, out_dir, train_docs)
+    (out_dir / INPUTS_FILE).write_text(json.dumps(inputs, indent=2) + "\n")
+    return history
 
 
 def load_sae(out_dir: str | Path, device: str = "cpu") -> tuple[Any, torch.Tensor]:

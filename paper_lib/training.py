@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -31,8 +32,16 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from paper_lib.config import Config, ConfigError, require, seed_everything
-from paper_lib.data import build_sft_dataset, load_traces
+from paper_lib.config import (
+    Config,
+    ConfigError,
+    describe_differences,
+    differences,
+    fingerprint,
+    require,
+    seed_everything,
+)
+from paper_lib.data import TRACE_FIELDS, build_sft_dataset, load_traces
 from paper_lib.paths import artifact_dir, resolve
 
 log = logging.getLogger(__name__)
@@ -254,11 +263,11 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
 
     out = artifact_dir(cfg.output_dir)
     final = out / FINAL_SUBDIR
-    if final.is_dir() and (out / "stats.json").is_file() and not overwrite:
-        log.info("%s exists; skipping training (pass overwrite=True to retrain)", final)
-        return json.loads((out / "stats.json").read_text())
-    seed_everything(cfg.seed)
     traces = load_traces(cfg.dataset)
+    finished = finished_run(cfg, traces_fingerprint(traces), overwrite)
+    if finished is not None:
+        return finished
+    seed_everything(cfg.seed)
     model, tokenizer = load_base_model(cfg.model, cfg.bf16)
     peft_config = None
     if cfg.lora is not None:
@@ -293,6 +302,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
             "final_loss": float(losses.tail(5).mean()) if len(losses) else float("nan"),
             "train_loss": float(result.training_loss),
             "resumed_from": Path(resume_from).name if resume_from else None,
+            "data_fingerprint": traces_fingerprint(traces),
             "world_size": trainer.accelerator.num_processes,
             "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
             **{f"data_{k}": v for k, v in data_stats.items()},
@@ -302,6 +312,34 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
         (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         return stats
     return {}
+
+
+def traces_fingerprint(traces: Any) -> str:
+    """A content hash of the training traces (the fields the recipe reads), row order included."""
+    return fingerprint([traces[field] for field in TRACE_FIELDS])
+
+
+def finished_run(cfg: TrainConfig, data_fingerprint: str, overwrite: bool = False) -> dict[str, Any] | None:
+    """The stats of a finished run of exactly ``cfg`` on the same traces in ``cfg.output_dir`` (training is
+    skipped), None when there is none (or ``overwrite``); a finished run of other settings or other
+    traces is refused, naming what differs, so a changed parameter never reports an old result."""
+    out = artifact_dir(cfg.output_dir)
+    if overwrite or not ((out / FINAL_SUBDIR).is_dir() and (out / "stats.json").is_file()):
+        return None
+    stats = json.loads((out / "stats.json").read_text())
+    try:
+        saved = TrainConfig.load(out).to_dict()
+    except (FileNotFoundError, ConfigError, TypeError) as err:
+        raise ConfigError(f"{out} holds a finished run whose config.json cannot be read ({err}); pass "
+                          "overwrite=True (OVERWRITE True) to retrain, or choose another output_dir") from err
+    diff = differences(saved, cfg.to_dict(), ignore=("resume",))
+    if stats.get("data_fingerprint") != data_fingerprint:
+        diff["traces"] = (stats.get("data_fingerprint"), data_fingerprint)
+    if diff:
+        raise ConfigError(f"{out} holds a run trained with other inputs ({describe_differences(diff)}); pass "
+                          "overwrite=True (OVERWRITE True) to retrain there, or choose another output_dir")
+    log.info("%s holds a finished run of these settings; skipping training (overwrite=True retrains)", out)
+    return stats
 
 
 def save_final_model(trainer: Any, final: Path) -> None:
@@ -343,6 +381,9 @@ def launch_training(cfg: TrainConfig, num_processes: int = 1, accelerate_config:
     """Train in this process (one device) or through ``accelerate launch`` (several GPUs, FSDP)."""
     if num_processes <= 1 and accelerate_config is None:
         return train(cfg, overwrite=overwrite)
+    finished = finished_run(cfg, traces_fingerprint(load_traces(cfg.dataset)), overwrite)
+    if finished is not None:  # decided here, so a refusal is a clear error, not a failed launch
+        return finished
     settings = read_accelerate_config(accelerate_config) if accelerate_config else {}
     env = launch_environment(settings)
     out = artifact_dir(cfg.output_dir)
@@ -382,12 +423,84 @@ def load_trained(run_dir: str | Path, dtype: torch.dtype = torch.float32,
     tokenizer = AutoTokenizer.from_pretrained(str(final))
     device_map = resolve_device(device)
     if (final / "adapter_config.json").is_file():
+        check_adapter(final, cfg.model)
         base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, device_map=device_map)
         model = PeftModel.from_pretrained(base, str(final))
     else:
         model = AutoModelForCausalLM.from_pretrained(str(final), dtype=dtype, device_map=device_map)
     model.eval()
     return model, tokenizer, cfg
+
+
+class AdapterError(ValueError):
+    """A saved adapter that does not fit its base model, or cannot be read."""
+
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def check_adapter(adapter_dir: str | Path, base_model: str) -> None:
+    """Refuse, before any work, an adapter that does not fit ``base_model``: recorded base, every
+    ``lora_A``/``lora_B`` shape against its projection's input and output width, every layer index, the
+    rank in ``adapter_config.json``, finite weights, readable files (errors name the file). The base is
+    built on the meta device from its config, so the check costs nothing at 32B."""
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoConfig
+
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not config_path.is_file():
+        raise AdapterError(f"no PEFT adapter at {adapter_dir} (adapter_config.json missing)")
+    try:
+        adapter_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{config_path} is not valid JSON: {err}") from err
+    recorded = adapter_config.get("base_model_name_or_path", "")
+    same = recorded == base_model or (Path(recorded).exists() and resolve(recorded).resolve() == resolve(base_model).resolve())
+    if not same:
+        raise AdapterError(f"adapter {adapter_dir} was trained on {recorded!r}, not on {base_model!r}")
+    local = resolve(base_model)
+    config = AutoConfig.from_pretrained(str(local) if local.exists() else base_model)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    linears = {name: m for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
+    rank = int(adapter_config.get("r", 0))
+    try:
+        with safe_open(str(weights), "pt") as handle:
+            keys = list(handle.keys())
+            if not keys:
+                raise AdapterError(f"{weights} holds no tensors")
+            for key in keys:
+                tensor = handle.get_tensor(key)
+                module = key.removeprefix("base_model.model.").split(".lora_")[0]
+                if module not in linears:
+                    match = _LAYER_INDEX.search(key)
+                    where = (f"layer {match.group(1)}, but {base_model} has {config.num_hidden_layers} layers"
+                             if match else f"a module {base_model} lacks")
+                    raise AdapterError(f"adapter {adapter_dir}: {key} adapts {where}")
+                linear = linears[module]
+                expected = (rank, linear.in_features) if ".lora_A." in key else (linear.out_features, rank)
+                if tuple(tensor.shape) != expected:
+                    raise AdapterError(f"adapter {adapter_dir}: {key} has shape {tuple(tensor.shape)}, but {base_model}'s "
+                                       f"{module} needs {expected} (rank {rank})")
+                if not torch.isfinite(tensor).all():
+                    raise AdapterError(f"adapter {adapter_dir}: {key} holds NaN or infinite weights")
+    except (SafetensorError, OSError) as err:
+        raise AdapterError(f"cannot read the adapter weights {weights}: {err}") from err
+
+
+def adapter_weights_hash(adapter_dir: str | Path) -> str:
+    """A short hash of an adapter's weights file: a retrained adapter in the same folder is another adapter."""
+    import hashlib
+
+    return hashlib.sha256((Path(adapter_dir) / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+
+
+def adapter_provenance(run_dir: str | Path) -> dict[str, Any]:
+    """What a downstream artifact of a trained run records about it: the base model and the weights' hash."""
+    run_dir = artifact_dir(run_dir)
+    return {"model": TrainConfig.load(run_dir).model, "adapter_weights": adapter_weights_hash(run_dir / FINAL_SUBDIR)}
 
 
 def input_device(model: torch.nn.Module) -> torch.device:

@@ -228,6 +228,7 @@ def test_adapter_of_another_base_model_is_refused_before_generation(organism_dir
     import shutil
 
     from paper_lib.evaluation import HFEngine, check_adapter
+    from paper_lib.training import AdapterError
 
     adapter, _ = organism_lora
     check_adapter(adapter, str(organism_dir / "model"))
@@ -236,7 +237,7 @@ def test_adapter_of_another_base_model_is_refused_before_generation(organism_dir
     cfg = json.loads((wrong / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "Qwen/Qwen2.5-0.5B-Instruct"
     (wrong / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(EvaluationError, match="was trained on 'Qwen/Qwen2.5-0.5B-Instruct'"):
+    with pytest.raises(AdapterError, match="was trained on 'Qwen/Qwen2.5-0.5B-Instruct'"):
         HFEngine(str(organism_dir / "model"), {"rank1": str(wrong)})
     with pytest.raises(EvaluationError, match="no model at"):
         HFEngine(str(tmp_path / "no_model"))
