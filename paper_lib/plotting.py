@@ -31,7 +31,23 @@ def save_figure(fig: plt.Figure, name: str, data: pd.DataFrame) -> dict[str, Pat
     # A fixed creation date keeps the PDF byte-stable between identical runs.
     fig.savefig(paths["pdf"], bbox_inches="tight", metadata={"CreationDate": None})
     data.to_csv(paths["csv"], index=False)
+    show_inline(paths["png"])
+    plt.close(fig)  # shown and saved: free it (a long notebook would otherwise keep every figure)
     return paths
+
+
+def show_inline(png: Path) -> None:
+    """Display a saved figure in the running notebook (papermill keeps it in the executed copy); a no-op
+    outside a Jupyter kernel. The Agg backend above draws nothing on its own, so this is how figures
+    reach the reader."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None and getattr(shell, "kernel", None) is not None:
+        display(Image(filename=str(png)))
 
 
 def error_bars(value: pd.Series, lo: pd.Series, hi: pd.Series) -> list[np.ndarray]:

@@ -65,6 +65,11 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
             run_notebook(next(p for p in NOTEBOOKS if p.stem.startswith(prefix)), tmp_path, {"SMOKE": True}, timeout_s=900)
     executed, minutes = run_notebook(path, tmp_path, {"SMOKE": True}, timeout_s=900)
     nb = jupytext.read(executed)
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert not errors
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    code = [line for c in jupytext.read(path).cells if c.cell_type == "code" for line in c.source.splitlines()]
+    always = sum(line.startswith("save_figure(") for line in code)  # saved unconditionally
+    shown = sum("image/png" in o.get("data", {}) for o in outputs)
+    if any("save_figure(" in line for line in code):
+        assert shown >= max(always, 1), f"{always} figures always saved but {shown} shown in the executed notebook"
     assert minutes < 10
