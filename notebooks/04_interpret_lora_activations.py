@@ -50,6 +50,10 @@ N_BOOTSTRAP = 2000  # bootstrap resamples
 JUDGE_URL = ""  # OpenAI-compatible endpoint for the LLM scorer, e.g. http://127.0.0.1:8000/v1 (empty: skip)
 JUDGE_MODEL = ""  # the judge's model name at that endpoint
 JUDGE_KEY_ENV = "OPENAI_API_KEY"  # environment variable holding the judge's API key
+JUDGE_MAX_TOKENS = 48  # answer tokens per request (0: not sent; reasoning models need thousands)
+JUDGE_TOKEN_PARAM = "max_tokens"  # or max_completion_tokens (APIs whose reasoning models refuse max_tokens)
+JUDGE_TEMPERATURE = 0.0  # sampling temperature (-1: not sent, for models that refuse one)
+JUDGE_CONCURRENCY = 8  # judge requests in flight at once
 N_JUDGE_FEATURES = 40  # features per population sent to the judge (0: all)
 OUTPUT_DIR = "runs/04_interpret"  # under data/: activation shards, scores, judge cache
 OVERWRITE = False  # redo the extraction even if its shards exist
@@ -87,7 +91,9 @@ SECTION = "04_interpret_lora_activations"
 # every parameter has its default's type (and an allowed value), checked before any work
 check_parameters(globals(), SECTION, choices={"DTYPE": ("float32", "bfloat16", "float16")})
 seed_everything(SEED)
-judge_config = JudgeConfig(JUDGE_URL, JUDGE_MODEL, api_key_env=JUDGE_KEY_ENV) if JUDGE_URL else None  # checked now
+judge_config = JudgeConfig(  # checked now, not after the expensive work
+    JUDGE_URL, JUDGE_MODEL, api_key_env=JUDGE_KEY_ENV, max_tokens=JUDGE_MAX_TOKENS or None, token_param=JUDGE_TOKEN_PARAM,
+    temperature=None if JUDGE_TEMPERATURE < 0 else JUDGE_TEMPERATURE, concurrency=JUDGE_CONCURRENCY) if JUDGE_URL else None
 out_dir = artifact_dir(OUTPUT_DIR + ("_smoke" if SMOKE else ""))  # a smoke run never clashes with a full one
 peft_model, tokenizer, train_cfg = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE))
 if torch.cuda.is_available():
@@ -212,7 +218,9 @@ if ROLE_SCORER:
 # %% [markdown]
 # ## The LLM judge (real-scale scorer; runs when `JUDGE_URL` is set)
 # Explanation from the top 10 examples (±8 tokens, activations scaled 0-10), detection on 5 held-out top
-# examples and 5 random non-activating contexts. Every answer is cached under `OUTPUT_DIR/judge/`; finished
+# examples and 5 random non-activating contexts, and the paper's own measure: the judge's 0/1/2 rating
+# (monosemantic / broad but consistent / polysemantic) from the same top examples. `JUDGE_CONCURRENCY`
+# requests run at once; every answer is cached under `OUTPUT_DIR/judge/`, so a rerun is free, and finished
 # features are kept if the endpoint fails.
 
 # %%
@@ -228,9 +236,16 @@ if JUDGE_URL:
                      "non_activating": non_activating_examples(values[:, i], token_ids, doc_ids, vocab.__getitem__, 5, 8, SEED)}
                     for t, i in zip(tops, chosen) if len(t["examples"]) >= 15]
         slug = name.split(" ")[0].lower()
-        judged.append(pd.DataFrame(score_features(judge, requests, out_dir / "judge" / f"{slug}.jsonl")).assign(population=name))
+        scores = score_features(judge, requests, out_dir / "judge" / f"{slug}.jsonl", rate=True)
+        judged.append(pd.DataFrame(scores).assign(population=name))
     judged = pd.concat(judged, ignore_index=True)
+    # the paper's measure beside detection: the judge's 0/1/2 rating (monosemantic / broad / polysemantic)
+    judged["rated"] = judged["rating"].map({0: "monosemantic", 1: "broad", 2: "polysemantic"}).fillna("unrated")
     print(judged.groupby("population")[["accuracy", "f1"]].mean().round(3))
+    print(pd.crosstab(judged["population"], judged["rated"], normalize="index").round(3))
     for name, group in judged.groupby("population"):
-        record_headline(SECTION, f"{name.split(' ')[0].lower()}_judge_detection_accuracy", group.accuracy.mean(),
-                        unit="fraction", n=len(group))
+        slug = name.split(" ")[0].lower()
+        record_headline(SECTION, f"{slug}_judge_detection_accuracy", group.accuracy.mean(), unit="fraction", n=len(group))
+        for label in ("monosemantic", "broad", "polysemantic"):
+            record_headline(SECTION, f"{slug}_judge_rated_{label}_share", (group.rated == label).mean(), unit="fraction",
+                            n=len(group))

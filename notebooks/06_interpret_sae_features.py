@@ -47,6 +47,10 @@ MAX_TOKENS = 160  # generated tokens per response when steering
 JUDGE_URL = ""  # OpenAI-compatible endpoint for explanations and categories (empty: skip)
 JUDGE_MODEL = ""  # the judge's model name at that endpoint
 JUDGE_KEY_ENV = "OPENAI_API_KEY"  # environment variable holding the judge's API key
+JUDGE_MAX_TOKENS = 48  # answer tokens per request (0: not sent; reasoning models need thousands)
+JUDGE_TOKEN_PARAM = "max_tokens"  # or max_completion_tokens (APIs whose reasoning models refuse max_tokens)
+JUDGE_TEMPERATURE = 0.0  # sampling temperature (-1: not sent, for models that refuse one)
+JUDGE_CONCURRENCY = 8  # judge requests in flight at once
 N_JUDGE_FEATURES = 100  # live latents sent to the judge (0: all)
 OUTPUT_DIR = "runs/06_sae_features"  # under data/: scores, steering samples, judge cache
 SMOKE = False  # fast check for CI
@@ -76,7 +80,9 @@ SECTION = "06_interpret_sae_features"
 # every parameter has its default's type (and an allowed value), checked before any work
 check_parameters(globals(), SECTION, choices={"DTYPE": ("float32", "bfloat16", "float16")})
 seed_everything(SEED)
-judge_config = JudgeConfig(JUDGE_URL, JUDGE_MODEL, api_key_env=JUDGE_KEY_ENV) if JUDGE_URL else None  # checked now
+judge_config = JudgeConfig(  # checked now, not after the expensive work
+    JUDGE_URL, JUDGE_MODEL, api_key_env=JUDGE_KEY_ENV, max_tokens=JUDGE_MAX_TOKENS or None, token_param=JUDGE_TOKEN_PARAM,
+    temperature=None if JUDGE_TEMPERATURE < 0 else JUDGE_TEMPERATURE, concurrency=JUDGE_CONCURRENCY) if JUDGE_URL else None
 suffix = "_smoke" if SMOKE else ""  # pairs with notebooks 04 and 05's smoke runs
 interp_dir, out_dir = artifact_dir(INTERPRET_DIR + suffix), artifact_dir(OUTPUT_DIR + suffix)
 out_dir.mkdir(parents=True, exist_ok=True)

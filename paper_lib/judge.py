@@ -22,11 +22,14 @@ import json
 import logging
 import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from paper_lib.config import Config, require
 from paper_lib.results import read_jsonl
@@ -47,14 +50,29 @@ class JudgeConfig(Config):
     api_key_env: str = "OPENAI_API_KEY"  # the key's environment variable; local servers need none
     max_retries: int = 3
     timeout_s: float = 60.0
-    temperature: float = 0.0
-    max_tokens: int = 48
+    temperature: float | None = 0.0  # None: not sent (reasoning models refuse a temperature)
+    max_tokens: int | None = 48  # None: not sent; reasoning models think first and need thousands
+    token_param: str = "max_tokens"  # or "max_completion_tokens" (OpenAI's reasoning models refuse max_tokens)
+    concurrency: int = 8  # requests in flight at once
 
     def validate(self) -> None:
         require(self.base_url.startswith(("http://", "https://")), "base_url", f"not an http(s) URL: {self.base_url!r}")
         require(bool(self.model), "model", "must name the judge model")
         require(self.max_retries >= 0, "max_retries", "must be >= 0")
         require(self.timeout_s > 0, "timeout_s", "must be > 0")
+        require(self.token_param in ("max_tokens", "max_completion_tokens"), "token_param",
+                f"must be 'max_tokens' or 'max_completion_tokens', got {self.token_param!r}")
+        require(self.max_tokens is None or self.max_tokens > 0, "max_tokens", "must be positive (or None: not sent)")
+        require(self.concurrency >= 1, "concurrency", "must be >= 1")
+
+    def request_parameters(self) -> dict[str, Any]:
+        """The sampling parameters sent with every request (those set to None are left out)."""
+        params: dict[str, Any] = {}
+        if self.temperature is not None:
+            params["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            params[self.token_param] = self.max_tokens
+        return params
 
 
 class Judge:
@@ -72,17 +90,18 @@ class Judge:
         for entry in read_jsonl(self.cache_path):
             self.cache[entry["key"]] = entry["answer"]
         self.requests = 0  # answers fetched from the endpoint (not from the cache)
+        self._lock = threading.Lock()
 
     def ask(self, prompt: str) -> str:
         import openai
 
+        params = self.cfg.request_parameters()
         key = hashlib.sha256(json.dumps([self.cfg.model, prompt, self.cfg.temperature, self.cfg.max_tokens]).encode()).hexdigest()
         if key in self.cache:
             return self.cache[key]
         try:
             response = self.client.chat.completions.create(
-                model=self.cfg.model, messages=[{"role": "user", "content": prompt}],
-                temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens)
+                model=self.cfg.model, messages=[{"role": "user", "content": prompt}], **params)
         except openai.APIStatusError as err:
             raise JudgeError(f"judge at {self.cfg.base_url} answered HTTP {err.status_code}: {err.message}") from err
         except openai.APIConnectionError as err:  # includes timeouts
@@ -94,10 +113,11 @@ class Judge:
         except (IndexError, AttributeError, TypeError) as err:
             raise JudgeError(f"the judge at {self.cfg.base_url} sent a malformed chat completion ({err}): "
                              f"{str(response)[:200]}") from err
-        self.requests += 1
-        self.cache[key] = answer
-        with self.cache_path.open("a") as handle:
-            handle.write(json.dumps({"key": key, "prompt": prompt, "answer": answer}) + "\n")
+        with self._lock:  # requests run in parallel threads (score_features); the cache file is shared
+            self.requests += 1
+            self.cache[key] = answer
+            with self.cache_path.open("a") as handle:
+                handle.write(json.dumps({"key": key, "prompt": prompt, "answer": answer}) + "\n")
         return answer
 
 
@@ -153,13 +173,30 @@ def non_activating_examples(values: np.ndarray, token_ids: np.ndarray, doc_ids: 
     return examples
 
 
+def rating_prompt(examples: list[dict[str, Any]]) -> str:
+    """The paper's interpretability rating of a feature from its top examples."""
+    lines = "\n".join(format_example(e["tokens"], e["values"], e["center"]) for e in examples)
+    return ("We study one feature of a language model. Below are text excerpts where it activates strongly; the token "
+            f"it activates on is marked <<like this>>.\n\n{lines}\n\nRate the feature: 0 = monosemantic (one specific "
+            "concept), 1 = broad but consistent (a family of related concepts), 2 = polysemantic (unrelated concepts). "
+            "Reply with the number only.")
+
+
+def parse_rating(answer: str) -> int | None:
+    """The 0/1/2 rating (the last one given, after any reasoning), or None."""
+    found = re.findall(r"\b([012])\b", answer)
+    return int(found[-1]) if found else None
+
+
 def score_feature(judge: Judge, name: str, explain_with: list[dict[str, Any]], activating: list[dict[str, Any]],
-                  non_activating: list[dict[str, Any]]) -> dict[str, Any]:
-    """Explain from ``explain_with``, then detection accuracy / F1 on ``activating`` + ``non_activating``.
-    A judge failure is raised as a ``JudgeError`` naming the feature."""
+                  non_activating: list[dict[str, Any]], rate: bool = False) -> dict[str, Any]:
+    """Explain from ``explain_with``, then detection accuracy / F1 on ``activating`` + ``non_activating``;
+    with ``rate``, also the paper's 0/1/2 rating from ``explain_with`` (None when unparsable). A judge
+    failure is raised as a ``JudgeError`` naming the feature."""
     try:
         explanation = parse_explanation(judge.ask(explanation_prompt(explain_with)))
         said = [parse_yes_no(judge.ask(detection_prompt(explanation, e))) for e in activating + non_activating]
+        rating = parse_rating(judge.ask(rating_prompt(explain_with))) if rate else None
     except JudgeError as err:
         raise JudgeError(f"feature {name}: {err}") from err
     truth = [True] * len(activating) + [False] * len(non_activating)
@@ -167,26 +204,43 @@ def score_feature(judge: Judge, name: str, explain_with: list[dict[str, Any]], a
     fp = sum(s is True and not t for s, t in zip(said, truth))
     fn = sum(s is not True and t for s, t in zip(said, truth))
     correct = sum(s is not None and s == t for s, t in zip(said, truth))
-    return {"feature": name, "explanation": explanation, "n": len(truth), "unparsed": sum(s is None for s in said),
-            "accuracy": correct / len(truth) if truth else float("nan"),
-            "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0}
+    record = {"feature": name, "explanation": explanation, "n": len(truth), "unparsed": sum(s is None for s in said),
+              "accuracy": correct / len(truth) if truth else float("nan"),
+              "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0}
+    return {**record, "rating": rating} if rate else record
 
 
-def score_features(judge: Judge, features: list[dict[str, Any]], out_path: str | Path) -> list[dict[str, Any]]:
+def score_features(judge: Judge, features: list[dict[str, Any]], out_path: str | Path, rate: bool = False) -> list[dict[str, Any]]:
     """``score_feature`` for each of ``features`` (dicts with ``name``, ``explain_with``, ``activating``,
-    ``non_activating``), one JSONL line per finished feature; features already in ``out_path`` are not
-    asked again, and a judge failure leaves every finished line in place."""
+    ``non_activating``), ``judge.cfg.concurrency`` features at a time, with progress; one JSONL line per
+    finished feature, written as it finishes. Features already in ``out_path`` are not asked again, and a
+    judge failure leaves every finished line in place (the first error is raised once the running
+    features are done)."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = {r["feature"]: r for r in read_jsonl(out_path)}
-    for feature in features:
-        if feature["name"] in done:
-            continue
-        record = score_feature(judge, feature["name"], feature["explain_with"], feature["activating"],
-                               feature["non_activating"])
-        with out_path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        done[feature["name"]] = record
+    todo = [f for f in features if f["name"] not in done]
+    lock, errors = threading.Lock(), []
+    with ThreadPoolExecutor(max_workers=judge.cfg.concurrency) as pool, \
+            tqdm(total=len(features), initial=len(features) - len(todo), desc=out_path.stem, unit="feature",
+                 disable=not todo) as bar:
+        futures = [pool.submit(score_feature, judge, f["name"], f["explain_with"], f["activating"],
+                               f["non_activating"], rate) for f in todo]
+        for future in as_completed(futures):
+            try:
+                record = future.result()
+            except JudgeError as err:
+                errors.append(err)
+                for other in futures:  # stop asking: the endpoint is failing
+                    other.cancel()
+                continue
+            with lock:
+                with out_path.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                done[record["feature"]] = record
+            bar.update(1)
+    if errors:
+        raise errors[0]
     return [done[f["name"]] for f in features]
 
 

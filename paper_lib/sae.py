@@ -160,7 +160,8 @@ def train_sae(store: ActivationStore, spec: SAESpec, out_dir: str | Path, train_
     trainer.step = logged_step
     trainer.fit()
     sae.save_inference_model(out_dir / SAE_SUBDIR)
-    np.save(out_dir / SCALES_FILE, scales)
+    make_self_contained(out_dir / SAE_SUBDIR, scales, store)
+    np.save(out_dir / SCALES_FILE, scales)  # kept for the metrics in normalised units; the SAE no longer needs it
     frame = pd.DataFrame(history)
     frame.to_csv(out_dir / HISTORY_FILE, index=False)
     spec.save(out_dir)
@@ -195,15 +196,61 @@ def train_or_reuse_sae(store: ActivationStore, spec: SAESpec, out_dir: str | Pat
     return history
 
 
+FOLDED = "per-input scales folded into W_enc, b_dec and W_dec: feed raw adapter scalars"
+
+
+@torch.no_grad()
+def fold_input_scales(sae: Any, scales: torch.Tensor, unfold: bool = False) -> None:
+    """Fold the per-input normalisation x -> x / s into a JumpReLU SAE's weights, in place, so that the
+    SAE reads raw inputs: (x/s - b_dec) W_enc = (x - s b_dec) (W_enc / s) and (f W_dec + b_dec) s =
+    f (W_dec s) + s b_dec. The pre-activations, hence the latents and the learned thresholds, are
+    unchanged. ``unfold`` undoes it. Hand-written because sae-lens folds only one scalar scale
+    (``fold_activation_norm_scaling_factor``), not one per input."""
+    s = scales.to(sae.W_enc.device, sae.W_enc.dtype)
+    if unfold:
+        s = 1 / s
+    sae.W_enc.mul_(1 / s[:, None])
+    sae.W_dec.mul_(s[None, :])
+    sae.b_dec.mul_(s)
+
+
+def make_self_contained(path: str | Path, scales: np.ndarray, store: ActivationStore) -> None:
+    """Rewrite the saved inference SAE at ``path`` so that ``sae_lens.SAE.load_from_disk(path)`` alone, fed
+    the raw adapter scalars in the store's layout, gives the latents the notebooks use; its metadata
+    names the base model, the adapter, the layout and the traces."""
+    from sae_lens import SAE
+
+    sae = SAE.load_from_disk(str(path))
+    fold_input_scales(sae, torch.from_numpy(np.asarray(scales, dtype=np.float32)))
+    provenance = store.meta.get("provenance", {})
+    for key, value in {
+        "input_scaling": FOLDED,
+        "base_model": provenance.get("model"),
+        "adapter_weights": provenance.get("adapter_weights"),
+        "layers": list(store.layers),
+        "modules": list(store.modules),
+        "layout": "layer-major: input index = layer position * len(modules) + module position",
+        "traces": store.meta.get("texts"),
+        "hook_name": "lora_A outputs (a = A·x) of every adapted projection",
+    }.items():
+        sae.cfg.metadata[key] = value
+    sae.save_model(str(path))
+
+
 def load_sae(out_dir: str | Path, device: str = "cpu") -> tuple[Any, torch.Tensor]:
-    """The inference SAE (sae-lens JumpReLU, the learned threshold) and the input scales."""
+    """The inference SAE (sae-lens JumpReLU, the learned threshold) in the notebooks' convention (it reads
+    inputs divided by ``scales``), and the input scales. On disk the scales are folded in: sae-lens
+    alone reads raw inputs (``make_self_contained``)."""
     from sae_lens import SAE
 
     out_dir = Path(out_dir)
     if not (out_dir / SAE_SUBDIR).is_dir():
         raise FileNotFoundError(f"no trained SAE at {out_dir / SAE_SUBDIR}; run notebook 05 (or train_sae) first")
     sae = SAE.load_from_disk(str(out_dir / SAE_SUBDIR), device=device)
-    return sae.eval(), torch.from_numpy(np.load(out_dir / SCALES_FILE)).to(device)
+    scales = torch.from_numpy(np.load(out_dir / SCALES_FILE)).to(device)
+    if sae.cfg.metadata.get("input_scaling") == FOLDED:
+        fold_input_scales(sae, scales, unfold=True)
+    return sae.eval(), scales
 
 
 @torch.no_grad()

@@ -8,9 +8,9 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from loopback import completion, serve
 
 from paper_lib.config import ConfigError
 from paper_lib.judge import (
@@ -24,46 +24,23 @@ from paper_lib.judge import (
 )
 
 
-def completion(text):
-    return {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-
-
 @pytest.fixture
 def fake_server():
     """A loopback endpoint whose behaviour the test sets: ``state["fail"]`` failures (HTTP 500) first,
     then answers from ``state["answer"](prompt)``; it records requests and auth headers."""
     state = {"fail": 0, "requests": 0, "auth": [], "answer": lambda prompt: "yes"}
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            state["requests"] += 1
-            state["auth"].append(self.headers.get("Authorization"))
-            if state["fail"] > 0:
-                state["fail"] -= 1
-                self.send_response(500)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(b'{"error": {"message": "boom"}}')
-                return
-            payload = json.dumps(completion(state["answer"](body["messages"][0]["content"]))).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+    def respond(body, headers):
+        state["requests"] += 1
+        state["auth"].append(headers.get("Authorization"))
+        if state["fail"] > 0:
+            state["fail"] -= 1
+            return 500, {"error": {"message": "boom"}}
+        return 200, completion(state["answer"](body["messages"][0]["content"]))
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state["url"] = f"http://127.0.0.1:{server.server_port}/v1"
-    yield state
-    server.shutdown()
+    with serve(respond) as url:
+        state["url"] = url
+        yield state
 
 
 EXAMPLE = {"tokens": ["3", "x", "2", "=", "6"], "values": [0.0, 0.1, 0.2, 0.0, 1.5], "center": 4}
@@ -99,7 +76,8 @@ def test_scores_detection_and_keeps_finished_features(fake_server, tmp_path):
     # explanation "final answer digits"; says yes exactly when the marked token is <<6>>
     fake_server["answer"] = lambda p: ("Explanation: final answer digits\nmore" if "what does this feature" in p
                                        else ("Yes." if "<<6>>" in p else "no"))
-    judge = Judge(JudgeConfig(fake_server["url"], "m", max_retries=0), tmp_path / "c.jsonl")
+    # one request at a time: the request count below is about caching
+    judge = Judge(JudgeConfig(fake_server["url"], "m", max_retries=0, concurrency=1), tmp_path / "c.jsonl")
     quiet = dict(EXAMPLE, center=1)
     record = score_feature(judge, "f", [EXAMPLE], [EXAMPLE, EXAMPLE], [quiet, quiet])
     assert record["explanation"] == "final answer digits"
@@ -170,3 +148,49 @@ def test_end_to_end_against_vllms_openai_server_on_loopback(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+@pytest.fixture
+def strict_server():
+    """Like an API for reasoning models: refuses ``max_tokens`` and ``temperature``; answers after a short
+    delay and records the most requests it had in flight at once."""
+    state = {"in_flight": 0, "most": 0, "bodies": []}
+    lock = threading.Lock()
+
+    def respond(body, _headers):
+        with lock:
+            state["bodies"].append(body)
+            state["in_flight"] += 1
+            state["most"] = max(state["most"], state["in_flight"])
+        time.sleep(0.05)
+        with lock:
+            state["in_flight"] -= 1
+        refused = [k for k in ("max_tokens", "temperature") if k in body]
+        if refused:
+            return 400, {"error": {"message": f"Unsupported parameter: {refused}"}}
+        prompt = body["messages"][0]["content"]
+        return 200, completion("Reasoning... so the rating is 1" if "Rate the feature" in prompt else "yes")
+
+    with serve(respond) as url:
+        state["url"] = url
+        yield state
+
+
+def test_reasoning_model_parameters_concurrency_and_the_papers_rating(strict_server, tmp_path):
+    features = [{"name": f"f{i}", "explain_with": [EXAMPLE], "activating": [dict(EXAMPLE, values=[0, 0, 0, 0, i + 1.0])],
+                 "non_activating": []} for i in range(8)]
+    plain = Judge(JudgeConfig(strict_server["url"], "m", max_retries=0), tmp_path / "a.jsonl")
+    with pytest.raises(JudgeError, match="HTTP 400"):
+        plain.ask("hello")  # max_tokens and temperature refused
+    cfg = JudgeConfig(strict_server["url"], "m", max_retries=0, temperature=None, max_tokens=4096,
+                      token_param="max_completion_tokens", concurrency=4)
+    judge = Judge(cfg, tmp_path / "b.jsonl")
+    records = score_features(judge, features, tmp_path / "scores.jsonl", rate=True)
+    assert [r["feature"] for r in records] == [f"f{i}" for i in range(8)]
+    assert all(r["rating"] == 1 and r["accuracy"] == 1.0 for r in records)
+    assert 2 <= strict_server["most"] <= 4  # a bounded pool, really concurrent
+    sent = strict_server["bodies"][-1]
+    assert sent["max_completion_tokens"] == 4096 and "temperature" not in sent and "max_tokens" not in sent
+    assert len((tmp_path / "b.jsonl").read_text().splitlines()) == judge.requests  # the cache kept every answer
+    with pytest.raises(ConfigError, match="token_param"):
+        JudgeConfig(strict_server["url"], "m", token_param="max_new_tokens")

@@ -308,37 +308,18 @@ def test_a_power_tower_is_refused_before_sympy_can_hang_on_it():
 
 
 def test_malformed_judge_replies_become_a_judge_error_naming_the_feature(tmp_path):
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    import threading
+    from loopback import serve
 
     from paper_lib.judge import Judge, JudgeConfig, JudgeError, score_feature
 
-    replies = iter([b"not json at all", json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                                                     "choices": []}).encode()])
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            payload = next(replies)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        judge = Judge(JudgeConfig(f"http://127.0.0.1:{server.server_port}/v1", "m", max_retries=0), tmp_path / "c.jsonl")
+    replies = iter([b"not json at all", {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                                         "choices": []}])
+    with serve(lambda body, headers: (200, next(replies))) as url:
+        judge = Judge(JudgeConfig(url, "m", max_retries=0), tmp_path / "c.jsonl")
         example = {"tokens": ["a"], "values": [1.0], "center": 0}
         for _ in range(2):
             with pytest.raises(JudgeError, match="feature L3 gate_proj \\+: the judge at .* (not a chat completion|malformed)"):
                 score_feature(judge, "L3 gate_proj +", [example], [example], [])
-    finally:
-        server.shutdown()
     with pytest.raises(ConfigError, match="base_url: not an http"):
         JudgeConfig("localhost:8000", "m")  # what notebooks 04 and 06 build in their first cell
 

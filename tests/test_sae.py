@@ -123,3 +123,27 @@ def test_splice_with_identity_and_zero_matches_the_model_and_the_ablation(organi
     ref = [row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))]
            for row in ref[:, enc["input_ids"].shape[1] :].tolist()]
     assert ours == ref and all(row[-1] in stops for row in ours)
+
+
+def test_the_saved_sae_reads_raw_adapter_scalars_with_sae_lens_alone(tmp_path):
+    """The per-adapter input scaling is folded into the saved weights: sae-lens alone, fed the raw
+    scalars in the stored layout, gives the latents the notebooks use, and its metadata says what it reads."""
+    from sae_lens import SAE
+
+    rng = np.random.default_rng(1)
+    unequal = np.array([0.01, 0.1, 1.0, 10.0, 3.0, 0.3, 30.0], dtype=np.float32)  # adapters of very different size
+    docs = [(np.arange(100, dtype=np.int32), (rng.normal(size=(100, 2, 7)) * unequal).astype(np.float32))
+            for _ in range(40)]
+    store = write_activation_store(tmp_path / "store", docs, [0, 1], list(ADAPTER_MODULES), dtype="float32")
+    train_sae(store, SAESpec(expansion=2, k=3, batch_size=200, epochs=2, dead_tokens=1000), tmp_path / "sae")
+    alone = SAE.load_from_disk(str(tmp_path / "sae" / "sae"))
+    sae, scales = load_sae(tmp_path / "sae")
+    raw = torch.from_numpy(store_matrix(store)[:2000])
+    ours = encode(sae, scales, raw)
+    theirs = alone.encode(raw)
+    assert torch.allclose(theirs, ours, atol=1e-4, rtol=1e-4)
+    assert ((theirs > 0) == (ours > 0)).float().mean() > 0.999
+    assert torch.allclose(alone.decode(theirs), reconstruct(sae, scales, raw), atol=1e-3, rtol=1e-3)
+    meta = alone.cfg.metadata
+    assert meta["modules"] == list(ADAPTER_MODULES) and meta["layers"] == [0, 1] and meta["layout"].startswith("layer-major")
+    assert meta["traces"] == store.meta.get("texts") and "raw adapter scalars" in meta["input_scaling"]
