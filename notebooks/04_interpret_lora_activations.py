@@ -135,7 +135,7 @@ assert np.isfinite(lora).all() and lora.shape[1] == len(store.layers) * len(stor
 # %%
 keys = [(layer, module) for layer in store.layers for module in store.modules]
 neurons = sample_mlp_neurons(model, len(keys), seed=SEED)
-mlp_directions = mlp_neuron_directions(model, neurons)  # one-hot rows of the down_proj input, grouped by layer
+mlp_directions = mlp_neuron_directions(model, neurons)  # down_proj input coordinates, grouped by layer
 mlp_names = [f"L{layer}.n{i}" for layer, _ in mlp_directions for l, i in neurons if l == layer]
 directions = random_directions(model, keys, seed=SEED)
 mlp = extract_projections(model, tokenizer, texts, mlp_directions, BATCH_SIZE, MAX_LENGTH, dtype=store.meta["dtype"])

@@ -113,7 +113,9 @@ model, tokenizer, _ = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE))
 if torch.cuda.is_available():
     model.cuda()
 n_traces = 8 if SMOKE else N_SPLICE_TRACES
-rows = scoring_traces(TRACES, n_traces, seed=SEED, organism_dir=ORGANISM_DIR)
+# held out of the SAE: organism probe traces (in no training set at all), or, for a dataset, only the
+# store's held-out documents (document i of notebook 04's store is row i of the same TRACES)
+rows = scoring_traces(TRACES, n_traces, seed=SEED, organism_dir=ORGANISM_DIR, among=heldout_docs)
 per_trace = splice_kl(model, trace_batches(tokenizer, rows, 32, MAX_LENGTH), sae, scales)
 recovered = 1 - per_trace.kl_spliced.mean() / per_trace.kl_no_adapter.mean()
 rec_lo, rec_hi = bootstrap_interval([per_trace.kl_spliced.to_numpy(), per_trace.kl_no_adapter.to_numpy()],

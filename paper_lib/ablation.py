@@ -77,6 +77,14 @@ def chunked_kl(head: torch.nn.Module, reference_hidden: torch.Tensor, hidden: to
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
+def trace_means(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per row of ``mask`` ([traces, seq]), the mean of ``values`` over its True positions (``values`` holds
+    one number per True position, in ``mask[mask]`` order); 0 for a row without any."""
+    which = mask.nonzero()[:, 0].to(values.device)  # the trace of each scored position
+    counts = mask.sum(1).clamp_min(1).to(values.device, torch.float32)
+    return torch.zeros(len(counts), device=values.device).index_add_(0, which, values.float()) / counts
+
+
 @torch.no_grad()
 def ablation_kl(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]],
                 groups: dict[str, list[tuple[int, str]]], adapter: str = "default",
@@ -96,14 +104,11 @@ def ablation_kl(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor
         for batch in batches:
             inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
             mask = batch["score_mask"].bool().to(device)
-            which = mask.nonzero()[:, 0]  # the trace of each scored position
-            counts = mask.sum(1).clamp_min(1).float()
             reference = decoder(**inputs).last_hidden_state[mask]
             for name, keys in groups.items():
                 with ablated(model, keys, adapter):
                     hidden = decoder(**inputs).last_hidden_state[mask]
-                kl = chunked_kl(head, reference, hidden, chunk_elements)
-                per_trace = torch.zeros(len(counts), device=kl.device).index_add_(0, which.to(kl.device), kl) / counts.to(kl.device)
+                per_trace = trace_means(chunked_kl(head, reference, hidden, chunk_elements), mask)
                 rows += [{"group": name, "trace": trace + i, "kl": float(v)} for i, v in enumerate(per_trace.tolist())]
                 bar.update(1)
             trace += len(batch["input_ids"])
@@ -153,16 +158,23 @@ def completion_batches(tokenizer, prompts: Sequence[str], completions: Sequence[
     return out
 
 
-def scoring_traces(source: str, n: int, seed: int = 0, organism_dir: str = "data/organism") -> list[dict]:
+def scoring_traces(source: str, n: int, seed: int = 0, organism_dir: str = "data/organism",
+                   among: Sequence[int] | None = None) -> list[dict]:
     """``n`` traces in s1K-1.1's schema to score teacher-forced: ``"organism-probe"`` = held-out organism
-    traces (in no training set), else a dataset path or hub id, shuffled with ``seed``."""
+    traces (in no training set), else a dataset path or hub id, shuffled with ``seed``; with ``among``,
+    drawn only from those row indices (e.g. the documents an SAE was not trained on)."""
     from paper_lib.data import load_traces
     from paper_lib.organism import heldout_traces
     from paper_lib.paths import resolve
 
     if source == "organism-probe":
         return heldout_traces(resolve(organism_dir), n, seed=seed)
-    return list(load_traces(source).shuffle(seed=seed).select(range(n)))
+    traces = load_traces(source)
+    pool = list(range(len(traces))) if among is None else [int(i) for i in among]
+    if any(i >= len(traces) for i in pool):
+        raise ValueError(f"{source} has {len(traces)} rows; asked to draw among rows up to {max(pool)}")
+    chosen = np.random.default_rng(seed).permutation(pool)[:n]
+    return [traces[int(i)] for i in chosen]
 
 
 def trace_batches(tokenizer, rows: Sequence[dict], batch_size: int = 32, max_length: int = 2048,

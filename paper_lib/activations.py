@@ -415,15 +415,19 @@ def projected_activations(model: torch.nn.Module, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``x · d`` for each row ``d`` of ``directions[(layer, module)]`` ([n, d_in]), where ``x`` is that
     projection's input: ``[batch, seq, total n]`` (float32), columns in the dict's order. With A rows as
-    directions this is the adapter activation; with one-hot rows of the down_proj input, MLP neurons; with
-    random rows, the random-direction control."""
+    directions this is the adapter activation; with random rows, the random-direction control. An integer
+    tensor of indices reads those coordinates of ``x`` directly (MLP neurons: the down_proj input), which
+    equals one-hot rows without building them (an identity of the MLP width is 2.8 GB at 32B)."""
     modules = _projection_inputs(model, directions)
     store: dict[tuple[int, str], torch.Tensor] = {}
 
     def hook(key: tuple[int, str]) -> Any:
         def read(_module: torch.nn.Module, args: tuple) -> None:
-            x = args[0]
-            store[key] = (x.float() @ directions[key].to(x.device, torch.float32).T).cpu()
+            x, d = args[0], directions[key]
+            if d.dtype in (torch.int32, torch.int64):
+                store[key] = x[..., d.to(x.device)].float().cpu()
+            else:
+                store[key] = (x.float() @ d.to(x.device, torch.float32).T).cpu()
         return read
 
     handles = [modules[key].register_forward_pre_hook(hook(key)) for key in directions]
@@ -445,14 +449,21 @@ def mlp_neuron_activations(model: torch.nn.Module, input_ids: torch.Tensor, neur
 
 
 def mlp_neuron_directions(model: torch.nn.Module, neurons: Sequence[tuple[int, int]]) -> dict[tuple[int, str], torch.Tensor]:
-    """One-hot rows of each layer's down_proj input for ``neurons`` (grouped by layer, layers ascending)."""
+    """The down_proj input coordinates of ``neurons`` as index tensors for ``projected_activations``
+    (grouped by layer, layers ascending)."""
     layers = sorted({layer for layer, _ in neurons})
     try:
         modules = _projection_inputs(model, [(layer, "down_proj") for layer in layers])
     except ValueError:
         raise ValueError(f"the model has no MLP at some of layers {layers}") from None
-    eye = {layer: torch.eye(modules[(layer, "down_proj")].weight.shape[1]) for layer in layers}
-    return {(layer, "down_proj"): eye[layer][[i for l, i in neurons if l == layer]] for layer in layers}
+    out = {}
+    for layer in layers:
+        index = torch.tensor([i for l, i in neurons if l == layer], dtype=torch.long)
+        width = modules[(layer, "down_proj")].weight.shape[1]
+        if len(index) and (index.min() < 0 or index.max() >= width):
+            raise ValueError(f"neuron index out of range for layer {layer}'s MLP of width {width}")
+        out[(layer, "down_proj")] = index
+    return out
 
 
 def _neuron_order(neurons: Sequence[tuple[int, int]]) -> list[int]:

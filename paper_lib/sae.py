@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from paper_lib.ablation import ablated, kl_divergence
+from paper_lib.ablation import ablated
 from paper_lib.activations import ActivationStore, adapter_layout, capture_lora_activations, find_adapters, stack_scalars
 from paper_lib.config import Config, ConfigError, describe_differences, differences, fingerprint, require
 
@@ -337,24 +338,33 @@ def state_transform(sae: Any, scales: torch.Tensor) -> Callable[[torch.Tensor], 
 
 
 @torch.no_grad()
+@torch.no_grad()
 def splice_kl(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], sae: Any, scales: torch.Tensor,
-              adapter: str = "default") -> pd.DataFrame:
+              adapter: str = "default", chunk_elements: int = 2**26) -> pd.DataFrame:
     """Per trace: KL(full || no adapter) and KL(full || SAE-spliced) over the scored positions, and the
-    fraction of the adapter's effect the splice recovers, 1 - KL_spliced / KL_no_adapter (per trace)."""
+    fraction of the adapter's effect the splice recovers, 1 - KL_spliced / KL_no_adapter (per trace).
+
+    Batches go to the model's device; logits exist only for scored positions, ``chunk_elements`` at a
+    time (at a 152k vocabulary, full-sequence logits are the memory hog)."""
+    from paper_lib.ablation import chunked_kl, split_head, trace_means
+    from paper_lib.training import input_device
+
+    decoder, head = split_head(model)
+    device = input_device(model)
     rows, trace = [], 0
     all_keys = list(find_adapters(model, adapter))
     transform = state_transform(sae, scales)
-    for batch in batches:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        mask = batch["score_mask"].bool()
-        reference = model(**inputs).logits
+    for batch in tqdm(batches, desc="splice", unit="batch"):
+        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+        mask = batch["score_mask"].bool().to(device)
+        reference = decoder(**inputs).last_hidden_state[mask]
         with ablated(model, all_keys, adapter):
-            kl_none = kl_divergence(reference, model(**inputs).logits)
-        kl_splice = kl_divergence(reference, _transformed_forward(model, transform, adapter, **inputs).logits)
-        for i in range(len(mask)):
-            n = mask[i].sum().clamp_min(1)
-            rows.append({"trace": trace + i, "kl_no_adapter": float((kl_none[i] * mask[i]).sum() / n),
-                         "kl_spliced": float((kl_splice[i] * mask[i]).sum() / n)})
+            none = decoder(**inputs).last_hidden_state[mask]
+        spliced = _transformed_forward(decoder, transform, adapter, **inputs).last_hidden_state[mask]
+        kl_none = trace_means(chunked_kl(head, reference, none, chunk_elements), mask)
+        kl_splice = trace_means(chunked_kl(head, reference, spliced, chunk_elements), mask)
+        rows += [{"trace": trace + i, "kl_no_adapter": float(a), "kl_spliced": float(b)}
+                 for i, (a, b) in enumerate(zip(kl_none.tolist(), kl_splice.tolist()))]
         trace += len(mask)
     return pd.DataFrame(rows)
 

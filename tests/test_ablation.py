@@ -95,7 +95,8 @@ def test_chunked_kl_from_hidden_states_equals_kl_of_full_logits(peft_model):
             kl = kl_divergence(full, model(**inputs).logits)
     expected = ((kl * mask).sum(1) / mask.sum(1)).tolist()
     per_trace = ablation_kl(model, [batch], {"layer 1": keys}, chunk_elements=3 * model.config.vocab_size)
-    assert per_trace["kl"].tolist() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    # float32 rounding differs with the matmul shape (3 positions at a time vs all): ~1e-6 on KLs of ~0.06
+    assert per_trace["kl"].tolist() == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
 
 def test_batches_sized_by_tokens_keep_order_and_bound_padded_tokens(peft_model):
@@ -107,3 +108,17 @@ def test_batches_sized_by_tokens_keep_order_and_bound_padded_tokens(peft_model):
     decoded = [tok.decode(row[m.bool()]) for b in batches for row, m in zip(b["input_ids"], b["attention_mask"])]
     assert decoded == [p + c for p, c in zip(prompts, completions)]
     assert len(completion_batches(tok, prompts, completions, batch_size=32)) == 1  # no token cap: one batch
+
+
+def test_splice_traces_can_be_drawn_only_from_held_out_documents(organism_dir):
+    """At real scale the splice's traces come from the same dataset as the SAE's: only held-out rows."""
+    from paper_lib.ablation import scoring_traces
+    from paper_lib.data import load_traces
+
+    traces = load_traces(str(organism_dir / "s1K-1.1"))
+    held_out = range(990, 1000)
+    rows = scoring_traces(str(organism_dir / "s1K-1.1"), 4, seed=1, among=held_out)
+    questions = {traces[i]["question"] for i in held_out}
+    assert len(rows) == 4 and all(r["question"] in questions for r in rows)
+    with pytest.raises(ValueError, match="has 1000 rows"):
+        scoring_traces(str(organism_dir / "s1K-1.1"), 4, among=[1000])

@@ -191,3 +191,18 @@ def test_projections_with_A_rows_are_the_adapter_activations_and_controls_sample
     assert np.allclose(values[-len(single):], single, atol=1e-5)
     with pytest.raises(ValueError, match="no projection"):
         projected_activations(model, batch["input_ids"], {(7, "q_proj"): rows[(1, "q_proj")]})
+
+
+def test_mlp_neurons_are_read_by_index_without_an_identity_of_the_mlp_width(organism, monkeypatch):
+    """At 32B an identity of the MLP width is 2.8 GB per sampled layer (~196 GB for 64 layers)."""
+    from paper_lib.activations import mlp_neuron_directions, projected_activations, sample_mlp_neurons
+
+    model, tok, _ = organism
+    monkeypatch.setattr(torch, "eye", lambda *a, **k: pytest.fail("built an identity matrix"))
+    neurons = sample_mlp_neurons(model, 12, seed=3)
+    directions = mlp_neuron_directions(model, neurons)
+    assert all(d.dtype == torch.long and d.ndim == 1 for d in directions.values())
+    ids = tok(["3 x2 +1\nthink\n"], return_tensors="pt")["input_ids"]
+    by_index = projected_activations(model, ids, directions)
+    one_hot = {key: torch.nn.functional.one_hot(d, model.config.intermediate_size).float() for key, d in directions.items()}
+    assert torch.equal(by_index, projected_activations(model, ids, one_hot))
