@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from datasets import Dataset, load_dataset
 from transformers import PreTrainedTokenizerBase
 
 from paper_lib.paths import resolve
+
+if TYPE_CHECKING:  # datasets is imported where it is used: the lent GPU boxes run paper_lib without it
+    from datasets import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ def load_table(source: str, split: str = "train", config: str | None = None) -> 
     Relative local paths are taken from the repository root; anything that is not an existing path is
     treated as a hub id (which fails cleanly offline).
     """
+    from datasets import load_dataset
+
     local = resolve(source)
     try:
         if local.is_file():
