@@ -123,12 +123,14 @@ for _, r in summary.iterrows():
 for module, value in table.mean(axis=1).items():
     record_headline(SECTION, f"kl_single_{module}_mean_over_layers", value, unit="nats/token", n=n_traces)
 kinds = summary.set_index("group")["kl"]
-record_headline(SECTION, "mlp_over_attention", kinds["mlp"] / kinds["attention"], unit="ratio", n=n_traces)
-single_mlp = table.loc[[m for m in table.index if m in ("gate_proj", "up_proj", "down_proj")]].to_numpy().mean()
-single_attn = table.loc[[m for m in table.index if m in ("q_proj", "k_proj", "v_proj", "o_proj")]].to_numpy().mean()
-record_headline(SECTION, "single_adapter_mlp_over_attention", single_mlp / single_attn, unit="ratio", n=n_traces)
-print(f"MLP vs attention: all-at-once {kinds['mlp'] / kinds['attention']:.2f}x, single-adapter means "
-      f"{single_mlp / single_attn:.2f}x; whole adapter KL {kinds['all adapters']:.3f}")
+if {"mlp", "attention"} <= set(kinds.index):  # an adapter on one kind of module has no ratio to report
+    record_headline(SECTION, "mlp_over_attention", kinds["mlp"] / kinds["attention"], unit="ratio", n=n_traces)
+    single_mlp = table.loc[[m for m in table.index if m in MLP]].to_numpy().mean()
+    single_attn = table.loc[[m for m in table.index if m in ATTENTION]].to_numpy().mean()
+    record_headline(SECTION, "single_adapter_mlp_over_attention", single_mlp / single_attn, unit="ratio", n=n_traces)
+    print(f"MLP vs attention: all-at-once {kinds['mlp'] / kinds['attention']:.2f}x, single-adapter means "
+          f"{single_mlp / single_attn:.2f}x")
+print(f"whole adapter KL {kinds['all adapters']:.3f}; adapted kinds: {sorted(families['kind'])}")
 if CHECK_CLAIMS:
     assert kinds["all adapters"] >= kinds[[g for g in kinds.index if g.startswith("layer ")]].max() - 1e-6
 del model  # the behavioural part starts its own engine

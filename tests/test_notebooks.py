@@ -73,3 +73,18 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
     if any("save_figure(" in line for line in code):
         assert shown >= max(always, 1), f"{always} figures always saved but {shown} shown in the executed notebook"
     assert minutes < 10
+
+
+@pytest.mark.slow
+def test_notebook_03_handles_an_adapter_on_mlp_modules_only(tmp_path):
+    """A variant run: an MLP-only rank-1 adapter from notebook 01 goes through notebook 03 (no attention
+    ratio, no meaningless attention-only variant)."""
+    nb = {p.stem[:2]: p for p in NOTEBOOKS}
+    run_notebook(nb["01"], tmp_path, {"SMOKE": True, "LORA_MODULES": "mlp", "TRAIN_FULL": False,
+                                      "OUTPUT_DIR": "runs/01_train_mlp"}, timeout_s=900)
+    executed, _ = run_notebook(nb["03"], tmp_path, {"SMOKE": True, "ADAPTER_RUN": "runs/01_train_mlp/rank1",
+                                                    "OUTPUT_DIR": "runs/03_ablate_mlp", "BACKEND": "hf"}, timeout_s=900)
+    outputs = [o for c in jupytext.read(executed).cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    printed = "".join("".join(o.get("text", "")) for o in outputs if o.get("name") == "stdout")
+    assert "adapted kinds: ['mlp']" in printed and "attention_only" not in printed and "mlp_only" not in printed
