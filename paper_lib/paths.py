@@ -7,6 +7,8 @@ and ``headline_numbers.json`` (the tests use it so a smoke run never touches the
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -34,3 +36,18 @@ def artifact_dir(path: str | Path) -> Path:
     """An artifact directory named by a notebook parameter: relative names live under ``data_dir()``."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else data_dir() / path
+
+
+@contextmanager
+def environment(**variables: str) -> Iterator[None]:
+    """Set environment variables for the duration (notebook kernels started inside inherit them)."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -22,10 +22,8 @@ import argparse
 import base64
 import json
 import logging
-import os
 import random
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,7 @@ import torch
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
 from paper_lib.data import s1k_row
-from paper_lib.paths import resolve
+from paper_lib.paths import environment, resolve
 
 log = logging.getLogger(__name__)
 
@@ -195,22 +193,6 @@ def rehearsal_parameters(standin: Path, accelerate_config: str = "paper_lib/acce
     }
 
 
-@contextmanager
-def redirected_outputs(out_dir: Path) -> Iterator[None]:
-    """Artifacts and figures under ``out_dir`` for the duration (the notebooks' kernels inherit it)."""
-    saved = {k: os.environ.get(k) for k in ("PAPER_DATA_DIR", "PAPER_FIGURES_DIR")}
-    os.environ["PAPER_DATA_DIR"] = str(out_dir / "data")
-    os.environ["PAPER_FIGURES_DIR"] = str(out_dir / "figures")
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def run_rehearsal(out_dir: str | Path = "build/rehearsal", only: Sequence[str] = ("01", "02", "03"),
                   num_layers: int = 64) -> dict[str, float]:
     """Build the stand-in and run the notebooks on it; returns minutes per notebook."""
@@ -220,7 +202,7 @@ def run_rehearsal(out_dir: str | Path = "build/rehearsal", only: Sequence[str] =
     standin = build_standin(out_dir / "standin", num_layers=num_layers)
     parameters = rehearsal_parameters(standin)
     minutes = {}
-    with redirected_outputs(out_dir):
+    with environment(PAPER_DATA_DIR=str(out_dir / "data"), PAPER_FIGURES_DIR=str(out_dir / "figures")):
         for source in list_notebooks():
             prefix = source.stem[:2]
             if prefix not in parameters or prefix not in only:

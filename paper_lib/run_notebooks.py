@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from paper_lib.paths import REPO_ROOT, resolve
+from paper_lib.paths import REPO_ROOT, environment, resolve
 from paper_lib.results import record_headline
 
 log = logging.getLogger(__name__)
@@ -65,19 +65,41 @@ def machine_description() -> str:
     return f"{os.cpu_count()} CPU cores, {platform.machine()}, {os.environ.get('OMP_NUM_THREADS', 'default')} threads"
 
 
-def run_all(out_dir: Path, smoke: bool = False, only: Sequence[str] = ()) -> dict[str, float]:
-    """Run every notebook (or those whose name starts with one of ``only``); returns minutes per notebook."""
+def parse_value(value: str) -> Any:
+    """A ``-p`` value read as papermill's command line reads it (its ``_resolve_type``, private there):
+    True/False/None, an int, a float, else the string. So "false" stays a string, and the notebook's own
+    parameter check refuses it for a bool, as it would from papermill."""
+    if value in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[value]
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_parameters(pairs: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """``-p NAME VALUE`` pairs as a parameters dict."""
+    return {name: parse_value(value) for name, value in pairs}
+
+
+def run_all(out_dir: Path, smoke: bool = False, only: Sequence[str] = (),
+            parameters: dict[str, Any] | None = None) -> dict[str, float]:
+    """Run every notebook (or those whose name starts with one of ``only``); returns minutes per notebook.
+    ``parameters`` go to every notebook run (each notebook checks those it has)."""
     minutes = {}
     for source in list_notebooks():
         if only and not any(source.stem.startswith(o) for o in only):
             continue
         log.info("running %s", source.name)
-        _, took = run_notebook(source, out_dir, {"SMOKE": True} if smoke else None)
+        given = {**(parameters or {}), **({"SMOKE": True} if smoke else {})}
+        _, took = run_notebook(source, out_dir, given or None)
         minutes[source.stem] = took
         log.info("%s took %.2f min", source.name, took)
-        if not smoke:
+        if not smoke and not parameters:
             record_headline(source.stem, "minutes", took, unit="min", machine=machine_description())
-    if not smoke and minutes and not only:
+    if not smoke and not parameters and minutes and not only:
         record_headline("all_notebooks", "minutes", sum(minutes.values()), unit="min")
     return minutes
 
@@ -87,9 +109,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default="build/notebooks", help="folder for executed notebooks")
     parser.add_argument("--smoke", action="store_true", help="pass SMOKE=True (fast check, no headline minutes)")
     parser.add_argument("--only", nargs="*", default=(), help="notebook name prefixes, e.g. 00 01")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="a notebook parameter, as papermill's -p (repeatable)")
+    parser.add_argument("--tag", default="", help="a variant run's name: its executed notebooks, figures and "
+                        "headline numbers go under build/variants/TAG instead of the committed figures/")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    minutes = run_all(resolve(args.out), smoke=args.smoke, only=args.only)
+    parameters = parse_parameters(args.parameter)
+    if parameters and not args.tag:
+        parser.error("a run with -p parameters is a variant: name it with --tag, so it keeps its own figures")
+    if args.tag:
+        variant = resolve("build/variants") / args.tag
+        log.info("variant %s: figures and headline numbers under %s", args.tag, variant)
+        with environment(PAPER_FIGURES_DIR=str(variant / "figures")):
+            minutes = run_all(variant / "notebooks", smoke=args.smoke, only=args.only, parameters=parameters)
+    else:
+        minutes = run_all(resolve(args.out), smoke=args.smoke, only=args.only)
     for name, took in minutes.items():
         log.info("%-40s %6.2f min", name, took)
     log.info("%-40s %6.2f min", "total", sum(minutes.values()))

@@ -1,6 +1,7 @@
 """Every notebook follows the skeleton and runs end to end under papermill in smoke mode."""
 
 import ast
+import os
 import subprocess
 
 import jupytext
@@ -88,3 +89,21 @@ def test_notebook_03_handles_an_adapter_on_mlp_modules_only(tmp_path):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     printed = "".join("".join(o.get("text", "")) for o in outputs if o.get("name") == "stdout")
     assert "adapted kinds: ['mlp']" in printed and "attention_only" not in printed and "mlp_only" not in printed
+
+
+def test_run_notebooks_passes_parameters_as_papermill_does_and_a_variant_keeps_its_own_figures(tmp_path, monkeypatch):
+    from paper_lib import run_notebooks
+
+    assert run_notebooks.parse_parameters([["A", "True"], ["B", "false"], ["C", "3"], ["D", "1e-3"], ["E", "x"]]) == {
+        "A": True, "B": "false", "C": 3, "D": 1e-3, "E": "x"}
+    calls = []
+    monkeypatch.setattr(run_notebooks, "run_notebook",
+                        lambda source, out, params, **kw: calls.append((source.stem, out, params,
+                                                                        os.environ["PAPER_FIGURES_DIR"])) or (out, 0.1))
+    monkeypatch.setattr(run_notebooks, "resolve", lambda p: tmp_path / p)
+    run_notebooks.main(["--only", "02", "-p", "MAX_TOKENS", "256", "--tag", "long"])
+    [(stem, out, params, figures)] = calls
+    assert stem == "02_evaluate_reasoning" and params == {"MAX_TOKENS": 256}
+    assert figures == str(tmp_path / "build/variants" / "long" / "figures") and out == tmp_path / "build/variants/long/notebooks"
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--only", "02", "-p", "MAX_TOKENS", "256"])  # parameters without a tag
