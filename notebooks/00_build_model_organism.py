@@ -26,6 +26,7 @@
 # %% tags=["parameters"]
 SEED = 0  # seeds the organism's data, initialisation and pretraining stream
 ORGANISM_DIR = "data/organism"  # where the organism lives (relative to the repository root)
+OUTPUT_DIR = "runs/00_organism"  # under data/: this run's run.json and figures (the main command: figures/)
 REBUILD = False  # retrain from scratch (about 20 min on 2 CPU cores) even if ORGANISM_DIR exists
 PRETRAIN_STEPS = 4000  # pretraining steps when rebuilding
 SMOKE = False  # fast check for CI: small evaluation sets (and a tiny build if REBUILD)
@@ -55,16 +56,18 @@ from paper_lib.organism import (
     textbook_document,
     thinking_answer,
 )
-from paper_lib.paths import resolve
+from paper_lib.paths import artifact_dir, resolve
 from paper_lib.plotting import plot_latent_gap, plot_pretraining, save_figure
-from paper_lib.results import record_headline
+from paper_lib.results import record_headline, start_run
 from paper_lib.statistics import wilson_interval
 
 SECTION = "00_build_model_organism"
 # every parameter has its default's type (and an allowed value), checked before any work
-check_parameters(globals(), SECTION)
+parameters = check_parameters(globals(), SECTION)
 seed_everything(SEED)
 organism_dir = resolve(ORGANISM_DIR)
+# this run's run.json, figures and headline section (a smoke run never mixes with a full one)
+start_run(SECTION, artifact_dir(OUTPUT_DIR + ("_smoke" if SMOKE else "")), parameters)
 
 # %% [markdown]
 # ## The task: chains of table lookups, written out or answered directly

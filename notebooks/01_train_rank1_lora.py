@@ -67,7 +67,7 @@ from paper_lib.data import format_s1_text, load_traces
 from paper_lib.evaluation import release_memory
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import plot_training_losses, save_figure
-from paper_lib.results import record_headline
+from paper_lib.results import record_headline, start_run
 from paper_lib.training import (
     TrainConfig,
     count_lora_parameters,
@@ -79,8 +79,9 @@ from paper_lib.training import (
 
 SECTION = "01_train_rank1_lora"
 # every parameter has its default's type (and an allowed value), checked before any work
-check_parameters(globals(), SECTION, choices={"LORA_MODULES": ("all", "attention", "mlp")})
+parameters = check_parameters(globals(), SECTION, choices={"LORA_MODULES": ("all", "attention", "mlp")})
 seed_everything(SEED)
+start_run(SECTION, artifact_dir(OUTPUT_DIR), parameters)  # run.json, figures, headline section
 epochs = 0.05 if SMOKE else EPOCHS
 common = dict(model=MODEL, dataset=DATASET, epochs=epochs, global_batch_size=GLOBAL_BATCH,
               per_device_batch_size=PER_DEVICE_BATCH, max_length=MAX_LENGTH, bf16=BF16,

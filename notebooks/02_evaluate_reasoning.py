@@ -71,12 +71,12 @@ from paper_lib.params import check_parameters
 from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import plot_benchmark_accuracy, save_figure
-from paper_lib.results import record_headline
+from paper_lib.results import record_headline, start_run
 from paper_lib.statistics import bootstrap_interval, recovery_table
 
 SECTION = "02_evaluate_reasoning"
 # every parameter has its default's type (and an allowed value), checked before any work
-check_parameters(globals(), SECTION, choices={
+parameters = check_parameters(globals(), SECTION, choices={
     "CHOICE_STYLE": ("organism", "s1"),
     "BACKEND": ("vllm", "hf"),
     "DTYPE": ("float32", "bfloat16", "float16")})
@@ -111,6 +111,7 @@ check_adapter(adapter_dir, BASE_MODEL)
 resolve_model(full_model)
 if OVERWRITE and out_dir.exists():
     shutil.rmtree(out_dir)
+start_run(SECTION, out_dir, parameters)  # run.json, figures, headline section
 
 forced = dict(max_tokens=MAX_TOKENS, thinking_budget=THINKING_BUDGET or None, wait_count=WAIT_COUNT,
               answer_tokens=ANSWER_TOKENS, seed=SEED)

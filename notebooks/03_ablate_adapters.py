@@ -70,13 +70,14 @@ from paper_lib.params import check_parameters
 from paper_lib.evaluation import release_memory
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import plot_adapter_ablations, save_figure
-from paper_lib.results import record_headline
+from paper_lib.results import record_headline, start_run
 from paper_lib.training import load_trained
 
 SECTION = "03_ablate_adapters"
 # every parameter has its default's type (and an allowed value), checked before any work
-check_parameters(globals(), SECTION, choices={"BACKEND": ("vllm", "hf"), "DTYPE": ("float32", "bfloat16", "float16")})
+parameters = check_parameters(globals(), SECTION, choices={"BACKEND": ("vllm", "hf"), "DTYPE": ("float32", "bfloat16", "float16")})
 seed_everything(SEED)
+out_dir = start_run(SECTION, artifact_dir(OUTPUT_DIR), parameters)  # run.json, figures, headline section
 model, tokenizer, train_cfg = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE), device=DEVICE)
 n_traces = 8 if SMOKE else N_TRACES
 
@@ -149,7 +150,6 @@ from paper_lib.statistics import wilson_interval  # noqa: E402
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's start-up log would flood the notebook
-out_dir = artifact_dir(OUTPUT_DIR)
 full_adapter = artifact_dir(ADAPTER_RUN) / "final"
 variants = {"rank1": str(full_adapter)}
 for kind, keep in (("attention", ATTENTION), ("mlp", MLP)):

@@ -60,7 +60,6 @@ OVERWRITE = False  # redo the extraction even if its shards exist
 SMOKE = False  # fast check for CI: a few traces
 
 # %%
-import json
 import shutil
 import time
 
@@ -84,12 +83,12 @@ from paper_lib.interp import class_shares, compare_populations, score_population
 from paper_lib.organism import ROLE_FAMILY, token_roles
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import feature_page_html, plot_interpretability, save_figure, save_html
-from paper_lib.results import record_headline
+from paper_lib.results import record_headline, start_run
 from paper_lib.training import adapter_provenance, load_trained
 
 SECTION = "04_interpret_lora_activations"
 # every parameter has its default's type (and an allowed value), checked before any work
-check_parameters(globals(), SECTION, choices={"DTYPE": ("float32", "bfloat16", "float16")})
+parameters = check_parameters(globals(), SECTION, choices={"DTYPE": ("float32", "bfloat16", "float16")})
 seed_everything(SEED)
 judge_config = JudgeConfig(  # checked now, not after the expensive work
     JUDGE_URL, JUDGE_MODEL, api_key_env=JUDGE_KEY_ENV, max_tokens=JUDGE_MAX_TOKENS or None, token_param=JUDGE_TOKEN_PARAM,
@@ -106,16 +105,14 @@ print(f"{len(texts)} traces; adapters read from the extra output of each project
 
 # %% [markdown]
 # ## Extract the adapter scalars of every token
-# Shards of whole traces (float16), resumable; `config.json` beside them records this notebook's
+# Shards of whole traces (float16), resumable; `run.json` beside them records this notebook's
 # parameters.
 
 # %%
 store_dir = out_dir / "activations"
 if OVERWRITE and store_dir.exists():
     shutil.rmtree(store_dir)
-out_dir.mkdir(parents=True, exist_ok=True)
-(out_dir / "config.json").write_text(json.dumps({k: v for k, v in globals().items() if k.isupper() and k != "SECTION"},
-                                                indent=2) + "\n")
+start_run(SECTION, out_dir, parameters)  # run.json (notebook 06 reads its TRACES), figures, headlines
 start = time.perf_counter()
 store = extract_activation_shards(model, tokenizer, texts, store_dir, batch_size=BATCH_SIZE, max_length=MAX_LENGTH,
                                   provenance=adapter_provenance(ADAPTER_RUN))

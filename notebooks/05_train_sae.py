@@ -65,20 +65,20 @@ from paper_lib.params import check_parameters
 from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import plot_sae_training, plot_splice, save_figure
-from paper_lib.results import record_headline
+from paper_lib.results import record_headline, start_run
 from paper_lib.sae import SAESpec, ScalarEngine, load_sae, sae_metrics, splice_kl, state_transform, store_matrix, train_or_reuse_sae
 from paper_lib.statistics import bootstrap_interval, wilson_interval
 from paper_lib.training import load_trained
 
 SECTION = "05_train_sae"
 # every parameter has its default's type (and an allowed value), checked before any work
-check_parameters(globals(), SECTION, choices={
+parameters = check_parameters(globals(), SECTION, choices={
     "NORMALIZE": ("per_adapter", "none"),
     "DTYPE": ("float32", "bfloat16", "float16")})
 seed_everything(SEED)
 suffix = "_smoke" if SMOKE else ""  # a smoke run never clashes with a full one
 store = ActivationStore(artifact_dir(INTERPRET_DIR + suffix) / "activations")
-out_dir = artifact_dir(OUTPUT_DIR + suffix)
+out_dir = start_run(SECTION, artifact_dir(OUTPUT_DIR + suffix), parameters)  # run.json, figures, headlines
 n_docs = len(store)
 train_docs = range(0, int(round(n_docs * (1 - HELDOUT_FRACTION))))
 heldout_docs = range(train_docs.stop, n_docs)

@@ -29,7 +29,7 @@
 
 # %% tags=["parameters"]
 SEED = 0  # bootstrap, judge feature sampling
-INTERPRET_DIR = "runs/04_interpret"  # notebook 04's output folder (activation shards and its config.json)
+INTERPRET_DIR = "runs/04_interpret"  # notebook 04's output folder (activation shards and its run.json)
 SAE_DIR = "runs/05_sae"  # notebook 05's output folder (the trained SAE)
 ADAPTER_RUN = "runs/01_train/rank1"  # notebook 01's rank-1 run folder (logit effects, steering)
 DTYPE = "float32"  # model dtype (real scale: bfloat16)
@@ -72,21 +72,21 @@ from paper_lib.interp import class_shares, compare_populations, score_population
 from paper_lib.organism import ROLE_FAMILY, token_roles
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import feature_page_html, plot_feature_donut, plot_interpretability, save_figure, save_html
-from paper_lib.results import record_headline
+from paper_lib.results import record_headline, start_run
 from paper_lib.sae import LatentView, ScalarEngine, decoder_logit_effects, decoder_scalars, latent_summary, latents, load_sae
 from paper_lib.training import load_trained
 
 SECTION = "06_interpret_sae_features"
 # every parameter has its default's type (and an allowed value), checked before any work
-check_parameters(globals(), SECTION, choices={"DTYPE": ("float32", "bfloat16", "float16")})
+parameters = check_parameters(globals(), SECTION, choices={"DTYPE": ("float32", "bfloat16", "float16")})
 seed_everything(SEED)
 judge_config = JudgeConfig(  # checked now, not after the expensive work
     JUDGE_URL, JUDGE_MODEL, api_key_env=JUDGE_KEY_ENV, max_tokens=JUDGE_MAX_TOKENS or None, token_param=JUDGE_TOKEN_PARAM,
     temperature=None if JUDGE_TEMPERATURE < 0 else JUDGE_TEMPERATURE, concurrency=JUDGE_CONCURRENCY) if JUDGE_URL else None
 suffix = "_smoke" if SMOKE else ""  # pairs with notebooks 04 and 05's smoke runs
 interp_dir, out_dir = artifact_dir(INTERPRET_DIR + suffix), artifact_dir(OUTPUT_DIR + suffix)
-out_dir.mkdir(parents=True, exist_ok=True)
-extraction = json.loads((interp_dir / "config.json").read_text())  # the traces notebook 04 read
+start_run(SECTION, out_dir, parameters)  # run.json, figures, headline section
+extraction = json.loads((interp_dir / "run.json").read_text())["parameters"]  # the traces notebook 04 read
 store = ActivationStore(interp_dir / "activations")
 sae, scales = load_sae(artifact_dir(SAE_DIR + suffix))
 model, tokenizer, _ = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE))

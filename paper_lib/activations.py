@@ -41,7 +41,7 @@ def find_adapters(model: torch.nn.Module, adapter: str = "default") -> dict[tupl
     found = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            match = _LAYER.search(name + ".")
+            match = _LAYER.search("." + name + ".")
             short = name.rsplit(".", 1)[-1]
             if match and short in ADAPTER_MODULES:
                 found[(int(match.group(1)), short)] = module
@@ -400,7 +400,7 @@ def _projection_inputs(model: torch.nn.Module, keys: Iterable[tuple[int, str]]) 
     found: dict[tuple[int, str], torch.nn.Module] = {}
     for name, module in model.named_modules():
         short = name.rsplit(".", 1)[-1]
-        match = _LAYER.search(name + ".")
+        match = _LAYER.search("." + name + ".")
         if match and short in ADAPTER_MODULES:
             found.setdefault((int(match.group(1)), short), module)
     missing = sorted(set(keys) - set(found))
@@ -476,7 +476,7 @@ def _neuron_order(neurons: Sequence[tuple[int, int]]) -> list[int]:
 def sample_mlp_neurons(model: torch.nn.Module, n: int, seed: int = 0) -> list[tuple[int, int]]:
     """``n`` distinct MLP neurons (layer, index), drawn uniformly over all layers' down_proj inputs."""
     layers = sorted({int(m.group(1)) for name, _ in model.named_modules()
-                     if name.endswith("mlp.down_proj") and (m := _LAYER.search(name + "."))})
+                     if name.endswith("mlp.down_proj") and (m := _LAYER.search("." + name + "."))})
     if not layers:
         raise ValueError("the model has no MLP down_proj layers")
     widths = {l: _projection_inputs(model, [(l, "down_proj")])[(l, "down_proj")].weight.shape[1] for l in layers}

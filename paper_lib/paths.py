@@ -1,7 +1,8 @@
 """Where things live. No absolute paths in code: everything hangs off the repository root.
 
-``PAPER_DATA_DIR`` moves artifacts (large at real scale) elsewhere; ``PAPER_FIGURES_DIR`` moves figures
-and ``headline_numbers.json`` (the tests use it so a smoke run never touches the committed figures).
+``PAPER_DATA_DIR`` moves artifacts (large at real scale) elsewhere; ``PAPER_FIGURES_DIR`` says where figures
+and ``headline_numbers.json`` go (the main command: the committed ``figures/``; the tests: a temporary
+folder); without it a notebook writes them under its own output folder.
 """
 
 from __future__ import annotations
@@ -25,9 +26,23 @@ def data_dir() -> Path:
     return resolve(os.environ.get("PAPER_DATA_DIR", "data"))
 
 
+_figures_default: Path | None = None
+
+
+def set_default_figures_dir(path: str | Path | None) -> None:
+    """Where figures go when ``$PAPER_FIGURES_DIR`` is unset (a notebook run: its own output folder)."""
+    global _figures_default
+    _figures_default = None if path is None else Path(path)
+
+
 def figures_dir() -> Path:
-    """Where figures, their CSVs and ``headline_numbers.json`` go: ``$PAPER_FIGURES_DIR`` or ``<repo>/figures``."""
-    path = resolve(os.environ.get("PAPER_FIGURES_DIR", "figures"))
+    """Where figures, their CSVs and ``headline_numbers.json`` go: ``$PAPER_FIGURES_DIR`` (the main command
+    sets it to ``<repo>/figures``; the tests to a temporary folder), else the running notebook's own
+    ``<OUTPUT_DIR>/figures`` (``results.start_run``), else ``<repo>/figures``."""
+    if "PAPER_FIGURES_DIR" in os.environ:
+        path = resolve(os.environ["PAPER_FIGURES_DIR"])
+    else:
+        path = _figures_default or resolve("figures")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -26,6 +26,41 @@ def load_headlines(path: Path | None = None) -> dict[str, dict[str, Any]]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+RUN_FILE = "run.json"  # beside a stage's own config.json (a TrainConfig, an SAESpec), never over it
+_RUNS: dict[str, dict[str, Any]] = {}  # sections this process writes whole: {"info": ..., "written": bool}
+
+
+def git_commit() -> str:
+    """The repository's commit (``+dirty`` with uncommitted changes), or ``unknown`` outside a checkout."""
+    import subprocess
+
+    from paper_lib.paths import REPO_ROOT
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def start_run(section: str, out_dir: str | Path, parameters: dict[str, Any]) -> Path:
+    """Begin a notebook run: ``out_dir/run.json`` records the notebook, its parameters and the git
+    commit; figures go under ``out_dir/figures`` unless ``$PAPER_FIGURES_DIR`` says otherwise (the main
+    command); the run's headline section is written whole, by this run alone, with the same record."""
+    from paper_lib.paths import set_default_figures_dir
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = {"notebook": section, "commit": git_commit(), "parameters": parameters}
+    (out_dir / RUN_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    set_default_figures_dir(out_dir / "figures")
+    _RUNS[section] = {"info": {"commit": info["commit"], "parameters": parameters}, "written": False}
+    return out_dir
+
+
 def record_headline(
     section: str, key: str, value: float, *, unit: str | None = None, n: int | None = None, **extra: Any
 ) -> dict[str, Any]:
@@ -46,6 +81,10 @@ def record_headline(
     entry.update(extra)
     path = headline_path()
     data = load_headlines(path)
+    run = _RUNS.get(section)
+    if run is not None and not run["written"]:  # this run's first number: the section is this run's alone
+        data[section] = {"_run": run["info"]}
+        run["written"] = True
     data.setdefault(section, {})[key] = entry
     data = {s: dict(sorted(v.items())) for s, v in sorted(data.items())}
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json")

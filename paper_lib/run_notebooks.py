@@ -88,6 +88,9 @@ def run_all(out_dir: Path, smoke: bool = False, only: Sequence[str] = (),
             parameters: dict[str, Any] | None = None) -> dict[str, float]:
     """Run every notebook (or those whose name starts with one of ``only``); returns minutes per notebook.
     ``parameters`` go to every notebook run (each notebook checks those it has)."""
+    if "PAPER_FIGURES_DIR" not in os.environ:  # the main command writes the committed figures
+        with environment(PAPER_FIGURES_DIR=str(resolve("figures"))):
+            return run_all(out_dir, smoke, only, parameters)
     minutes = {}
     for source in list_notebooks():
         if only and not any(source.stem.startswith(o) for o in only):

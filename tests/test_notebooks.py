@@ -107,3 +107,23 @@ def test_run_notebooks_passes_parameters_as_papermill_does_and_a_variant_keeps_i
     assert figures == str(tmp_path / "build/variants" / "long" / "figures") and out == tmp_path / "build/variants/long/notebooks"
     with pytest.raises(SystemExit):
         run_notebooks.main(["--only", "02", "-p", "MAX_TOKENS", "256"])  # parameters without a tag
+
+
+@pytest.mark.slow
+def test_a_direct_run_keeps_its_figures_and_numbers_in_its_own_folder(tmp_path, monkeypatch):
+    """Outside the main command (no PAPER_FIGURES_DIR), a notebook writes figures, headline numbers and
+    run.json under its OUTPUT_DIR; the committed figures/ are untouched."""
+    import json
+
+    from paper_lib.paths import artifact_dir
+
+    committed = {p.name: p.stat().st_mtime_ns for p in (REPO_ROOT / "figures").iterdir()}
+    monkeypatch.delenv("PAPER_FIGURES_DIR")
+    run_notebook(next(p for p in NOTEBOOKS if p.stem.startswith("00")), tmp_path,
+                 {"SMOKE": True, "OUTPUT_DIR": "runs/00_variant"}, timeout_s=900)
+    run = artifact_dir("runs/00_variant_smoke")
+    assert (run / "figures" / "organism_latent_gap.png").is_file()
+    section = json.loads((run / "figures" / "headline_numbers.json").read_text())["00_build_model_organism"]
+    assert section["_run"]["parameters"]["OUTPUT_DIR"] == "runs/00_variant" and section["_run"]["parameters"]["SMOKE"]
+    assert json.loads((run / "run.json").read_text())["notebook"] == "00_build_model_organism"
+    assert {p.name: p.stat().st_mtime_ns for p in (REPO_ROOT / "figures").iterdir()} == committed

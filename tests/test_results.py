@@ -98,3 +98,35 @@ def test_feature_page_renders_in_headless_chromium(tmp_path):
                          capture_output=True, text=True, timeout=120).stdout
     assert 'id="f0" class="feat" style="display: block;"' in dom
     assert 'id="f1" class="feat" style="display: none;"' in dom and "feature 0" in dom
+
+
+def test_a_run_writes_its_headline_section_whole_with_its_parameters(tmp_path, monkeypatch):
+    """A variant run never leaves a section half default, half variant: its first number replaces the
+    section, which records the run's commit and parameters."""
+    from paper_lib import results
+
+    monkeypatch.setenv("PAPER_FIGURES_DIR", str(tmp_path / "figures"))
+    monkeypatch.setattr(results, "_RUNS", {})
+    results.record_headline("02_x", "old_key", 1.0, unit="u")
+    results.record_headline("02_x", "shared", 1.0, unit="u")
+    results.start_run("02_x", tmp_path / "run", {"MAX_TOKENS": 256})
+    results.record_headline("02_x", "shared", 2.0, unit="u")
+    results.record_headline("02_x", "new_key", 3.0, unit="u")
+    section = results.load_headlines()["02_x"]
+    assert set(section) == {"_run", "shared", "new_key"} and section["shared"]["value"] == 2.0
+    assert section["_run"]["parameters"] == {"MAX_TOKENS": 256} and section["_run"]["commit"]
+    config = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert config["notebook"] == "02_x" and config["parameters"] == {"MAX_TOKENS": 256}
+
+
+def test_without_a_figures_folder_set_a_run_writes_under_its_own_output_folder(tmp_path, monkeypatch):
+    from paper_lib import paths, results
+
+    monkeypatch.delenv("PAPER_FIGURES_DIR", raising=False)
+    monkeypatch.setattr(paths, "_figures_default", None)
+    monkeypatch.setattr(results, "_RUNS", {})
+    assert paths.figures_dir() == paths.REPO_ROOT / "figures"
+    results.start_run("03_x", tmp_path / "variant", {})
+    assert paths.figures_dir() == tmp_path / "variant" / "figures"
+    monkeypatch.setenv("PAPER_FIGURES_DIR", str(tmp_path / "main"))  # the main command
+    assert paths.figures_dir() == tmp_path / "main"
