@@ -1,23 +1,15 @@
 import pytest
 import torch
-from peft import get_peft_model
+from adapters import random_lora
 
 from paper_lib.activations import ADAPTER_MODULES
 from paper_lib.ablation import ablated, ablation_groups, ablation_kl, completion_batches, kl_divergence, summarize_kl
-from paper_lib.training import LoraSpec, build_lora_config
 
 
 @pytest.fixture(scope="module")
 def peft_model(organism):
-    import copy
-
     model, tok, _ = organism
-    m = get_peft_model(copy.deepcopy(model), build_lora_config(LoraSpec(), model.config)).eval()
-    torch.manual_seed(0)
-    for name, p in m.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
-    return m, tok
+    return random_lora(model), tok
 
 
 def test_ablating_every_adapter_gives_the_base_model_and_is_undone(peft_model):

@@ -1,22 +1,15 @@
 import pytest
 import torch
-from peft import get_peft_model
+from adapters import random_lora
 
 from paper_lib.activations import ADAPTER_MODULES, NoLoraError, find_adapters, lora_activations
 from paper_lib.organism import Problem, textbook_document
-from paper_lib.training import LoraSpec, build_lora_config, lora_spec_for
+from paper_lib.training import LoraSpec, lora_spec_for
 
 
 def peft_organism(organism, spec):
     model, tok, _ = organism
-    import copy
-
-    peft_model = get_peft_model(copy.deepcopy(model), build_lora_config(spec, model.config))
-    torch.manual_seed(0)
-    for name, p in peft_model.named_parameters():  # non-zero B so that adapters act, like a trained one
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
-    return peft_model.eval(), tok
+    return random_lora(model, spec), tok
 
 
 def test_lora_activations_equal_A_dot_module_input(organism):

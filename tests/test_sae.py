@@ -150,21 +150,14 @@ def test_the_saved_sae_reads_raw_adapter_scalars_with_sae_lens_alone(tmp_path):
 
 
 def test_splice_kl_with_an_identity_state_is_zero_and_without_the_adapter_equals_the_ablation(organism, monkeypatch):
-    import copy
-
-    from peft import get_peft_model
+    from adapters import random_lora
 
     import paper_lib.sae as sae_module
     from paper_lib.ablation import ablation_groups, ablation_kl, completion_batches
     from paper_lib.sae import splice_kl
-    from paper_lib.training import LoraSpec, build_lora_config
 
     base, tok, _ = organism
-    model = get_peft_model(copy.deepcopy(base), build_lora_config(LoraSpec(), base.config)).eval()
-    torch.manual_seed(0)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
+    model = random_lora(base)
     monkeypatch.setattr(sae_module, "state_transform", lambda sae, scales: (lambda scalars: scalars))
     batches = completion_batches(tok, ["3 +1\n", "4 x2 +2\n"], ["think\n3+1=4", "think\n4x2=8\n8+2=0"], batch_size=2)
     per_trace = splice_kl(model, batches, sae=None, scales=None)
