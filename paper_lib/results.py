@@ -107,14 +107,14 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return []
     raw = path.read_bytes()
     lines = raw.split(b"\n")
+    last = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)  # the last non-blank line
     records, offset = [], 0
     for number, line in enumerate(lines, start=1):
-        last = number == len(lines) or all(not rest.strip() for rest in lines[number:])
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as err:
-                if not last:
+                if number != last:
                     raise ValueError(f"{path}: line {number} is not JSON ({err}); the file is corrupt") from err
                 log.warning("%s: dropping a torn last line (%d bytes), left by an interrupted write", path, len(line))
                 with path.open("r+b") as handle:
