@@ -310,7 +310,39 @@ def vllm_lora_rank(adapter_dirs: Sequence[str | Path]) -> int:
     return fitting[0]
 
 
-class VLLMEngine:
+class ServingEngine:
+    """What both backends share: their adapters, checked against the base before anything loads; the
+    identity of what they generate (``evaluate`` records it); release by ``with`` or ``close()``."""
+
+    max_model_len: int
+    dtype_name: str
+
+    def _serve(self, model: str, adapters: dict[str, str] | None) -> None:
+        self.model_arg = model
+        self.adapters = {name: str(resolve(path)) for name, path in (adapters or {}).items()}
+        for path in self.adapters.values():
+            check_adapter(path, model)
+        # hashed once: a retrained adapter in the same folder is another adapter
+        self.adapter_hashes = {name: adapter_weights_hash(path) for name, path in self.adapters.items()}
+
+    def identity(self, adapter: str | None) -> dict[str, Any]:
+        """What generated a file of samples: the model as named, the adapter by its weights' hash, and the
+        serving settings that change outputs."""
+        return {"model": self.model_arg, "adapter": adapter,
+                "adapter_weights": None if adapter is None else self.adapter_hashes[adapter],
+                "max_model_len": self.max_model_len, "dtype": self.dtype_name}
+
+    def __enter__(self) -> ServingEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class VLLMEngine(ServingEngine):
     """vLLM serving ``model`` and, unmerged, any number of adapters (by name). ``close()`` (or leaving a
     ``with`` block) releases it before the next engine starts."""
 
@@ -319,11 +351,8 @@ class VLLMEngine:
                  seed: int = 0, enforce_eager: bool | None = None, cpu_kv_cache_gib: float = 1.0) -> None:
         from vllm import LLM
 
-        self.model_arg = model
         self.model = resolve_model(model)
-        self.adapters = {name: str(resolve(path)) for name, path in (adapters or {}).items()}
-        for path in self.adapters.values():
-            check_adapter(path, model)
+        self._serve(model, adapters)
         on_gpu = torch.cuda.is_available()
         # CUDA graphs on GPUs unless asked otherwise; the CPU backend runs eagerly
         kwargs: dict[str, Any] = dict(model=self.model, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
@@ -340,18 +369,9 @@ class VLLMEngine:
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = int(self.llm.model_config.max_model_len)
+        self.dtype_name = str(self.llm.model_config.dtype)
         self.progress = on_gpu  # vLLM's own bar per call: hours at real scale, seconds on the organism
         self._lora_ids = {name: i + 1 for i, name in enumerate(self.adapters)}
-
-    def identity(self, adapter: str | None) -> dict[str, Any]:
-        return engine_identity(self.model_arg, self.adapters, adapter, max_model_len=self.max_model_len,
-                               dtype=str(self.llm.model_config.dtype) if self.llm else None)
-
-    def __enter__(self) -> VLLMEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         """Shut the engine core down and free its memory (GPU memory back to what it was before)."""
@@ -391,13 +411,6 @@ class VLLMEngine:
         return [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outputs]
 
 
-def engine_identity(model: str, adapters: dict[str, str], adapter: str | None, **settings: Any) -> dict[str, Any]:
-    """What generated a file of samples: the model as named, the adapter by the hash of its weights (a
-    retrained adapter in the same folder is another adapter), and serving settings that change outputs."""
-    weights = adapter_weights_hash(adapters[adapter]) if adapter is not None else None
-    return {"model": model, "adapter": adapter, "adapter_weights": weights, **settings}
-
-
 def release_memory() -> None:
     """Collect garbage and return cached accelerator memory, so the next model starts from a clean slate."""
     import gc
@@ -407,7 +420,7 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class HFEngine:
+class HFEngine(ServingEngine):
     """``transformers`` generate with PEFT adapters: the fallback backend, and the reference for parity."""
 
     def __init__(self, model: str, adapters: dict[str, str] | None = None, dtype: torch.dtype = torch.float32,
@@ -415,11 +428,9 @@ class HFEngine:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model_arg, self.dtype = model, dtype
         self.model_name = resolve_model(model)
-        self.adapters = {name: str(resolve(path)) for name, path in (adapters or {}).items()}
-        for path in self.adapters.values():
-            check_adapter(path, model)
+        self._serve(model, adapters)
+        self.dtype_name = str(dtype)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_name)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_name, dtype=dtype, device_map=str(self.device)).eval()
@@ -430,16 +441,6 @@ class HFEngine:
             else:
                 self.model.load_adapter(path, adapter_name=name)
         self.batch_size = batch_size
-
-    def identity(self, adapter: str | None) -> dict[str, Any]:
-        return engine_identity(self.model_arg, self.adapters, adapter, max_model_len=self.max_model_len,
-                               dtype=str(self.dtype))
-
-    def __enter__(self) -> HFEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         self.model = None
