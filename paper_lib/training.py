@@ -264,7 +264,8 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
     out = artifact_dir(cfg.output_dir)
     final = out / FINAL_SUBDIR
     traces = load_traces(cfg.dataset)
-    finished = finished_run(cfg, traces_fingerprint(traces), overwrite)
+    data_fingerprint = traces_fingerprint(traces)
+    finished = finished_run(cfg, data_fingerprint, overwrite)
     if finished is not None:
         return finished
     seed_everything(cfg.seed)
@@ -302,7 +303,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
             "final_loss": float(losses.tail(5).mean()) if len(losses) else float("nan"),
             "train_loss": float(result.training_loss),
             "resumed_from": Path(resume_from).name if resume_from else None,
-            "data_fingerprint": traces_fingerprint(traces),
+            "data_fingerprint": data_fingerprint,
             "world_size": trainer.accelerator.num_processes,
             "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
             **{f"data_{k}": v for k, v in data_stats.items()},
