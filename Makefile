@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 
-.PHONY: all env test notebooks smoke rehearse gpu-check bench-train bench-extract bench-generate sync-notebooks clean
+.PHONY: all env test notebooks smoke rehearse gpu-check bench-train bench-extract bench-generate bench-scale sync-notebooks clean
 
 all: notebooks
 
@@ -37,8 +37,9 @@ notebooks: $(STAMP)
 smoke: $(STAMP)
 	$(PY) -m paper_lib.run_notebooks --out build/smoke --smoke
 
-# notebooks 01-03 at paper geometry (64 layers, Qwen2.5's vocabulary) with the README's real-scale
-# parameters, sizes shrunk; artifacts and figures under build/rehearsal (the tests run it too)
+# notebooks 01-06 at paper geometry (64 layers, Qwen2.5's vocabulary) with the README's real-scale
+# parameters, sizes shrunk, the judge a local vLLM server; artifacts and figures under build/rehearsal
+# (the tests run it too)
 rehearse: $(STAMP)
 	$(PY) -m paper_lib.rehearsal --out build/rehearsal
 
@@ -52,6 +53,11 @@ bench-train: $(STAMP)
 # adapter-activation extraction: plain forward vs PEFT + hooks vs ours (build_readout_model)
 bench-extract: $(STAMP)
 	$(PY) -m paper_lib.throughput --extraction --shape small --device cpu --tokens 2048 --seq-len 256
+
+# peak memory and time of notebooks 04-06's streamed stages on synthetic 1M- and 4M-token stores
+# (448 scalars a token; ~5 GB of shards under build/bench_scale)
+bench-scale: $(STAMP)
+	$(PY) -m paper_lib.scaling --tokens 1000000,4000000 --dir build/bench_scale --json build/bench_scale/rows.json
 
 # HF generate vs vLLM, and vLLM with the adapter unmerged vs merged (needs notebook 01's run)
 bench-generate: $(STAMP)

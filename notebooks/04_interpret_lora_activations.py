@@ -39,6 +39,7 @@ N_TRACES = 1000  # traces to extract (0: all)
 MAX_LENGTH = 2048  # tokens per trace (real scale: 20000)
 BATCH_SIZE = 32  # traces per forward pass
 DTYPE = "float32"  # model dtype (real scale: bfloat16)
+DEVICE = "auto"  # auto (every GPU, else the CPU), cpu, cuda:0 ...
 MERGED = False  # extraction: fold B·A into W (fastest; exact in float32 only) instead of the unmerged arithmetic
 TOP_K = 50  # top tokens per feature and polarity (paper: 50)
 CONTEXT = 12  # tokens of context each side on the HTML page (paper: 30)
@@ -60,6 +61,7 @@ OVERWRITE = False  # redo the extraction even if its shards exist
 SMOKE = False  # fast check for CI: a few traces
 
 # %%
+import functools
 import shutil
 import time
 
@@ -67,20 +69,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from paper_lib.activations import (
-    build_readout_model,
-    extract_activation_shards,
-    extract_projections,
-    mlp_neuron_directions,
-    random_directions,
-    sample_mlp_neurons,
-)
+from paper_lib.activations import LORA, adapter_keys, build_readout_model, control_populations, extract_activation_shards
 from paper_lib.config import seed_everything
-from paper_lib.judge import JudgeConfig
-from paper_lib.params import check_parameters
 from paper_lib.data import format_s1_text, load_traces
-from paper_lib.interp import class_shares, compare_populations, score_populations, signed_features, top_examples
+from paper_lib.interp import (
+    SignedFeatures,
+    class_shares,
+    compare_populations,
+    feature_examples,
+    score_populations,
+    top_features,
+)
+from paper_lib.judge import JudgeConfig
 from paper_lib.organism import ROLE_FAMILY, token_roles
+from paper_lib.params import check_parameters
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import feature_page_html, plot_interpretability, save_figure, save_html
 from paper_lib.results import record_headline, start_run
@@ -94,9 +96,8 @@ judge_config = JudgeConfig(  # checked now, not after the expensive work
     JUDGE_URL, JUDGE_MODEL, api_key_env=JUDGE_KEY_ENV, max_tokens=JUDGE_MAX_TOKENS or None, token_param=JUDGE_TOKEN_PARAM,
     temperature=None if JUDGE_TEMPERATURE < 0 else JUDGE_TEMPERATURE, concurrency=JUDGE_CONCURRENCY) if JUDGE_URL else None
 out_dir = artifact_dir(OUTPUT_DIR + ("_smoke" if SMOKE else ""))  # a smoke run never clashes with a full one
-peft_model, tokenizer, train_cfg = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE))
-if torch.cuda.is_available():
-    peft_model.cuda()
+# straight to the device in the model's dtype: no full host copy of a 32B model
+peft_model, tokenizer, train_cfg = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE), device=DEVICE)
 model = build_readout_model(peft_model, merged=MERGED)  # consumes the PEFT model: no copy at 32B
 traces = load_traces(TRACES)
 n_traces = 40 if SMOKE else (N_TRACES or len(traces))
@@ -104,51 +105,36 @@ texts = [format_s1_text(tokenizer, row) for row in traces.select(range(min(n_tra
 print(f"{len(texts)} traces; adapters read from the extra output of each projection (merged={MERGED})")
 
 # %% [markdown]
-# ## Extract the adapter scalars of every token
-# Shards of whole traces (float16), resumable; `run.json` beside them records this notebook's
-# parameters.
+# ## Extract the three populations of every token, in one forward pass
+# The adapter scalars, and as many randomly sampled MLP neurons and random directions in the adapters' own
+# input spaces, all read on the same fine-tuned model over the same tokens in the same pass. Shards of
+# whole traces (float16), resumable; `run.json` beside them records this notebook's parameters.
 
 # %%
 store_dir = out_dir / "activations"
 if OVERWRITE and store_dir.exists():
     shutil.rmtree(store_dir)
 start_run(SECTION, out_dir, parameters)  # run.json (notebook 06 reads its TRACES), figures, headlines
+controls = control_populations(model, adapter_keys(model), seed=SEED)  # as many MLP neurons and random directions as adapters
 start = time.perf_counter()
 store = extract_activation_shards(model, tokenizer, texts, store_dir, batch_size=BATCH_SIZE, max_length=MAX_LENGTH,
-                                  provenance=adapter_provenance(ADAPTER_RUN))
+                                  provenance=adapter_provenance(ADAPTER_RUN), populations=controls)
 seconds = time.perf_counter() - start
-token_ids, doc_ids = store.tokens(), store.document_ids()
-lora = store.activations().reshape(len(token_ids), -1)  # the store's dtype (float16): all populations alike
-lora_names = [f"L{layer}.{module}" for layer in store.layers for module in store.modules]
-print(f"{len(token_ids):,} tokens x {lora.shape[1]} adapters in {seconds:.1f} s ({len(token_ids) / seconds:,.0f} tok/s, "
-      "0 if the shards existed)")
-assert np.isfinite(lora).all() and lora.shape[1] == len(store.layers) * len(store.modules)
-
-# %% [markdown]
-# ## The three populations, both polarities
-# As many MLP neurons and random directions as there are adapters; all read on the same fine-tuned model
-# over the same tokens.
-
-# %%
-keys = [(layer, module) for layer in store.layers for module in store.modules]
-neurons = sample_mlp_neurons(model, len(keys), seed=SEED)
-mlp_directions = mlp_neuron_directions(model, neurons)  # down_proj input coordinates, grouped by layer
-mlp_names = [f"L{layer}.n{i}" for layer, _ in mlp_directions for l, i in neurons if l == layer]
-directions = random_directions(model, keys, seed=SEED)
-mlp = extract_projections(model, tokenizer, texts, mlp_directions, BATCH_SIZE, MAX_LENGTH, dtype=store.meta["dtype"])
-rand = extract_projections(model, tokenizer, texts, directions, BATCH_SIZE, MAX_LENGTH, dtype=store.meta["dtype"])
-assert mlp.shape == rand.shape == lora.shape and mlp.dtype == rand.dtype == lora.dtype
-populations = {"LoRA": signed_features(lora, lora_names), "MLP neuron": signed_features(mlp, mlp_names),
-               "random direction": signed_features(rand, [f"L{k[0]}.{k[1]}.rand" for k in keys])}
-print({name: values.shape for name, (values, _) in populations.items()})
+print(f"{store.n_tokens:,} tokens x {len(store.feature_names())} adapters (+ {len(controls)} control populations) in "
+      f"{seconds:.1f} s ({store.n_tokens / seconds:,.0f} tok/s, 0 if the shards existed)")
+# each population read both ways; streamed from the shards, never loaded whole
+populations = {name: SignedFeatures(store.features(name)) for name in store.populations}
+assert store.populations == [LORA, "MLP neuron", "random direction"]
+assert all(np.isfinite(block).all() for block in store.blocks())
+print({name: len(features.names) for name, features in populations.items()})
 
 # %% [markdown]
 # ## Top examples of every adapter, per polarity (offline HTML page)
 
 # %%
-vocab = {i: tokenizer.decode([i]) for i in np.unique(token_ids).tolist()}
-lora_values, lora_signed = populations["LoRA"]
-features = top_examples(lora_values, lora_signed, token_ids, doc_ids, vocab.__getitem__, k=PAGE_EXAMPLES, width=CONTEXT)
+decode = functools.lru_cache(maxsize=None)(lambda i: tokenizer.decode([i]))  # each distinct token decoded once
+tops = {name: top_features(features, max(TOP_K, PAGE_EXAMPLES, 15)) for name, features in populations.items()}
+features = feature_examples(populations[LORA], store, decode, tops[LORA], k=PAGE_EXAMPLES, width=CONTEXT)
 centre = features[0]["examples"][0]
 print(features[0]["name"], repr("".join(centre["tokens"])), centre["value"])
 assert all(len(f["examples"]) <= PAGE_EXAMPLES for f in features)
@@ -158,9 +144,9 @@ assert all(len(f["examples"]) <= PAGE_EXAMPLES for f in features)
 
 # %%
 if ROLE_SCORER:
-    roles = np.concatenate([token_roles(tokenizer, t, MAX_LENGTH) for t in texts])
-    assert len(roles) == len(token_ids)
-    scored = score_populations(populations, roles, ROLE_FAMILY, k=TOP_K, mono=MONO, broad=BROAD)
+    roles = np.concatenate([token_roles(tokenizer, t, MAX_LENGTH) for t in texts])  # one per token, store order
+    assert len(roles) == store.n_tokens
+    scored = score_populations(populations, roles, ROLE_FAMILY, k=TOP_K, mono=MONO, broad=BROAD, tops=tops)
     scored.to_csv(out_dir / "role_scores.csv", index=False)
     shares = class_shares(scored, n_resamples=N_BOOTSTRAP, seed=SEED)
     print(shares.round(3).to_string())
@@ -173,7 +159,7 @@ if ROLE_SCORER:
 
 # %%
 path = save_html(feature_page_html(features, "Rank-1 adapter activations: top examples",
-                                   f"{len(token_ids):,} tokens of {len(texts)} traces; each adapter's scalar a = A·x, "
+                                   f"{store.n_tokens:,} tokens of {len(texts)} traces; each adapter's scalar a = A·x, "
                                    "positive (+) and negative (-) polarity; the marked token is the activating one."),
                  "lora_feature_examples")
 print(path)
@@ -196,7 +182,7 @@ if ROLE_SCORER:
 # ## Headline numbers
 
 # %%
-record_headline(SECTION, "tokens_extracted", float(len(token_ids)), unit="tokens", n=len(texts))
+record_headline(SECTION, "tokens_extracted", float(store.n_tokens), unit="tokens", n=len(texts))
 if ROLE_SCORER:
     for _, r in shares.iterrows():
         key = f"{r.population.split(' ')[0].lower()}_{r['class']}_share"
@@ -222,27 +208,24 @@ if ROLE_SCORER:
 
 # %%
 if JUDGE_URL:
-    from paper_lib.judge import Judge, non_activating_examples, score_features
+    from paper_lib.judge import Judge, judge_requests, rating_shares, score_features
 
     judge = Judge(judge_config, out_dir / "judge" / "cache.jsonl")
     judged = []
-    for name, (values, names) in populations.items():
-        chosen = np.random.default_rng(SEED).permutation(len(names))[: N_JUDGE_FEATURES or len(names)]
-        tops = top_examples(values[:, chosen], [names[i] for i in chosen], token_ids, doc_ids, vocab.__getitem__, k=15, width=8)
-        requests = [{"name": t["name"], "explain_with": t["examples"][:10], "activating": t["examples"][10:15],
-                     "non_activating": non_activating_examples(values[:, i], token_ids, doc_ids, vocab.__getitem__, 5, 8, SEED)}
-                    for t, i in zip(tops, chosen) if len(t["examples"]) >= 15]
+    for name, signed in populations.items():
+        chosen = np.random.default_rng(SEED).permutation(len(signed.names))[: N_JUDGE_FEATURES or len(signed.names)]
+        requests = judge_requests(signed, store, decode, tops[name], chosen, SEED)
         slug = name.split(" ")[0].lower()
         scores = score_features(judge, requests, out_dir / "judge" / f"{slug}.jsonl", rate=True)
-        judged.append(pd.DataFrame(scores).assign(population=name))
+        judged.append(pd.DataFrame(scores, columns=["feature", "explanation", "n", "unparsed", "accuracy", "f1", "rating"])
+                      .assign(population=name))
     judged = pd.concat(judged, ignore_index=True)
-    # the paper's measure beside detection: the judge's 0/1/2 rating (monosemantic / broad / polysemantic)
-    judged["rated"] = judged["rating"].map({0: "monosemantic", 1: "broad", 2: "polysemantic"}).fillna("unrated")
+    ratings = rating_shares(judged)  # the paper's measure beside detection, with Wilson intervals
     print(judged.groupby("population")[["accuracy", "f1"]].mean().round(3))
-    print(pd.crosstab(judged["population"], judged["rated"], normalize="index").round(3))
+    print(ratings.round(3).to_string())
     for name, group in judged.groupby("population"):
-        slug = name.split(" ")[0].lower()
-        record_headline(SECTION, f"{slug}_judge_detection_accuracy", group.accuracy.mean(), unit="fraction", n=len(group))
-        for label in ("monosemantic", "broad", "polysemantic"):
-            record_headline(SECTION, f"{slug}_judge_rated_{label}_share", (group.rated == label).mean(), unit="fraction",
-                            n=len(group))
+        record_headline(SECTION, f"{name.split(' ')[0].lower()}_judge_detection_accuracy", group.accuracy.mean(),
+                        unit="fraction", n=len(group))
+    for _, r in ratings[ratings["class"] != "unrated"].iterrows():
+        record_headline(SECTION, f"{r.population.split(' ')[0].lower()}_judge_rated_{r['class']}_share", r.share,
+                        unit="fraction of judged features", n=r.n, ci95=[r.lo, r.hi])

@@ -39,7 +39,7 @@ EPOCHS = 30  # passes over the training tokens (paper: 1 over ~10M tokens; the o
 DEAD_TOKENS = 50_000  # a latent is dead after this many tokens without firing (paper: 1M)
 NORMALIZE = "per_adapter"  # per_adapter (divide each scalar by its RMS) or none (the paper)
 HELDOUT_FRACTION = 0.1  # last traces of the store, held out for FVU / L0 / dead latents
-DEVICE = "cpu"  # SAE training device (real scale: cuda)
+DEVICE = "cpu"  # SAE training and splice device (real scale: cuda)
 TRACES = "organism-probe"  # splice traces: organism-probe (held out of all training) or an s1K-schema dataset
 ORGANISM_DIR = "data/organism"  # for organism-probe traces
 N_SPLICE_TRACES = 200  # traces for the splice KL
@@ -49,7 +49,9 @@ N_BOOTSTRAP = 2000  # bootstrap resamples
 BENCHMARK_DIR = "data/organism"  # folder with aime24/ and math500/ (empty: the hub datasets)
 N_MATH = 200  # MATH-like questions for the spliced accuracy (0: all 500)
 MAX_TOKENS = 160  # generated tokens per response (real scale: 32768)
+CACHE_TOKENS = 1_048_576  # most tokens per KV cache across a generation batch (32B on 80 GB: 131072)
 OUTPUT_DIR = "runs/05_sae"  # under data/: the SAE, its scales, curves, config.json, per-sample JSONL
+CHECK_CLAIMS = True  # assert the paper's claims (off for stand-ins with random weights)
 OVERWRITE = False  # retrain even if a trained SAE exists
 SMOKE = False  # fast check for CI: two epochs, a few traces and questions
 
@@ -66,7 +68,7 @@ from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import plot_sae_training, plot_splice, save_figure
 from paper_lib.results import record_headline, start_run
-from paper_lib.sae import SAESpec, ScalarEngine, load_sae, sae_metrics, splice_kl, state_transform, store_matrix, train_or_reuse_sae
+from paper_lib.sae import SAESpec, ScalarEngine, load_sae, sae_metrics, splice_kl, state_transform, train_or_reuse_sae
 from paper_lib.statistics import bootstrap_interval, wilson_interval
 from paper_lib.training import load_trained
 
@@ -100,18 +102,16 @@ save_figure(plot_sae_training(history), "sae_training", history)
 # FVU in the SAE's input space (each adapter normalised, so every adapter counts) and in raw units.
 
 # %%
-metrics = sae_metrics(sae, scales, store_matrix(store, heldout_docs))
+metrics = sae_metrics(sae, scales, lambda: store.blocks(docs=heldout_docs))  # streamed, two passes
 np.save(out_dir / "heldout_firing_counts.npy", metrics.pop("fired"))
 print({k: round(v, 4) for k, v in metrics.items()})
-assert 0 <= metrics["fvu"] < 1 and metrics["l0"] > 0
+assert metrics["l0"] > 0 and (not CHECK_CLAIMS or 0 <= metrics["fvu"] < 1)
 
 # %% [markdown]
 # ## The splice, teacher-forced: how much of the adapter's effect the reconstruction keeps
 
 # %%
-model, tokenizer, _ = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE))
-if torch.cuda.is_available():
-    model.cuda()
+model, tokenizer, _ = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE), device=DEVICE)  # model, batches, caches: DEVICE
 n_traces = 8 if SMOKE else N_SPLICE_TRACES
 # held out of the SAE: organism probe traces (in no training set at all), or, for a dataset, only the
 # store's held-out documents (document i of notebook 04's store is row i of the same TRACES)
@@ -125,8 +125,9 @@ kl = pd.DataFrame([{"variant": name, "kl": per_trace[col].mean(),
                    for name, col in (("no adapter", "kl_no_adapter"), ("SAE spliced", "kl_spliced"))])
 print(kl.round(4).to_string())
 print(f"fraction of the adapter's KL effect recovered: {recovered:.3f} [{rec_lo:.3f}, {rec_hi:.3f}] (n={len(per_trace)} traces)")
-assert per_trace.kl_spliced.mean() < per_trace.kl_no_adapter.mean()
-assert SMOKE or recovered > 0.9, "the SAE loses most of the adapter's effect: check its FVU and training curves"
+if CHECK_CLAIMS:
+    assert per_trace.kl_spliced.mean() < per_trace.kl_no_adapter.mean()
+    assert SMOKE or recovered > 0.9, "the SAE loses most of the adapter's effect: check its FVU and training curves"
 
 # %% [markdown]
 # ## The splice in generation: benchmark accuracy
@@ -137,7 +138,7 @@ assert SMOKE or recovered > 0.9, "the SAE loses most of the adapter's effect: ch
 # %%
 variants = {"rank1": "rank-1 (as is)", "sae_spliced": "SAE spliced", "no_adapter": "no adapter"}  # slug -> label
 engine = ScalarEngine(model, tokenizer, {"rank1": lambda s: s, "sae_spliced": state_transform(sae, scales),
-                                         "no_adapter": torch.zeros_like})
+                                         "no_adapter": torch.zeros_like}, cache_tokens=CACHE_TOKENS)
 gen = GenerationSpec(max_tokens=MAX_TOKENS, answer_tokens=min(32, MAX_TOKENS // 4), seed=SEED)
 accuracy = []
 for name, limit in (("aime24", 4 if SMOKE else None), ("math500", 8 if SMOKE else (N_MATH or None))):

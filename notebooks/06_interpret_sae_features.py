@@ -33,6 +33,7 @@ INTERPRET_DIR = "runs/04_interpret"  # notebook 04's output folder (activation s
 SAE_DIR = "runs/05_sae"  # notebook 05's output folder (the trained SAE)
 ADAPTER_RUN = "runs/01_train/rank1"  # notebook 01's rank-1 run folder (logit effects, steering)
 DTYPE = "float32"  # model dtype (real scale: bfloat16)
+DEVICE = "auto"  # auto (every GPU, else the CPU), cpu, cuda:0 ...
 TOP_K = 50  # top tokens per feature for the role scorer (as notebook 04)
 PAGE_EXAMPLES = 12  # examples per feature on the dashboard (paper: 32)
 CONTEXT = 12  # tokens of context each side on the dashboard (paper: 48)
@@ -44,6 +45,7 @@ STEER_FEATURE = -1  # latent to steer (-1: the most monosemantic live latent who
 STEER_STRENGTHS = "0,1,2,4"  # multiples of the latent's mean non-zero activation added during generation
 BENCHMARK_DIR = "data/organism"  # steering prompts: folder with aime24/ (empty: the hub dataset)
 MAX_TOKENS = 160  # generated tokens per response when steering
+CACHE_TOKENS = 1_048_576  # most tokens per KV cache across a generation batch (32B on 80 GB: 131072)
 JUDGE_URL = ""  # OpenAI-compatible endpoint for explanations and categories (empty: skip)
 JUDGE_MODEL = ""  # the judge's model name at that endpoint
 JUDGE_KEY_ENV = "OPENAI_API_KEY"  # environment variable holding the judge's API key
@@ -56,6 +58,7 @@ OUTPUT_DIR = "runs/06_sae_features"  # under data/: scores, steering samples, ju
 SMOKE = False  # fast check for CI
 
 # %%
+import functools
 import json
 
 import numpy as np
@@ -64,16 +67,16 @@ import torch
 
 from paper_lib.activations import ActivationStore
 from paper_lib.config import seed_everything
-from paper_lib.judge import JudgeConfig
-from paper_lib.params import check_parameters
 from paper_lib.data import format_s1_text, load_traces
 from paper_lib.evaluation import GenerationSpec, chat_prompt, evaluate, load_benchmark
-from paper_lib.interp import class_shares, compare_populations, score_populations, signed_features, top_examples
+from paper_lib.interp import SignedFeatures, class_shares, compare_populations, feature_examples, score_populations
+from paper_lib.judge import JudgeConfig
 from paper_lib.organism import ROLE_FAMILY, token_roles
+from paper_lib.params import check_parameters
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import feature_page_html, plot_feature_donut, plot_interpretability, save_figure, save_html
 from paper_lib.results import record_headline, start_run
-from paper_lib.sae import LatentView, ScalarEngine, decoder_logit_effects, decoder_scalars, latent_summary, latents, load_sae
+from paper_lib.sae import LatentFeatures, ScalarEngine, decoder_logit_effects, decoder_scalars, latent_summary, load_sae
 from paper_lib.training import load_trained
 
 SECTION = "06_interpret_sae_features"
@@ -89,14 +92,14 @@ start_run(SECTION, out_dir, parameters)  # run.json, figures, headline section
 extraction = json.loads((interp_dir / "run.json").read_text())["parameters"]  # the traces notebook 04 read
 store = ActivationStore(interp_dir / "activations")
 sae, scales = load_sae(artifact_dir(SAE_DIR + suffix))
-model, tokenizer, _ = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE))
-token_ids, doc_ids = store.tokens(), store.document_ids()
-acts = store.activations().reshape(len(token_ids), -1)  # [tokens, d_in] in the store's dtype
-summary = latent_summary(sae, scales, acts, k=PAGE_EXAMPLES)  # streamed: no dense [tokens, d_sae] array
+model, tokenizer, _ = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE), device=DEVICE)  # straight to the GPUs
+adapter_state = store.features()  # [tokens, d_in] read shard by shard, never loaded whole
+summary = latent_summary(sae, scales, adapter_state, k=max(TOP_K, PAGE_EXAMPLES))  # streamed: no [tokens, d_sae] array
 fired, d_sae = summary["fired"], sae.cfg.d_sae
 live = np.flatnonzero(fired)
-names = [f"latent {i}" for i in live]
-print(f"{len(token_ids):,} tokens; {len(live)} of {d_sae} latents fire at least once")
+sae_features = LatentFeatures(sae, scales, adapter_state, columns=live)  # the live latents, encoded block by block
+names = sae_features.names
+print(f"{store.n_tokens:,} tokens; {len(live)} of {d_sae} latents fire at least once")
 assert len(live) > 0 and fired.sum() > 0
 
 # %% [markdown]
@@ -104,14 +107,14 @@ assert len(live) > 0 and fired.sum() > 0
 # One self-contained HTML file under `figures/` (no network, no server); pick a feature from the list.
 
 # %%
-vocab = {i: tokenizer.decode([i]) for i in np.unique(token_ids).tolist()}
-examples = top_examples(LatentView(sae, scales, acts, live), names, token_ids, doc_ids, vocab.__getitem__, k=PAGE_EXAMPLES,
-                        width=CONTEXT, top=(summary["top_values"][live], summary["top_indices"][live]))
+decode = functools.lru_cache(maxsize=None)(lambda i: tokenizer.decode([i]))  # each distinct token decoded once
+live_top = (summary["top_values"][live], summary["top_indices"][live])
+examples = feature_examples(sae_features, store, decode, live_top, k=PAGE_EXAMPLES, width=CONTEXT)
 for entry, latent in zip(examples, live):
     entry["histogram"] = {"counts": summary["hist_counts"][latent].tolist(), "edges": summary["hist_edges"][latent].tolist()}
     entry["logits"] = decoder_logit_effects(model, decoder_scalars(sae, scales, int(latent)), store.layers, store.modules,
                                             tokenizer, top=6)
-    entry["summary"] = f"fires on {fired[latent]:,} tokens ({fired[latent] / len(token_ids):.2%})"
+    entry["summary"] = f"fires on {fired[latent]:,} tokens ({fired[latent] / store.n_tokens:.2%})"
 print(examples[0]["name"], examples[0]["summary"], examples[0]["logits"][:3])
 
 # %% [markdown]
@@ -121,12 +124,10 @@ print(examples[0]["name"], examples[0]["summary"], examples[0]["logits"][:3])
 if ROLE_SCORER:
     traces = load_traces(extraction["TRACES"])
     texts = [format_s1_text(tokenizer, row) for row in traces.select(range(len(store)))]
-    roles = np.concatenate([token_roles(tokenizer, t, extraction["MAX_LENGTH"]) for t in texts])
-    assert len(roles) == len(token_ids)
-    raw_values, raw_names = signed_features(acts, [f"L{l}.{m}" for l in store.layers for m in store.modules])
-    features = np.concatenate(list(latents(sae, scales, acts)))[:, live]  # dense: fine at the organism's size
-    scored = score_populations({"SAE feature": (features, names), "LoRA": (raw_values, raw_names)}, roles,
-                               ROLE_FAMILY, k=TOP_K, mono=MONO, broad=BROAD)
+    roles = np.concatenate([token_roles(tokenizer, t, extraction["MAX_LENGTH"]) for t in texts])  # store order
+    assert len(roles) == store.n_tokens
+    scored = score_populations({"SAE feature": sae_features, "LoRA": SignedFeatures(adapter_state)}, roles,
+                               ROLE_FAMILY, k=TOP_K, mono=MONO, broad=BROAD, tops={"SAE feature": live_top})
     scored.to_csv(out_dir / "role_scores.csv", index=False)
     shares = class_shares(scored, n_resamples=N_BOOTSTRAP, seed=SEED)
     test = compare_populations(scored, "SAE feature", "LoRA", N_BOOTSTRAP, SEED)
@@ -141,7 +142,7 @@ if ROLE_SCORER:
 
 # %%
 path = save_html(feature_page_html(examples, "SAE features on the rank-1 adapter state",
-                                   f"{len(live)} live latents of {d_sae}; {len(token_ids):,} tokens. Histogram: the "
+                                   f"{len(live)} live latents of {d_sae}; {store.n_tokens:,} tokens. Histogram: the "
                                    "latent's non-zero activations; logit effects: its decoder direction through the o_proj and "
                                    "down_proj adapters' B vectors and the unembedding."), "sae_feature_dashboard")
 print(path)
@@ -177,7 +178,8 @@ if ROLE_SCORER:
     unit = float(summary["mass"][steer] / summary["fired"][steer])  # mean non-zero activation
     direction = decoder_scalars(sae, scales, steer).reshape(len(store.layers), len(store.modules))
     strengths = [float(s) for s in STEER_STRENGTHS.split(",")]
-    engine = ScalarEngine(model, tokenizer, {f"x{s:g}": (lambda a, s=s: a + s * unit * direction) for s in strengths})
+    engine = ScalarEngine(model, tokenizer, {f"x{s:g}": (lambda a, s=s: a + s * unit * direction) for s in strengths},
+                          cache_tokens=CACHE_TOKENS)
     items = load_benchmark("aime24", f"{BENCHMARK_DIR}/aime24" if BENCHMARK_DIR else None)[: 4 if SMOKE else None]
     gen = GenerationSpec(max_tokens=MAX_TOKENS, answer_tokens=min(32, MAX_TOKENS // 4), seed=SEED)
     steering = []
@@ -218,25 +220,55 @@ if ROLE_SCORER:
                     latent=steer, strength=last.strength, before=first.accuracy)
 
 # %% [markdown]
-# ## The LLM judge: explanations and the paper's seven categories (runs when `JUDGE_URL` is set)
+# ## The LLM judge: SAE features vs raw adapters under one protocol, and the paper's seven categories
+# Runs when `JUDGE_URL` is set. The SAE's live latents and the raw adapter features (each adapter x
+# polarity) are judged alike (notebook 04's protocol: explanation from the top 10 examples, detection on 5
+# more and 5 non-activating contexts, the 0/1/2 rating): the paper's SAE-vs-raw comparison. The sample is a
+# simple random one of `N_JUDGE_FEATURES` per population (0: all), so shares carry Wilson intervals. Each
+# judged latent's explanation is then put in one of the paper's seven categories; the donut weighs them by
+# activation mass.
 
 # %%
 if JUDGE_URL:
-    from paper_lib.judge import Judge, categorise, explanation_prompt, parse_explanation
+    from paper_lib.interp import top_features
+    from paper_lib.judge import Judge, categorise_features, judge_requests, rating_shares, score_features
+    from paper_lib.statistics import wilson_interval
 
     judge = Judge(judge_config, out_dir / "judge" / "cache.jsonl")
-    chosen = np.random.default_rng(SEED).permutation(len(live))[: N_JUDGE_FEATURES or len(live)]
+    lora_signed = SignedFeatures(adapter_state)
     judged = []
-    for i in chosen:
-        if not examples[i]["examples"]:
-            continue
-        explanation = parse_explanation(judge.ask(explanation_prompt(examples[i]["examples"][:10])))
-        category, sub = categorise(judge, explanation)
-        judged.append({"feature": names[i], "explanation": explanation, "category": category or "uncategorised",
-                       "subcategory": sub or "-", "mass": float(summary["mass"][live[i]])})
-    judged = pd.DataFrame(judged)
-    judged.to_csv(out_dir / "judge_categories.csv", index=False)
-    mass_llm = judged.groupby(["category", "subcategory"], as_index=False)["mass"].sum()
-    save_figure(plot_feature_donut(mass_llm, "SAE features: activation mass by LLM category"), "sae_feature_categories_llm",
-                mass_llm)
-    print(judged.groupby("category").size())
+    for population, features, top in (("SAE feature", sae_features, live_top),
+                                      ("LoRA", lora_signed, top_features(lora_signed, 15))):
+        chosen = np.random.default_rng(SEED).permutation(len(features.names))[: N_JUDGE_FEATURES or len(features.names)]
+        requests = judge_requests(features, store, decode, top, chosen, SEED)
+        scores = score_features(judge, requests, out_dir / "judge" / f"{population.split(' ')[0].lower()}.jsonl", rate=True)
+        judged.append(pd.DataFrame(scores, columns=["feature", "explanation", "n", "unparsed", "accuracy", "f1", "rating"])
+                      .assign(population=population))
+    judged = pd.concat(judged, ignore_index=True)
+    ratings = rating_shares(judged)
+    print(judged.groupby("population")[["accuracy", "f1"]].mean().round(3))
+    print(ratings.round(3).to_string())
+    sae_judged = judged[judged.population == "SAE feature"]
+    categories = pd.DataFrame(categorise_features(judge, [{"name": r.feature, "explanation": r.explanation}
+                                                          for r in sae_judged.itertuples()], out_dir / "judge" / "categories.jsonl"),
+                              columns=["feature", "explanation", "category", "subcategory"])
+    categories["mass"] = [float(summary["mass"][int(f.split(" ")[1])]) for f in categories.feature]
+    categories.to_csv(out_dir / "judge_categories.csv", index=False)
+    shares = categories.groupby("category").size().rename("count").reset_index()
+    shares[["lo", "hi"]] = [wilson_interval(int(c), len(categories)) for c in shares["count"]]
+    shares["share"] = shares["count"] / len(categories)
+    print(shares.round(3).to_string())
+    if len(categories):
+        mass_llm = categories.groupby(["category", "subcategory"], as_index=False)["mass"].sum()
+        save_figure(plot_feature_donut(mass_llm, "SAE features: activation mass by LLM category"),
+                    "sae_feature_categories_llm", mass_llm)
+    for population, group in judged.groupby("population"):
+        slug = "sae" if population.startswith("SAE") else "lora"
+        record_headline(SECTION, f"{slug}_judge_detection_accuracy", group.accuracy.mean(), unit="fraction", n=len(group))
+    for _, r in ratings[ratings["class"] != "unrated"].iterrows():
+        slug = "sae" if r.population.startswith("SAE") else "lora"
+        record_headline(SECTION, f"{slug}_judge_rated_{r['class']}_share", r.share, unit="fraction of judged features",
+                        n=r.n, ci95=[r.lo, r.hi])
+    for _, r in shares.iterrows():
+        record_headline(SECTION, f"judge_category_{r.category.replace('/', '_').replace(' ', '_')}_share", r.share,
+                        unit="fraction of judged latents", n=len(categories), ci95=[r.lo, r.hi])

@@ -16,9 +16,9 @@ import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -58,6 +58,14 @@ def _layout(keys: Iterable[tuple[int, str]]) -> tuple[list[int], list[str]]:
 def adapter_layout(model: torch.nn.Module, adapter: str = "default") -> tuple[list[int], list[str]]:
     """The adapted layer indices and module names (in ``ADAPTER_MODULES`` order) that activations cover."""
     return _layout(find_adapters(model, adapter))
+
+
+def adapter_keys(model: torch.nn.Module, adapter: str = "default") -> list[tuple[int, str]]:
+    """Every adapter's (layer, module), in a store's column order (layer-major, ``ADAPTER_MODULES`` order);
+    for a PEFT model or one made by ``build_readout_model``."""
+    keys = set(find_readouts(model) or find_adapters(model, adapter))
+    layers, modules = _layout(keys)
+    return [(layer, module) for layer in layers for module in modules if (layer, module) in keys]
 
 
 @contextmanager
@@ -185,10 +193,20 @@ def build_readout_model(model: torch.nn.Module, merged: bool = False, adapter: s
 # Streaming extraction to shards
 
 
-def _shard_paths(out_dir: Path, shard: int) -> dict[str, Path]:
+LORA = "LoRA"  # the store's own population: the adapter scalars (the ``acts`` files)
+
+
+def population_slug(name: str) -> str:
+    """The file-name part of a population's shard files (``random direction`` -> ``random_direction``)."""
+    return re.sub(r"\W+", "_", name.strip().lower())
+
+
+def _shard_paths(out_dir: Path, shard: int, populations: Iterable[str] = ()) -> dict[str, Path]:
     stem = out_dir / f"shard_{shard:05d}"
     return {"tokens": stem.with_suffix(".tokens.npy"), "acts": stem.with_suffix(".acts.npy"),
-            "offsets": stem.with_suffix(".offsets.npy"), "done": stem.with_suffix(".done")}
+            "offsets": stem.with_suffix(".offsets.npy"),
+            **{name: stem.with_suffix(f".{population_slug(name)}.npy") for name in populations},
+            "done": stem.with_suffix(".done")}
 
 
 def file_checksum(path: Path) -> str:
@@ -201,19 +219,19 @@ def file_checksum(path: Path) -> str:
     return digest.hexdigest()
 
 
-SHARD_FILES = ("tokens", "acts", "offsets")
-
-
 def finish_shard(paths: dict[str, Path]) -> None:
     """Mark a shard done, last: its ``.done`` records each file's size and checksum."""
-    record = {name: {"bytes": paths[name].stat().st_size, "sha256": file_checksum(paths[name])} for name in SHARD_FILES}
+    record = {name: {"bytes": path.stat().st_size, "sha256": file_checksum(path)} for name, path in paths.items()
+              if name != "done"}
     paths["done"].write_text(json.dumps(record) + "\n")
 
 
-def check_shard(paths: dict[str, Path], n_docs: int, shape: tuple[int, int], verify: bool = True) -> np.ndarray:
+def check_shard(paths: dict[str, Path], n_docs: int, shape: tuple[int, int], verify: bool = True,
+                widths: dict[str, int] | None = None) -> np.ndarray:
     """A finished shard's offsets, after checking that the files are whole and agree: sizes (and, with
     ``verify``, checksums) as recorded when the shard was finished, offsets for ``n_docs`` documents that
-    end where the token and activation rows end, activations of ``shape`` per token."""
+    end where the token and activation rows end, activations of ``shape`` per token, and ``widths[name]``
+    values per token in each other population's file."""
     record = json.loads(paths["done"].read_text() or "{}")  # stores written before checksums: counts only
     for name, expected in record.items():
         size = paths[name].stat().st_size if paths[name].is_file() else None
@@ -235,6 +253,16 @@ def check_shard(paths: dict[str, Path], n_docs: int, shape: tuple[int, int], ver
         raise ValueError(f"shard {paths['done'].with_suffix('')} is inconsistent: {len(offsets) - 1} documents (want "
                          f"{n_docs}), offsets end at {offsets[-1]}, {len(tokens)} token rows, activations "
                          f"{tuple(acts.shape)} (want [tokens, {shape[0]}, {shape[1]}])")
+    for name, width in (widths or {}).items():
+        if name not in record and record:
+            raise ValueError(f"shard {paths['done'].with_suffix('')} was finished without its {name!r} values; delete "
+                             "it and rerun the extraction")
+        try:
+            values = np.load(paths[name], mmap_mode="r")
+        except (ValueError, OSError, EOFError) as err:
+            raise ValueError(f"shard file {paths[name]} cannot be read ({err}); delete the shard and rerun") from err
+        if values.shape != (len(tokens), width):
+            raise ValueError(f"shard file {paths[name]} holds {tuple(values.shape)} values, want [{len(tokens)}, {width}]")
     return offsets
 
 
@@ -246,10 +274,42 @@ def _encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, 
                      add_special_tokens=False)
 
 
+class Population(NamedTuple):
+    """A population of scalar features read in the extraction's own forward pass, beside the adapter
+    scalars: per projection ``(layer, module)``, rows ``[n, d_in]`` of directions in that projection's
+    input space (float) or coordinates of that input (an integer index tensor: MLP neurons are the
+    down_proj input's coordinates); one name per output column, in the dict's order."""
+
+    directions: dict[tuple[int, str], torch.Tensor]
+    names: list[str]
+
+    def signature(self) -> dict[str, Any]:
+        """What the shards record of it: the names and a hash of the exact directions."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for key, d in self.directions.items():
+            digest.update(repr((key, d.dtype, tuple(d.shape))).encode())
+            digest.update(d.detach().cpu().contiguous().numpy().tobytes())
+        return {"names": list(self.names), "directions": digest.hexdigest()[:16]}
+
+
+def control_populations(model: torch.nn.Module, keys: Sequence[tuple[int, str]], seed: int = 0) -> dict[str, Population]:
+    """The paper's two comparison populations, as many features as ``keys`` (the adapters): randomly sampled
+    MLP neurons (the down_proj input, act(gate)·up) and one random unit direction in each adapter's own
+    input space (what any linear read-out of the same activations scores)."""
+    neurons = sample_mlp_neurons(model, len(keys), seed=seed)
+    mlp = mlp_neuron_directions(model, neurons)
+    mlp_names = [f"L{layer}.n{i}" for (layer, _), index in mlp.items() for i in index.tolist()]
+    return {"MLP neuron": Population(mlp, mlp_names),
+            "random direction": Population(random_directions(model, keys, seed=seed), [f"L{l}.{m}.rand" for l, m in keys])}
+
+
 def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], out_dir: str | Path,
                               batch_size: int = 16, docs_per_shard: int = 256, dtype: str = "float16",
                               max_length: int = 2048, adapter: str = "default", process_index: int = 0,
-                              num_processes: int = 1, provenance: dict[str, Any] | None = None) -> "ActivationStore | None":
+                              num_processes: int = 1, provenance: dict[str, Any] | None = None,
+                              populations: dict[str, Population] | None = None) -> "ActivationStore | None":
     """Adapter activations of every token of ``texts``, written shard by shard with bounded memory.
 
     Each shard holds whole documents: token ids (int32), activations ``[tokens, n_layers, n_modules]``
@@ -258,15 +318,22 @@ def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Seq
     processes (one per GPU, e.g. under ``accelerate launch``), process ``i`` writes shards ``i, i + n, ...``
     into the same folder; the store is returned once every shard is done (None while others still run).
 
-    ``meta.json`` records the layout, a fingerprint of ``texts`` and ``provenance`` (what produced the
-    scalars: model, adapter and its weights' hash); a folder holding an extraction of other inputs is
-    refused, naming what differs, so it is never returned for new ones.
+    ``populations`` (e.g. ``control_populations``) are read in the same forward pass, from the inputs of
+    the same projections, and written beside the adapter scalars (``[tokens, n]`` in ``dtype`` per shard).
+
+    ``meta.json`` records the layout, a fingerprint of ``texts``, the populations and ``provenance`` (what
+    produced the scalars: model, adapter and its weights' hash); a folder holding an extraction of other
+    inputs is refused, naming what differs, so it is never returned for new ones.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    populations = dict(populations or {})
+    if LORA in populations:
+        raise ValueError(f"{LORA!r} names the adapter scalars themselves; give the other populations other names")
     layers, modules = _layout(find_readouts(model) or find_adapters(model, adapter))
     meta = {"layers": layers, "modules": modules, "dtype": dtype, "n_docs": len(texts), "docs_per_shard": docs_per_shard,
             "max_length": max_length, "module_order": list(ADAPTER_MODULES), "texts": fingerprint(list(texts)),
+            **({"populations": {name: pop.signature() for name, pop in populations.items()}} if populations else {}),
             **({"provenance": provenance} if provenance else {})}
     meta = json.loads(json.dumps(meta))  # as it reads back
     meta_path = out_dir / "meta.json"
@@ -285,60 +352,90 @@ def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Seq
     # progress in traces (not shards), so the time-left estimate moves with every batch
     progress = tqdm(total=sum(len(texts[s * docs_per_shard : (s + 1) * docs_per_shard]) for s in todo), unit="trace",
                     desc=f"extracting adapter activations (process {process_index})")
-    for shard in todo:
-        paths = _shard_paths(out_dir, shard)
-        docs = texts[shard * docs_per_shard : (shard + 1) * docs_per_shard]
-        tokens, acts, offsets = [], [], [0]
-        for i in range(0, len(docs), batch_size):
-            enc = _encode(tokenizer, docs[i : i + batch_size], max_length)
-            values, _, _ = lora_activations(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), adapter)
-            for row in range(len(enc["input_ids"])):
-                n = int(enc["attention_mask"][row].sum())
-                tokens.append(enc["input_ids"][row, :n].numpy().astype(np.int32))
-                acts.append(values[row, :n].numpy().astype(dtype))
-                offsets.append(offsets[-1] + n)
-            progress.update(len(enc["input_ids"]))
-        np.save(paths["tokens"], np.concatenate(tokens))
-        np.save(paths["acts"], np.concatenate(acts))
-        np.save(paths["offsets"], np.asarray(offsets, dtype=np.int64))
-        finish_shard(paths)
+    with ExitStack() as hooks:
+        captured = {name: hooks.enter_context(capture_projections(model, pop.directions)) for name, pop in populations.items()}
+        for shard in todo:
+            paths = _shard_paths(out_dir, shard, populations)
+            docs = texts[shard * docs_per_shard : (shard + 1) * docs_per_shard]
+            rows: dict[str, list[np.ndarray]] = {name: [] for name in ("tokens", "acts", *populations)}
+            offsets = [0]
+            for i in range(0, len(docs), batch_size):
+                enc = _encode(tokenizer, docs[i : i + batch_size], max_length)
+                values, _, _ = lora_activations(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), adapter)
+                extra = {name: torch.cat([captured[name][key] for key in pop.directions], dim=-1)
+                         for name, pop in populations.items()}
+                for row in range(len(enc["input_ids"])):
+                    n = int(enc["attention_mask"][row].sum())
+                    rows["tokens"].append(enc["input_ids"][row, :n].numpy().astype(np.int32))
+                    rows["acts"].append(values[row, :n].numpy().astype(dtype))
+                    for name, value in extra.items():
+                        rows[name].append(value[row, :n].numpy().astype(dtype))
+                    offsets.append(offsets[-1] + n)
+                progress.update(len(enc["input_ids"]))
+            for name, parts in rows.items():
+                np.save(paths[name], np.concatenate(parts))
+            np.save(paths["offsets"], np.asarray(offsets, dtype=np.int64))
+            finish_shard(paths)
     progress.close()
     if all(_shard_paths(out_dir, shard)["done"].is_file() for shard in range(n_shards)):
         return ActivationStore(out_dir)
     return None
 
 
-def write_activation_store(out_dir: str | Path, documents: Sequence[tuple[np.ndarray, np.ndarray]], layers: Sequence[int],
+def write_activation_store(out_dir: str | Path, documents: Iterable[tuple[np.ndarray, np.ndarray]], layers: Sequence[int],
                            modules: Sequence[str], dtype: str = "float16", docs_per_shard: int = 256) -> "ActivationStore":
-    """A store from in-memory documents ``(token ids [n], activations [n, n_layers, n_modules])``: for
-    activations computed elsewhere (e.g. the paper's own float16 ``[tokens, 64, 7]`` arrays, whose module
-    order is ``ADAPTER_MODULES``) and for synthetic data in tests."""
+    """A store from documents ``(token ids [n], activations [n, n_layers, n_modules])``, taken one shard at a
+    time (a generator keeps memory at one shard): for activations computed elsewhere (e.g. the paper's own
+    float16 ``[tokens, 64, 7]`` arrays, whose module order is ``ADAPTER_MODULES``) and for synthetic data in
+    tests and benchmarks."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     unknown = set(modules) - set(ADAPTER_MODULES)
     if unknown:
         raise ValueError(f"unknown modules {sorted(unknown)}")
-    for i, (ids, acts) in enumerate(documents):
-        if acts.shape != (len(ids), len(layers), len(modules)):
-            raise ValueError(f"document {i}: activations {acts.shape} do not match {len(ids)} tokens x "
-                             f"{len(layers)} layers x {len(modules)} modules")
-    meta = {"layers": list(layers), "modules": list(modules), "dtype": dtype, "n_docs": len(documents),
-            "docs_per_shard": docs_per_shard, "max_length": None, "module_order": list(ADAPTER_MODULES)}
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    for shard in range(math.ceil(len(documents) / docs_per_shard)):
-        docs = documents[shard * docs_per_shard : (shard + 1) * docs_per_shard]
+    n_docs, shard, docs = 0, 0, []
+
+    def flush() -> None:
         paths = _shard_paths(out_dir, shard)
         np.save(paths["tokens"], np.concatenate([np.asarray(ids, dtype=np.int32) for ids, _ in docs]))
         np.save(paths["acts"], np.concatenate([np.asarray(acts).astype(dtype) for _, acts in docs]))
         np.save(paths["offsets"], np.concatenate([[0], np.cumsum([len(ids) for ids, _ in docs])]).astype(np.int64))
         finish_shard(paths)
+
+    for ids, acts in documents:
+        if np.shape(acts) != (len(ids), len(layers), len(modules)):
+            raise ValueError(f"document {n_docs}: activations {np.shape(acts)} do not match {len(ids)} tokens x "
+                             f"{len(layers)} layers x {len(modules)} modules")
+        docs.append((ids, acts))
+        n_docs += 1
+        if len(docs) == docs_per_shard:
+            flush()
+            shard, docs = shard + 1, []
+    if docs:
+        flush()
+    meta = {"layers": list(layers), "modules": list(modules), "dtype": dtype, "n_docs": n_docs,
+            "docs_per_shard": docs_per_shard, "max_length": None, "module_order": list(ADAPTER_MODULES)}
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: the store exists once whole
     return ActivationStore(out_dir)
 
 
-class ActivationStore:
-    """Read-only view of an extraction: documents by index, or all tokens' activations at once.
+def _read_rows(path: Path, start: int, end: int, columns: Any = None) -> np.ndarray:
+    """Rows ``start:end`` of a shard file as float32, through a memory map dropped straight after: pages
+    read stay mapped only while the map lives, so a pass over a 10M-token store keeps one block resident
+    instead of the whole file."""
+    mapped = np.load(path, mmap_mode="r")
+    rows = mapped[start:end] if columns is None else mapped[start:end, columns]
+    out = np.array(rows, dtype=np.float32)
+    del mapped, rows
+    return out
 
-    Shards are memory-mapped, so opening a 10M-token store reads nothing until it is indexed.
+
+class ActivationStore:
+    """Read-only view of an extraction: the adapter scalars (population ``"LoRA"``) and any populations
+    read beside them, by document, by block of tokens or around one token.
+
+    Shards are memory-mapped per read, so opening a 10M-token store reads nothing until it is indexed, and
+    a pass over it holds one block in memory. Tokens have global indices in store order (shard by shard).
     """
 
     def __init__(self, out_dir: str | Path, verify: bool = True) -> None:
@@ -348,15 +445,18 @@ class ActivationStore:
         if not meta_path.is_file():
             raise FileNotFoundError(f"no activation store at {self.dir} (meta.json missing)")
         self.meta = json.loads(meta_path.read_text())
+        extra = self.meta.get("populations", {})
         n_shards = math.ceil(self.meta["n_docs"] / self.meta["docs_per_shard"])
-        self.shards = [_shard_paths(self.dir, s) for s in range(n_shards)]
+        self.shards = [_shard_paths(self.dir, s, extra) for s in range(n_shards)]
         unfinished = [s for s, p in enumerate(self.shards) if not p["done"].is_file()]
         if unfinished:
             raise ValueError(f"extraction at {self.dir} is unfinished (shards {unfinished[:5]}); rerun it to resume")
         per_shard = self.meta["docs_per_shard"]
         shape = (len(self.meta["layers"]), len(self.meta["modules"]))
-        self._offsets = [check_shard(p, min(per_shard, self.meta["n_docs"] - s * per_shard), shape, verify)
+        widths = {name: len(pop["names"]) for name, pop in extra.items()}
+        self._offsets = [check_shard(p, min(per_shard, self.meta["n_docs"] - s * per_shard), shape, verify, widths)
                          for s, p in enumerate(self.shards)]
+        self._starts = np.concatenate([[0], np.cumsum([o[-1] for o in self._offsets])]).astype(np.int64)
 
     @property
     def layers(self) -> list[int]:
@@ -369,6 +469,33 @@ class ActivationStore:
     def __len__(self) -> int:
         return self.meta["n_docs"]
 
+    @property
+    def n_tokens(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def populations(self) -> list[str]:
+        """``"LoRA"`` (the adapter scalars) and the populations extracted beside them."""
+        return [LORA, *self.meta.get("populations", {})]
+
+    def feature_names(self, population: str = LORA) -> list[str]:
+        """One name per feature (column): ``L{layer}.{module}`` for the adapters, layer-major."""
+        if population == LORA:
+            return [f"L{layer}.{module}" for layer in self.layers for module in self.modules]
+        return list(self._population(population)["names"])
+
+    def _population(self, population: str) -> dict[str, Any]:
+        extra = self.meta.get("populations", {})
+        if population not in extra:
+            raise KeyError(f"population {population!r} is not in {self.dir} (it holds {self.populations}); extract "
+                           "it with the adapter scalars (extract_activation_shards(populations=...))")
+        return extra[population]
+
+    def _file(self, shard: int, population: str) -> Path:
+        if population != LORA:
+            self._population(population)
+        return self.shards[shard]["acts" if population == LORA else population]
+
     def document(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(token ids [n], activations [n, n_layers, n_modules]) of one document."""
         shard, local = divmod(index, self.meta["docs_per_shard"])
@@ -378,11 +505,68 @@ class ActivationStore:
                 np.load(paths["acts"], mmap_mode="r")[start:end])
 
     def tokens(self) -> np.ndarray:
+        """Every token id (int32; 4 bytes a token: at real scale prefer ``token_ids``)."""
         return np.concatenate([np.load(p["tokens"], mmap_mode="r") for p in self.shards])
 
     def activations(self) -> np.ndarray:
-        """Every token's activations, ``[tokens, n_layers, n_modules]`` (loads all shards)."""
+        """Every token's activations, ``[tokens, n_layers, n_modules]`` (loads all shards: small stores and
+        tests only; a pass over a large one goes through ``blocks``)."""
         return np.concatenate([np.load(p["acts"], mmap_mode="r") for p in self.shards])
+
+    def blocks(self, population: str = LORA, docs: Iterable[int] | None = None, block_tokens: int = 32768,
+               shards: Iterable[int] | None = None) -> Iterator[np.ndarray]:
+        """The population's values ``[rows, n_features]`` (float32) in store order, at most ``block_tokens``
+        rows at a time (memory: one block), restricted to the tokens of ``docs`` (and to ``shards``) if given."""
+        keep = None if docs is None else np.asarray(sorted(set(int(d) for d in docs)), dtype=np.int64)
+        for shard in range(len(self.shards)) if shards is None else shards:
+            path = self._file(shard, population)
+            n = int(self._offsets[shard][-1])
+            if keep is None:
+                for start in range(0, n, block_tokens):
+                    yield _read_rows(path, start, min(n, start + block_tokens)).reshape(min(n, start + block_tokens) - start, -1)
+                continue
+            offsets = self._offsets[shard]
+            local = keep[(keep >= shard * self.meta["docs_per_shard"]) & (keep < (shard + 1) * self.meta["docs_per_shard"])]
+            local = local - shard * self.meta["docs_per_shard"]
+            # runs of consecutive chosen documents, read run by run in blocks (never a whole shard at once)
+            runs = np.split(local, np.flatnonzero(np.diff(local) != 1) + 1) if len(local) else []
+            for doc_start, doc_end in ((offsets[run[0]], offsets[run[-1] + 1]) for run in runs):
+                for start in range(int(doc_start), int(doc_end), block_tokens):
+                    stop = min(int(doc_end), start + block_tokens)
+                    yield _read_rows(path, start, stop).reshape(stop - start, -1)
+
+    def rows(self, start: int, end: int, population: str = LORA) -> np.ndarray:
+        """Values ``[end - start, n_features]`` (float32) of global tokens ``start:end`` (one shard's)."""
+        shard, first = self.locate(start)
+        if end - start > int(self._offsets[shard][-1]) - first:
+            raise ValueError(f"tokens {start}:{end} span two shards; read them block by block")
+        return _read_rows(self._file(shard, population), first, first + end - start).reshape(end - start, -1)
+
+    def token_ids(self, start: int, end: int) -> np.ndarray:
+        """Token ids of global tokens ``start:end`` (one shard's)."""
+        shard, first = self.locate(start)
+        return np.array(np.load(self.shards[shard]["tokens"], mmap_mode="r")[first : first + end - start])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard, row within the shard) of global token ``index``."""
+        if not 0 <= index < self.n_tokens:
+            raise IndexError(f"token {index} is outside the store's {self.n_tokens} tokens")
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return shard, int(index - self._starts[shard])
+
+    def document_of(self, index: int) -> int:
+        """The document that global token ``index`` belongs to."""
+        shard, row = self.locate(index)
+        local = int(np.searchsorted(self._offsets[shard], row, side="right")) - 1
+        return shard * self.meta["docs_per_shard"] + local
+
+    def context(self, index: int, width: int) -> tuple[int, int]:
+        """Global ``[start, end)`` of the tokens within ``width`` of token ``index`` in its document."""
+        shard, row = self.locate(index)
+        offsets = self._offsets[shard]
+        local = int(np.searchsorted(offsets, row, side="right")) - 1
+        base = int(self._starts[shard])
+        return base + max(int(offsets[local]), row - width), base + min(int(offsets[local + 1]), row + width + 1)
 
     def shard_document_ids(self, shard: int) -> np.ndarray:
         """For every token of one shard, the index of its document."""
@@ -392,6 +576,25 @@ class ActivationStore:
     def document_ids(self) -> np.ndarray:
         """For every token, the index of its document."""
         return np.concatenate([self.shard_document_ids(s) for s in range(len(self.shards))])
+
+    def features(self, population: str = LORA, block_tokens: int = 32768) -> "StoreFeatures":
+        """The population as features for ``interp`` (names, blocks, rows), without loading it."""
+        return StoreFeatures(self, population, block_tokens)
+
+
+class StoreFeatures:
+    """One population of a store as ``interp`` features: ``names``, ``blocks()`` (every token, in order, a
+    block at a time) and ``rows(start, end)``; nothing is held in memory."""
+
+    def __init__(self, store: ActivationStore, population: str = LORA, block_tokens: int = 32768) -> None:
+        self.store, self.population, self.block_tokens = store, population, block_tokens
+        self.names = store.feature_names(population)
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        return self.store.blocks(self.population, block_tokens=self.block_tokens)
+
+    def rows(self, start: int, end: int) -> np.ndarray:
+        return self.store.rows(start, end, self.population)
 
 
 def _projection_inputs(model: torch.nn.Module, keys: Iterable[tuple[int, str]]) -> dict[tuple[int, str], torch.nn.Module]:
@@ -409,33 +612,48 @@ def _projection_inputs(model: torch.nn.Module, keys: Iterable[tuple[int, str]]) 
     return {key: found[key] for key in keys}
 
 
-@torch.no_grad()
-def projected_activations(model: torch.nn.Module, input_ids: torch.Tensor,
-                          directions: dict[tuple[int, str], torch.Tensor],
-                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``x · d`` for each row ``d`` of ``directions[(layer, module)]`` ([n, d_in]), where ``x`` is that
-    projection's input: ``[batch, seq, total n]`` (float32), columns in the dict's order. With A rows as
-    directions this is the adapter activation; with random rows, the random-direction control. An integer
-    tensor of indices reads those coordinates of ``x`` directly (MLP neurons: the down_proj input), which
-    equals one-hot rows without building them (an identity of the MLP width is 2.8 GB at 32B)."""
+@contextmanager
+def capture_projections(model: torch.nn.Module, directions: dict[tuple[int, str], torch.Tensor]
+                        ) -> Iterator[dict[tuple[int, str], torch.Tensor]]:
+    """Within the context, each forward pass fills the yielded dict with ``(layer, module) -> x · d``
+    (``[batch, seq, n]`` float32 on the CPU) for the rows ``d`` of ``directions[(layer, module)]``, where
+    ``x`` is that projection's input. An integer tensor of indices reads those coordinates of ``x``
+    directly, which equals one-hot rows without building them (an identity of the MLP width is 2.8 GB at
+    32B). The product runs in the model's dtype, like the adapters' own ``A·x`` (a float32 copy of a
+    32B MLP input is gigabytes per batch)."""
     modules = _projection_inputs(model, directions)
     store: dict[tuple[int, str], torch.Tensor] = {}
+    prepared: dict[tuple[int, str], torch.Tensor] = {}
 
     def hook(key: tuple[int, str]) -> Any:
         def read(_module: torch.nn.Module, args: tuple) -> None:
             x, d = args[0], directions[key]
             if d.dtype in (torch.int32, torch.int64):
-                store[key] = x[..., d.to(x.device)].float().cpu()
+                index = prepared.setdefault(key, d.to(x.device))
+                store[key] = x[..., index].float().cpu()
             else:
-                store[key] = (x.float() @ d.to(x.device, torch.float32).T).cpu()
+                rows = prepared.setdefault(key, d.to(x.device, x.dtype))
+                store[key] = torch.nn.functional.linear(x, rows).float().cpu()
         return read
 
     handles = [modules[key].register_forward_pre_hook(hook(key)) for key in directions]
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
+        yield store
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def projected_activations(model: torch.nn.Module, input_ids: torch.Tensor,
+                          directions: dict[tuple[int, str], torch.Tensor],
+                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``x · d`` for each row ``d`` of ``directions[(layer, module)]`` ([n, d_in], or coordinates as an
+    integer tensor; see ``capture_projections``), where ``x`` is that projection's input: ``[batch, seq,
+    total n]`` (float32), columns in the dict's order. With A rows as directions this is the adapter
+    activation; with random rows, the random-direction control."""
+    with capture_projections(model, directions) as store:
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
     return torch.cat([store[key] for key in directions], dim=-1)
 
 
@@ -501,24 +719,10 @@ def random_directions(model: torch.nn.Module, keys: Sequence[tuple[int, str]], s
     return out
 
 
-def extract_projections(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str],
-                        directions: dict[tuple[int, str], torch.Tensor], batch_size: int = 16,
-                        max_length: int = 2048, dtype: str = "float32") -> np.ndarray:
-    """``projected_activations`` for every token of ``texts``, tokenized and truncated exactly as
-    ``extract_activation_shards`` does, so rows align with an ``ActivationStore``'s tokens: ``[tokens, n]``
-    in ``dtype`` (pass the store's dtype so that every population is compared at the same precision)."""
-    device = next(model.parameters()).device
-    out = []
-    for i in tqdm(range(0, len(texts), batch_size), desc="projections", unit="batch"):
-        enc = _encode(tokenizer, texts[i : i + batch_size], max_length)
-        values = projected_activations(model, enc["input_ids"].to(device), directions, enc["attention_mask"].to(device))
-        out += [values[row, : int(n)].numpy().astype(dtype) for row, n in enumerate(enc["attention_mask"].sum(1))]
-    return np.concatenate(out)
-
-
 def main(argv: list[str] | None = None) -> None:
     """``accelerate launch -m paper_lib.activations --adapter-run RUN --traces DATASET --out DIR``: every
-    process extracts its share of the shards on its own GPU (or run it plainly for one device)."""
+    process extracts its share of the shards on its own GPU (or run it plainly for one device): the
+    adapter scalars and notebook 04's two control populations, in one forward pass."""
     from accelerate import PartialState
 
     from paper_lib.data import format_s1_text, load_traces
@@ -533,16 +737,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=20000)
     parser.add_argument("--merged", action="store_true", help="fold B·A into W (fastest; exact in float32 only)")
+    parser.add_argument("--seed", type=int, default=0, help="the control populations' sample (notebook 04's SEED)")
+    parser.add_argument("--no-controls", action="store_true", help="the adapter scalars only (no MLP neurons or "
+                        "random directions; notebook 04 then refuses the folder)")
+    parser.add_argument("--n-traces", type=int, default=0, help="the first N traces (notebook 04's N_TRACES; 0: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     state = PartialState()
     # straight to this process's device: no full host copy of the model per process
     model, tokenizer, _ = load_trained(args.adapter_run, dtype=getattr(torch, args.dtype), device=str(state.device))
     model = build_readout_model(model, merged=args.merged)
-    texts = [format_s1_text(tokenizer, row) for row in load_traces(args.traces)]
+    traces = load_traces(args.traces)
+    texts = [format_s1_text(tokenizer, row) for row in traces.select(range(min(args.n_traces or len(traces), len(traces))))]
+    controls = {} if args.no_controls else control_populations(model, adapter_keys(model), seed=args.seed)
     extract_activation_shards(model, tokenizer, texts, artifact_dir(args.out), batch_size=args.batch_size,
                               max_length=args.max_length, process_index=state.process_index,
-                              num_processes=state.num_processes, provenance=adapter_provenance(args.adapter_run))
+                              num_processes=state.num_processes, provenance=adapter_provenance(args.adapter_run),
+                              populations=controls)
 
 
 if __name__ == "__main__":

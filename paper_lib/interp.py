@@ -9,12 +9,16 @@ feature's best-matching role is the most common role among its top-k tokens; pre
 AUROC how well the feature's value separates that role from all other tokens. Classes (stated
 thresholds, parameters of ``classify_features``): monosemantic if one role holds >= ``mono`` of the top-k,
 broad if one *family* of roles (``ROLE_FAMILIES``) does, polysemantic otherwise.
+
+Everything streams: a population is a ``Features`` object (names, ``blocks()`` over all tokens in order,
+``rows(start, end)``), e.g. ``ActivationStore.features``, so that no [tokens x features] array is ever
+held; memory is one block plus per-feature state (top-k, histograms), whatever the number of tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -22,15 +26,65 @@ import pandas as pd
 CLASSES = ("monosemantic", "broad", "polysemantic")
 
 
-def signed_features(values: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray, list[str]]:
-    """Both polarities of each column: ``[tokens, F] -> [tokens, 2F]``, named ``name+`` and ``name-`` (in the
-    input's float dtype: float16 stores stay float16, halving memory at real scale)."""
-    values = np.asarray(values)
-    if not np.issubdtype(values.dtype, np.floating):
-        values = values.astype(np.float32)
-    if values.ndim != 2 or values.shape[1] != len(names):
-        raise ValueError(f"values {values.shape} do not match {len(names)} names")
-    return np.concatenate([values, -values], axis=1), [f"{n}+" for n in names] + [f"{n}-" for n in names]
+class Features(Protocol):
+    """Scalar features over a sequence of tokens, readable without holding them all."""
+
+    names: list[str]
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """Every token's values ``[rows, n_features]`` (float32), in token order, a block at a time."""
+
+    def rows(self, start: int, end: int) -> np.ndarray:
+        """The values ``[end - start, n_features]`` of tokens ``start:end``."""
+
+
+class ArrayFeatures:
+    """Features held in an in-memory ``[tokens, F]`` array (small data and tests)."""
+
+    def __init__(self, values: np.ndarray, names: Sequence[str], block: int = 32768) -> None:
+        values = np.asarray(values)
+        if values.ndim != 2 or values.shape[1] != len(names):
+            raise ValueError(f"values {values.shape} do not match {len(names)} names")
+        self.values, self.names, self.block = values, list(names), block
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        for i in range(0, len(self.values), self.block):
+            yield np.asarray(self.values[i : i + self.block], dtype=np.float32)
+
+    def rows(self, start: int, end: int) -> np.ndarray:
+        return np.asarray(self.values[start:end], dtype=np.float32)
+
+
+class SignedFeatures:
+    """Both polarities of each feature: ``F -> 2F`` features named ``name+`` and ``name-`` (``-a`` read as a
+    feature of its own, as the paper does), computed block by block."""
+
+    def __init__(self, features: Features) -> None:
+        self.base = features
+        self.names = [f"{n}+" for n in features.names] + [f"{n}-" for n in features.names]
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        for block in self.base.blocks():
+            yield np.concatenate([block, -block], axis=1)
+
+    def rows(self, start: int, end: int) -> np.ndarray:
+        values = self.base.rows(start, end)
+        return np.concatenate([values, -values], axis=1)
+
+
+class ColumnFeatures:
+    """A subset of another population's features, by column."""
+
+    def __init__(self, features: Features, columns: Sequence[int]) -> None:
+        self.base, self.columns = features, np.asarray(columns, dtype=np.int64)
+        self.names = [features.names[i] for i in self.columns]
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        for block in self.base.blocks():
+            yield block[:, self.columns]
+
+    def rows(self, start: int, end: int) -> np.ndarray:
+        return self.base.rows(start, end)[:, self.columns]
 
 
 def top_k_indices(values: np.ndarray, k: int, block: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -80,38 +134,38 @@ def top_k_streaming(chunks: Iterable[np.ndarray], k: int) -> tuple[np.ndarray, n
     return best_v, best_i
 
 
-def context_window(token_index: int, doc_ids: np.ndarray, width: int) -> tuple[int, int]:
-    """[start, end) of the tokens within ``width`` of ``token_index`` in the same document."""
-    doc = doc_ids[token_index]
-    start, end = max(0, token_index - width), min(len(doc_ids), token_index + width + 1)
-    while doc_ids[start] != doc:
-        start += 1
-    while doc_ids[end - 1] != doc:
-        end -= 1
-    return start, end
+def top_features(features: Features, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of every feature over all tokens, streamed (``top_k_streaming`` over the blocks):
+    values and global token indices, ``[F, k]``."""
+    return top_k_streaming(features.blocks(), k)
 
 
-def top_examples(values: Any, names: Sequence[str], token_ids: np.ndarray, doc_ids: np.ndarray,
-                 decode: Any, k: int = 20, width: int = 8, min_value: float = 0.0,
-                 top: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
-    """For each feature, its top-k tokens (value > ``min_value``) with ±``width`` tokens of context:
-    ``{"name", "examples": [{"tokens", "values", "center", "doc", "value"}]}``; ``decode`` maps a token
-    id to its text. ``values`` is ``[tokens, F]`` or anything indexable as ``values[start:end, f]`` when
-    ``top`` (values, indices ``[F, k]``, e.g. from ``top_k_streaming``) is given."""
-    top_v, top_i = top if top is not None else top_k_indices(values, k)
-    top_v, top_i = top_v[:, :k], top_i[:, :k]
-    features = []
-    for f, name in enumerate(names):
+def feature_examples(features: Features, tokens: Any, decode: Any, top: tuple[np.ndarray, np.ndarray], k: int = 20,
+                     width: int = 8, columns: Sequence[int] | None = None, min_value: float = 0.0) -> list[dict[str, Any]]:
+    """For each feature (``columns`` of ``features``, all by default), its top-k tokens (value >
+    ``min_value``) with ±``width`` tokens of context in the same document: ``{"name", "examples":
+    [{"tokens", "values", "center", "doc", "value"}]}``. ``top``: (values, indices) ``[F, >= k]`` from
+    ``top_features``; ``tokens``: where token ids and documents live (an ``ActivationStore``: ``context``,
+    ``token_ids``, ``document_of``); ``decode`` maps a token id to its text. Only the windows are read."""
+    top_v, top_i = top
+    out = []
+    for f in (range(len(features.names)) if columns is None else columns):
         examples = []
-        for value, index in zip(top_v[f], top_i[f]):
+        for value, index in zip(top_v[f][:k], top_i[f][:k]):
             if value <= min_value:
                 break
-            start, end = context_window(int(index), doc_ids, width)
-            examples.append({"tokens": [decode(int(t)) for t in token_ids[start:end]],
-                             "values": np.asarray(values[start:end, f], dtype=float).round(4).tolist(),
-                             "center": int(index - start), "doc": int(doc_ids[index]), "value": float(value)})
-        features.append({"name": name, "examples": examples})
-    return features
+            examples.append(context_example(features, tokens, decode, int(f), int(index), width) | {"value": float(value)})
+        out.append({"name": features.names[f], "examples": examples})
+    return out
+
+
+def context_example(features: Features, tokens: Any, decode: Any, feature: int, index: int, width: int) -> dict[str, Any]:
+    """Token ``index`` with ±``width`` tokens of context in its document and the feature's values there:
+    ``{"tokens", "values", "center", "doc"}``."""
+    start, end = tokens.context(index, width)
+    return {"tokens": [decode(int(t)) for t in tokens.token_ids(start, end)],
+            "values": features.rows(start, end)[:, feature].astype(float).round(4).tolist(),
+            "center": index - start, "doc": int(tokens.document_of(index))}
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -126,22 +180,72 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def score_against_roles(values: np.ndarray, names: Sequence[str], roles: Sequence[str], families: Mapping[str, str],
-                        k: int = 50) -> pd.DataFrame:
+def ordered_keys(values: np.ndarray) -> np.ndarray:
+    """Each value rounded to float16, as an integer key in 0..65535 that sorts like the value (-0 and +0 share
+    one key), for exact rank statistics from histograms."""
+    bits = (np.asarray(values, dtype=np.float16) + np.float16(0)).view(np.uint16).astype(np.int64)  # -0 + 0 = +0
+    return np.where(bits & 0x8000, 0xFFFF - bits, bits | 0x8000)
+
+
+def auroc_from_histograms(positive: np.ndarray, total: np.ndarray) -> float:
+    """AUROC (ties count half) from counts per ordered value (``ordered_keys``) of the positive tokens and
+    of all tokens: the Mann-Whitney statistic, without any sort of the tokens."""
+    positive, negative = positive.astype(np.float64), (total - positive).astype(np.float64)
+    n_pos, n_neg = positive.sum(), negative.sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    below = np.cumsum(negative) - negative
+    return float((positive * (below + 0.5 * negative)).sum() / (n_pos * n_neg))
+
+
+def score_against_roles(features: Features, roles: Sequence[str], families: Mapping[str, str], k: int = 50,
+                        histogram_bytes: int = 2**28, top: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
     """Per feature: the most common role among its top-k tokens (``role``, ``precision``), that role's
-    AUROC over all tokens, and the same for role families (``family``, ``family_precision``)."""
-    roles = np.asarray(roles)
-    fams = np.asarray([families[r] for r in roles])
-    _, top_i = top_k_indices(values, k)
-    rows = []
+    AUROC over all tokens, and the same for role families (``family``, ``family_precision``).
+
+    Streamed: one pass for the top-k, then the AUROCs from per-feature histograms over float16 values
+    (exact for float16 stores; float32 features are ranked at float16 resolution), as many features per
+    pass as ``histogram_bytes`` holds. ``roles``: one per token, in the features' token order (strings, or a
+    ``pd.Categorical`` at scale); ``top``: the
+    features' ``top_features`` if already computed (with at least k columns)."""
+    names = list(features.names)
+    if isinstance(roles, pd.Categorical):  # one small integer a token: what a large store should pass
+        codes, role_names = roles.codes, np.asarray(roles.categories)
+    else:
+        codes, role_names = pd.factorize(np.asarray(roles), sort=True)
+        role_names = np.asarray(role_names)
+    fams = np.asarray([families[r] for r in role_names])
+    top_v, top_i = top_features(features, k) if top is None else (top[0][:, :k], top[1][:, :k])
+    if top_i.shape[1] and top_i.max() >= len(codes):
+        raise ValueError(f"{len(codes)} roles for at least {top_i.max() + 1} tokens: roles must cover every token")
+    rows, best = [], np.empty(len(names), np.int64)
     for f, name in enumerate(names):
-        top_roles, counts = np.unique(roles[top_i[f]], return_counts=True)
+        top_roles, counts = np.unique(role_names[codes[top_i[f]]], return_counts=True)
         role = top_roles[np.argmax(counts)]
-        top_fams, fam_counts = np.unique(fams[top_i[f]], return_counts=True)
-        family = top_fams[np.argmax(fam_counts)]
+        top_fams, fam_counts = np.unique(fams[codes[top_i[f]]], return_counts=True)
+        best[f] = int(np.flatnonzero(role_names == role)[0])
         rows.append({"feature": name, "role": str(role), "precision": counts.max() / top_i.shape[1],
-                     "auroc": auroc(values[:, f], roles == role), "family": str(family),
+                     "auroc": float("nan"), "family": str(top_fams[np.argmax(fam_counts)]),
                      "family_precision": fam_counts.max() / top_i.shape[1]})
+    per_pass = max(1, histogram_bytes // (2 * 65536 * 8))
+    for first in range(0, len(names), per_pass):
+        group = np.arange(first, min(len(names), first + per_pass))
+        total = np.zeros((len(group), 65536), np.int64)
+        positive = np.zeros((len(group), 65536), np.int64)
+        offset = 0
+        for block in features.blocks():
+            keys = ordered_keys(block[:, group])
+            block_codes = codes[offset : offset + len(block)]
+            offset += len(block)
+            if len(block_codes) != len(block):
+                raise ValueError(f"{len(codes)} roles for more tokens: roles must cover every token, in order")
+            for j, f in enumerate(group):
+                total[j] += np.bincount(keys[:, j], minlength=65536)
+                positive[j] += np.bincount(keys[block_codes == best[f], j], minlength=65536)
+        if offset != len(codes):
+            raise ValueError(f"{len(codes)} roles for {offset} tokens: roles must cover every token, in order")
+        for j, f in enumerate(group):
+            rows[f]["auroc"] = auroc_from_histograms(positive[j], total[j])
     return pd.DataFrame(rows)
 
 
@@ -153,13 +257,14 @@ def classify_features(scores: pd.DataFrame, mono: float = 0.9, broad: float = 0.
                      index=scores.index, name="class")
 
 
-def score_populations(populations: Mapping[str, tuple[np.ndarray, Sequence[str]]], roles: Sequence[str],
-                      families: Mapping[str, str], k: int = 50, mono: float = 0.9, broad: float = 0.9) -> pd.DataFrame:
-    """``score_against_roles`` and ``classify_features`` for each population (name -> (values [tokens, F],
-    feature names)), stacked with a ``population`` column."""
+def score_populations(populations: Mapping[str, Features], roles: Sequence[str], families: Mapping[str, str],
+                      k: int = 50, mono: float = 0.9, broad: float = 0.9,
+                      tops: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> pd.DataFrame:
+    """``score_against_roles`` and ``classify_features`` for each population (name -> features), stacked
+    with a ``population`` column; ``tops``: their ``top_features`` where already computed."""
     tables = []
-    for population, (values, names) in populations.items():
-        table = score_against_roles(values, names, roles, families, k=k)
+    for population, features in populations.items():
+        table = score_against_roles(features, roles, families, k=k, top=(tops or {}).get(population))
         table["class"] = classify_features(table, mono=mono, broad=broad)
         tables.append(table.assign(population=population))
     return pd.concat(tables, ignore_index=True)

@@ -25,7 +25,8 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -121,6 +122,50 @@ class Judge:
         return answer
 
 
+@contextmanager
+def local_judge_server(model: str, served_name: str = "judge", dtype: str = "auto", max_model_len: int = 4096,
+                       log_path: str | Path | None = None, startup_s: float = 600.0,
+                       extra_args: Sequence[str] = ()) -> Iterator[str]:
+    """vLLM's OpenAI-compatible server for ``model`` on a free loopback port, for as long as the context
+    lasts; yields its ``/v1`` URL once it answers. The same server a researcher starts with ``vllm serve``
+    (``extra_args``: e.g. ``--tensor-parallel-size 4``); its output goes to ``log_path``."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    log_file = Path(log_path) if log_path else Path(os.devnull)
+    with log_file.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
+             served_name, "--dtype", dtype, "--max-model-len", str(max_model_len), "--host", "127.0.0.1", "--port",
+             str(port), *extra_args], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + startup_s
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/models", timeout=5):
+                        break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        raise JudgeError(f"the local judge server for {model} did not start (exit code {server.poll()}); "
+                                         f"see {log_file}") from None
+                    time.sleep(2)
+            log.info("judge server for %s at %s", model, url)
+            yield url
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
 def format_example(tokens: list[str], values: list[float], center: int, scale: float | None = None) -> str:
     """One context as text with the centre token marked ``<<...>>``; with ``scale``, prefixed by the
     centre's activation on a 0-10 scale."""
@@ -157,19 +202,26 @@ def parse_yes_no(answer: str) -> bool | None:
     return None if match is None else match.group(1).lower() == "yes"
 
 
-def non_activating_examples(values: np.ndarray, token_ids: np.ndarray, doc_ids: np.ndarray, decode: Any, n: int,
-                            width: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``n`` contexts centred on random tokens where the feature (``values`` [tokens]) is <= 0."""
-    from paper_lib.interp import context_window
+def non_activating_examples(features: Any, feature: int, tokens: Any, decode: Any, n: int, width: int, seed: int = 0,
+                            max_draws: int = 10_000) -> list[dict[str, Any]]:
+    """``n`` contexts centred on distinct random tokens where feature ``feature`` of ``features`` is <= 0
+    (``interp.Features``; ``tokens``: an ``ActivationStore``). Drawn token by token (at most
+    ``max_draws``), so nothing of size [tokens] is built; fewer than ``n`` if the feature rarely rests."""
+    from paper_lib.interp import context_example
 
-    candidates = np.flatnonzero(values <= 0)
     rng = np.random.default_rng(seed)
-    chosen = rng.choice(candidates, size=min(n, len(candidates)), replace=False) if len(candidates) else []
+    total = tokens.n_tokens
+    seen: set[int] = set()
     examples = []
-    for index in chosen:
-        start, end = context_window(int(index), doc_ids, width)
-        examples.append({"tokens": [decode(int(t)) for t in token_ids[start:end]],
-                         "values": values[start:end].astype(float).tolist(), "center": int(index - start)})
+    for index in rng.integers(0, total, size=min(max_draws, 4 * total)) if total else []:
+        if len(examples) == n or len(seen) == total:
+            break
+        index = int(index)
+        if index in seen:
+            continue
+        seen.add(index)
+        if features.rows(index, index + 1)[0, feature] <= 0:
+            examples.append(context_example(features, tokens, decode, feature, index, width))
     return examples
 
 
@@ -210,22 +262,20 @@ def score_feature(judge: Judge, name: str, explain_with: list[dict[str, Any]], a
     return {**record, "rating": rating} if rate else record
 
 
-def score_features(judge: Judge, features: list[dict[str, Any]], out_path: str | Path, rate: bool = False) -> list[dict[str, Any]]:
-    """``score_feature`` for each of ``features`` (dicts with ``name``, ``explain_with``, ``activating``,
-    ``non_activating``), ``judge.cfg.concurrency`` features at a time, with progress; one JSONL line per
-    finished feature, written as it finishes. Features already in ``out_path`` are not asked again, and a
-    judge failure leaves every finished line in place (the first error is raised once the running
-    features are done)."""
+def judge_each(judge: Judge, items: list[dict[str, Any]], out_path: str | Path, work: Any) -> list[dict[str, Any]]:
+    """``work(item)`` (a record with the item's ``feature`` name) for each item (a dict with ``name``),
+    ``judge.cfg.concurrency`` at a time, with progress; one JSONL line per finished item, written as it
+    finishes. Items already in ``out_path`` are not asked again, and a judge failure leaves every finished
+    line in place (the first error is raised once the running items are done)."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = {r["feature"]: r for r in read_jsonl(out_path)}
-    todo = [f for f in features if f["name"] not in done]
+    todo = [f for f in items if f["name"] not in done]
     lock, errors = threading.Lock(), []
     with ThreadPoolExecutor(max_workers=judge.cfg.concurrency) as pool, \
-            tqdm(total=len(features), initial=len(features) - len(todo), desc=out_path.stem, unit="feature",
+            tqdm(total=len(items), initial=len(items) - len(todo), desc=out_path.stem, unit="feature",
                  disable=not todo) as bar:
-        futures = [pool.submit(score_feature, judge, f["name"], f["explain_with"], f["activating"],
-                               f["non_activating"], rate) for f in todo]
+        futures = [pool.submit(work, f) for f in todo]
         for future in as_completed(futures):
             try:
                 record = future.result()
@@ -241,7 +291,28 @@ def score_features(judge: Judge, features: list[dict[str, Any]], out_path: str |
             bar.update(1)
     if errors:
         raise errors[0]
-    return [done[f["name"]] for f in features]
+    return [done[f["name"]] for f in items]
+
+
+def score_features(judge: Judge, features: list[dict[str, Any]], out_path: str | Path, rate: bool = False) -> list[dict[str, Any]]:
+    """``score_feature`` for each of ``features`` (dicts with ``name``, ``explain_with``, ``activating``,
+    ``non_activating``; see ``judge_requests``), concurrently and resumably (``judge_each``)."""
+    return judge_each(judge, features, out_path, lambda f: score_feature(
+        judge, f["name"], f["explain_with"], f["activating"], f["non_activating"], rate))
+
+
+def judge_requests(features: Any, tokens: Any, decode: Any, top: tuple[np.ndarray, np.ndarray], columns: Sequence[int],
+                   seed: int = 0, width: int = 8) -> list[dict[str, Any]]:
+    """The paper's judge inputs for ``columns`` of ``features`` (``interp.Features``; ``top`` their
+    ``top_features`` with >= 15 columns; ``tokens`` an ``ActivationStore``): the top 10 examples to
+    explain from, the next 5 and 5 random non-activating contexts to detect, ±``width`` tokens each.
+    Features with fewer than 15 activating tokens are left out."""
+    from paper_lib.interp import feature_examples
+
+    tops = feature_examples(features, tokens, decode, top, k=15, width=width, columns=columns)
+    return [{"name": t["name"], "explain_with": t["examples"][:10], "activating": t["examples"][10:15],
+             "non_activating": non_activating_examples(features, int(i), tokens, decode, 5, width, seed)}
+            for t, i in zip(tops, columns) if len(t["examples"]) >= 15]
 
 
 # The paper's seven categories of SAE features (its LLM categoriser's label set).
@@ -268,3 +339,39 @@ def parse_category(answer: str, categories: Sequence[str] = PAPER_CATEGORIES) ->
 
 def categorise(judge: Judge, explanation: str, categories: Sequence[str] = PAPER_CATEGORIES) -> tuple[str | None, str]:
     return parse_category(judge.ask(category_prompt(explanation, categories)), categories)
+
+
+def categorise_features(judge: Judge, explained: list[dict[str, Any]], out_path: str | Path,
+                        categories: Sequence[str] = PAPER_CATEGORIES) -> list[dict[str, Any]]:
+    """The paper's category and a subcategory for each explained feature (dicts with ``name`` and
+    ``explanation``), concurrently and resumably (``judge_each``)."""
+    def work(item: dict[str, Any]) -> dict[str, Any]:
+        try:
+            category, sub = categorise(judge, item["explanation"], categories)
+        except JudgeError as err:
+            raise JudgeError(f"feature {item['name']}: {err}") from err
+        return {"feature": item["name"], "explanation": item["explanation"], "category": category or "uncategorised",
+                "subcategory": sub or "-"}
+
+    return judge_each(judge, explained, out_path, work)
+
+
+RATINGS = {0: "monosemantic", 1: "broad", 2: "polysemantic"}  # the paper's 0/1/2 rating
+
+
+def rating_shares(judged: Any) -> Any:
+    """Per population, the share of judged features the judge rated monosemantic / broad / polysemantic,
+    with Wilson 95% intervals; unparsed ratings count in ``n`` (and as ``unrated``), so shares are honest.
+    ``judged``: ``score_features`` records (with ``rating``) and a ``population`` column."""
+    import pandas as pd
+
+    from paper_lib.statistics import wilson_interval
+
+    rows = []
+    for population, group in judged.groupby("population", sort=False):
+        rated = group["rating"].map(RATINGS).fillna("unrated")
+        for label in (*RATINGS.values(), "unrated"):
+            k, n = int((rated == label).sum()), len(group)
+            rows.append({"population": population, "class": label, "share": k / n, "n": n,
+                         **dict(zip(("lo", "hi"), wilson_interval(k, n)))})
+    return pd.DataFrame(rows)

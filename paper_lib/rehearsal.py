@@ -11,7 +11,10 @@ download, run through the notebooks with the README's real-scale parameters, onl
   (gpqa_diamond); a random model writes until its budget, the stress case for budget forcing;
 - runs: notebook 01 (rank-1 only, bf16, gradient checkpointing, per-device batch 1, two processes
   through ``accelerate launch``), 02 (s1 prompts, budget forcing with ``MAX_MODEL_LEN`` =
-  ``MAX_TOKENS``, both protocols) and 03 (ablations and the behavioural part).
+  ``MAX_TOKENS``, both protocols), 03 (ablations and the behavioural part), 04 (the three populations
+  of 448 features in one pass, streamed, the judge), 05 (the SAE of 3,584 latents, its sae-lens
+  checkpoints, the splice) and 06 (the streamed dashboard, the judge's categories);
+- judge: vLLM's OpenAI-compatible server serving the stand-in on a loopback port.
 
 Its artifacts and figures go under ``--out`` (never the committed ``figures/``).
 """
@@ -24,6 +27,7 @@ import json
 import logging
 import random
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -173,9 +177,13 @@ def build_standin(out_dir: str | Path, num_layers: int = 64, seed: int = 0) -> P
     return out_dir
 
 
+JUDGE_NAME = "standin-judge"
+
+
 def rehearsal_parameters(standin: Path, accelerate_config: str = "paper_lib/accelerate_configs/multi_cpu.yaml",
-                         num_processes: int = 2) -> dict[str, dict[str, Any]]:
-    """The README's real-scale parameters per notebook, with the stand-in's paths and sizes shrunk."""
+                         num_processes: int = 2, judge_url: str = "http://127.0.0.1:8000/v1") -> dict[str, dict[str, Any]]:
+    """The README's real-scale parameters per notebook, with the stand-in's paths and sizes shrunk; the LLM
+    judge of notebooks 04 and 06 at ``judge_url``."""
     model, data = str(standin / "model"), str(standin)
     context = 192  # real scale 32768: MAX_MODEL_LEN = MAX_TOKENS, as in the README
     return {
@@ -190,19 +198,41 @@ def rehearsal_parameters(standin: Path, accelerate_config: str = "paper_lib/acce
                    BATCH_TOKENS=4096, DTYPE="bfloat16", DEVICE="auto", BENCHMARK_DIR=data, BACKEND="vllm",
                    TENSOR_PARALLEL=1, MAX_MODEL_LEN=context, MAX_TOKENS=context, ANSWER_TOKENS=32, CHECK_CLAIMS=False,
                    N_BENCHMARK_QUESTIONS=4, OUTPUT_DIR="runs/03_ablate"),
+        "04": dict(ADAPTER_RUN="runs/01_train/rank1", TRACES=f"{data}/s1K-1.1", N_TRACES=0, MAX_LENGTH=512, BATCH_SIZE=1,
+                   DTYPE="bfloat16", DEVICE="auto", ROLE_SCORER=False, JUDGE_URL=judge_url, JUDGE_MODEL=JUDGE_NAME,
+                   JUDGE_MAX_TOKENS=8, N_JUDGE_FEATURES=2, OUTPUT_DIR="runs/04_interpret"),
+        "05": dict(INTERPRET_DIR="runs/04_interpret", ADAPTER_RUN="runs/01_train/rank1", K=16, EPOCHS=1, DEAD_TOKENS=1024,
+                   DEVICE="cpu", TRACES=f"{data}/s1K-1.1", N_SPLICE_TRACES=2, MAX_LENGTH=128, DTYPE="bfloat16",
+                   BENCHMARK_DIR=data, N_MATH=2, MAX_TOKENS=48, CHECK_CLAIMS=False, OUTPUT_DIR="runs/05_sae"),
+        "06": dict(INTERPRET_DIR="runs/04_interpret", SAE_DIR="runs/05_sae", ADAPTER_RUN="runs/01_train/rank1",
+                   DTYPE="bfloat16", ROLE_SCORER=False, JUDGE_URL=judge_url, JUDGE_MODEL=JUDGE_NAME, JUDGE_MAX_TOKENS=8,
+                   N_JUDGE_FEATURES=3, BENCHMARK_DIR=data, MAX_TOKENS=48, OUTPUT_DIR="runs/06_sae_features"),
     }
 
 
-def run_rehearsal(out_dir: str | Path = "build/rehearsal", only: Sequence[str] = ("01", "02", "03"),
+NOTEBOOKS = ("01", "02", "03", "04", "05", "06")
+
+
+def run_rehearsal(out_dir: str | Path = "build/rehearsal", only: Sequence[str] = NOTEBOOKS,
                   num_layers: int = 64) -> dict[str, float]:
-    """Build the stand-in and run the notebooks on it; returns minutes per notebook."""
+    """Build the stand-in and run the notebooks on it; returns minutes per notebook. Notebooks 04 and 06
+    ask their LLM judge questions of vLLM's OpenAI-compatible server serving the stand-in (a random model
+    answers nonsense: what is rehearsed is the path, concurrency, parsing and caching)."""
+    from paper_lib.judge import local_judge_server
     from paper_lib.run_notebooks import list_notebooks, run_notebook
 
     out_dir = resolve(out_dir)
     standin = build_standin(out_dir / "standin", num_layers=num_layers)
-    parameters = rehearsal_parameters(standin)
     minutes = {}
-    with environment(PAPER_DATA_DIR=str(out_dir / "data"), PAPER_FIGURES_DIR=str(out_dir / "figures")):
+    with ExitStack() as stack:
+        stack.enter_context(environment(PAPER_DATA_DIR=str(out_dir / "data"), PAPER_FIGURES_DIR=str(out_dir / "figures")))
+        judge_url = "http://127.0.0.1:9/v1"  # unused unless a judged notebook runs
+        if {"04", "06"} & set(only):
+            judge_url = stack.enter_context(local_judge_server(
+                str(standin / "model"), JUDGE_NAME, dtype="bfloat16", max_model_len=4096,
+                log_path=out_dir / "judge_server.log",
+                extra_args=("--enforce-eager", "--kv-cache-memory-bytes", str(2**28))))
+        parameters = rehearsal_parameters(standin, judge_url=judge_url)
         for source in list_notebooks():
             prefix = source.stem[:2]
             if prefix not in parameters or prefix not in only:
@@ -216,7 +246,7 @@ def run_rehearsal(out_dir: str | Path = "build/rehearsal", only: Sequence[str] =
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="build/rehearsal", help="folder for the stand-in, artifacts and figures")
-    parser.add_argument("--only", nargs="*", default=["01", "02", "03"], help="notebook prefixes")
+    parser.add_argument("--only", nargs="*", default=list(NOTEBOOKS), help="notebook prefixes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     minutes = run_rehearsal(args.out, args.only)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -75,55 +75,75 @@ def _scales_from_moments(sum_squares: np.ndarray, n: int, normalize: str) -> np.
 
 def store_matrix(store: ActivationStore, docs: Sequence[int] | None = None) -> np.ndarray:
     """The store's activations as ``[tokens, n_layers * n_modules]`` float32 (layer-major), for the given
-    documents (all by default). Loads them into memory: at real scale use ``store_chunks``."""
+    documents (all by default). Loads them into memory (small stores, tests): passes over a real-scale
+    store go through ``store.blocks``."""
     return np.concatenate(list(store_chunks(store, docs)))
 
 
-def _shard_rows(store: ActivationStore, shard: int, docs: set[int] | None) -> np.ndarray:
-    """Row indices of ``shard`` that belong to ``docs`` (all rows if None)."""
-    doc_of_row = store.shard_document_ids(shard)
-    rows = np.arange(len(doc_of_row))
-    return rows if docs is None else rows[np.isin(doc_of_row, list(docs))]
-
-
 def store_chunks(store: ActivationStore, docs: Sequence[int] | None = None) -> Iterator[np.ndarray]:
-    """The store's activations shard by shard, in order, as ``[rows, d_in]`` float32 (one shard in memory)."""
-    keep = None if docs is None else set(int(d) for d in docs)
-    for shard, paths in enumerate(store.shards):
-        rows = _shard_rows(store, shard, keep)
-        if len(rows):
-            acts = np.load(paths["acts"], mmap_mode="r")
-            yield np.asarray(acts[rows], dtype=np.float32).reshape(len(rows), -1)
+    """The store's activations in order, as ``[rows, d_in]`` float32 blocks (memory: one block)."""
+    return store.blocks(docs=docs)
 
 
 def shard_batches(store: ActivationStore, batch_size: int, scales: np.ndarray, seed: int = 0,
-                  docs: Sequence[int] | None = None) -> Iterator[torch.Tensor]:
+                  docs: Sequence[int] | None = None, shuffle_tokens: int = 262144) -> Iterator[torch.Tensor]:
     """An endless stream of shuffled ``[batch, d_in]`` training batches: shards in a new random order each
-    pass, tokens shuffled within a shard (memory: one shard), restricted to ``docs`` if given."""
+    pass, tokens shuffled within windows of ``shuffle_tokens`` of a shard (memory: one window, ~0.5 GB at
+    448 inputs, however large the shard), restricted to ``docs`` if given."""
     rng = np.random.default_rng(seed)
-    keep = None if docs is None else set(int(d) for d in docs)
     carry = np.empty((0, len(scales)), dtype=np.float32)
     while True:
         for shard in rng.permutation(len(store.shards)):
-            rows = _shard_rows(store, int(shard), keep)
-            if not len(rows):
-                continue
-            acts = np.load(store.shards[shard]["acts"], mmap_mode="r")
-            x = np.asarray(acts[rng.permutation(rows)], dtype=np.float32).reshape(len(rows), -1) / scales
-            x = np.concatenate([carry, x])
-            n = len(x) // batch_size * batch_size
-            for i in range(0, n, batch_size):
-                yield torch.from_numpy(x[i : i + batch_size].copy())
-            carry = x[n:]
+            for x in store.blocks(docs=docs, block_tokens=shuffle_tokens, shards=[int(shard)]):
+                x = np.concatenate([carry, x[rng.permutation(len(x))] / scales])
+                n = len(x) // batch_size * batch_size
+                for i in range(0, n, batch_size):
+                    yield torch.from_numpy(x[i : i + batch_size].copy())
+                carry = x[n:]
+
+
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def _history_row(trainer: Any, out: Any) -> dict[str, float]:
+    with torch.no_grad():
+        resid = (out.sae_out - out.sae_in).pow(2).sum()
+        total = (out.sae_in - out.sae_in.mean(0)).pow(2).sum()
+        return {"step": trainer.n_training_steps, "loss": float(out.loss), "mse": float(out.losses["mse_loss"]),
+                "aux": float(out.losses.get("auxiliary_reconstruction_loss", 0.0)), "fvu": float(resid / total),
+                "l0": float((out.feature_acts > 0).float().sum(-1).mean()), "dead": int(trainer.dead_neurons.sum())}
+
+
+def _latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The checkpoint with the most training samples whose trainer state and curves were written in full."""
+    done = [p for p in checkpoints.iterdir() if p.is_dir() and p.name.isdigit() and (p / HISTORY_FILE).is_file()] \
+        if checkpoints.is_dir() else []
+    return max(done, key=lambda p: int(p.name)) if done else None
 
 
 def train_sae(store: ActivationStore, spec: SAESpec, out_dir: str | Path, train_docs: Sequence[int] | None = None,
-              d_in_check: int | None = None) -> pd.DataFrame:
+              d_in_check: int | None = None, checkpoints: int = 4) -> pd.DataFrame:
     """Train with sae-lens and save the inference SAE (``out_dir/sae``), the input scales, the per-step
-    history (loss, MSE, AuxK, FVU, L0 of each batch) and ``config.json``. Returns the history."""
+    history (loss, MSE, AuxK, FVU, L0 of each batch) and ``config.json``. Returns the history.
+
+    sae-lens saves ``checkpoints`` checkpoints on the way (weights, optimizer, schedules and dead-latent
+    counters, under ``out_dir/checkpoints``), each with the curves so far; an interrupted run resumes from
+    the latest one with the same settings and inputs, skipping the batches it had seen (the batch order is
+    fixed by the seed), so a resumed run trains like an uninterrupted one."""
     from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
+
+    class RecordingTrainer(SAETrainer):
+        """sae-lens's trainer, keeping its curves: sae-lens logs only to wandb, and ``step`` is its documented
+        public seam ("used by fit() and external coordinators"), so the curves are read there."""
+
+        history: list[dict[str, float]]
+
+        def step(self, batch: torch.Tensor) -> Any:
+            out = super().step(batch)
+            self.history.append(_history_row(self, out))
+            return out
 
     out_dir = Path(out_dir)
     torch.manual_seed(spec.seed)
@@ -138,32 +158,43 @@ def train_sae(store: ActivationStore, spec: SAESpec, out_dir: str | Path, train_
     sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
         d_in=d_in, d_sae=spec.expansion * d_in, k=spec.k, aux_loss_coefficient=spec.aux_coefficient, device=spec.device))
     window = max(1, spec.dead_tokens // spec.batch_size)
-    trainer = SAETrainer(
+    checkpoint_dir = out_dir / CHECKPOINTS_DIR
+    run = {"spec": spec.to_dict(), "inputs": sae_inputs(store, train_docs)}
+    if checkpoint_dir.is_dir() and (checkpoint_dir / "run.json").is_file() \
+            and json.loads((checkpoint_dir / "run.json").read_text()) != run:
+        log.info("checkpoints in %s come from other settings or inputs: not resumed, replaced", checkpoint_dir)
+        import shutil
+
+        shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    (checkpoint_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    batches = (b.to(spec.device) for b in shard_batches(store, spec.batch_size, scales, spec.seed, train_docs))
+    trainer = RecordingTrainer(
         cfg=SAETrainerConfig(total_training_samples=int(spec.epochs * n_train), train_batch_size_samples=spec.batch_size,
                              lr=spec.lr, lr_end=spec.lr / 10, device=spec.device, dead_feature_window=window,
-                             feature_sampling_window=window,
-                             logger=LoggingConfig(log_to_wandb=False)),
-        sae=sae, data_provider=(b.to(spec.device) for b in shard_batches(store, spec.batch_size, scales, spec.seed, train_docs)))
-    history: list[dict[str, float]] = []
-    step = trainer.step
-
-    def logged_step(batch: torch.Tensor):  # sae-lens logs only to wandb: keep the curves ourselves
-        out = step(batch)
-        with torch.no_grad():
-            resid = (out.sae_out - out.sae_in).pow(2).sum()
-            total = (out.sae_in - out.sae_in.mean(0)).pow(2).sum()
-            history.append({"step": len(history), "loss": float(out.loss), "mse": float(out.losses["mse_loss"]),
-                            "aux": float(out.losses.get("auxiliary_reconstruction_loss", 0.0)),
-                            "fvu": float(resid / total), "l0": float((out.feature_acts > 0).float().sum(-1).mean()),
-                            "dead": int(trainer.dead_neurons.sum())})
-        return out
-
-    trainer.step = logged_step
+                             feature_sampling_window=window, n_checkpoints=checkpoints,
+                             checkpoint_path=str(checkpoint_dir), logger=LoggingConfig(log_to_wandb=False)),
+        sae=sae, data_provider=batches,
+        # sae-lens's checkpoint hook: the curves so far go beside each checkpoint, written last (marks it whole)
+        save_checkpoint_fn=lambda checkpoint_path: checkpoint_path is not None and pd.DataFrame(trainer.history).to_csv(
+            checkpoint_path / HISTORY_FILE, index=False))
+    trainer.history = []
+    latest = _latest_checkpoint(checkpoint_dir)
+    if latest is not None:  # resume, as sae-lens's own training runner does
+        trainer.load_trainer_state(latest)
+        sae.load_weights_from_checkpoint(latest)
+        trainer.history = pd.read_csv(latest / HISTORY_FILE).to_dict("records")
+        # sae-lens checkpoints inside a step, before it counts the step: the batches trained on are the rows
+        trainer.n_training_steps = len(trainer.history)
+        trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
+        for _ in range(len(trainer.history)):  # skip the batches already trained on
+            next(batches)
+        log.info("resuming SAE training from %s (%d samples)", latest, trainer.n_training_samples)
     trainer.fit()
     sae.save_inference_model(out_dir / SAE_SUBDIR)
     make_self_contained(out_dir / SAE_SUBDIR, scales, store)
     np.save(out_dir / SCALES_FILE, scales)  # kept for the metrics in normalised units; the SAE no longer needs it
-    frame = pd.DataFrame(history)
+    frame = pd.DataFrame(trainer.history)
     frame.to_csv(out_dir / HISTORY_FILE, index=False)
     spec.save(out_dir)
     return frame
@@ -267,26 +298,38 @@ def reconstruct(sae: Any, scales: torch.Tensor, acts: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def sae_metrics(sae: Any, scales: torch.Tensor, acts: np.ndarray, batch_size: int = 8192) -> dict[str, float]:
-    """On held-out tokens ``[tokens, d_in]``: FVU in the SAE's input space (each adapter normalised) and in
-    raw units, mean L0, the fraction of latents that never fire, and the firing count of every latent."""
-    x = torch.from_numpy(np.asarray(acts, dtype=np.float32))
+def sae_metrics(sae: Any, scales: torch.Tensor, acts: np.ndarray | Callable[[], Iterable[np.ndarray]],
+                batch_size: int = 8192) -> dict[str, float]:
+    """On held-out tokens: FVU in the SAE's input space (each adapter normalised) and in raw units, mean L0,
+    the fraction of latents that never fire, and the firing count of every latent. ``acts``: ``[tokens,
+    d_in]``, or a function returning the tokens' blocks afresh (two streamed passes: the means, then the
+    residuals), e.g. ``lambda: store.blocks(docs=heldout)``."""
+    chunks = acts if callable(acts) else (lambda: [np.asarray(acts)])
+    n, sum_n, sum_raw = 0, 0.0, 0.0
+    for block in chunks():
+        x = torch.from_numpy(np.asarray(block, dtype=np.float32)).to(scales.device)
+        n += len(x)
+        sum_n, sum_raw = sum_n + (x / scales).sum(0, dtype=torch.float64), sum_raw + x.sum(0, dtype=torch.float64)
+    if n == 0:
+        raise ValueError("no held-out tokens to measure the SAE on")
+    mean_n, mean_raw = (sum_n / n).float(), (sum_raw / n).float()
     resid_n = total_n = resid_raw = total_raw = l0 = 0.0
     fired = torch.zeros(sae.cfg.d_sae)
-    mean_n, mean_raw = (x / scales.cpu()).mean(0), x.mean(0)
-    for i in range(0, len(x), batch_size):
-        chunk = x[i : i + batch_size].to(scales.device)
-        latents = encode(sae, scales, chunk)
-        recon_n = sae.decode(latents)
-        resid_n += float((recon_n - chunk / scales).pow(2).sum())
-        total_n += float((chunk / scales - mean_n.to(scales.device)).pow(2).sum())
-        resid_raw += float((recon_n * scales - chunk).pow(2).sum())
-        total_raw += float((chunk - mean_raw.to(scales.device)).pow(2).sum())
-        active = latents > 0
-        l0 += float(active.sum())
-        fired += active.sum(0).float().cpu()
-    return {"fvu": resid_n / total_n, "fvu_raw": resid_raw / total_raw, "l0": l0 / len(x),
-            "dead_fraction": float((fired == 0).float().mean()), "tokens": len(x), "fired": fired.numpy()}
+    for block in chunks():
+        x = torch.from_numpy(np.asarray(block, dtype=np.float32))
+        for i in range(0, len(x), batch_size):
+            chunk = x[i : i + batch_size].to(scales.device)
+            latents = encode(sae, scales, chunk)
+            recon_n = sae.decode(latents)
+            resid_n += float((recon_n - chunk / scales).pow(2).sum())
+            total_n += float((chunk / scales - mean_n).pow(2).sum())
+            resid_raw += float((recon_n * scales - chunk).pow(2).sum())
+            total_raw += float((chunk - mean_raw).pow(2).sum())
+            active = latents > 0
+            l0 += float(active.sum())
+            fired += active.sum(0).float().cpu()
+    return {"fvu": resid_n / total_n, "fvu_raw": resid_raw / total_raw, "l0": l0 / n,
+            "dead_fraction": float((fired == 0).float().mean()), "tokens": n, "fired": fired.numpy()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -379,9 +422,27 @@ class ScalarEngine:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]],
-                 batch_size: int = 64, adapter: str = "default") -> None:
+                 batch_size: int = 64, adapter: str = "default", cache_tokens: int = 1 << 20) -> None:
+        """``cache_tokens``: the most (padded prompt + generated) tokens a batch may hold in each of the two KV
+        caches; batches shrink to fit, so memory is bounded whatever the budget (at 32B a cached token is
+        256 KiB per cache: 131,072 tokens are 2 x 32 GiB)."""
         self.model, self.tokenizer, self.transforms = model, tokenizer, transforms
-        self.batch_size, self.adapter = batch_size, adapter
+        self.batch_size, self.adapter, self.cache_tokens = batch_size, adapter, cache_tokens
+
+    def batches(self, prompts: Sequence[str], max_tokens: Sequence[int]) -> list[range]:
+        """Consecutive prompt ranges of at most ``batch_size`` prompts whose padded length plus the largest
+        budget, times the batch size, fits ``cache_tokens`` (a single prompt always forms a batch)."""
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+        out, start, longest, most = [], 0, 0, 0
+        for i, (length, budget) in enumerate(zip(lengths, max_tokens)):
+            width = max(longest, length) + max(most, budget)  # left-padded prompts, then the largest budget
+            if i > start and ((i - start + 1) * width > self.cache_tokens or i - start == self.batch_size):
+                out.append(range(start, i))
+                start, longest, most = i, 0, 0
+            longest, most = max(longest, length), max(most, budget)
+        if start < len(lengths):
+            out.append(range(start, len(lengths)))
+        return out
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int, transform: Callable[[torch.Tensor], torch.Tensor],
@@ -421,8 +482,8 @@ class ScalarEngine:
         if stop_at_im_start:
             stop.append(tok.convert_tokens_to_ids("<|im_start|>"))
         results = []
-        for i in range(0, len(prompts), self.batch_size):
-            chunk, budgets = prompts[i : i + self.batch_size], max_tokens[i : i + self.batch_size]
+        for batch in self.batches(prompts, max_tokens):
+            chunk, budgets = [prompts[i] for i in batch], [max_tokens[i] for i in batch]
             for ids, budget in zip(self.generate(chunk, max(budgets), self.transforms[adapter], stop), budgets):
                 ids = ids[:budget]
                 text_ids = ids[:-1] if ids and ids[-1] in stop else ids
@@ -436,27 +497,45 @@ def decoder_scalars(sae: Any, scales: torch.Tensor, latent: int) -> torch.Tensor
     return (sae.W_dec[latent].detach() * scales).cpu()
 
 
-@torch.no_grad()
-def latents(sae: Any, scales: torch.Tensor, acts: np.ndarray, chunk: int = 65536) -> Iterator[np.ndarray]:
-    """SAE latents of adapter states ``[tokens, d_in]`` in chunks of ``[chunk, d_sae]`` (float32), so that a
-    10M-token store never becomes a dense [tokens, d_sae] array."""
-    for i in range(0, len(acts), chunk):
-        yield encode(sae, scales, torch.from_numpy(np.asarray(acts[i : i + chunk], dtype=np.float32))).cpu().numpy()
+class LatentFeatures:
+    """The SAE's latents on the adapter state as ``interp`` features, encoded block by block from the
+    input features (``store.features()``), so that a 10M-token store never becomes a dense [tokens, d_sae]
+    array; ``columns`` picks latents (all by default); ``chunk`` tokens are encoded at a time."""
+
+    def __init__(self, sae: Any, scales: torch.Tensor, inputs: Any, columns: Sequence[int] | None = None,
+                 chunk: int = 8192) -> None:
+        self.sae, self.scales, self.inputs, self.chunk = sae, scales, inputs, chunk
+        self.columns = None if columns is None else np.asarray(columns, dtype=np.int64)
+        self.names = [f"latent {i}" for i in (range(sae.cfg.d_sae) if columns is None else self.columns)]
+
+    @torch.no_grad()
+    def _encode(self, x: np.ndarray) -> np.ndarray:
+        z = encode(self.sae, self.scales, torch.from_numpy(np.asarray(x, dtype=np.float32))).cpu().numpy()
+        return z if self.columns is None else z[:, self.columns]
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        for block in self.inputs.blocks():
+            for i in range(0, len(block), self.chunk):  # [chunk, d_sae] at a time: 117 MB at 3,584 latents
+                yield self._encode(block[i : i + self.chunk])
+
+    def rows(self, start: int, end: int) -> np.ndarray:
+        return self._encode(self.inputs.rows(start, end))
 
 
-def latent_summary(sae: Any, scales: torch.Tensor, acts: np.ndarray, k: int = 32, bins: int = 30,
-                   chunk: int = 65536) -> dict[str, np.ndarray]:
-    """Per latent, in two streamed passes over ``acts`` ``[tokens, d_in]``: how many tokens it fires on
-    (``fired``), its summed activation (``mass``), its exact top-k (``top_values``, ``top_indices``,
-    ``[d_sae, k]``) and a histogram of its non-zero activations (``hist_counts`` ``[d_sae, bins]`` over
-    ``hist_edges`` ``[d_sae, bins + 1]``, from 0 to its maximum)."""
+def latent_summary(sae: Any, scales: torch.Tensor, inputs: Any, k: int = 32, bins: int = 30) -> dict[str, np.ndarray]:
+    """Per latent, in two streamed passes over the adapter state (``inputs``: features, e.g.
+    ``store.features()``): how many tokens it fires on (``fired``), its summed activation (``mass``), its
+    exact top-k (``top_values``, ``top_indices``, ``[d_sae, k]``) and a histogram of its non-zero
+    activations (``hist_counts`` ``[d_sae, bins]`` over ``hist_edges`` ``[d_sae, bins + 1]``, from 0 to its
+    maximum)."""
     from paper_lib.interp import top_k_streaming
 
     d_sae = sae.cfg.d_sae
     fired, mass = np.zeros(d_sae, np.int64), np.zeros(d_sae)
+    latent_features = LatentFeatures(sae, scales, inputs)
 
     def first_pass() -> Iterator[np.ndarray]:
-        for z in latents(sae, scales, acts, chunk):
+        for z in latent_features.blocks():
             fired[:] += (z > 0).sum(0)
             mass[:] += z.sum(0, dtype=np.float64)
             yield z
@@ -465,26 +544,13 @@ def latent_summary(sae: Any, scales: torch.Tensor, acts: np.ndarray, k: int = 32
     top = np.where(top_values[:, 0] > 0, top_values[:, 0], 1.0)
     edges = np.linspace(0, 1, bins + 1)[None, :] * top[:, None]
     counts = np.zeros(d_sae * bins, np.int64)
-    for z in latents(sae, scales, acts, chunk):
+    for z in latent_features.blocks():
         active = z > 0
         slots = np.clip((z[active] / top[np.nonzero(active)[1]] * bins).astype(np.int64), 0, bins - 1)
         counts += np.bincount(np.nonzero(active)[1] * bins + slots, minlength=d_sae * bins)
     counts = counts.reshape(d_sae, bins)
     return {"fired": fired, "mass": mass, "top_values": top_values, "top_indices": top_indices, "hist_counts": counts,
             "hist_edges": edges}
-
-
-class LatentView:
-    """``view[start:end, j]`` = latent ``columns[j]`` on tokens ``start:end``, encoded on demand, so that
-    ``interp.top_examples`` can show context windows without a dense latent array."""
-
-    def __init__(self, sae: Any, scales: torch.Tensor, acts: np.ndarray, columns: Sequence[int]) -> None:
-        self.sae, self.scales, self.acts, self.columns = sae, scales, acts, list(columns)
-
-    def __getitem__(self, index: tuple[slice, int]) -> np.ndarray:
-        rows, j = index
-        z = encode(self.sae, self.scales, torch.from_numpy(np.asarray(self.acts[rows], dtype=np.float32)))
-        return z[:, self.columns[j]].cpu().numpy()
 
 
 @torch.no_grad()
@@ -495,16 +561,19 @@ def decoder_logit_effects(model: torch.nn.Module, direction: torch.Tensor, layer
     residual stream) summed and read through the final norm's weight and the unembedding."""
     adapters = find_adapters(model, adapter)
     direction = direction.reshape(len(layers), len(modules))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    unembed = base.lm_head.weight  # [vocab, hidden]; layers may sit on other GPUs (device_map="auto")
     residual = None
     for (layer, module), lora in adapters.items():
         if module not in ("o_proj", "down_proj"):
             continue
-        b = lora.lora_B[adapter].weight[:, 0].float() * lora.scaling[adapter]
-        term = direction[layers.index(layer), modules.index(module)].to(b.device) * b
+        b = lora.lora_B[adapter].weight[:, 0].to(unembed.device, torch.float32) * lora.scaling[adapter]
+        term = float(direction[layers.index(layer), modules.index(module)]) * b
         residual = term if residual is None else residual + term
     if residual is None:
         return []
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    logits = base.lm_head.weight.float() @ (base.model.norm.weight.float() * residual)
+    # in the unembedding's own dtype: a float32 copy of a 152k x 5,120 matrix is 3 GB per latent
+    read = (base.model.norm.weight.to(unembed.device, torch.float32) * residual).to(unembed.dtype)
+    logits = (unembed @ read).float()
     values, ids = logits.topk(top)
     return [(tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids)]

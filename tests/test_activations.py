@@ -154,10 +154,8 @@ def test_extraction_split_over_processes_equals_one_process(organism, tmp_path):
 
 
 def test_projections_with_A_rows_are_the_adapter_activations_and_controls_sample_right(organism):
-    import numpy as np
 
     from paper_lib.activations import (
-        extract_projections,
         find_adapters,
         projected_activations,
         random_directions,
@@ -177,11 +175,6 @@ def test_projections_with_A_rows_are_the_adapter_activations_and_controls_sample
     assert neurons == sample_mlp_neurons(model, 50, seed=1) != sample_mlp_neurons(model, 50, seed=2)
     dirs = random_directions(model, keys, seed=0)
     assert dirs[(3, "down_proj")].shape == (1, 512) and torch.isclose(dirs[(1, "q_proj")].norm(), torch.tensor(1.0))
-    texts = ["Q 1 +1\nthink\n", "Q 2 x3 +2 +1\nthink\n2x3=6"]
-    values = extract_projections(model, tok, texts, dirs, batch_size=2)
-    single = projected_activations(model, tok([texts[1]], return_tensors="pt")["input_ids"], dirs)[0].numpy()
-    assert values.shape == (sum(len(tok(t)["input_ids"]) for t in texts), 2)
-    assert np.allclose(values[-len(single):], single, atol=1e-5)
     with pytest.raises(ValueError, match="no projection"):
         projected_activations(model, batch["input_ids"], {(7, "q_proj"): rows[(1, "q_proj")]})
 
@@ -199,3 +192,54 @@ def test_mlp_neurons_are_read_by_index_without_an_identity_of_the_mlp_width(orga
     by_index = projected_activations(model, ids, directions)
     one_hot = {key: torch.nn.functional.one_hot(d, model.config.intermediate_size).float() for key, d in directions.items()}
     assert torch.equal(by_index, projected_activations(model, ids, one_hot))
+
+
+def test_the_three_populations_come_from_one_forward_pass_and_equal_separate_reads(organism, tmp_path, monkeypatch):
+    """MLP neurons and random directions are written beside the adapter scalars, in the same shards, from
+    the same forward pass; each equals a separate read of that population; a changed population (another
+    seed) is refused; the store reads them in blocks, by rows and around a token."""
+    import numpy as np
+
+    from paper_lib.activations import (
+        ActivationStore,
+        adapter_keys,
+        build_readout_model,
+        control_populations,
+        extract_activation_shards,
+        projected_activations,
+    )
+
+    model, tok = peft_organism(organism, LoraSpec())
+    model = build_readout_model(model)
+    texts = [textbook_document(Problem(s, ("x2", "+1", "x3"))) for s in range(7)]
+    keys = adapter_keys(model)
+    assert keys == [(layer, module) for layer in range(4) for module in ADAPTER_MODULES]
+    controls = control_populations(model, keys, seed=3)
+    assert [len(p.names) for p in controls.values()] == [28, 28]
+    forwards = {"n": 0}
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: forwards.__setitem__("n", forwards["n"] + 1) or real_forward(*a, **k))
+    store = extract_activation_shards(model, tok, texts, tmp_path / "acts", batch_size=3, docs_per_shard=4,
+                                      dtype="float32", populations=controls)
+    assert forwards["n"] == 3  # ceil(4/3) + ceil(3/3) batches: one forward pass each, all populations at once
+    assert store.populations == ["LoRA", "MLP neuron", "random direction"]
+    assert store.feature_names("MLP neuron") == controls["MLP neuron"].names
+    for name, population in controls.items():
+        expected = np.concatenate([projected_activations(model, tok([t], return_tensors="pt")["input_ids"],
+                                                         population.directions)[0].numpy() for t in texts])
+        got = np.concatenate(list(store.blocks(name, block_tokens=50)))
+        assert got.shape == expected.shape and np.allclose(got, expected, atol=1e-5)
+        assert np.array_equal(store.rows(10, 20, name), got[10:20])
+    lora = np.concatenate(list(store.blocks(block_tokens=7)))
+    assert np.array_equal(lora, store.activations().reshape(store.n_tokens, -1))
+    held = np.concatenate(list(store.blocks(docs=[5, 1])))
+    first, second = store.document(1)[1], store.document(5)[1]
+    assert np.array_equal(held, np.concatenate([first, second]).reshape(len(held), -1))
+    with pytest.raises(KeyError, match="population 'SAE' is not in"):
+        store.rows(0, 1, "SAE")
+    with pytest.raises(ValueError, match="populations"):  # another sample of neurons: not these shards
+        extract_activation_shards(model, tok, texts, tmp_path / "acts", batch_size=3, docs_per_shard=4, dtype="float32",
+                                  populations=control_populations(model, keys, seed=4))
+    (tmp_path / "acts" / "shard_00001.mlp_neuron.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match="mlp_neuron.npy has 0 bytes"):
+        ActivationStore(tmp_path / "acts")

@@ -7,15 +7,19 @@ import pandas as pd
 import pytest
 
 from conftest import ORGANISM_DIR
+from paper_lib.activations import write_activation_store
 from paper_lib.interp import (
+    ArrayFeatures,
+    SignedFeatures,
     auroc,
+    auroc_from_histograms,
     class_shares,
     classify_features,
     compare_populations,
-    context_window,
+    feature_examples,
+    ordered_keys,
     score_against_roles,
-    signed_features,
-    top_examples,
+    top_features,
     top_k_indices,
     top_k_streaming,
 )
@@ -39,16 +43,49 @@ def test_top_k_equals_a_brute_force_sort_and_streams_exactly():
     assert top_k_indices(values[:4], 10)[1].shape == (9, 4)
 
 
-def test_signed_features_and_context_windows_stay_in_the_document():
-    values, names = signed_features(np.array([[1.0, -2.0]]), ["a", "b"])
-    assert names == ["a+", "b+", "a-", "b-"] and values.tolist() == [[1.0, -2.0, -1.0, 2.0]]
-    docs = np.array([0, 0, 0, 1, 1, 1, 1, 2])
-    assert context_window(3, docs, 2) == (3, 6) and context_window(2, docs, 5) == (0, 3) and context_window(7, docs, 1) == (7, 8)
-    tokens = np.arange(8)
-    feats = top_examples(np.arange(8.0)[:, None] - 5, ["f"], tokens, docs, str, k=4, width=1)
+def test_signed_features_and_context_windows_stay_in_the_document(tmp_path):
+    signed = SignedFeatures(ArrayFeatures(np.array([[1.0, -2.0]]), ["a", "b"]))
+    assert signed.names == ["a+", "b+", "a-", "b-"] and np.concatenate(list(signed.blocks())).tolist() == [[1.0, -2.0, -1.0, 2.0]]
+    # three documents of 3, 4 and 1 tokens (token id = global index), in two shards
+    docs = [np.arange(0, 3), np.arange(3, 7), np.arange(7, 8)]
+    store = write_activation_store(tmp_path / "s", [(ids, np.zeros((len(ids), 1, 1))) for ids in docs], [0], ["q_proj"],
+                                   docs_per_shard=2)
+    assert store.context(3, 2) == (3, 6) and store.context(2, 5) == (0, 3) and store.context(7, 1) == (7, 8)
+    assert [store.document_of(i) for i in (0, 2, 3, 6, 7)] == [0, 0, 1, 1, 2]
+    features = ArrayFeatures(np.arange(8.0)[:, None] - 5, ["f"])
+    feats = feature_examples(features, store, str, top_features(features, 4), k=4, width=1)
     ex = feats[0]["examples"]
     assert [e["value"] for e in ex] == [2.0, 1.0]  # only values above 0
-    assert ex[0]["tokens"] == ["7"] and ex[1]["tokens"] == ["5", "6"] and ex[1]["center"] == 1
+    assert ex[0]["tokens"] == ["7"] and ex[1]["tokens"] == ["5", "6"] and ex[1]["center"] == 1 and ex[1]["doc"] == 1
+    assert ex[1]["values"] == [0.0, 1.0]
+
+
+def test_streamed_role_scores_equal_the_dense_ones_for_every_block_size_and_histogram_budget():
+    """AUROC from float16 histograms equals the rank-based AUROC on the float16 values (ties half)."""
+    from paper_lib.interp import auroc as dense_auroc
+
+    rng = np.random.default_rng(1)
+    roles = rng.choice(["a", "b", "c", "d"], size=3001)
+    values = (rng.normal(size=(3001, 6)) + (roles == "b")[:, None] * np.arange(6)).astype(np.float16)
+    values[:, 5] = np.round(values[:, 5])  # heavy ties
+    values[::7, 4] = -0.0  # signed zeros tie with +0
+    values[::11, 4] = 0.0
+    families = {"a": "x", "b": "x", "c": "y", "d": "y"}
+    expected = None
+    for block, budget in ((5000, 2**28), (64, 2**20), (1, 2**20)):
+        scores = score_against_roles(SignedFeatures(ArrayFeatures(values, list("uvwxyz"), block=block)), roles, families,
+                                     k=40, histogram_bytes=budget)
+        if expected is None:
+            expected = scores
+            signed = np.concatenate([values, -values], axis=1).astype(np.float32)
+            for f, row in scores.iterrows():
+                assert row.auroc == pytest.approx(dense_auroc(signed[:, f], roles == row.role), abs=1e-12)
+        pd.testing.assert_frame_equal(scores, expected)
+    keys = ordered_keys(np.array([-np.inf, -2.0, -1e-5, -0.0, 0.0, 1e-5, 3.0, np.inf]))
+    assert (np.diff(keys) >= 0).all() and keys[3] == keys[4] and len(set(keys.tolist())) == 7
+    assert auroc_from_histograms(np.array([0, 1]), np.array([1, 1])) == 1.0
+    with pytest.raises(ValueError, match="roles must cover every token"):
+        score_against_roles(ArrayFeatures(values, list("uvwxyz")), roles[:-5], families, k=10)
 
 
 def test_auroc_and_role_scores():
@@ -59,7 +96,7 @@ def test_auroc_and_role_scores():
     pure = (roles == "digit").astype(float) + np.linspace(0, 0.1, len(roles))
     mixed = np.isin(roles, ["digit", "op"]).astype(float)
     noise = np.random.default_rng(0).normal(size=len(roles))
-    scores = score_against_roles(np.stack([pure, mixed, noise], 1), ["pure", "mixed", "noise"], roles,
+    scores = score_against_roles(ArrayFeatures(np.stack([pure, mixed, noise], 1), ["pure", "mixed", "noise"]), roles,
                                  families | {"op": "values"}, k=20)
     assert scores.loc[0, "role"] == "digit" and scores.loc[0, "precision"] == 1.0 and scores.loc[0, "auroc"] == 1.0
     assert scores.loc[1, "precision"] < 0.9 and scores.loc[1, "family_precision"] == 1.0

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 from loopback import completion, serve
 
@@ -194,3 +195,54 @@ def test_reasoning_model_parameters_concurrency_and_the_papers_rating(strict_ser
     assert len((tmp_path / "b.jsonl").read_text().splitlines()) == judge.requests  # the cache kept every answer
     with pytest.raises(ConfigError, match="token_param"):
         JudgeConfig(strict_server["url"], "m", token_param="max_new_tokens")
+
+
+def test_non_activating_examples_are_read_from_the_store_without_a_token_array(tmp_path):
+    """Contexts centred on distinct random tokens where the feature rests (<= 0), from the shards."""
+    from paper_lib.activations import write_activation_store
+    from paper_lib.interp import ArrayFeatures
+    from paper_lib.judge import non_activating_examples
+
+    docs = [(np.arange(i * 50, (i + 1) * 50), np.zeros((50, 1, 1))) for i in range(8)]
+    store = write_activation_store(tmp_path / "s", docs, [0], ["q_proj"], docs_per_shard=3)
+    values = np.where(np.arange(400) % 4 == 0, -1.0, 2.0)[:, None]  # rests on every 4th token only
+    examples = non_activating_examples(ArrayFeatures(values, ["f"]), 0, store, str, n=6, width=2, seed=1)
+    centres = [int(e["tokens"][e["center"]]) for e in examples]
+    assert len(examples) == 6 and len(set(centres)) == 6 and all(c % 4 == 0 for c in centres)
+    assert all(e["values"][e["center"]] == -1.0 and len(e["tokens"]) <= 5 for e in examples)
+    assert all(int(e["tokens"][0]) // 50 == int(e["tokens"][-1]) // 50 for e in examples)  # one document each
+    assert non_activating_examples(ArrayFeatures(values + 5, ["f"]), 0, store, str, n=3, width=2) == []
+
+
+def test_judge_requests_from_a_store_categories_and_rating_shares(fake_server, tmp_path):
+    """notebooks 04 and 06 build the paper's judge inputs from the shards (top 10 to explain, 5 more and 5
+    resting contexts to detect), categorise explanations concurrently and resumably, and report rating
+    shares with unrated features counted."""
+    import pandas as pd
+
+    from paper_lib.activations import write_activation_store
+    from paper_lib.interp import ArrayFeatures, top_features
+    from paper_lib.judge import categorise_features, judge_requests, rating_shares
+
+    docs = [(np.arange(i * 40, (i + 1) * 40), np.zeros((40, 1, 1))) for i in range(10)]
+    store = write_activation_store(tmp_path / "s", docs, [0], ["q_proj"], docs_per_shard=4)
+    values = np.stack([np.where(np.arange(400) % 20 == 0, 1.0 + np.arange(400) / 400, -1.0),  # 20 activating tokens
+                       np.where(np.arange(400) % 50 == 0, 1.0, -1.0)], axis=1)  # 8: too few to judge
+    features = ArrayFeatures(values, ["often", "rare"])
+    requests = judge_requests(features, store, str, top_features(features, 15), [0, 1], seed=2)
+    assert [r["name"] for r in requests] == ["often"]
+    r = requests[0]
+    assert len(r["explain_with"]) == 10 and len(r["activating"]) == 5 and len(r["non_activating"]) == 5
+    assert r["explain_with"][0]["value"] > r["activating"][-1]["value"] > 0
+    assert all(e["values"][e["center"]] == -1.0 for e in r["non_activating"])
+    fake_server["answer"] = lambda p: "category: computational operations\nsubcategory: adding numbers"
+    judge = Judge(JudgeConfig(fake_server["url"], "m", max_retries=0), tmp_path / "c.jsonl")
+    explained = [{"name": f"latent {i}", "explanation": f"thing {i}"} for i in range(5)]
+    cats = categorise_features(judge, explained, tmp_path / "categories.jsonl")
+    assert {c["category"] for c in cats} == {"computational operations"} and cats[0]["subcategory"] == "adding numbers"
+    asked = fake_server["requests"]
+    assert categorise_features(judge, explained, tmp_path / "categories.jsonl") == cats and fake_server["requests"] == asked
+    judged = pd.DataFrame({"population": ["a"] * 4 + ["b"] * 2, "rating": [0, 0, 2, None, 1, 1]})
+    shares = rating_shares(judged).set_index(["population", "class"])
+    assert shares.loc[("a", "monosemantic"), "share"] == 0.5 and shares.loc[("a", "unrated"), "n"] == 4
+    assert shares.loc[("b", "broad"), "share"] == 1.0 and shares.loc[("b", "broad"), "lo"] < 1.0

@@ -1,5 +1,5 @@
 """The rehearsal: Qwen2.5's tokenizer built offline, the stand-in's geometry and schemas, and notebooks
-01-03 run end to end at paper geometry with the README's real-scale parameters (sizes shrunk)."""
+01-06 run end to end at paper geometry with the README's real-scale parameters (sizes shrunk)."""
 
 import json
 
@@ -62,14 +62,16 @@ def test_standin_has_the_papers_geometry_and_the_hub_schemas(tmp_path):
 
 
 @pytest.mark.slow
-def test_rehearsal_runs_notebooks_01_to_03_at_paper_geometry(tmp_path):
+def test_rehearsal_runs_notebooks_01_to_06_at_paper_geometry(tmp_path):
     """Notebook 01 through a two-process launch in bf16, 02 with MAX_MODEL_LEN = MAX_TOKENS (a random
-    model writes until the context is full: the clamp must hold), 03 over 448 adapters."""
+    model writes until the context is full: the clamp must hold), 03 over 448 adapters, 04 with three
+    populations of 448 features from one pass and a vLLM judge, 05 with a 3,584-latent SAE, 06 streamed."""
     import os
 
     figures_before = os.environ.get("PAPER_FIGURES_DIR")
     minutes = run_rehearsal(tmp_path)
-    assert set(minutes) == {"01_train_rank1_lora", "02_evaluate_reasoning", "03_ablate_adapters"}
+    assert set(minutes) == {"01_train_rank1_lora", "02_evaluate_reasoning", "03_ablate_adapters",
+                            "04_interpret_lora_activations", "05_train_sae", "06_interpret_sae_features"}
     assert os.environ.get("PAPER_FIGURES_DIR") == figures_before  # redirected only while it ran
     headlines = json.loads((tmp_path / "figures" / "headline_numbers.json").read_text())
     stats = json.loads((tmp_path / "data" / "runs" / "01_train" / "rank1" / "stats.json").read_text())
@@ -86,3 +88,18 @@ def test_rehearsal_runs_notebooks_01_to_03_at_paper_geometry(tmp_path):
     assert len([k for k in ablations if k.startswith("kl_layer_")]) == 64
     for name in ("training_loss", "benchmark_recovery", "adapter_ablations"):
         assert (tmp_path / "figures" / f"{name}.png").is_file()
+    runs = tmp_path / "data" / "runs"
+    meta = json.loads((runs / "04_interpret" / "activations" / "meta.json").read_text())
+    assert len(meta["layers"]) * len(meta["modules"]) == 448
+    assert {k: len(v["names"]) for k, v in meta["populations"].items()} == {"MLP neuron": 448, "random direction": 448}
+    for population in ("lora", "mlp", "random"):  # N_JUDGE_FEATURES 2, every record with detection and rating
+        records = [json.loads(line) for line in (runs / "04_interpret" / "judge" / f"{population}.jsonl").read_text().splitlines()]
+        assert len(records) == 2 and all(r["n"] >= 5 and "rating" in r for r in records)
+    assert len((runs / "04_interpret" / "judge" / "cache.jsonl").read_text().splitlines()) >= 3 * 2 * 2
+    sae_cfg = json.loads((runs / "05_sae" / "sae" / "cfg.json").read_text())
+    assert sae_cfg["d_in"] == 448 and sae_cfg["d_sae"] == 3584
+    assert (runs / "05_sae" / "checkpoints" / "run.json").is_file()
+    assert "live_latents" in headlines["06_interpret_sae_features"]
+    assert (runs / "06_sae_features" / "judge_categories.csv").is_file()
+    for name in ("lora_feature_examples.html", "sae_training.png", "sae_splice.png", "sae_feature_dashboard.html"):
+        assert (tmp_path / "figures" / name).is_file()

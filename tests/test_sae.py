@@ -1,6 +1,9 @@
 """The SAE module: planted-dictionary recovery through sae-lens, batch-independent inference, the splice."""
 
+import dataclasses
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -164,3 +167,75 @@ def test_splice_kl_with_an_identity_state_is_zero_and_without_the_adapter_equals
     assert per_trace.kl_spliced.abs().max() < 1e-5 and (per_trace.kl_no_adapter > 1e-3).all()
     ablation = ablation_kl(model, batches, ablation_groups(model)["all"])
     assert per_trace.kl_no_adapter.tolist() == pytest.approx(ablation.kl.tolist(), rel=1e-4)
+
+
+def test_latents_metrics_and_summaries_stream_block_by_block_like_the_dense_arrays(planted):
+    """Notebooks 05 and 06 read the store block by block: the streamed held-out metrics, latents and
+    per-latent summaries equal the same computed on the whole matrix at once."""
+    from paper_lib.interp import ArrayFeatures, top_k_indices
+    from paper_lib.sae import LatentFeatures, latent_summary
+
+    store, _, _, out = planted
+    sae, scales = load_sae(out)
+    dense = store_matrix(store, range(500, 600))
+    whole = sae_metrics(sae, scales, dense)
+    streamed = sae_metrics(sae, scales, lambda: store.blocks(docs=range(500, 600), block_tokens=999))
+    assert whole.pop("tokens") == streamed.pop("tokens") == 10000
+    assert np.array_equal(whole.pop("fired"), streamed.pop("fired"))
+    assert streamed == pytest.approx(whole, rel=1e-5)
+    z = encode(sae, scales, torch.from_numpy(store_matrix(store))).numpy()
+    live = np.flatnonzero((z > 0).any(0))
+    features = LatentFeatures(sae, scales, store.features(block_tokens=4096), columns=live)
+    assert np.allclose(np.concatenate(list(features.blocks())), z[:, live], atol=1e-6)
+    assert np.allclose(features.rows(120, 180), z[120:180, live], atol=1e-6)
+    summary = latent_summary(sae, scales, ArrayFeatures(store_matrix(store), ["x"] * 28, block=3000), k=7)
+    assert np.array_equal(summary["fired"], (z > 0).sum(0)) and np.allclose(summary["mass"], z.sum(0), rtol=1e-5)
+    assert np.array_equal(summary["top_indices"][live], top_k_indices(z, 7)[1][live])
+
+
+def test_an_interrupted_training_resumes_from_sae_lens_checkpoints_like_an_uninterrupted_one(tmp_path, monkeypatch):
+    import paper_lib.sae as sae_mod
+
+    store, _ = planted_store(tmp_path / "store", n_tokens=8000, n_features=12)
+    spec = SAESpec(expansion=2, k=3, lr=3e-3, batch_size=128, epochs=4, dead_tokens=2000, normalize="per_adapter")
+    clean = train_sae(store, spec, tmp_path / "clean", checkpoints=3)
+    real = sae_mod.shard_batches
+
+    def interrupted(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 180:  # 250 steps in all; checkpoints after ~63, ~125 and ~188
+                raise KeyboardInterrupt("the GPU box went away")
+            yield batch
+
+    monkeypatch.setattr(sae_mod, "shard_batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(store, spec, tmp_path / "resumed", checkpoints=3)
+    assert {p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir() if p.is_dir()} == {"8064", "16128"}
+    monkeypatch.setattr(sae_mod, "shard_batches", real)
+    resumed = train_sae(store, spec, tmp_path / "resumed", checkpoints=3)
+    assert len(resumed) == len(clean) == 250 and resumed.step.tolist() == list(range(250))
+    pd.testing.assert_frame_equal(resumed, clean, rtol=1e-4)
+    a, _ = load_sae(tmp_path / "clean")
+    b, _ = load_sae(tmp_path / "resumed")
+    assert torch.allclose(a.W_enc, b.W_enc, atol=1e-5) and torch.allclose(a.threshold, b.threshold, atol=1e-5)
+    # other settings do not resume from these checkpoints
+    other = train_sae(store, dataclasses.replace(spec, lr=1e-3), tmp_path / "resumed", checkpoints=3)
+    assert len(other) == 250 and not np.allclose(other.loss, clean.loss)
+
+
+def test_scalar_engine_batches_fit_the_cache_budget(organism):
+    """Spliced and steered generation holds two KV caches: batches shrink so that padded prompt + budget
+    tokens times the batch size stay within ``cache_tokens``."""
+    model, tok, _ = organism
+    prompts = ["1 +1", "2 x2 +1 +1 +1 +1", "3", "4 +2", "5 x3 +1"]
+    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    engine = ScalarEngine(model, tok, {"as_is": lambda s: s}, batch_size=3, cache_tokens=3 * (max(lengths) + 40))
+    batches = engine.batches(prompts, [40] * 5)
+    assert [list(b) for b in batches] == [[0, 1, 2], [3, 4]]  # batch_size binds
+    engine.cache_tokens = 2 * (max(lengths) + 40)
+    batches = engine.batches(prompts, [40] * 5)
+    assert sum(len(b) for b in batches) == 5 and all(len(b) <= 2 for b in batches)
+    for b in batches:
+        assert len(b) == 1 or len(b) * (max(lengths[i] for i in b) + 40) <= engine.cache_tokens
+    engine.cache_tokens = 1  # one prompt always forms a batch
+    assert [len(b) for b in engine.batches(prompts, [40] * 5)] == [1] * 5
