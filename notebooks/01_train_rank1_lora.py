@@ -34,9 +34,10 @@
 SEED = 42  # seeds data order, initialisation of the adapters, and dropout (none here)
 MODEL = "data/organism/model"  # base model: path or hub id (real scale: Qwen/Qwen2.5-32B-Instruct)
 DATASET = "data/organism/s1K-1.1"  # traces in s1K-1.1's schema: path or hub id (simplescaling/s1K-1.1)
-OUTPUT_DIR = "runs/01_train"  # under data/ (or $PAPER_DATA_DIR): rank1/ and full/ go here
+OUTPUT_DIR = "runs/01_train"  # under data/ (or $PAPER_DATA_DIR): rank1/ (named after the adapter) and full/ go here
 LORA_RANK = 1  # the paper's rank
 LORA_MODULES = "all"  # all, attention or mlp
+LORA_LAYERS = "all"  # all; early, middle or late (a third of the layers); start:end[:stride]; or i,j,k
 LORA_LR = 1e-3  # paper: 1e-3
 FULL_LR = 1e-3  # s1.1 used 1e-5 at 32B; organism: lowest final loss of {3e-5, 1e-4, 3e-4, 1e-3}
 TRAIN_FULL = True  # also train the full fine-tune comparator
@@ -59,7 +60,7 @@ SMOKE = False  # fast check for CI: a few optimizer steps
 # %%
 import pandas as pd
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from paper_lib.config import seed_everything
 from paper_lib.params import check_parameters
@@ -67,11 +68,13 @@ from paper_lib.data import format_s1_text, load_traces
 from paper_lib.evaluation import release_memory
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import plot_training_losses, save_figure
-from paper_lib.results import record_headline, start_run
+from paper_lib.results import record_headline, say, start_run
 from paper_lib.training import (
     TrainConfig,
     count_lora_parameters,
     launch_training,
+    layer_subset,
+    lora_run_label,
     lora_spec_for,
     load_trained,
     merge_error,
@@ -86,8 +89,10 @@ epochs = 0.05 if SMOKE else EPOCHS
 common = dict(model=MODEL, dataset=DATASET, epochs=epochs, global_batch_size=GLOBAL_BATCH,
               per_device_batch_size=PER_DEVICE_BATCH, max_length=MAX_LENGTH, bf16=BF16,
               gradient_checkpointing=GRADIENT_CHECKPOINTING, use_liger_kernel=USE_LIGER, seed=SEED, resume=RESUME)
-lora_cfg = TrainConfig(output_dir=f"{OUTPUT_DIR}/rank{LORA_RANK}", lora=lora_spec_for(LORA_MODULES, r=LORA_RANK),
-                       learning_rate=LORA_LR, **common)
+num_layers = AutoConfig.from_pretrained(MODEL).num_hidden_layers
+lora_spec = lora_spec_for(LORA_MODULES, r=LORA_RANK, **layer_subset(LORA_LAYERS, num_layers))
+label = lora_run_label(lora_spec, LORA_MODULES)  # rank1 for the paper's adapter; e.g. rank4, rank1_mlp, rank1_L8-12
+lora_cfg = TrainConfig(output_dir=f"{OUTPUT_DIR}/{label}", lora=lora_spec, learning_rate=LORA_LR, **common)
 full_cfg = TrainConfig(output_dir=f"{OUTPUT_DIR}/full", lora=None, learning_rate=FULL_LR, **common)
 
 # %% [markdown]
@@ -126,7 +131,7 @@ if full_stats:
 
 # %%
 histories = []
-for name, cfg in (("rank-1 LoRA", lora_cfg), ("full fine-tune", full_cfg)):
+for name, cfg in ((f"LoRA ({label})", lora_cfg), ("full fine-tune", full_cfg)):
     path = artifact_dir(cfg.output_dir) / "log_history.csv"
     if path.is_file():
         h = pd.read_csv(path)
@@ -156,7 +161,7 @@ assert errors["bf16_update_fraction_lost"] > 0
 # ## Headline numbers
 
 # %%
-for name, stats in (("rank1", lora_stats), ("full", full_stats)):
+for name, stats in ((label, lora_stats), ("full", full_stats)):
     if not stats:
         continue
     for key, unit in (("final_loss", "nats/token"), ("trainable_parameters", "parameters"),
@@ -165,6 +170,13 @@ for name, stats in (("rank1", lora_stats), ("full", full_stats)):
 for key, value in errors.items():
     record_headline(SECTION, f"merge_{key}", value, unit="fraction" if "fraction" in key or "rel" in key else
                     ("probability" if "prob" in key else "logit"), n=len(merge_texts))
+say(SECTION, f"**What we see.** The adapter ({label}) trains {lora_stats['trainable_parameters']:,} parameters to a final loss of "
+    f"{lora_stats['final_loss']:.3f} nats/token"
+    + (f" against the full fine-tune's {full_stats['final_loss']:.3f} with {full_stats['trainable_parameters']:,}."
+       if full_stats else ".")
+    + f" Merging the update into bf16 weights rounds away {errors['bf16_update_fraction_lost']:.1%} of it (relative "
+    f"logit error up to {errors['bf16_max_rel_logit_error']:.1e}; fp32: {errors['fp32_max_rel_logit_error']:.1e}), which is "
+    "why notebook 02 serves the adapter unmerged.")
 del lora_model
 release_memory()
 if full_stats and not SMOKE:

@@ -54,6 +54,7 @@ WAIT_COUNT = 0  # s1's "Wait" extension count
 N_SAMPLES = 4  # pass@1 samples per question at temperature 0.6 (0: skip the sampled protocol)
 N_BOOTSTRAP = 2000  # bootstrap resamples for intervals
 OUTPUT_DIR = "runs/02_evaluate"  # under data/: per-sample JSONL files per model x benchmark x protocol
+REUSE_FROM = ""  # an earlier run's OUTPUT_DIR: its base and full samples are reused where generated exactly alike
 OVERWRITE = False  # discard earlier per-sample files instead of resuming them
 CHECK_CLAIMS = True  # assert the organism's expected results (off for the random-weight rehearsal)
 SMOKE = False  # fast check for CI: a few questions per benchmark, HF backend allowed
@@ -62,6 +63,7 @@ SMOKE = False  # fast check for CI: a few questions per benchmark, HF backend al
 import dataclasses
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -71,7 +73,7 @@ from paper_lib.params import check_parameters
 from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import plot_benchmark_accuracy, save_figure
-from paper_lib.results import record_headline, start_run
+from paper_lib.results import record_headline, say, start_run, verdict
 from paper_lib.statistics import bootstrap_interval, recovery_table
 
 SECTION = "02_evaluate_reasoning"
@@ -104,7 +106,7 @@ print(benchmarks["gpqa_diamond"][0])
 # at once, so an interrupted run resumes.
 
 # %%
-from paper_lib.evaluation import HFEngine, VLLMEngine, check_adapter, resolve_model  # noqa: E402
+from paper_lib.evaluation import HFEngine, VLLMEngine, adopt_samples, check_adapter, resolve_model  # noqa: E402
 
 # every input loaded and checked before anything earlier runs left is discarded
 check_adapter(adapter_dir, BASE_MODEL)
@@ -130,19 +132,26 @@ def make_engine(model, adapters=None):
 
 
 # engine (model, adapters) -> what it evaluates: (label, adapter, protocols)
-runs = [((BASE_MODEL, {"rank1": adapter_dir}), [("base_chat", None, chat), ("base", None, protocols),
-                                                ("rank1", "rank1", protocols)]),
+lora = Path(ADAPTER_RUN).name  # the adapter's label: its run folder's name (rank1 for the paper's; rank4, rank1_mlp ...)
+if lora in ("base", "base_chat", "full"):
+    raise ValueError(f"ADAPTER_RUN {ADAPTER_RUN!r}: a run folder named {lora!r} would mix with the {lora} model's results")
+runs = [((BASE_MODEL, {lora: adapter_dir}), [("base_chat", None, chat), ("base", None, protocols),
+                                             (lora, lora, protocols)]),
         ((full_model, None), [("full", None, protocols)])]
-samples = []
+samples, reused = [], []
 for (model, adapters), evaluations in runs:
     with make_engine(model, adapters) as engine:  # released before the next one starts
         for label, adapter, specs in evaluations:
             for protocol, spec in specs.items():
                 for name, items in benchmarks.items():
                     path = out_dir / label / f"{name}.{protocol}.jsonl"
+                    if REUSE_FROM and label != lora and adopt_samples(artifact_dir(REUSE_FROM) / label / path.name, path,
+                                                                         engine, spec, adapter):
+                        reused.append(f"{label}/{path.name}")
                     df = evaluate(engine, items, spec, path, adapter=adapter)
                     samples.append(df.assign(model=label, benchmark=name, protocol=protocol))
 samples = pd.concat(samples, ignore_index=True)
+print(f"reused from {REUSE_FROM}: {reused}" if REUSE_FROM else "no earlier run reused")
 print(samples.groupby(["protocol", "benchmark", "model"])["correct"].mean().unstack().round(3))
 
 # %% [markdown]
@@ -178,11 +187,19 @@ print(accuracy.round(3))
 # interval (resamples where full = base give no ratio and are dropped).
 
 # %%
-recovery = recovery_table(per_question, n_resamples=N_BOOTSTRAP, seed=SEED, models=("base_chat", "rank1", "full"))
-forced_base = recovery_table(per_question, n_resamples=N_BOOTSTRAP, seed=SEED, models=("base", "rank1", "full"))
+recovery = recovery_table(per_question, n_resamples=N_BOOTSTRAP, seed=SEED, models=("base_chat", lora, "full"))
+forced_base = recovery_table(per_question, n_resamples=N_BOOTSTRAP, seed=SEED, models=("base", lora, "full"))
 save_figure(plot_benchmark_accuracy(accuracy, recovery=recovery), "benchmark_recovery", recovery)
 print("base in its own chat protocol (headline):\n", recovery.round(3).to_string())
 print("base budget-forced too:\n", forced_base.round(3).to_string())
+seen = []
+for _, r in recovery[recovery.protocol == "greedy"].iterrows():
+    overlaps = np.isfinite(r.gain_recovered) and r.gain_recovered_lo <= 0.90 and r.gain_recovered_hi >= 0.73
+    seen.append(f"on {r.benchmark} the adapter ({lora}) recovers {r.gain_recovered:.0%} of the full fine-tune's gain over the base "
+                f"[{r.gain_recovered_lo:.0%}, {r.gain_recovered_hi:.0%}], n = {r.n} ({verdict(overlaps)}: 73-90%)"
+                if np.isfinite(r.gain_recovered) else f"on {r.benchmark} the full fine-tune gains nothing over the base, "
+                "so no share of its gain can be recovered")
+say(SECTION, "**What we see.** Greedy decoding: " + "; ".join(seen) + ".")
 
 # %% [markdown]
 # ## Headline numbers
@@ -202,4 +219,4 @@ for (protocol, bench, model), r in cuts.iterrows():
         record_headline(SECTION, f"{protocol}_{bench}_{model}_{kind}", r[kind], unit="responses", n=r.n)
 if CHECK_CLAIMS and not SMOKE:
     greedy = accuracy[accuracy.protocol == "greedy"].set_index(["benchmark", "model"])["accuracy"]
-    assert greedy.loc[("aime24", "rank1")] > greedy.loc[("aime24", "base")], "rank-1 SFT did not improve AIME-like accuracy"
+    assert greedy.loc[("aime24", lora)] > greedy.loc[("aime24", "base")], "rank-1 SFT did not improve AIME-like accuracy"

@@ -67,7 +67,7 @@ from paper_lib.params import check_parameters
 from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import plot_sae_training, plot_splice, save_figure
-from paper_lib.results import record_headline, start_run
+from paper_lib.results import record_headline, say, start_run, verdict
 from paper_lib.sae import SAESpec, ScalarEngine, load_sae, sae_metrics, splice_kl, state_transform, train_or_reuse_sae
 from paper_lib.statistics import bootstrap_interval, wilson_interval
 from paper_lib.training import load_trained
@@ -125,6 +125,11 @@ kl = pd.DataFrame([{"variant": name, "kl": per_trace[col].mean(),
                    for name, col in (("no adapter", "kl_no_adapter"), ("SAE spliced", "kl_spliced"))])
 print(kl.round(4).to_string())
 print(f"fraction of the adapter's KL effect recovered: {recovered:.3f} [{rec_lo:.3f}, {rec_hi:.3f}] (n={len(per_trace)} traces)")
+say(SECTION, f"**What we see.** With {metrics['l0']:.1f} active latents a token (k = {K}), the SAE leaves "
+    f"{metrics['fvu']:.1%} of the held-out variance unexplained ({metrics['dead_fraction']:.0%} of latents dead). Spliced "
+    f"into the forward pass in place of the adapter scalars it keeps {recovered:.0%} [{rec_lo:.0%}, {rec_hi:.0%}] of the "
+    f"adapter's effect (KL recovered, n = {len(per_trace)} held-out traces): the SAE is a faithful stand-in for the "
+    f"adapter state: {verdict(recovered > 0.9)}.")
 if CHECK_CLAIMS:
     assert per_trace.kl_spliced.mean() < per_trace.kl_no_adapter.mean()
     assert SMOKE or recovered > 0.9, "the SAE loses most of the adapter's effect: check its FVU and training curves"

@@ -503,6 +503,60 @@ def item_fingerprint(item: Item) -> str:
     return fingerprint([item.question, item.gold, item.kind])
 
 
+def sample_meta(engine: Engine, spec: GenerationSpec, adapter: str | None) -> dict[str, Any]:
+    """What generates a file of samples (``<file>.meta.json``): the spec and the engine's identity."""
+    identity = engine.identity(adapter) if hasattr(engine, "identity") else {"engine": type(engine).__name__,
+                                                                             "adapter": adapter}
+    return json.loads(json.dumps({"spec": spec.to_dict(), **identity}))  # as it reads back from JSON
+
+
+def _meta_path(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".jsonl") + ".meta.json")
+
+
+def adopt_samples(source: str | Path, out_path: str | Path, engine: Engine, spec: GenerationSpec,
+                  adapter: str | None = None) -> bool:
+    """Copy an earlier run's samples (``source`` and its meta) to ``out_path`` when they were generated
+    exactly as this run would generate them (same spec, model, adapter weights, context and dtype), so a
+    variant run does not regenerate the base and full models; ``evaluate`` then checks each sample's
+    question and generates only what is missing. False (nothing copied) otherwise, or if ``out_path``
+    exists."""
+    import shutil
+
+    source, out_path = Path(source), Path(out_path)
+    if out_path.exists() or not source.is_file() or not _meta_path(source).is_file():
+        return False
+    if differences(json.loads(_meta_path(source).read_text()), sample_meta(engine, spec, adapter)):
+        return False
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_meta_path(source), _meta_path(out_path))
+    shutil.copyfile(source, out_path)
+    return True
+
+
+def read_evaluation(path: str | Path, spec: GenerationSpec, items: Sequence[Item]) -> pd.DataFrame:
+    """An earlier run's samples (notebook 02's ``<model>/<benchmark>.<protocol>.jsonl``) for ``items``, after
+    checking that they were generated with ``spec`` and cover every item as it reads now; anything else is
+    an error naming what differs, never a silent comparison of unlike results."""
+    path = Path(path)
+    if not path.is_file() or not _meta_path(path).is_file():
+        raise EvaluationError(f"no evaluation at {path}: run notebook 02 first (or point to its OUTPUT_DIR)")
+    saved = json.loads(_meta_path(path).read_text()).get("spec", {})
+    diff = differences(saved, json.loads(json.dumps(spec.to_dict())))
+    if diff:
+        raise EvaluationError(f"{path} was generated with other settings ({describe_differences(diff)}); compare like "
+                              "with like: use notebook 02's generation parameters here")
+    done = read_samples(path)
+    current = {it.id: item_fingerprint(it) for it in items}
+    done = done[done["id"].astype(str).isin(current) & (done["sample"].astype(int) < spec.n)]
+    missing = sorted(set(current) - set(done["id"].astype(str)))
+    stale = done[done["id"].astype(str).map(current) != done["item"]] if "item" in done else done.iloc[:0]
+    if missing or len(stale):
+        raise EvaluationError(f"{path} lacks {len(missing)} of the questions (e.g. {missing[:3]}) or holds "
+                              f"{len(stale)} as they read before; rerun notebook 02 on the same benchmark")
+    return done.reset_index(drop=True)
+
+
 def evaluate(engine: Engine, items: Sequence[Item], spec: GenerationSpec, out_path: str | Path,
              adapter: str | None = None, chunk: int = 32, overwrite: bool = False) -> pd.DataFrame:
     """Generate, grade and append each sample to ``out_path`` (JSONL), ``chunk`` questions at a time;
@@ -514,10 +568,8 @@ def evaluate(engine: Engine, items: Sequence[Item], spec: GenerationSpec, out_pa
     changed setting never returns old rows."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    meta_path = out_path.with_name(out_path.name.removesuffix(".jsonl") + ".meta.json")
-    identity = engine.identity(adapter) if hasattr(engine, "identity") else {"engine": type(engine).__name__,
-                                                                             "adapter": adapter}
-    meta = json.loads(json.dumps({"spec": spec.to_dict(), **identity}))  # as it reads back from JSON
+    meta_path = _meta_path(out_path)
+    meta = sample_meta(engine, spec, adapter)
     if meta_path.is_file() and not overwrite:
         diff = differences(json.loads(meta_path.read_text()), meta)
         if diff:

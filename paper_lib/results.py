@@ -58,8 +58,42 @@ def start_run(section: str, out_dir: str | Path, parameters: dict[str, Any]) -> 
     info = {"notebook": section, "commit": git_commit(), "parameters": parameters}
     (out_dir / RUN_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
     set_default_figures_dir(out_dir / "figures")
-    _RUNS[section] = {"info": {"commit": info["commit"], "parameters": parameters}, "written": False}
+    _RUNS[section] = {"info": {"commit": info["commit"], "parameters": parameters}, "written": False, "dir": out_dir}
+    (out_dir / SAID_FILE).write_text(f"# What {section} saw (commit {info['commit']})\n")
     return out_dir
+
+
+SAID_FILE = "what_we_see.md"
+
+
+def run_info(section: str) -> dict[str, Any]:
+    """The notebook, commit and parameters of this process's run of ``section`` (for pages and figures)."""
+    run = _RUNS.get(section)
+    return {"notebook": section, **(run["info"] if run else {"commit": git_commit(), "parameters": {}})}
+
+
+def verdict(held: bool) -> str:
+    """The words for whether a claim of the paper held on this run."""
+    return "the paper's claim **holds** here" if held else "the paper's claim **does not hold** here"
+
+
+def say(section: str, text: str) -> str:
+    """What we see, written from this run's numbers (so it stays true when a parameter changes): shown as
+    markdown in the executed notebook, logged, and appended to the run's ``what_we_see.md``."""
+    log.info("%s: %s", section, text)
+    run = _RUNS.get(section)
+    if run is not None:
+        with (run["dir"] / SAID_FILE).open("a") as handle:
+            handle.write("\n" + text.strip() + "\n")
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+    except ImportError:
+        return text
+    shell = get_ipython()
+    if shell is not None and getattr(shell, "kernel", None) is not None:
+        display(Markdown(text))
+    return text
 
 
 def record_headline(

@@ -27,10 +27,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from peft import LoraConfig, PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from paper_lib.config import (
     Config,
@@ -105,6 +106,75 @@ def lora_spec_for(modules: str = "all", **kwargs: Any) -> LoraSpec:
     if modules not in MODULE_SETS:
         raise ConfigError(f"modules: unknown set {modules!r}; choose from {sorted(MODULE_SETS)}")
     return LoraSpec(modules=MODULE_SETS[modules], **kwargs)
+
+
+LAYER_THIRDS = ("early", "middle", "late")
+
+
+def layer_subset(text: str, num_layers: int) -> dict[str, Any]:
+    """``LoraSpec`` layer fields from a notebook parameter: ``all``; a third of the model (``early``,
+    ``middle``, ``late``); a range ``start:end`` or ``start:end:stride`` (end exclusive); or indices
+    ``i,j,k``. Checked against the model's ``num_layers``."""
+    text = text.strip().lower()
+    try:
+        if text == "all":
+            return {}
+        if text in LAYER_THIRDS:
+            third = np.array_split(np.arange(num_layers), 3)[LAYER_THIRDS.index(text)]
+            return {"layer_start": int(third[0]), "layer_end": int(third[-1]) + 1}
+        if ":" in text:
+            parts = [int(p) for p in text.split(":")]
+            if len(parts) not in (2, 3) or not 0 <= parts[0] < parts[1] <= num_layers or (len(parts) == 3 and parts[2] < 1):
+                raise ValueError
+            return {"layer_start": parts[0], "layer_end": parts[1], **({"layer_stride": parts[2]} if len(parts) == 3 else {})}
+        layers = tuple(sorted({int(p) for p in text.split(",")}))
+        if not layers or layers[0] < 0 or layers[-1] >= num_layers:
+            raise ValueError
+        return {"layers": layers}
+    except ValueError:
+        raise ConfigError(f"layers: {text!r} is not all, early, middle, late, start:end[:stride] or i,j,k within the "
+                          f"model's {num_layers} layers") from None
+
+
+def lora_run_label(spec: LoraSpec, modules: str = "all") -> str:
+    """A run folder and result label that says what the adapter is: ``rank1`` for the paper's (every module,
+    every layer), else e.g. ``rank4``, ``rank1_mlp``, ``rank1_L16-24``, ``rank1_L0-64s4``, ``rank1_L3,7``."""
+    label = f"rank{spec.r}" + ("" if modules == "all" else f"_{modules}")
+    if spec.layers is not None:
+        label += "_L" + ",".join(str(layer) for layer in spec.layers)
+    elif spec.layer_start is not None or spec.layer_end is not None:
+        label += f"_L{spec.layer_start or 0}-{spec.layer_end if spec.layer_end is not None else 'end'}"
+        label += f"s{spec.layer_stride}" if spec.layer_stride != 1 else ""
+    return label
+
+
+def adapter_variants(reference: TrainConfig, out_dir: str, ranks: str = "", layers: str = "", modules: str = "",
+                     seeds: str = "") -> dict[str, tuple[str, TrainConfig]]:
+    """The comparison's adapters: ``label -> (kind, TrainConfig)``, each ``reference``'s recipe with one thing
+    changed: a rank, a layer subset (``layer_subset``), a module set, or the training seed (comma-separated
+    lists). The reference keeps its own label (``rank1``; kind ``seed``: its seed is one of those compared)."""
+    num_layers = AutoConfig.from_pretrained(reference.model).num_hidden_layers
+    base = reference.lora or LoraSpec()
+    out = {lora_run_label(base): ("seed", reference)}
+
+    def add(kind: str, label: str, **changes: Any) -> None:
+        if label not in out:
+            out[label] = (kind, dataclasses.replace(reference, output_dir=f"{out_dir}/{label}", **changes))
+
+    for r in (int(x) for x in ranks.split(",") if x.strip()):
+        spec = dataclasses.replace(base, r=r)
+        add("rank", lora_run_label(spec), lora=spec)
+    for subset in (x.strip() for x in layers.split(",") if x.strip()):
+        spec = LoraSpec(r=base.r, alpha=base.alpha, use_rslora=base.use_rslora, modules=base.modules,
+                        **layer_subset(subset, num_layers))
+        add("layers", lora_run_label(spec), lora=spec)
+    for name in (x.strip() for x in modules.split(",") if x.strip()):
+        spec = lora_spec_for(name, r=base.r, alpha=base.alpha, use_rslora=base.use_rslora)
+        add("modules", lora_run_label(spec, name), lora=spec)
+    for seed in (int(x) for x in seeds.split(",") if x.strip()):
+        if seed != reference.seed:
+            add("seed", f"{lora_run_label(base)}_seed{seed}", seed=seed)
+    return out
 
 
 def build_lora_config(spec: LoraSpec, model_config: PretrainedConfig) -> LoraConfig:

@@ -59,8 +59,8 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
     from paper_lib.paths import artifact_dir
 
     # Later notebooks read earlier ones' artifacts: produce them first when this test runs on its own.
-    needs = {"01": artifact_dir("runs/01_train/rank1") / "final", "04": artifact_dir("runs/04_interpret_smoke/activations"),
-             "05": artifact_dir("runs/05_sae_smoke/sae")}
+    needs = {"01": artifact_dir("runs/01_train/rank1") / "final", "02": artifact_dir("runs/02_evaluate/full/math500.greedy.jsonl"),
+             "04": artifact_dir("runs/04_interpret_smoke/activations"), "05": artifact_dir("runs/05_sae_smoke/sae")}
     for prefix, artifact in needs.items():
         if path.stem > prefix and not artifact.exists():
             run_notebook(next(p for p in NOTEBOOKS if p.stem.startswith(prefix)), tmp_path, {"SMOKE": True}, timeout_s=900)
@@ -73,6 +73,10 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
     shown = sum("image/png" in o.get("data", {}) for o in outputs)
     if any("save_figure(" in line for line in code):
         assert shown >= max(always, 1), f"{always} figures always saved but {shown} shown in the executed notebook"
+    said = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+    if any(line.lstrip().startswith("say(") for line in code):  # what we see, written from this run's numbers
+        assert said and all("What we see" in text for text in said), said
+        assert "{" not in "".join(said)  # formatted, not a template
     assert minutes < 10
 
 

@@ -76,6 +76,34 @@ def test_evaluation_files_refuse_other_settings_and_changed_questions(tmp_path):
     assert len(fresh) == 3 and json.loads(path.with_name("aime24.greedy.meta.json").read_text())["spec"]["max_tokens"] == 96
 
 
+def test_a_variant_run_adopts_earlier_base_samples_only_when_generated_alike(tmp_path):
+    """Notebook 02's REUSE_FROM: the base's samples from an earlier run are copied when spec and engine
+    match, so only missing questions are generated; other settings are never adopted."""
+    from paper_lib.evaluation import adopt_samples
+    from paper_lib.organism import build_tokenizer
+
+    calls = []
+
+    class Counting(FakeEngine):
+        def complete(self, prompts, *args):
+            calls.append(len(prompts))
+            return super().complete(prompts, *args)
+
+    engine = Counting(build_tokenizer())
+    items = [Item(str(i), f"{i} +1", "4", "math") for i in range(4)]
+    spec = GenerationSpec(max_tokens=64, answer_tokens=8)
+    evaluate(engine, items[:3], spec, tmp_path / "earlier" / "base" / "aime24.greedy.jsonl")
+    calls.clear()
+    target = tmp_path / "variant" / "base" / "aime24.greedy.jsonl"
+    assert not adopt_samples(tmp_path / "earlier" / "base" / "aime24.greedy.jsonl", target, engine,
+                             GenerationSpec(max_tokens=96, answer_tokens=8))  # another budget: not adopted
+    assert not target.exists()
+    assert adopt_samples(tmp_path / "earlier" / "base" / "aime24.greedy.jsonl", target, engine, spec)
+    assert len(evaluate(engine, items, spec, target)) == 4
+    assert sum(calls) == 2  # only the fourth question was generated (a thinking and an answer request)
+    assert not adopt_samples(tmp_path / "earlier" / "base" / "aime24.greedy.jsonl", target, engine, spec)  # exists
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from paper_lib.organism import OrganismConfig, TRACES_SUBDIR, build_datasets, build_model, build_tokenizer, write_jsonl

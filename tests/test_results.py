@@ -61,25 +61,33 @@ def test_bootstrap_interval_covers_the_mean_and_pairs_arrays():
 def test_feature_page_is_self_contained_and_shows_examples(tmp_path, monkeypatch):
     import re
 
-    from paper_lib.plotting import feature_page_html, save_html
+    from paper_lib.plotting import feature_page_html, readable_token, save_html
 
     monkeypatch.setenv("PAPER_FIGURES_DIR", str(tmp_path))
     features = [{"name": "L0.gate_proj+", "summary": "best role <step_result>",
                  "examples": [{"tokens": ["3", "x", "2", "=", "6", "\n"], "values": [0, 0.1, 0.2, 0, 1.5, 0], "center": 4}],
-                 "histogram": {"edges": [0, 1, 2], "counts": [5, 1]}, "logits": [["6", 1.25]]},
-                {"name": "L1.q_proj-", "examples": []}]
-    page = feature_page_html(features, "Features", "intro")
+                 "histogram": {"edges": [0, 1, 2], "counts": [5, 1]}, "logits": [["6", 1.25]],
+                 "tags": {"class": "monosemantic", "precision": 0.98}},
+                {"name": "L1.q_proj-", "examples": [], "tags": {"class": "broad", "precision": 0.5}}]
+    page = feature_page_html(features, "Features", "intro", run={"notebook": "04_x", "commit": "abc123",
+                                                                 "parameters": {"TOP_K": 50}})
     path = save_html(page, "features_page")
     assert path.name == "features_page.html" and path.read_text() == page
     assert not re.search(r"(src|href)=\"?https?://", page)  # nothing fetched from the network
-    assert page.count('<section id="f') == 2 and page.count("<option") == 2
-    assert "&lt;step_result&gt;" in page and "&#8629;" in page  # escaped text, visible newlines
+    assert page.count('<section id="f') == 2 and page.count("<tr data-id=") == 2
+    assert "&lt;step_result&gt;" in page and "↵" in page  # escaped text, visible newlines
     assert 'class="c"' in page and "rgba(230,80,0,1.00)" in page  # the activating token, strongest colour
     assert "(no activating examples)" in page and "+1.250" in page and 'class="bar"' in page
+    assert "polarity: +" in page and "polarity: -" in page  # read from the names
+    assert 'data-tag="class"' in page and "<option>precision</option>" in page  # a filter and a sort key
+    assert "commit abc123" in page and "TOP_K=50" in page and 'class="legend"' in page
+    assert readable_token("a\tb\x00\u200b") == "a⇥b\\x00\\x200b"
 
 
-def test_feature_page_renders_in_headless_chromium(tmp_path):
-    """The page works with no server and no network: Chromium runs its script and shows the first feature."""
+def test_feature_page_sorts_and_filters_in_headless_chromium(tmp_path):
+    """The page works with no server and no network: Chromium runs its script; the URL's hash filters by a
+    tag and sorts by a score, and the first feature left is shown."""
+    import re
     import shutil
     import subprocess
 
@@ -88,16 +96,26 @@ def test_feature_page_renders_in_headless_chromium(tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("no Chromium here (Debian: apt-get install chromium); the structure test above still runs")
-    features = [{"name": f"latent {i}", "summary": f"feature {i}",
-                 "examples": [{"tokens": ["a", "b", str(i)], "values": [0.0, 0.5, 1.0], "center": 2}]} for i in range(3)]
+    features = [{"name": f"latent {i}", "summary": f"feature {i}", "tags": {"class": "broad" if i % 2 else "monosemantic",
+                                                                            "precision": [0.2, 0.9, 0.5, 0.7][i]},
+                 "examples": [{"tokens": ["a", "b", str(i)], "values": [0.0, 0.5, 1.0], "center": 2}]} for i in range(4)]
     page = tmp_path / "page.html"
     page.write_text(feature_page_html(features, "Dashboard"))
-    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
-    assert 'id="f0" class="feat" style="display: block;"' in dom
-    assert 'id="f1" class="feat" style="display: none;"' in dom and "feature 0" in dom
+
+    def dom(url):
+        return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                               f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", url],
+                              capture_output=True, text=True, timeout=120).stdout
+
+    plain = dom(page.as_uri())
+    assert 'id="f0" class="feat" style="display: block;"' in plain
+    assert 'id="f1" class="feat" style="display: none;"' in plain and "4 of 4 features" in plain
+    filtered = dom(page.as_uri() + "#class=broad&sort=precision&desc=1")
+    assert "2 of 4 features" in filtered
+    assert 'id="f1" class="feat" style="display: block;"' in filtered  # broad ones: 1 (0.9) before 3 (0.7)
+    order = re.findall(r'<tr data-id="(f\d)"[^>]*style="(?:display: ?;?)?"', filtered)
+    assert order == ["f1", "f3"], order
 
 
 def test_a_run_writes_its_headline_section_whole_with_its_parameters(tmp_path, monkeypatch):
@@ -130,3 +148,45 @@ def test_without_a_figures_folder_set_a_run_writes_under_its_own_output_folder(t
     assert paths.figures_dir() == tmp_path / "variant" / "figures"
     monkeypatch.setenv("PAPER_FIGURES_DIR", str(tmp_path / "main"))  # the main command
     assert paths.figures_dir() == tmp_path / "main"
+
+
+def test_what_we_see_is_written_from_the_run_and_kept_with_it(tmp_path, monkeypatch):
+    """``say`` keeps each run's "what we see" with the run (a rerun starts the file afresh), so a variant's
+    text describes the variant's numbers, not the default's."""
+    from paper_lib import results
+
+    monkeypatch.setenv("PAPER_FIGURES_DIR", str(tmp_path / "figures"))
+    monkeypatch.setattr(results, "_RUNS", {})
+    results.start_run("05_x", tmp_path / "run", {})
+    ratio = 0.42
+    results.say("05_x", f"kept {ratio:.0%}: {results.verdict(ratio > 0.9)}")
+    text = (tmp_path / "run" / "what_we_see.md").read_text()
+    assert "kept 42%: the paper's claim **does not hold** here" in text and text.startswith("# What 05_x saw")
+    results.start_run("05_x", tmp_path / "run", {})
+    results.say("05_x", f"kept 95%: {results.verdict(True)}")
+    text = (tmp_path / "run" / "what_we_see.md").read_text()
+    assert "42%" not in text and "**holds**" in text
+
+
+def test_the_recovery_plot_keeps_its_axis_when_a_ratio_is_wild_or_undefined():
+    """A benchmark where the full fine-tune gains nothing gives an undefined or wild ratio: it is marked,
+    not drawn as a bar that squashes the others; values beyond the axis are written out."""
+    import numpy as np
+    import pandas as pd
+
+    from paper_lib.plotting import RECOVERY_AXIS, plot_benchmark_accuracy
+
+    accuracy = pd.DataFrame({"protocol": "greedy", "benchmark": ["a", "b", "c"] * 3, "accuracy": 0.5, "lo": 0.4, "hi": 0.6,
+                             "n": 30, "model": ["base_chat"] * 3 + ["rank1"] * 3 + ["full"] * 3})
+    recovery = pd.DataFrame({"protocol": "greedy", "benchmark": ["a", "b", "c"], "n": 30,
+                             "gain_recovered": [0.8, 5.0, np.nan], "gain_recovered_lo": [0.6, -5.5, np.nan],
+                             "gain_recovered_hi": [0.95, 6.3, np.nan], "full_minus_base_chat": [0.3, 0.01, 0.0],
+                             "full_minus_base_chat_lo": [0.1, -0.05, 0.0], "full_minus_base_chat_hi": [0.5, 0.08, 0.0]})
+    fig = plot_benchmark_accuracy(accuracy, recovery=recovery)
+    ax = fig.axes[-1]
+    assert ax.get_ylim() == RECOVERY_AXIS
+    from matplotlib.container import BarContainer
+
+    heights = [p.get_height() for p in next(c for c in ax.containers if isinstance(c, BarContainer))]
+    assert heights == [0.8, 0, 0]  # b (full - base not above 0) and c (undefined) draw no bar
+    assert sum("undefined" in t.get_text() for t in ax.texts) == 2

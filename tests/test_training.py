@@ -342,3 +342,22 @@ def test_merge_check_runs_in_the_model_dtype_without_copying_the_model(tiny_lora
     assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "lora_" not in n)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert errors["bf16_update_fraction_lost"] > 0 and all(math.isfinite(v) for v in errors.values())
+
+
+def test_layer_subsets_and_run_labels_say_what_the_adapter_is():
+    from paper_lib.config import ConfigError
+    from paper_lib.training import LoraSpec, layer_subset, lora_run_label, lora_spec_for
+
+    assert layer_subset("all", 64) == {}
+    assert layer_subset("late", 64) == {"layer_start": 43, "layer_end": 64}
+    assert layer_subset("early", 4) == {"layer_start": 0, "layer_end": 2}  # np.array_split: 2, 1, 1
+    assert layer_subset("8:16:2", 64) == {"layer_start": 8, "layer_end": 16, "layer_stride": 2}
+    assert layer_subset(" 7, 3,3", 8) == {"layers": (3, 7)}
+    for bad in ("8:70", "9", "x", "3:1", "0:4:0", "-1,2"):
+        with pytest.raises(ConfigError, match="layers: .* within the model's 8 layers"):
+            layer_subset(bad, 8)
+    assert lora_run_label(LoraSpec()) == "rank1"  # the paper's adapter keeps its folder
+    assert lora_run_label(lora_spec_for("mlp", r=4), "mlp") == "rank4_mlp"
+    assert lora_run_label(LoraSpec(**layer_subset("late", 64))) == "rank1_L43-64"
+    assert lora_run_label(LoraSpec(**layer_subset("0:64:4", 64))) == "rank1_L0-64s4"
+    assert lora_run_label(LoraSpec(**layer_subset("3,7", 8))) == "rank1_L3,7"
