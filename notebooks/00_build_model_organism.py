@@ -38,7 +38,6 @@ import pandas as pd
 from datasets import load_dataset
 
 from paper_lib.config import seed_everything
-from paper_lib.params import check_parameters
 from paper_lib.organism import (
     AIME_SUBDIR,
     GPQA_SUBDIR,
@@ -56,6 +55,7 @@ from paper_lib.organism import (
     textbook_document,
     thinking_answer,
 )
+from paper_lib.params import check_parameters
 from paper_lib.paths import artifact_dir, resolve
 from paper_lib.plotting import plot_latent_gap, plot_pretraining, save_figure
 from paper_lib.results import record_headline, say, start_run

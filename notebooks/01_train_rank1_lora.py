@@ -63,9 +63,9 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from paper_lib.config import seed_everything
-from paper_lib.params import check_parameters
 from paper_lib.data import format_s1_text, load_traces
 from paper_lib.evaluation import release_memory
+from paper_lib.params import check_parameters
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import plot_training_losses, save_figure
 from paper_lib.results import record_headline, say, start_run
@@ -74,9 +74,9 @@ from paper_lib.training import (
     count_lora_parameters,
     launch_training,
     layer_subset,
+    load_trained,
     lora_run_label,
     lora_spec_for,
-    load_trained,
     merge_error,
 )
 

@@ -56,7 +56,7 @@ N_BOOTSTRAP = 2000  # bootstrap resamples for intervals
 OUTPUT_DIR = "runs/02_evaluate"  # under data/: per-sample JSONL files per model x benchmark x protocol
 REUSE_FROM = ""  # an earlier run's OUTPUT_DIR: its base and full samples are reused where generated exactly alike
 OVERWRITE = False  # discard earlier per-sample files instead of resuming them
-CHECK_CLAIMS = True  # assert the organism's expected results (off for the random-weight rehearsal)
+CHECK_CLAIMS = True  # assert the default's expected results (False: the rehearsal, and variants that may differ)
 SMOKE = False  # fast check for CI: a few questions per benchmark, HF backend allowed
 
 # %%
@@ -69,8 +69,8 @@ import numpy as np
 import pandas as pd
 
 from paper_lib.config import seed_everything
-from paper_lib.params import check_parameters
 from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
+from paper_lib.params import check_parameters
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import plot_benchmark_accuracy, save_figure
 from paper_lib.results import record_headline, say, start_run, verdict

@@ -46,7 +46,7 @@ MAX_TOKENS = 160  # generated tokens per response (real scale: 32768)
 ANSWER_TOKENS = 32  # tokens for the forced answer section (real scale: 2048)
 TENSOR_PARALLEL = 1  # vLLM tensor parallelism for the behavioural part (GPUs per engine)
 N_BENCHMARK_QUESTIONS = 0  # behavioural part: questions per benchmark (0: all)
-CHECK_CLAIMS = True  # assert the organism's expected results (off for the random-weight rehearsal)
+CHECK_CLAIMS = True  # assert the default's expected results (False: the rehearsal, and variants that may differ)
 OUTPUT_DIR = "runs/03_ablate"  # under data/: adapter variants and per-sample JSONL files
 SMOKE = False  # fast check for CI: a few traces
 
@@ -67,8 +67,8 @@ from paper_lib.ablation import (
     trace_batches,
 )
 from paper_lib.config import seed_everything
-from paper_lib.params import check_parameters
 from paper_lib.evaluation import release_memory
+from paper_lib.params import check_parameters
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import plot_adapter_ablations, save_figure
 from paper_lib.results import record_headline, say, start_run, verdict

@@ -114,11 +114,11 @@ print(f"{len(texts)} traces; adapters read from the extra output of each project
 store_dir = out_dir / "activations"
 if OVERWRITE and store_dir.exists():
     shutil.rmtree(store_dir)
-start_run(SECTION, out_dir, parameters)  # run.json (notebook 06 reads its TRACES), figures, headlines
+start_run(SECTION, out_dir, parameters)  # run.json, figures, headlines
 controls = control_populations(model, adapter_keys(model), seed=SEED)  # as many MLP neurons and random directions as adapters
 start = time.perf_counter()
 store = extract_activation_shards(model, tokenizer, texts, store_dir, batch_size=BATCH_SIZE, max_length=MAX_LENGTH,
-                                  provenance=adapter_provenance(ADAPTER_RUN), populations=controls)
+                                  provenance={**adapter_provenance(ADAPTER_RUN), "traces": TRACES}, populations=controls)
 seconds = time.perf_counter() - start
 print(f"{store.n_tokens:,} tokens x {len(store.feature_names())} adapters (+ {len(controls)} control populations) in "
       f"{seconds:.1f} s ({store.n_tokens / seconds:,.0f} tok/s, 0 if the shards existed)")

@@ -51,7 +51,7 @@ N_MATH = 200  # MATH-like questions for the spliced accuracy (0: all 500)
 MAX_TOKENS = 160  # generated tokens per response (real scale: 32768)
 CACHE_TOKENS = 1_048_576  # most tokens per KV cache across a generation batch (32B on 80 GB: 131072)
 OUTPUT_DIR = "runs/05_sae"  # under data/: the SAE, its scales, curves, config.json, per-sample JSONL
-CHECK_CLAIMS = True  # assert the paper's claims (off for stand-ins with random weights)
+CHECK_CLAIMS = True  # assert the default's expected results (False: the rehearsal, and variants that may differ)
 OVERWRITE = False  # retrain even if a trained SAE exists
 SMOKE = False  # fast check for CI: two epochs, a few traces and questions
 
@@ -63,8 +63,8 @@ import torch
 from paper_lib.ablation import scoring_traces, trace_batches
 from paper_lib.activations import ActivationStore
 from paper_lib.config import seed_everything
-from paper_lib.params import check_parameters
 from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
+from paper_lib.params import check_parameters
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import plot_sae_training, plot_splice, save_figure
 from paper_lib.results import record_headline, say, start_run, verdict
@@ -138,7 +138,10 @@ if CHECK_CLAIMS:
 # ## The splice in generation: benchmark accuracy
 # One engine, three variants of the same model: the adapter as is (through the same two-pass loop: it
 # must match notebook 02's rank-1 accuracy), its scalars replaced by the SAE reconstruction, and zeroed
-# (the base model).
+# (the base model). The teacher-forced KL recovered above is the primary splice measure (cheap, every
+# token counts); these accuracies are its behavioural check. Their cost is `N_MATH` + AIME questions x three
+# variants x up to `MAX_TOKENS` tokens, two forward passes a token, batches bounded by `CACHE_TOKENS` (the
+# README estimates the GPU-hours at 32B).
 
 # %%
 variants = {"rank1": "rank-1 (as is)", "sae_spliced": "SAE spliced", "no_adapter": "no adapter"}  # slug -> label

@@ -29,7 +29,7 @@
 
 # %% tags=["parameters"]
 SEED = 0  # bootstrap, judge feature sampling
-INTERPRET_DIR = "runs/04_interpret"  # notebook 04's output folder (activation shards and its run.json)
+INTERPRET_DIR = "runs/04_interpret"  # notebook 04's output folder (its activations/ store names the traces it read)
 SAE_DIR = "runs/05_sae"  # notebook 05's output folder (the trained SAE)
 ADAPTER_RUN = "runs/01_train/rank1"  # notebook 01's rank-1 run folder (logit effects, steering)
 DTYPE = "float32"  # model dtype (real scale: bfloat16)
@@ -59,14 +59,13 @@ SMOKE = False  # fast check for CI
 
 # %%
 import functools
-import json
 
 import numpy as np
 import pandas as pd
 import torch
 
 from paper_lib.activations import ActivationStore
-from paper_lib.config import seed_everything
+from paper_lib.config import fingerprint, seed_everything
 from paper_lib.data import format_s1_text, load_traces
 from paper_lib.evaluation import GenerationSpec, chat_prompt, evaluate, load_benchmark
 from paper_lib.interp import SignedFeatures, class_shares, compare_populations, feature_examples, score_populations
@@ -89,8 +88,7 @@ judge_config = JudgeConfig(  # checked now, not after the expensive work
 suffix = "_smoke" if SMOKE else ""  # pairs with notebooks 04 and 05's smoke runs
 interp_dir, out_dir = artifact_dir(INTERPRET_DIR + suffix), artifact_dir(OUTPUT_DIR + suffix)
 start_run(SECTION, out_dir, parameters)  # run.json, figures, headline section
-extraction = json.loads((interp_dir / "run.json").read_text())["parameters"]  # the traces notebook 04 read
-store = ActivationStore(interp_dir / "activations")
+store = ActivationStore(interp_dir / "activations")  # its meta.json names the traces, model and adapter it read
 sae, scales = load_sae(artifact_dir(SAE_DIR + suffix))
 model, tokenizer, _ = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE), device=DEVICE)  # straight to the GPUs
 adapter_state = store.features()  # [tokens, d_in] read shard by shard, never loaded whole
@@ -126,9 +124,10 @@ print(examples[0]["name"], examples[0]["summary"], examples[0]["logits"][:3])
 
 # %%
 if ROLE_SCORER:
-    traces = load_traces(extraction["TRACES"])
+    traces = load_traces(store.meta["provenance"]["traces"])
     texts = [format_s1_text(tokenizer, row) for row in traces.select(range(len(store)))]
-    roles = np.concatenate([token_roles(tokenizer, t, extraction["MAX_LENGTH"]) for t in texts])  # store order
+    roles = np.concatenate([token_roles(tokenizer, t, store.meta["max_length"]) for t in texts])  # store order
+    assert store.meta["texts"] == fingerprint(texts), "the traces read differently now than when they were extracted"
     assert len(roles) == store.n_tokens
     scored = score_populations({"SAE feature": sae_features, "LoRA": SignedFeatures(adapter_state)}, roles,
                                ROLE_FAMILY, k=TOP_K, mono=MONO, broad=BROAD, tops={"SAE feature": live_top})

@@ -309,7 +309,7 @@ def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Seq
                               batch_size: int = 16, docs_per_shard: int = 256, dtype: str = "float16",
                               max_length: int = 2048, adapter: str = "default", process_index: int = 0,
                               num_processes: int = 1, provenance: dict[str, Any] | None = None,
-                              populations: dict[str, Population] | None = None) -> "ActivationStore | None":
+                              populations: dict[str, Population] | None = None) -> ActivationStore | None:
     """Adapter activations of every token of ``texts``, written shard by shard with bounded memory.
 
     Each shard holds whole documents: token ids (int32), activations ``[tokens, n_layers, n_modules]``
@@ -383,7 +383,7 @@ def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Seq
 
 
 def write_activation_store(out_dir: str | Path, documents: Iterable[tuple[np.ndarray, np.ndarray]], layers: Sequence[int],
-                           modules: Sequence[str], dtype: str = "float16", docs_per_shard: int = 256) -> "ActivationStore":
+                           modules: Sequence[str], dtype: str = "float16", docs_per_shard: int = 256) -> ActivationStore:
     """A store from documents ``(token ids [n], activations [n, n_layers, n_modules])``, taken one shard at a
     time (a generator keeps memory at one shard): for activations computed elsewhere (e.g. the paper's own
     float16 ``[tokens, 64, 7]`` arrays, whose module order is ``ADAPTER_MODULES``) and for synthetic data in
@@ -577,7 +577,7 @@ class ActivationStore:
         """For every token, the index of its document."""
         return np.concatenate([self.shard_document_ids(s) for s in range(len(self.shards))])
 
-    def features(self, population: str = LORA, block_tokens: int = 32768) -> "StoreFeatures":
+    def features(self, population: str = LORA, block_tokens: int = 32768) -> StoreFeatures:
         """The population as features for ``interp`` (names, blocks, rows), without loading it."""
         return StoreFeatures(self, population, block_tokens)
 
@@ -752,7 +752,8 @@ def main(argv: list[str] | None = None) -> None:
     controls = {} if args.no_controls else control_populations(model, adapter_keys(model), seed=args.seed)
     extract_activation_shards(model, tokenizer, texts, artifact_dir(args.out), batch_size=args.batch_size,
                               max_length=args.max_length, process_index=state.process_index,
-                              num_processes=state.num_processes, provenance=adapter_provenance(args.adapter_run),
+                              num_processes=state.num_processes,
+                              provenance={**adapter_provenance(args.adapter_run), "traces": args.traces},
                               populations=controls)
 
 

@@ -23,10 +23,10 @@ import logging
 import os
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from pathlib import Path
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np

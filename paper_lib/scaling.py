@@ -56,7 +56,7 @@ def synthetic_documents(n_tokens: int, seed: int = 0) -> Iterator[tuple[np.ndarr
 def build_store(out_dir: Path, n_tokens: int, seed: int = 0) -> Path:
     """A synthetic store of ``n_tokens`` (rounded down to whole documents) with the two control populations
     written beside the adapters as extra shard files, as notebook 04's one-pass extraction writes them."""
-    from paper_lib.activations import ActivationStore, finish_shard, _shard_paths
+    from paper_lib.activations import ActivationStore, _shard_paths, finish_shard
 
     if (out_dir / "meta.json").is_file() and ActivationStore(out_dir, verify=False).n_tokens == n_tokens // DOC_TOKENS * DOC_TOKENS:
         return out_dir

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import ORGANISM_DIR
+
 from paper_lib.activations import write_activation_store
 from paper_lib.interp import (
     ArrayFeatures,

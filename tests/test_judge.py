@@ -137,7 +137,7 @@ def test_end_to_end_against_vllms_openai_server_on_loopback(tmp_path):
                 break
             except JudgeError:
                 if time.time() > deadline or server.poll() is not None:
-                    raise AssertionError((tmp_path / "server.log").read_text()[-3000:])
+                    raise AssertionError((tmp_path / "server.log").read_text()[-3000:]) from None
                 time.sleep(2)
         quiet = dict(EXAMPLE, center=1)
         record = score_feature(judge, "f", [EXAMPLE], [EXAMPLE], [quiet])

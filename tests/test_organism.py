@@ -34,7 +34,6 @@ from paper_lib.organism import (
     textbook_document,
     thinking_answer,
 )
-
 from paper_lib.paths import REPO_ROOT
 
 SHARED_BENCHMARKS = REPO_ROOT.parent / "shared" / "benchmarks"  # reference files beside the checkout

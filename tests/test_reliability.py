@@ -106,7 +106,7 @@ def test_a_variant_run_adopts_earlier_base_samples_only_when_generated_alike(tmp
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from paper_lib.organism import OrganismConfig, TRACES_SUBDIR, build_datasets, build_model, build_tokenizer, write_jsonl
+    from paper_lib.organism import TRACES_SUBDIR, OrganismConfig, build_datasets, build_model, build_tokenizer, write_jsonl
     from paper_lib.training import TrainConfig, train
 
     root = tmp_path_factory.mktemp("stale")
