@@ -56,7 +56,7 @@ from paper_lib.organism import (
     thinking_answer,
 )
 from paper_lib.params import check_parameters
-from paper_lib.paths import artifact_dir, resolve
+from paper_lib.paths import resolve, stage_dir
 from paper_lib.plotting import plot_latent_gap, plot_pretraining, save_figure
 from paper_lib.results import record_headline, say, start_run
 from paper_lib.statistics import wilson_interval
@@ -67,7 +67,7 @@ parameters = check_parameters(globals(), SECTION)
 seed_everything(SEED)
 organism_dir = resolve(ORGANISM_DIR)
 # this run's run.json, figures and headline section (a smoke run never mixes with a full one)
-start_run(SECTION, artifact_dir(OUTPUT_DIR + ("_smoke" if SMOKE else "")), parameters)
+start_run(SECTION, stage_dir(OUTPUT_DIR, SMOKE), parameters)
 
 # %% [markdown]
 # ## The task: chains of table lookups, written out or answered directly

@@ -83,7 +83,7 @@ from paper_lib.interp import (
 from paper_lib.judge import JudgeConfig
 from paper_lib.organism import ROLE_FAMILY, token_roles
 from paper_lib.params import check_parameters
-from paper_lib.paths import artifact_dir
+from paper_lib.paths import stage_dir
 from paper_lib.plotting import feature_page_html, plot_interpretability, save_figure, save_html
 from paper_lib.results import record_headline, run_info, say, start_run, verdict
 from paper_lib.training import adapter_provenance, load_trained
@@ -95,7 +95,7 @@ seed_everything(SEED)
 judge_config = JudgeConfig(  # checked now, not after the expensive work
     JUDGE_URL, JUDGE_MODEL, api_key_env=JUDGE_KEY_ENV, max_tokens=JUDGE_MAX_TOKENS or None, token_param=JUDGE_TOKEN_PARAM,
     temperature=None if JUDGE_TEMPERATURE < 0 else JUDGE_TEMPERATURE, concurrency=JUDGE_CONCURRENCY) if JUDGE_URL else None
-out_dir = artifact_dir(OUTPUT_DIR + ("_smoke" if SMOKE else ""))  # a smoke run never clashes with a full one
+out_dir = stage_dir(OUTPUT_DIR, SMOKE)  # a smoke run never clashes with a full one
 # straight to the device in the model's dtype: no full host copy of a 32B model
 peft_model, tokenizer, train_cfg = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE), device=DEVICE)
 model = build_readout_model(peft_model, merged=MERGED)  # consumes the PEFT model: no copy at 32B

@@ -65,7 +65,7 @@ from paper_lib.activations import ActivationStore
 from paper_lib.config import seed_everything
 from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
 from paper_lib.params import check_parameters
-from paper_lib.paths import artifact_dir
+from paper_lib.paths import stage_dir
 from paper_lib.plotting import plot_sae_training, plot_splice, save_figure
 from paper_lib.results import record_headline, say, start_run, verdict
 from paper_lib.sae import SAESpec, ScalarEngine, load_sae, sae_metrics, splice_kl, state_transform, train_or_reuse_sae
@@ -78,9 +78,8 @@ parameters = check_parameters(globals(), SECTION, choices={
     "NORMALIZE": ("per_adapter", "none"),
     "DTYPE": ("float32", "bfloat16", "float16")})
 seed_everything(SEED)
-suffix = "_smoke" if SMOKE else ""  # a smoke run never clashes with a full one
-store = ActivationStore(artifact_dir(INTERPRET_DIR + suffix) / "activations")
-out_dir = start_run(SECTION, artifact_dir(OUTPUT_DIR + suffix), parameters)  # run.json, figures, headlines
+store = ActivationStore(stage_dir(INTERPRET_DIR, SMOKE) / "activations")
+out_dir = start_run(SECTION, stage_dir(OUTPUT_DIR, SMOKE), parameters)  # run.json, figures, headlines
 n_docs = len(store)
 train_docs = range(0, int(round(n_docs * (1 - HELDOUT_FRACTION))))
 heldout_docs = range(train_docs.stop, n_docs)

@@ -72,7 +72,7 @@ from paper_lib.interp import SignedFeatures, class_shares, compare_populations, 
 from paper_lib.judge import JudgeConfig
 from paper_lib.organism import ROLE_FAMILY, token_roles
 from paper_lib.params import check_parameters
-from paper_lib.paths import artifact_dir
+from paper_lib.paths import stage_dir
 from paper_lib.plotting import feature_page_html, plot_feature_donut, plot_interpretability, save_figure, save_html
 from paper_lib.results import record_headline, run_info, say, start_run, verdict
 from paper_lib.sae import LatentFeatures, ScalarEngine, decoder_logit_effects, decoder_scalars, latent_summary, load_sae
@@ -85,11 +85,10 @@ seed_everything(SEED)
 judge_config = JudgeConfig(  # checked now, not after the expensive work
     JUDGE_URL, JUDGE_MODEL, api_key_env=JUDGE_KEY_ENV, max_tokens=JUDGE_MAX_TOKENS or None, token_param=JUDGE_TOKEN_PARAM,
     temperature=None if JUDGE_TEMPERATURE < 0 else JUDGE_TEMPERATURE, concurrency=JUDGE_CONCURRENCY) if JUDGE_URL else None
-suffix = "_smoke" if SMOKE else ""  # pairs with notebooks 04 and 05's smoke runs
-interp_dir, out_dir = artifact_dir(INTERPRET_DIR + suffix), artifact_dir(OUTPUT_DIR + suffix)
+interp_dir, out_dir = stage_dir(INTERPRET_DIR, SMOKE), stage_dir(OUTPUT_DIR, SMOKE)  # smoke pairs with smoke
 start_run(SECTION, out_dir, parameters)  # run.json, figures, headline section
 store = ActivationStore(interp_dir / "activations")  # its meta.json names the traces, model and adapter it read
-sae, scales = load_sae(artifact_dir(SAE_DIR + suffix))
+sae, scales = load_sae(stage_dir(SAE_DIR, SMOKE))
 model, tokenizer, _ = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE), device=DEVICE)  # straight to the GPUs
 adapter_state = store.features()  # [tokens, d_in] read shard by shard, never loaded whole
 summary = latent_summary(sae, scales, adapter_state, k=max(TOP_K, PAGE_EXAMPLES))  # streamed: no [tokens, d_sae] array
@@ -97,6 +96,7 @@ fired, d_sae = summary["fired"], sae.cfg.d_sae
 live = np.flatnonzero(fired)
 sae_features = LatentFeatures(sae, scales, adapter_state, columns=live)  # the live latents, encoded block by block
 names = sae_features.names
+latent_of = dict(zip(names, live.tolist()))  # feature name -> latent index
 print(f"{store.n_tokens:,} tokens; {len(live)} of {d_sae} latents fire at least once")
 assert len(live) > 0 and fired.sum() > 0
 
@@ -184,7 +184,7 @@ if ROLE_SCORER:
     completion_roles = {"step_input", "step_operator", "step_operand", "step_equals", "step_result", "step_separator",
                         "final_answer", "answer_prefix", "answer_marker", "think_marker"}
     candidates = sae_scores[sae_scores.role.isin(completion_roles)].sort_values(["precision", "auroc"], ascending=False)
-    steer = int(candidates.index[0].split(" ")[1]) if STEER_FEATURE < 0 else STEER_FEATURE
+    steer = latent_of[candidates.index[0]] if STEER_FEATURE < 0 else STEER_FEATURE
     role = sae_scores.loc[f"latent {steer}", "role"]
     unit = float(summary["mass"][steer] / summary["fired"][steer])  # mean non-zero activation
     direction = decoder_scalars(sae, scales, steer).reshape(len(store.layers), len(store.modules))
@@ -263,7 +263,7 @@ if JUDGE_URL:
     categories = pd.DataFrame(categorise_features(judge, [{"name": r.feature, "explanation": r.explanation}
                                                           for r in sae_judged.itertuples()], out_dir / "judge" / "categories.jsonl"),
                               columns=["feature", "explanation", "category", "subcategory"])
-    categories["mass"] = [float(summary["mass"][int(f.split(" ")[1])]) for f in categories.feature]
+    categories["mass"] = [float(summary["mass"][latent_of[f]]) for f in categories.feature]
     categories.to_csv(out_dir / "judge_categories.csv", index=False)
     shares = categories.groupby("category").size().rename("count").reset_index()
     shares[["lo", "hi"]] = [wilson_interval(int(c), len(categories)) for c in shares["count"]]

@@ -57,7 +57,7 @@ import pandas as pd
 from paper_lib.config import seed_everything
 from paper_lib.evaluation import GenerationSpec, HFEngine, VLLMEngine, evaluate, load_benchmark, read_evaluation
 from paper_lib.params import check_parameters
-from paper_lib.paths import artifact_dir
+from paper_lib.paths import artifact_dir, run_name, stage_dir
 from paper_lib.plotting import plot_variant_recovery, save_figure
 from paper_lib.results import record_headline, say, start_run, verdict
 from paper_lib.statistics import recovery_table
@@ -69,9 +69,9 @@ parameters = check_parameters(globals(), SECTION, choices={"BACKEND": ("vllm", "
 seed_everything(SEED)
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-out_dir = start_run(SECTION, artifact_dir(OUTPUT_DIR + ("_smoke" if SMOKE else "")), parameters)
+out_dir = start_run(SECTION, stage_dir(OUTPUT_DIR, SMOKE), parameters)
 reference = TrainConfig.load(artifact_dir(TRAIN_RUN))
-variants = adapter_variants(reference, f"{OUTPUT_DIR}{'_smoke' if SMOKE else ''}/adapters", RANKS, LAYERS, MODULES, SEEDS)
+variants = adapter_variants(reference, f"{run_name(OUTPUT_DIR, SMOKE)}/adapters", RANKS, LAYERS, MODULES, SEEDS)
 print({label: kind for label, (kind, _) in variants.items()})
 
 # %% [markdown]

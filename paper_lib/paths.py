@@ -53,6 +53,17 @@ def artifact_dir(path: str | Path) -> Path:
     return path if path.is_absolute() else data_dir() / path
 
 
+def run_name(output_dir: str, smoke: bool = False) -> str:
+    """A stage's folder name from its ``OUTPUT_DIR`` parameter: a smoke run gets ``_smoke`` appended, so it
+    never clashes with (or is reused as) a full run, and a smoke run downstream finds its upstream's."""
+    return f"{output_dir}_smoke" if smoke else output_dir
+
+
+def stage_dir(output_dir: str, smoke: bool = False) -> Path:
+    """``artifact_dir`` of ``run_name``: where a stage's run (smoke or not) keeps its artifacts."""
+    return artifact_dir(run_name(output_dir, smoke))
+
+
 @contextmanager
 def environment(**variables: str) -> Iterator[None]:
     """Set environment variables for the duration (notebook kernels started inside inherit them)."""

@@ -83,11 +83,11 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
 @pytest.mark.slow
 def test_notebook_03_handles_an_adapter_on_mlp_modules_only(tmp_path):
     """A variant run: an MLP-only rank-1 adapter from notebook 01 goes through notebook 03 (no attention
-    ratio, no meaningless attention-only variant)."""
+    ratio, no meaningless attention-only variant); notebook 01 names its folder after it (rank1_mlp)."""
     nb = {p.stem[:2]: p for p in NOTEBOOKS}
     run_notebook(nb["01"], tmp_path, {"SMOKE": True, "LORA_MODULES": "mlp", "TRAIN_FULL": False,
                                       "OUTPUT_DIR": "runs/01_train_mlp"}, timeout_s=900)
-    executed, _ = run_notebook(nb["03"], tmp_path, {"SMOKE": True, "ADAPTER_RUN": "runs/01_train_mlp/rank1",
+    executed, _ = run_notebook(nb["03"], tmp_path, {"SMOKE": True, "ADAPTER_RUN": "runs/01_train_mlp/rank1_mlp",
                                                     "OUTPUT_DIR": "runs/03_ablate_mlp", "BACKEND": "hf"}, timeout_s=900)
     outputs = [o for c in jupytext.read(executed).cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
