@@ -67,7 +67,8 @@ import torch
 from paper_lib.activations import ActivationStore
 from paper_lib.config import fingerprint, seed_everything
 from paper_lib.data import format_s1_text, load_traces
-from paper_lib.evaluation import GenerationSpec, chat_prompt, evaluate, load_benchmark
+from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
+from paper_lib.formats import chat_prompt
 from paper_lib.interp import SignedFeatures, class_shares, compare_populations, feature_examples, score_populations
 from paper_lib.judge import JudgeConfig
 from paper_lib.organism import ROLE_FAMILY, token_roles

@@ -17,11 +17,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from paper_lib.activations import ADAPTER_MODULES, adapter_layout, find_adapters
+from paper_lib.activations import adapter_layout, find_adapters
+from paper_lib.formats import ADAPTER_MODULES, ATTENTION_MODULES, MLP_MODULES, chat_prompt
 from paper_lib.statistics import bootstrap_interval
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
+ATTENTION, MLP = ATTENTION_MODULES, MLP_MODULES  # the kinds ablated together
 
 
 @contextmanager
@@ -183,8 +183,7 @@ def trace_batches(tokenizer, rows: Sequence[dict], batch_size: int = 32, max_len
     end of turn) as the scored completion."""
     from paper_lib.data import s1_assistant_turn
 
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=False,
-                                             add_generation_prompt=True) for r in rows]
+    prompts = [chat_prompt(tokenizer, r["question"]) for r in rows]
     completions = [s1_assistant_turn(r["deepseek_thinking_trajectory"], r["deepseek_attempt"]) + "<|im_end|>" for r in rows]
     return completion_batches(tokenizer, prompts, completions, batch_size, max_length, batch_tokens)
 

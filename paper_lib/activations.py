@@ -26,9 +26,8 @@ from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 
 from paper_lib.config import describe_differences, differences, fingerprint
+from paper_lib.formats import ADAPTER_MODULES
 
-# The paper's storage order (their [tokens, 64, 7] arrays): MLP first, then attention.
-ADAPTER_MODULES: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
+from paper_lib.formats import ANSWER, THINK
 from paper_lib.paths import resolve
 
 if TYPE_CHECKING:  # datasets is imported where it is used: the lent GPU boxes run paper_lib without it
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 
 S1K_HUB_ID = "simplescaling/s1K-1.1"
 TRACE_FIELDS = ("question", "deepseek_thinking_trajectory", "deepseek_attempt")
-THINK, ANSWER = "<|im_start|>think", "<|im_start|>answer"
 
 
 class DataError(ValueError):

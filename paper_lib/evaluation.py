@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from paper_lib.config import Config, describe_differences, differences, fingerprint, require
 from paper_lib.data import DataError, load_table
+from paper_lib.formats import ANSWER, LETTERS, THINK, chat_prompt
 from paper_lib.grading import extract_choice, final_section, is_correct_choice, is_correct_math
 from paper_lib.paths import resolve
 from paper_lib.results import read_jsonl
@@ -34,13 +35,11 @@ from paper_lib.training import adapter_weights_hash, check_adapter
 
 log = logging.getLogger(__name__)
 
-THINK, ANSWER = "<|im_start|>think", "<|im_start|>answer"
 BENCHMARKS: dict[str, dict[str, Any]] = {
     "aime24": {"source": "HuggingFaceH4/aime_2024", "split": "train", "config": None},
     "math500": {"source": "HuggingFaceH4/MATH-500", "split": "test", "config": None},
     "gpqa_diamond": {"source": "Idavidrein/gpqa", "split": "train", "config": "gpqa_diamond"},
 }
-LETTERS = "ABCD"
 # the columns each benchmark must have, non-empty in every row
 BENCHMARK_FIELDS = {"aime24": ("problem", "answer"), "math500": ("problem", "answer"),
                     "gpqa_diamond": ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
@@ -192,11 +191,6 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def chat_prompt(tokenizer: Any, question: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
 
 
 FORCED_ANSWER = "\n" + ANSWER + "\nFinal Answer:"

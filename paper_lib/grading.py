@@ -17,12 +17,14 @@ import logging
 import re
 import threading
 
+from paper_lib.formats import ANSWER, LETTERS
+
 log = logging.getLogger(__name__)
 # math-verify warns once that its timeout is off; ours (below) replaces it.
 for _name in ("math_verify.parser", "math_verify.grader"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
-ANSWER_MARKERS = ("<|im_start|>answer", "</think>")
+ANSWER_MARKERS = (ANSWER, "</think>")  # s1's answer section, or what follows a closed think block
 END_MARKERS = ("<|im_end|>", "<|endoftext|>")
 DEFAULT_TIMEOUT_S = 10.0
 
@@ -127,6 +129,6 @@ def extract_choice(response: str) -> str | None:
 
 def is_correct_choice(response: str, gold_letter: str) -> bool:
     """Whether the response's chosen letter is ``gold_letter`` (no letter: wrong)."""
-    if gold_letter.upper() not in "ABCD" or len(gold_letter) != 1:
+    if gold_letter.upper() not in LETTERS or len(gold_letter) != 1:
         raise ValueError(f"gold_letter must be one of A-D, got {gold_letter!r}")
     return extract_choice(response) == gold_letter.upper()

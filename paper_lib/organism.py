@@ -52,11 +52,11 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from paper_lib.config import Config, require, seed_everything
 from paper_lib.data import s1k_row
+from paper_lib.formats import LETTERS, chat_messages, chat_prompt
 
 log = logging.getLogger(__name__)
 
 OPS: tuple[str, ...] = ("+1", "+2", "x2", "x3")
-LETTERS = "ABCD"
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
 # ChatML as Qwen2.5 writes it, minus the default system prompt (it would triple the organism's sequence
@@ -211,13 +211,6 @@ def textbook_prompt(problem: Problem) -> str:
 
 def textbook_document(problem: Problem) -> str:
     return f"{textbook_prompt(problem)}{problem.steps}\nanswer\nAnswer: {problem.answer}{ENDOFTEXT}"
-
-
-def chat_messages(question: str, answer: str | None = None) -> list[dict[str, str]]:
-    messages = [{"role": "user", "content": question}]
-    if answer is not None:
-        messages.append({"role": "assistant", "content": answer})
-    return messages
 
 
 def direct_answer(problem: Problem) -> str:
@@ -568,10 +561,6 @@ def generate_greedy(
         new = generated[:, batch["input_ids"].shape[1] :]
         out += tokenizer.batch_decode(new, skip_special_tokens=False)
     return [text.replace(ENDOFTEXT, "") if text.endswith(ENDOFTEXT) else text for text in out]
-
-
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
-    return tokenizer.apply_chat_template(chat_messages(question), tokenize=False, add_generation_prompt=True)
 
 
 def score_formats(

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from paper_lib.activations import ADAPTER_MODULES, LORA, write_activation_store
+from paper_lib.activations import LORA, write_activation_store
+from paper_lib.formats import ADAPTER_MODULES
 
 log = logging.getLogger(__name__)
 

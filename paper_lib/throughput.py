@@ -213,7 +213,8 @@ def measure_generation(model_dir: str, adapter_dir: str, merged_dir: str, n_prom
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from paper_lib.evaluation import HFEngine, chat_prompt
+    from paper_lib.evaluation import HFEngine
+    from paper_lib.formats import chat_prompt
     from paper_lib.organism import load_probe
     from paper_lib.paths import resolve
 

@@ -43,14 +43,11 @@ from paper_lib.config import (
     seed_everything,
 )
 from paper_lib.data import TRACE_FIELDS, build_sft_dataset, load_traces
+from paper_lib.formats import ALL_MODULES, MODULE_SETS
 from paper_lib.paths import artifact_dir, resolve
 
 log = logging.getLogger(__name__)
 
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-ALL_MODULES = ATTENTION_MODULES + MLP_MODULES
-MODULE_SETS = {"all": ALL_MODULES, "attention": ATTENTION_MODULES, "mlp": MLP_MODULES}
 FINAL_SUBDIR = "final"
 CHECKPOINT_SUBDIR = "checkpoints"
 

@@ -3,7 +3,7 @@ import torch
 from adapters import random_lora
 
 from paper_lib.ablation import ablated, ablation_groups, ablation_kl, completion_batches, kl_divergence, summarize_kl
-from paper_lib.activations import ADAPTER_MODULES
+from paper_lib.formats import ADAPTER_MODULES
 
 
 @pytest.fixture(scope="module")

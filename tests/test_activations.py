@@ -2,7 +2,8 @@ import pytest
 import torch
 from adapters import random_lora
 
-from paper_lib.activations import ADAPTER_MODULES, NoLoraError, find_adapters, lora_activations
+from paper_lib.activations import NoLoraError, find_adapters, lora_activations
+from paper_lib.formats import ADAPTER_MODULES
 from paper_lib.organism import Problem, textbook_document
 from paper_lib.training import LoraSpec, lora_spec_for
 

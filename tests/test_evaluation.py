@@ -7,17 +7,15 @@ import torch
 
 from paper_lib.config import ConfigError
 from paper_lib.evaluation import (
-    ANSWER,
-    THINK,
     EvaluationError,
     GenerationSpec,
     Item,
-    chat_prompt,
     evaluate,
     format_choice_question,
     generate_responses,
     load_benchmark,
 )
+from paper_lib.formats import ANSWER, THINK, chat_prompt
 from paper_lib.organism import GPQA_SUBDIR, build_tokenizer, parse_chain, problem_from_row
 from paper_lib.statistics import recovery_table
 

@@ -355,7 +355,8 @@ def test_malformed_judge_replies_become_a_judge_error_naming_the_feature(tmp_pat
 def test_an_sae_is_reused_only_for_the_same_spec_and_activations(tmp_path):
     import dataclasses
 
-    from paper_lib.activations import ADAPTER_MODULES, write_activation_store
+    from paper_lib.activations import write_activation_store
+    from paper_lib.formats import ADAPTER_MODULES
     from paper_lib.sae import SAESpec, train_or_reuse_sae
 
     rng = np.random.default_rng(0)

@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from paper_lib.activations import ADAPTER_MODULES, write_activation_store
+from paper_lib.activations import write_activation_store
 from paper_lib.config import ConfigError
+from paper_lib.formats import ADAPTER_MODULES
 from paper_lib.sae import (
     SAESpec,
     ScalarEngine,
