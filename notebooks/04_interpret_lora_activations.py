@@ -80,7 +80,7 @@ from paper_lib.interp import (
     score_populations,
     top_features,
 )
-from paper_lib.judge import JudgeConfig
+from paper_lib.judge import judge_config_from
 from paper_lib.organism import ROLE_FAMILY, token_roles
 from paper_lib.params import check_parameters
 from paper_lib.paths import stage_dir
@@ -92,9 +92,7 @@ SECTION = "04_interpret_lora_activations"
 # every parameter has its default's type (and an allowed value), checked before any work
 parameters = check_parameters(globals(), SECTION, choices={"DTYPE": ("float32", "bfloat16", "float16")})
 seed_everything(SEED)
-judge_config = JudgeConfig(  # checked now, not after the expensive work
-    JUDGE_URL, JUDGE_MODEL, api_key_env=JUDGE_KEY_ENV, max_tokens=JUDGE_MAX_TOKENS or None, token_param=JUDGE_TOKEN_PARAM,
-    temperature=None if JUDGE_TEMPERATURE < 0 else JUDGE_TEMPERATURE, concurrency=JUDGE_CONCURRENCY) if JUDGE_URL else None
+judge_config = judge_config_from(parameters)  # checked now, not after the expensive work
 out_dir = stage_dir(OUTPUT_DIR, SMOKE)  # a smoke run never clashes with a full one
 # straight to the device in the model's dtype: no full host copy of a 32B model
 peft_model, tokenizer, train_cfg = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE), device=DEVICE)

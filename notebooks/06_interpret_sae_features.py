@@ -70,7 +70,7 @@ from paper_lib.data import format_s1_text, load_traces
 from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
 from paper_lib.formats import chat_prompt
 from paper_lib.interp import SignedFeatures, class_shares, compare_populations, feature_examples, score_populations
-from paper_lib.judge import JudgeConfig
+from paper_lib.judge import judge_config_from
 from paper_lib.organism import ROLE_FAMILY, token_roles
 from paper_lib.params import check_parameters
 from paper_lib.paths import stage_dir
@@ -83,9 +83,7 @@ SECTION = "06_interpret_sae_features"
 # every parameter has its default's type (and an allowed value), checked before any work
 parameters = check_parameters(globals(), SECTION, choices={"DTYPE": ("float32", "bfloat16", "float16")})
 seed_everything(SEED)
-judge_config = JudgeConfig(  # checked now, not after the expensive work
-    JUDGE_URL, JUDGE_MODEL, api_key_env=JUDGE_KEY_ENV, max_tokens=JUDGE_MAX_TOKENS or None, token_param=JUDGE_TOKEN_PARAM,
-    temperature=None if JUDGE_TEMPERATURE < 0 else JUDGE_TEMPERATURE, concurrency=JUDGE_CONCURRENCY) if JUDGE_URL else None
+judge_config = judge_config_from(parameters)  # checked now, not after the expensive work
 interp_dir, out_dir = stage_dir(INTERPRET_DIR, SMOKE), stage_dir(OUTPUT_DIR, SMOKE)  # smoke pairs with smoke
 start_run(SECTION, out_dir, parameters)  # run.json, figures, headline section
 store = ActivationStore(interp_dir / "activations")  # its meta.json names the traces, model and adapter it read

@@ -76,6 +76,18 @@ class JudgeConfig(Config):
         return params
 
 
+def judge_config_from(parameters: dict[str, Any]) -> JudgeConfig | None:
+    """A notebook's judge settings from its checked parameters (``JUDGE_URL``, ``JUDGE_MODEL``,
+    ``JUDGE_KEY_ENV``, ``JUDGE_MAX_TOKENS`` (0: not sent), ``JUDGE_TOKEN_PARAM``, ``JUDGE_TEMPERATURE``
+    (-1: not sent), ``JUDGE_CONCURRENCY``), validated at once; None when no ``JUDGE_URL`` is set."""
+    if not parameters["JUDGE_URL"]:
+        return None
+    temperature = parameters["JUDGE_TEMPERATURE"]
+    return JudgeConfig(parameters["JUDGE_URL"], parameters["JUDGE_MODEL"], api_key_env=parameters["JUDGE_KEY_ENV"],
+                       max_tokens=parameters["JUDGE_MAX_TOKENS"] or None, token_param=parameters["JUDGE_TOKEN_PARAM"],
+                       temperature=None if temperature < 0 else temperature, concurrency=parameters["JUDGE_CONCURRENCY"])
+
+
 class Judge:
     """Chat completions with an answer cache (JSONL, one line per distinct request)."""
 

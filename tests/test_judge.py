@@ -246,3 +246,16 @@ def test_judge_requests_from_a_store_categories_and_rating_shares(fake_server, t
     shares = rating_shares(judged).set_index(["population", "class"])
     assert shares.loc[("a", "monosemantic"), "share"] == 0.5 and shares.loc[("a", "unrated"), "n"] == 4
     assert shares.loc[("b", "broad"), "share"] == 1.0 and shares.loc[("b", "broad"), "lo"] < 1.0
+
+
+def test_notebook_judge_settings_come_from_the_checked_parameters():
+    from paper_lib.judge import judge_config_from
+
+    params = {"JUDGE_URL": "", "JUDGE_MODEL": "", "JUDGE_KEY_ENV": "OPENAI_API_KEY", "JUDGE_MAX_TOKENS": 48,
+              "JUDGE_TOKEN_PARAM": "max_tokens", "JUDGE_TEMPERATURE": 0.0, "JUDGE_CONCURRENCY": 8}
+    assert judge_config_from(params) is None  # no judge: nothing to check
+    cfg = judge_config_from(params | {"JUDGE_URL": "http://127.0.0.1:8000/v1", "JUDGE_MODEL": "m", "JUDGE_MAX_TOKENS": 0,
+                                      "JUDGE_TEMPERATURE": -1.0, "JUDGE_TOKEN_PARAM": "max_completion_tokens"})
+    assert cfg.request_parameters() == {} and cfg.model == "m" and cfg.concurrency == 8
+    with pytest.raises(ConfigError, match="token_param"):
+        judge_config_from(params | {"JUDGE_URL": "http://x/v1", "JUDGE_MODEL": "m", "JUDGE_TOKEN_PARAM": "tokens"})
