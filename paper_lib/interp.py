@@ -72,21 +72,6 @@ class SignedFeatures:
         return np.concatenate([values, -values], axis=1)
 
 
-class ColumnFeatures:
-    """A subset of another population's features, by column."""
-
-    def __init__(self, features: Features, columns: Sequence[int]) -> None:
-        self.base, self.columns = features, np.asarray(columns, dtype=np.int64)
-        self.names = [features.names[i] for i in self.columns]
-
-    def blocks(self) -> Iterator[np.ndarray]:
-        for block in self.base.blocks():
-            yield block[:, self.columns]
-
-    def rows(self, start: int, end: int) -> np.ndarray:
-        return self.base.rows(start, end)[:, self.columns]
-
-
 def top_k_indices(values: np.ndarray, k: int, block: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k per column of ``values`` ``[tokens, F]``: (values [F, k'], token indices [F, k']) in
     descending order, k' = min(k, tokens); among equal values the lower token index comes first, also at
