@@ -69,7 +69,14 @@ from paper_lib.config import fingerprint, seed_everything
 from paper_lib.data import format_s1_text, load_traces
 from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
 from paper_lib.formats import chat_prompt
-from paper_lib.interp import SignedFeatures, class_shares, compare_populations, feature_examples, score_populations
+from paper_lib.interp import (
+    SignedFeatures,
+    class_shares,
+    compare_populations,
+    feature_examples,
+    score_populations,
+    top_features,
+)
 from paper_lib.judge import judge_config_from
 from paper_lib.organism import ROLE_FAMILY, token_roles
 from paper_lib.params import check_parameters
@@ -96,6 +103,9 @@ live = np.flatnonzero(fired)
 sae_features = LatentFeatures(sae, scales, adapter_state, columns=live)  # the live latents, encoded block by block
 names = sae_features.names
 latent_of = dict(zip(names, live.tolist()))  # feature name -> latent index
+lora_signed = SignedFeatures(adapter_state)  # the raw adapter features, both polarities
+# their top-k, one streamed pass for the role scorer and the judge alike (each reads the first k it needs)
+lora_top = top_features(lora_signed, max(TOP_K, 15)) if ROLE_SCORER or JUDGE_URL else None
 print(f"{store.n_tokens:,} tokens; {len(live)} of {d_sae} latents fire at least once")
 assert len(live) > 0 and fired.sum() > 0
 
@@ -128,8 +138,8 @@ if ROLE_SCORER:
     roles = np.concatenate([token_roles(tokenizer, t, store.meta["max_length"]) for t in texts])  # store order
     assert store.meta["texts"] == fingerprint(texts), "the traces read differently now than when they were extracted"
     assert len(roles) == store.n_tokens
-    scored = score_populations({"SAE feature": sae_features, "LoRA": SignedFeatures(adapter_state)}, roles,
-                               ROLE_FAMILY, k=TOP_K, mono=MONO, broad=BROAD, tops={"SAE feature": live_top})
+    scored = score_populations({"SAE feature": sae_features, "LoRA": lora_signed}, roles,
+                               ROLE_FAMILY, k=TOP_K, mono=MONO, broad=BROAD, tops={"SAE feature": live_top, "LoRA": lora_top})
     scored.to_csv(out_dir / "role_scores.csv", index=False)
     shares = class_shares(scored, n_resamples=N_BOOTSTRAP, seed=SEED)
     test = compare_populations(scored, "SAE feature", "LoRA", N_BOOTSTRAP, SEED)
@@ -240,15 +250,13 @@ if ROLE_SCORER:
 
 # %%
 if JUDGE_URL:
-    from paper_lib.interp import top_features
     from paper_lib.judge import Judge, categorise_features, judge_requests, rating_shares, score_features
     from paper_lib.statistics import wilson_interval
 
     judge = Judge(judge_config, out_dir / "judge" / "cache.jsonl")
-    lora_signed = SignedFeatures(adapter_state)
     judged = []
     for population, features, top in (("SAE feature", sae_features, live_top),
-                                      ("LoRA", lora_signed, top_features(lora_signed, 15))):
+                                      ("LoRA", lora_signed, lora_top)):
         chosen = np.random.default_rng(SEED).permutation(len(features.names))[: N_JUDGE_FEATURES or len(features.names)]
         requests = judge_requests(features, store, decode, top, chosen, SEED)
         scores = score_features(judge, requests, out_dir / "judge" / f"{population.split(' ')[0].lower()}.jsonl", rate=True)
