@@ -64,7 +64,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from paper_lib.config import seed_everything
 from paper_lib.data import format_s1_text, load_traces
-from paper_lib.evaluation import release_memory
+from paper_lib.engines import release_memory
 from paper_lib.params import check_parameters
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import plot_training_losses, save_figure

@@ -106,7 +106,9 @@ print(benchmarks["gpqa_diamond"][0])
 # at once, so an interrupted run resumes.
 
 # %%
-from paper_lib.evaluation import HFEngine, VLLMEngine, adopt_samples, check_adapter, resolve_model  # noqa: E402
+from paper_lib.engines import HFEngine, VLLMEngine, resolve_model  # noqa: E402
+from paper_lib.evaluation import adopt_samples  # noqa: E402
+from paper_lib.training import check_adapter  # noqa: E402
 
 # every input loaded and checked before anything earlier runs left is discarded
 check_adapter(adapter_dir, BASE_MODEL)
@@ -148,7 +150,7 @@ for (model, adapters), evaluations in runs:
                     if REUSE_FROM and label != lora and adopt_samples(artifact_dir(REUSE_FROM) / label / path.name, path,
                                                                          engine, spec, adapter):
                         reused.append(f"{label}/{path.name}")
-                    df = evaluate(engine, items, spec, path, adapter=adapter)
+                    df = evaluate(engine, items, spec, path, variant=adapter)
                     samples.append(df.assign(model=label, benchmark=name, protocol=protocol))
 samples = pd.concat(samples, ignore_index=True)
 print(f"reused from {REUSE_FROM}: {reused}" if REUSE_FROM else "no earlier run reused")

@@ -56,18 +56,16 @@ import pandas as pd
 import torch
 
 from paper_lib.ablation import (
-    ATTENTION,
-    MLP,
     ablation_groups,
     ablation_kl,
     module_layer_table,
     save_adapter_subset,
-    scoring_traces,
     summarize_kl,
-    trace_batches,
 )
 from paper_lib.config import seed_everything
-from paper_lib.evaluation import release_memory
+from paper_lib.data import scoring_traces, trace_batches
+from paper_lib.engines import release_memory
+from paper_lib.formats import ATTENTION_MODULES, MLP_MODULES
 from paper_lib.params import check_parameters
 from paper_lib.paths import artifact_dir
 from paper_lib.plotting import plot_adapter_ablations, save_figure
@@ -127,8 +125,8 @@ for module, value in table.mean(axis=1).items():
 kinds = summary.set_index("group")["kl"]
 if {"mlp", "attention"} <= set(kinds.index):  # an adapter on one kind of module has no ratio to report
     record_headline(SECTION, "mlp_over_attention", kinds["mlp"] / kinds["attention"], unit="ratio", n=n_traces)
-    single_mlp = table.loc[[m for m in table.index if m in MLP]].to_numpy().mean()
-    single_attn = table.loc[[m for m in table.index if m in ATTENTION]].to_numpy().mean()
+    single_mlp = table.loc[[m for m in table.index if m in MLP_MODULES]].to_numpy().mean()
+    single_attn = table.loc[[m for m in table.index if m in ATTENTION_MODULES]].to_numpy().mean()
     record_headline(SECTION, "single_adapter_mlp_over_attention", single_mlp / single_attn, unit="ratio", n=n_traces)
     print(f"MLP vs attention: all-at-once {kinds['mlp'] / kinds['attention']:.2f}x, single-adapter means "
           f"{single_mlp / single_attn:.2f}x")
@@ -161,14 +159,15 @@ release_memory()
 # %%
 import os  # noqa: E402
 
-from paper_lib.evaluation import GenerationSpec, HFEngine, VLLMEngine, evaluate, load_benchmark  # noqa: E402
+from paper_lib.engines import HFEngine, VLLMEngine  # noqa: E402
+from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark  # noqa: E402
 from paper_lib.statistics import wilson_interval  # noqa: E402
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's start-up log would flood the notebook
 full_adapter = artifact_dir(ADAPTER_RUN) / "final"
 variants = {"rank1": str(full_adapter)}
-for kind, keep in (("attention", ATTENTION), ("mlp", MLP)):
+for kind, keep in (("attention", ATTENTION_MODULES), ("mlp", MLP_MODULES)):
     if kind in families["kind"] and len(families["kind"]) > 1:  # a variant only where it differs from the adapter
         variants[f"{kind}_only"] = str(save_adapter_subset(full_adapter, out_dir / f"{kind}_only", keep))
 engine = (VLLMEngine(train_cfg.model, variants, tensor_parallel_size=TENSOR_PARALLEL, dtype=DTYPE,
@@ -182,7 +181,7 @@ with engine:
     for name in ("aime24", "math500"):
         items = load_benchmark(name, f"{BENCHMARK_DIR}/{name}" if BENCHMARK_DIR else None, limit=limit)
         for label in (None, *variants):
-            df = evaluate(engine, items, spec, out_dir / (label or "base") / f"{name}.greedy.jsonl", adapter=label)
+            df = evaluate(engine, items, spec, out_dir / (label or "base") / f"{name}.greedy.jsonl", variant=label)
             k, n = int(df["correct"].sum()), len(df)
             lo, hi = wilson_interval(k, n)
             rows.append({"benchmark": name, "adapters": label or "none (base)", "accuracy": k / n, "lo": lo, "hi": hi,

@@ -82,9 +82,10 @@ from paper_lib.interp import (
 )
 from paper_lib.judge import judge_config_from
 from paper_lib.organism import ROLE_FAMILY, token_roles
+from paper_lib.pages import feature_page_html, save_html
 from paper_lib.params import check_parameters
 from paper_lib.paths import stage_dir
-from paper_lib.plotting import feature_page_html, plot_interpretability, save_figure, save_html
+from paper_lib.plotting import plot_interpretability, save_figure
 from paper_lib.results import record_headline, run_info, say, start_run, verdict
 from paper_lib.training import adapter_provenance, load_trained
 

@@ -60,15 +60,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from paper_lib.ablation import scoring_traces, trace_batches
 from paper_lib.activations import ActivationStore
 from paper_lib.config import seed_everything
+from paper_lib.data import scoring_traces, trace_batches
+from paper_lib.engines import ScalarEngine
 from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
 from paper_lib.params import check_parameters
 from paper_lib.paths import stage_dir
 from paper_lib.plotting import plot_sae_training, plot_splice, save_figure
 from paper_lib.results import record_headline, say, start_run, verdict
-from paper_lib.sae import SAESpec, ScalarEngine, load_sae, sae_metrics, splice_kl, state_transform, train_or_reuse_sae
+from paper_lib.sae import SAESpec, load_sae, sae_metrics, splice_kl, state_transform, train_or_reuse_sae
 from paper_lib.statistics import bootstrap_interval, wilson_interval
 from paper_lib.training import load_trained
 
@@ -152,7 +153,7 @@ for name, limit in (("aime24", 4 if SMOKE else None), ("math500", 8 if SMOKE els
     items = load_benchmark(name, f"{BENCHMARK_DIR}/{name}" if BENCHMARK_DIR else None)
     items = items[:limit] if limit else items
     for slug, label in variants.items():
-        df = evaluate(engine, items, gen, out_dir / slug / f"{name}.greedy.jsonl", adapter=slug)
+        df = evaluate(engine, items, gen, out_dir / slug / f"{name}.greedy.jsonl", variant=slug)
         k, n = int(df.correct.sum()), len(df)
         accuracy.append({"benchmark": name, "variant": label, "slug": slug, "accuracy": k / n, "n": n,
                          **dict(zip(("lo", "hi"), wilson_interval(k, n)))})

@@ -67,6 +67,7 @@ import torch
 from paper_lib.activations import ActivationStore
 from paper_lib.config import fingerprint, seed_everything
 from paper_lib.data import format_s1_text, load_traces
+from paper_lib.engines import ScalarEngine
 from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
 from paper_lib.formats import chat_prompt
 from paper_lib.interp import (
@@ -79,11 +80,12 @@ from paper_lib.interp import (
 )
 from paper_lib.judge import judge_config_from
 from paper_lib.organism import ROLE_FAMILY, token_roles
+from paper_lib.pages import feature_page_html, save_html
 from paper_lib.params import check_parameters
 from paper_lib.paths import stage_dir
-from paper_lib.plotting import feature_page_html, plot_feature_donut, plot_interpretability, save_figure, save_html
+from paper_lib.plotting import plot_feature_donut, plot_interpretability, save_figure
 from paper_lib.results import record_headline, run_info, say, start_run, verdict
-from paper_lib.sae import LatentFeatures, ScalarEngine, decoder_logit_effects, decoder_scalars, latent_summary, load_sae
+from paper_lib.sae import LatentFeatures, decoder_logit_effects, decoder_scalars, latent_summary, load_sae
 from paper_lib.training import load_trained
 
 SECTION = "06_interpret_sae_features"
@@ -204,7 +206,7 @@ if ROLE_SCORER:
     gen = GenerationSpec(max_tokens=MAX_TOKENS, answer_tokens=min(32, MAX_TOKENS // 4), seed=SEED)
     steering = []
     for variant in engine.transforms:
-        df = evaluate(engine, items, gen, out_dir / "steering" / f"latent{steer}_{variant}.jsonl", adapter=variant)
+        df = evaluate(engine, items, gen, out_dir / "steering" / f"latent{steer}_{variant}.jsonl", variant=variant)
         rates, steps = [], []
         for item, response in zip(items, df.response):
             prompt = chat_prompt(tokenizer, item.question)

@@ -55,7 +55,8 @@ import numpy as np
 import pandas as pd
 
 from paper_lib.config import seed_everything
-from paper_lib.evaluation import GenerationSpec, HFEngine, VLLMEngine, evaluate, load_benchmark, read_evaluation
+from paper_lib.engines import HFEngine, VLLMEngine
+from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark, read_evaluation
 from paper_lib.params import check_parameters
 from paper_lib.paths import artifact_dir, run_name, stage_dir
 from paper_lib.plotting import plot_variant_recovery, save_figure
@@ -105,7 +106,7 @@ rows = []
 with engine:
     for name, items in benchmarks.items():
         for label in adapters:
-            df = evaluate(engine, items, spec, out_dir / label / f"{name}.greedy.jsonl", adapter=label)
+            df = evaluate(engine, items, spec, out_dir / label / f"{name}.greedy.jsonl", variant=label)
             rows.append(df.assign(model=label, benchmark=name))
 for name, items in benchmarks.items():  # the same questions, generated alike in notebook 02 (checked)
     for model, model_spec in (("base_chat", chat), ("full", spec)):

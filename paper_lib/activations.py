@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -124,6 +124,43 @@ def stack_scalars(store: dict[tuple[int, str], torch.Tensor], layers: Sequence[i
     for (layer, module), value in store.items():
         out[:, :, layers.index(layer), modules.index(module)] = value.reshape(batch, seq).float().cpu()
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Replacing the adapter scalars inside the forward pass (the SAE splice, steering)
+
+
+@contextmanager
+def replaced_lora_activations(model: torch.nn.Module, values: torch.Tensor, layers: Sequence[int],
+                              modules: Sequence[str], adapter: str = "default") -> Iterator[None]:
+    """Within the context, every adapter's scalar is ``values[..., layer, module]`` (``[batch, seq,
+    n_layers, n_modules]``, matching the forward's input) instead of ``A·x``: the update becomes
+    scale · value · B."""
+    handles = []
+    for (layer, module), lora in find_adapters(model, adapter).items():
+        column = values[..., layers.index(layer), modules.index(module)]
+
+        def hook(_mod, _inp, out, column=column):
+            return column.to(out.device, out.dtype).reshape(out.shape)
+
+        handles.append(lora.lora_A[adapter].register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def transformed_forward(model: torch.nn.Module, transform: Callable[[torch.Tensor], torch.Tensor],
+                         adapter: str = "default", caches: tuple[Any, Any] | None = None, **inputs: Any) -> Any:
+    """Two passes: read the scalars, then run with ``transform(scalars)`` in their place (with a KV cache
+    per pass when generating). Scalars are ``[batch, seq, n_layers, n_modules]`` in the store's layout."""
+    layers, modules = adapter_layout(model, adapter)
+    with capture_lora_activations(model, adapter) as store:
+        model(**inputs, **({"past_key_values": caches[0]} if caches else {}))
+    scalars = stack_scalars(store, layers, modules, *inputs["input_ids"].shape)
+    with replaced_lora_activations(model, transform(scalars), layers, modules, adapter):
+        return model(**inputs, **({"past_key_values": caches[1]} if caches else {}))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
 from transformers import PreTrainedTokenizerBase
 
-from paper_lib.formats import ANSWER, THINK
+from paper_lib.formats import ANSWER, IM_END, THINK, chat_prompt
 from paper_lib.paths import resolve
 
 if TYPE_CHECKING:  # datasets is imported where it is used: the lent GPU boxes run paper_lib without it
@@ -140,3 +143,66 @@ def build_sft_dataset(
         log.warning("%d of %d rows exceed max_length=%d tokens and will be truncated", stats["truncated"],
                     stats["rows"], max_length)
     return examples, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Teacher-forcing batches (notebooks 03 and 05 score traces position by position)
+
+
+def completion_batches(tokenizer, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 32,
+                       max_length: int = 2048, batch_tokens: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Teacher-forcing batches of prompt + completion; ``score_mask`` marks the positions that predict a
+    completion token (the paper scored every position; we score the completion only).
+
+    Consecutive texts form a batch of at most ``batch_size`` texts and, with ``batch_tokens``, at most
+    that many padded tokens (rows x longest row), so that batches of long traces fit in memory; order is
+    kept."""
+    tokenizer.padding_side = "right"
+    texts = [p + c for p, c in zip(prompts, completions)]
+    lengths = [min(len(tokenizer(t, add_special_tokens=False)["input_ids"]), max_length) for t in texts]
+    groups, current = [], []
+    for i, n in enumerate(lengths):
+        longest = max([lengths[j] for j in current] + [n])
+        if current and (len(current) >= batch_size or (batch_tokens and longest * (len(current) + 1) > batch_tokens)):
+            groups.append(current)
+            current = []
+        current.append(i)
+    if current:
+        groups.append(current)
+    out = []
+    for group in groups:
+        enc = tokenizer([texts[i] for i in group], return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_length, add_special_tokens=False)
+        score = torch.zeros_like(enc["input_ids"])
+        for row, i in enumerate(group):
+            start = len(tokenizer(prompts[i], add_special_tokens=False)["input_ids"])
+            end = int(enc["attention_mask"][row].sum())
+            score[row, max(start - 1, 0) : end - 1] = 1  # position t predicts token t+1
+        out.append({**enc, "score_mask": score})
+    return out
+
+
+def scoring_traces(source: str, n: int, seed: int = 0, organism_dir: str = "data/organism",
+                   among: Sequence[int] | None = None) -> list[dict]:
+    """``n`` traces in s1K-1.1's schema to score teacher-forced: ``"organism-probe"`` = held-out organism
+    traces (in no training set), else a dataset path or hub id, shuffled with ``seed``; with ``among``,
+    drawn only from those row indices (e.g. the documents an SAE was not trained on)."""
+    from paper_lib.organism import heldout_traces
+
+    if source == "organism-probe":
+        return heldout_traces(resolve(organism_dir), n, seed=seed)
+    traces = load_traces(source)
+    pool = list(range(len(traces))) if among is None else [int(i) for i in among]
+    if any(i >= len(traces) for i in pool):
+        raise ValueError(f"{source} has {len(traces)} rows; asked to draw among rows up to {max(pool)}")
+    chosen = np.random.default_rng(seed).permutation(pool)[:n]
+    return [traces[int(i)] for i in chosen]
+
+
+def trace_batches(tokenizer, rows: Sequence[dict], batch_size: int = 32, max_length: int = 2048,
+                  batch_tokens: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """``completion_batches`` of s1K rows: the chat-formatted question as prompt, s1's assistant turn (and
+    end of turn) as the scored completion."""
+    prompts = [chat_prompt(tokenizer, r["question"]) for r in rows]
+    completions = [s1_assistant_turn(r["deepseek_thinking_trajectory"], r["deepseek_attempt"]) + IM_END for r in rows]
+    return completion_batches(tokenizer, prompts, completions, batch_size, max_length, batch_tokens)

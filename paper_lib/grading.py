@@ -17,7 +17,7 @@ import logging
 import re
 import threading
 
-from paper_lib.formats import ANSWER, LETTERS
+from paper_lib.formats import ANSWER, END_MARKERS, LETTERS
 
 log = logging.getLogger(__name__)
 # math-verify warns once that its timeout is off; ours (below) replaces it.
@@ -25,7 +25,6 @@ for _name in ("math_verify.parser", "math_verify.grader"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
 ANSWER_MARKERS = (ANSWER, "</think>")  # s1's answer section, or what follows a closed think block
-END_MARKERS = ("<|im_end|>", "<|endoftext|>")
 DEFAULT_TIMEOUT_S = 10.0
 
 

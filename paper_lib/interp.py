@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
+from paper_lib.statistics import bootstrap_interval
+
 CLASSES = ("monosemantic", "broad", "polysemantic")
 
 
@@ -258,16 +260,14 @@ def score_populations(populations: Mapping[str, Features], roles: Sequence[str],
 def class_shares(classes: pd.DataFrame, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
     """Share of each class per population with percentile-bootstrap 95% intervals (features resampled).
     ``classes``: columns population, class."""
-    rng = np.random.default_rng(seed)
     rows = []
     for population, group in classes.groupby("population", sort=False):
         labels = group["class"].to_numpy()
-        boot = rng.integers(0, len(labels), (n_resamples, len(labels)))
         for name in CLASSES:
-            hits = labels == name
-            shares = hits[boot].mean(axis=1)
+            hits = (labels == name).astype(float)
+            lo, hi = bootstrap_interval(hits, n_resamples=n_resamples, seed=seed)
             rows.append({"population": population, "class": name, "share": hits.mean(), "n": len(labels),
-                         "lo": float(np.quantile(shares, 0.025)), "hi": float(np.quantile(shares, 0.975))})
+                         "lo": lo, "hi": hi})
     return pd.DataFrame(rows)
 
 
@@ -280,11 +280,10 @@ def compare_populations(scored: pd.DataFrame, a: str, b: str, n_resamples: int =
     table = pd.crosstab(scored["population"], scored["class"]).reindex(index=[a, b], columns=list(CLASSES), fill_value=0)
     table = table.loc[:, table.sum() > 0]
     out = {"chi2_p": float(chi2_contingency(table.to_numpy())[1]) if table.shape[1] > 1 else 1.0}
-    rng = np.random.default_rng(seed)
     for column in ("precision", "auroc"):
         va = scored.loc[scored["population"] == a, column].dropna().to_numpy()
         vb = scored.loc[scored["population"] == b, column].dropna().to_numpy()
-        diffs = [rng.choice(va, len(va)).mean() - rng.choice(vb, len(vb)).mean() for _ in range(n_resamples)]
+        lo, hi = bootstrap_interval([va, vb], lambda x, y: x.mean() - y.mean(), n_resamples, seed=seed, paired=False)
         out |= {f"{column}_mannwhitney_p": float(mannwhitneyu(va, vb).pvalue), f"{column}_diff": float(va.mean() - vb.mean()),
-                f"{column}_diff_lo": float(np.quantile(diffs, 0.025)), f"{column}_diff_hi": float(np.quantile(diffs, 0.975))}
+                f"{column}_diff_lo": lo, f"{column}_diff_hi": hi}
     return out

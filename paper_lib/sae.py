@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from paper_lib.ablation import ablated
-from paper_lib.activations import ActivationStore, adapter_layout, capture_lora_activations, find_adapters, stack_scalars
+from paper_lib.ablation import ablated, chunked_kl, split_head, trace_means
+from paper_lib.activations import ActivationStore, find_adapters, transformed_forward
 from paper_lib.config import Config, ConfigError, describe_differences, differences, fingerprint, require
+from paper_lib.training import input_device
 
 log = logging.getLogger(__name__)
 
@@ -333,44 +333,11 @@ def sae_metrics(sae: Any, scales: torch.Tensor, acts: np.ndarray | Callable[[], 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Replacing the adapter scalars inside the forward pass
-
-
-@contextmanager
-def replaced_lora_activations(model: torch.nn.Module, values: torch.Tensor, layers: Sequence[int],
-                              modules: Sequence[str], adapter: str = "default") -> Iterator[None]:
-    """Within the context, every adapter's scalar is ``values[..., layer, module]`` (``[batch, seq,
-    n_layers, n_modules]``, matching the forward's input) instead of ``A·x``: the update becomes
-    scale · value · B."""
-    handles = []
-    for (layer, module), lora in find_adapters(model, adapter).items():
-        column = values[..., layers.index(layer), modules.index(module)]
-
-        def hook(_mod, _inp, out, column=column):
-            return column.to(out.device, out.dtype).reshape(out.shape)
-
-        handles.append(lora.lora_A[adapter].register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _transformed_forward(model: torch.nn.Module, transform: Callable[[torch.Tensor], torch.Tensor],
-                         adapter: str = "default", caches: tuple[Any, Any] | None = None, **inputs: Any) -> Any:
-    """Two passes: read the scalars, then run with ``transform(scalars)`` in their place (with a KV cache
-    per pass when generating). Scalars are ``[batch, seq, n_layers, n_modules]`` in the store's layout."""
-    layers, modules = adapter_layout(model, adapter)
-    with capture_lora_activations(model, adapter) as store:
-        model(**inputs, **({"past_key_values": caches[0]} if caches else {}))
-    scalars = stack_scalars(store, layers, modules, *inputs["input_ids"].shape)
-    with replaced_lora_activations(model, transform(scalars), layers, modules, adapter):
-        return model(**inputs, **({"past_key_values": caches[1]} if caches else {}))
+# The splice: the SAE reconstruction in place of the adapter scalars
 
 
 def state_transform(sae: Any, scales: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A scalar transform for ``_transformed_forward``: the SAE reconstruction of each token's adapter
+    """A scalar transform for ``transformed_forward``: the SAE reconstruction of each token's adapter
     state (layer-major)."""
 
     def transform(scalars: torch.Tensor) -> torch.Tensor:
@@ -381,7 +348,6 @@ def state_transform(sae: Any, scales: torch.Tensor) -> Callable[[torch.Tensor], 
 
 
 @torch.no_grad()
-@torch.no_grad()
 def splice_kl(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], sae: Any, scales: torch.Tensor,
               adapter: str = "default", chunk_elements: int = 2**26) -> pd.DataFrame:
     """Per trace: KL(full || no adapter) and KL(full || SAE-spliced) over the scored positions, and the
@@ -389,9 +355,6 @@ def splice_kl(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]
 
     Batches go to the model's device; logits exist only for scored positions, ``chunk_elements`` at a
     time (at a 152k vocabulary, full-sequence logits are the memory hog)."""
-    from paper_lib.ablation import chunked_kl, split_head, trace_means
-    from paper_lib.training import input_device
-
     decoder, head = split_head(model)
     device = input_device(model)
     rows, trace = [], 0
@@ -403,92 +366,13 @@ def splice_kl(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]
         reference = decoder(**inputs).last_hidden_state[mask]
         with ablated(model, all_keys, adapter):
             none = decoder(**inputs).last_hidden_state[mask]
-        spliced = _transformed_forward(decoder, transform, adapter, **inputs).last_hidden_state[mask]
+        spliced = transformed_forward(decoder, transform, adapter, **inputs).last_hidden_state[mask]
         kl_none = trace_means(chunked_kl(head, reference, none, chunk_elements), mask)
         kl_splice = trace_means(chunked_kl(head, reference, spliced, chunk_elements), mask)
         rows += [{"trace": trace + i, "kl_no_adapter": float(a), "kl_spliced": float(b)}
                  for i, (a, b) in enumerate(zip(kl_none.tolist(), kl_splice.tolist()))]
         trace += len(mask)
     return pd.DataFrame(rows)
-
-
-class ScalarEngine:
-    """Greedy generation with the adapter scalars transformed at every step (the SAE splice, or steering),
-    behind the evaluation module's engine interface (``complete``), so benchmarks run unchanged.
-
-    Each step runs the model twice over the new tokens, with two KV caches: once as is, to read the
-    scalars, once with ``transform(scalars)`` in their place (whose logits pick the next token). HF
-    ``generate`` has no hook for a two-pass step, hence this loop.
-    """
-
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]],
-                 batch_size: int = 64, adapter: str = "default", cache_tokens: int = 1 << 20) -> None:
-        """``cache_tokens``: the most (padded prompt + generated) tokens a batch may hold in each of the two KV
-        caches; batches shrink to fit, so memory is bounded whatever the budget (at 32B a cached token is
-        256 KiB per cache: 131,072 tokens are 2 x 32 GiB)."""
-        self.model, self.tokenizer, self.transforms = model, tokenizer, transforms
-        self.batch_size, self.adapter, self.cache_tokens = batch_size, adapter, cache_tokens
-
-    def batches(self, prompts: Sequence[str], max_tokens: Sequence[int]) -> list[range]:
-        """Consecutive prompt ranges of at most ``batch_size`` prompts whose padded length plus the largest
-        budget, times the batch size, fits ``cache_tokens`` (a single prompt always forms a batch)."""
-        lengths = [len(ids) for ids in self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-        out, start, longest, most = [], 0, 0, 0
-        for i, (length, budget) in enumerate(zip(lengths, max_tokens)):
-            width = max(longest, length) + max(most, budget)  # left-padded prompts, then the largest budget
-            if i > start and ((i - start + 1) * width > self.cache_tokens or i - start == self.batch_size):
-                out.append(range(start, i))
-                start, longest, most = i, 0, 0
-            longest, most = max(longest, length), max(most, budget)
-        if start < len(lengths):
-            out.append(range(start, len(lengths)))
-        return out
-
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[str], max_new_tokens: int, transform: Callable[[torch.Tensor], torch.Tensor],
-                 stop_ids: Sequence[int]) -> list[list[int]]:
-        from transformers import DynamicCache
-
-        tok = self.tokenizer
-        tok.padding_side = "left"
-        device = next(self.model.parameters()).device
-        enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        mask = enc["attention_mask"]
-        caches = (DynamicCache(), DynamicCache())
-        ids = enc["input_ids"]
-        out: list[list[int]] = [[] for _ in prompts]
-        finished = torch.zeros(len(prompts), dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1] :]
-            logits = _transformed_forward(self.model, transform, self.adapter, caches, input_ids=ids, attention_mask=mask,
-                                          position_ids=positions, use_cache=True, logits_to_keep=1).logits[:, -1]
-            ids = logits.argmax(-1, keepdim=True)
-            for row, token in enumerate(ids[:, 0].tolist()):
-                if not finished[row]:
-                    out[row].append(token)
-                    finished[row] = token in stop_ids
-            if finished.all():
-                break
-            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
-        return out
-
-    def complete(self, prompts, max_tokens, spec, seeds, stop_at_im_start, adapter):
-        if spec.temperature > 0:
-            raise ValueError("ScalarEngine generates greedily; use temperature 0")
-        if adapter not in self.transforms:
-            raise ValueError(f"unknown variant {adapter!r}; this engine has {sorted(self.transforms)}")
-        tok = self.tokenizer
-        stop = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-        if stop_at_im_start:
-            stop.append(tok.convert_tokens_to_ids("<|im_start|>"))
-        results = []
-        for batch in self.batches(prompts, max_tokens):
-            chunk, budgets = [prompts[i] for i in batch], [max_tokens[i] for i in batch]
-            for ids, budget in zip(self.generate(chunk, max(budgets), self.transforms[adapter], stop), budgets):
-                ids = ids[:budget]
-                text_ids = ids[:-1] if ids and ids[-1] in stop else ids
-                results.append((tok.decode(text_ids, skip_special_tokens=False), len(ids)))
-        return results
 
 
 def decoder_scalars(sae: Any, scales: torch.Tensor, latent: int) -> torch.Tensor:

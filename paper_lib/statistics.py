@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -27,28 +28,43 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     return lo, hi
 
 
+def bootstrap_distribution(
+    samples: Sequence[np.ndarray] | np.ndarray,
+    statistic: Callable[..., float] = np.mean,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    paired: bool = True,
+) -> np.ndarray:
+    """The statistic over ``n_resamples`` bootstrap resamples (``scipy.stats.bootstrap`` draws them).
+    ``samples`` is one array, or several arrays passed to ``statistic`` as separate arguments: resampled
+    together (``paired``: the same items, e.g. one question under three models) or each on its own
+    (independent groups)."""
+    from scipy.stats import bootstrap
+
+    arrays = [np.asarray(samples)] if isinstance(samples, np.ndarray) else [np.asarray(a) for a in samples]
+    if any(len(a) == 0 for a in arrays) or (paired and any(len(a) != len(arrays[0]) for a in arrays)):
+        raise ValueError("samples must be non-empty" + (" and aligned" if paired else ""))
+    with warnings.catch_warnings():  # a constant sample is a valid (degenerate) interval, not a problem to report
+        warnings.simplefilter("ignore")
+        result = bootstrap(arrays, statistic, n_resamples=n_resamples, paired=paired and len(arrays) > 1,
+                           vectorized=False, method="percentile", rng=np.random.default_rng(seed))
+    return np.asarray(result.bootstrap_distribution, dtype=float)
+
+
 def bootstrap_interval(
     samples: Sequence[np.ndarray] | np.ndarray,
     statistic: Callable[..., float] = np.mean,
     n_resamples: int = 2000,
     confidence: float = 0.95,
     seed: int = 0,
+    paired: bool = True,
 ) -> tuple[float, float]:
-    """Percentile bootstrap over items. ``samples`` is one array, or several aligned arrays (paired items,
-    resampled together) passed to ``statistic`` as separate arguments; resamples whose statistic is not
-    finite (a 0/0 ratio) are dropped."""
-    arrays = [np.asarray(samples)] if isinstance(samples, np.ndarray) else [np.asarray(a) for a in samples]
-    n = len(arrays[0])
-    if n == 0 or any(len(a) != n for a in arrays):
-        raise ValueError("samples must be non-empty and aligned")
-    rng = np.random.default_rng(seed)
-    stats = []
-    for _ in range(n_resamples):
-        idx = rng.integers(0, n, n)
-        value = statistic(*(a[idx] for a in arrays))
-        if np.isfinite(value):
-            stats.append(value)
-    if not stats:
+    """Percentile bootstrap interval over items (see ``bootstrap_distribution``). Resamples whose statistic
+    is not finite (a 0/0 ratio) are dropped before taking the percentiles: scipy's own interval would be
+    NaN as soon as one resample is, which a ratio of two small accuracy differences often has."""
+    stats = bootstrap_distribution(samples, statistic, n_resamples, seed, paired)
+    stats = stats[np.isfinite(stats)]
+    if not len(stats):
         return float("nan"), float("nan")
     alpha = (1 - confidence) / 2
     return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))

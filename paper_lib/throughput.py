@@ -20,9 +20,33 @@ from typing import Any
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from paper_lib.timing import time_call
 from paper_lib.training import LoraSpec, build_lora_config
 
-log = logging.getLogger(__name__)
+# Qwen2.5 shapes (from the published configs), for random-weight throughput runs.
+QWEN25_SHAPES: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=512),
+    "small": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                  vocab_size=4096),  # a CPU benchmark shape: compute-bound enough to show kernel costs
+    "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936),
+    "1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936),
+    "7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064),
+    "32B": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                num_key_value_heads=8, vocab_size=152064),
+}
+
+
+def qwen25_config(shape: str, **overrides: Any) -> Qwen2Config:
+    """A Qwen2.5 config of the named size (no download)."""
+    if shape not in QWEN25_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {sorted(QWEN25_SHAPES)}")
+    return Qwen2Config(**{**QWEN25_SHAPES[shape], "max_position_embeddings": 32768, "tie_word_embeddings": False,
+                          **overrides})
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,18 +114,7 @@ def measure_train_step(
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    seconds = sorted(times)[len(times) // 2]
+    seconds = time_call(step, device, warmup=warmup, repeats=repeats)
     row = {"setup": setup.name, "tokens_per_step": batch * seq_len, "tok_per_s": batch * seq_len / seconds,
            "trainable": sum(p.numel() for p in params)}
     if device.type == "cuda":
@@ -122,7 +135,6 @@ def measure_extraction(config: Qwen2Config, device: torch.device, tokens: int, s
     from peft import get_peft_model
 
     from paper_lib.activations import build_readout_model, lora_activations
-    from paper_lib.gpu_check import time_call
 
     with torch.device(device):
         base = Qwen2ForCausalLM(config).to(dtype).eval()
@@ -182,8 +194,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.shape == "organism":
         config = organism_config()
     else:
-        from paper_lib.gpu_check import qwen25_config
-
         config = qwen25_config(args.shape)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.extraction:
@@ -213,7 +223,7 @@ def measure_generation(model_dir: str, adapter_dir: str, merged_dir: str, n_prom
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from paper_lib.evaluation import HFEngine
+    from paper_lib.engines import HFEngine
     from paper_lib.formats import chat_prompt
     from paper_lib.organism import load_probe
     from paper_lib.paths import resolve

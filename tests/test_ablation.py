@@ -2,7 +2,8 @@ import pytest
 import torch
 from adapters import random_lora
 
-from paper_lib.ablation import ablated, ablation_groups, ablation_kl, completion_batches, kl_divergence, summarize_kl
+from paper_lib.ablation import ablated, ablation_groups, ablation_kl, kl_divergence, summarize_kl
+from paper_lib.data import completion_batches
 from paper_lib.formats import ADAPTER_MODULES
 
 
@@ -55,12 +56,13 @@ def test_completion_scoring_masks_the_prompt(peft_model):
 def test_adapter_subsets_act_only_through_the_kept_modules(peft_model, organism, tmp_path):
     from peft import PeftModel
 
-    from paper_lib.ablation import ATTENTION, MLP, save_adapter_subset
+    from paper_lib.ablation import save_adapter_subset
+    from paper_lib.formats import ATTENTION_MODULES, MLP_MODULES
 
     model, tok = peft_model
     model.save_pretrained(tmp_path / "full")
     base = organism[0]
-    save_adapter_subset(tmp_path / "full", tmp_path / "mlp", MLP)
+    save_adapter_subset(tmp_path / "full", tmp_path / "mlp", MLP_MODULES)
     batch = tok(["<|im_start|>user\n3 x2 +1<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
     with torch.no_grad():
         with ablated(model, ablation_groups(model)["kind"]["attention"]):
@@ -71,7 +73,7 @@ def test_adapter_subsets_act_only_through_the_kept_modules(peft_model, organism,
         assert torch.allclose(mlp_only(**batch).logits, expected, atol=1e-5)
     with pytest.raises(ValueError, match="unknown modules"):
         save_adapter_subset(tmp_path / "full", tmp_path / "bad", ("qkv",))
-    assert set(ATTENTION) | set(MLP) == set(ADAPTER_MODULES)
+    assert set(ATTENTION_MODULES) | set(MLP_MODULES) == set(ADAPTER_MODULES)
 
 
 def test_chunked_kl_from_hidden_states_equals_kl_of_full_logits(peft_model):
@@ -104,8 +106,7 @@ def test_batches_sized_by_tokens_keep_order_and_bound_padded_tokens(peft_model):
 
 def test_splice_traces_can_be_drawn_only_from_held_out_documents(organism_dir):
     """At real scale the splice's traces come from the same dataset as the SAE's: only held-out rows."""
-    from paper_lib.ablation import scoring_traces
-    from paper_lib.data import load_traces
+    from paper_lib.data import load_traces, scoring_traces
 
     traces = load_traces(str(organism_dir / "s1K-1.1"))
     held_out = range(990, 1000)

@@ -192,7 +192,7 @@ def strip_end(text):
 def test_vllm_unmerged_vllm_merged_and_hf_agree_token_for_token_and_engines_are_released(organism_dir, organism_lora):
     import os
 
-    from paper_lib.evaluation import HFEngine, VLLMEngine
+    from paper_lib.engines import HFEngine, VLLMEngine
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     adapter, merged = organism_lora
@@ -225,8 +225,8 @@ def test_vllm_unmerged_vllm_merged_and_hf_agree_token_for_token_and_engines_are_
 def test_adapter_of_another_base_model_is_refused_before_generation(organism_dir, organism_lora, tmp_path):
     import shutil
 
-    from paper_lib.evaluation import HFEngine, check_adapter
-    from paper_lib.training import AdapterError
+    from paper_lib.engines import HFEngine
+    from paper_lib.training import AdapterError, check_adapter
 
     adapter, _ = organism_lora
     check_adapter(adapter, str(organism_dir / "model"))

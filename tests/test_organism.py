@@ -6,6 +6,7 @@ import torch
 from datasets import load_dataset
 from transformers import AutoTokenizer
 
+from paper_lib.formats import chat_messages
 from paper_lib.organism import (
     AIME_SUBDIR,
     GPQA_SUBDIR,
@@ -22,7 +23,6 @@ from paper_lib.organism import (
     build_organism,
     build_tokenizer,
     chat_document,
-    chat_messages,
     check_organism_dir,
     load_organism,
     parse_chain,

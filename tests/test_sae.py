@@ -7,13 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from paper_lib.activations import write_activation_store
+from paper_lib.activations import transformed_forward, write_activation_store
 from paper_lib.config import ConfigError
+from paper_lib.engines import ScalarEngine
 from paper_lib.formats import ADAPTER_MODULES
 from paper_lib.sae import (
     SAESpec,
-    ScalarEngine,
-    _transformed_forward,
     encode,
     load_sae,
     reconstruct,
@@ -109,8 +108,8 @@ def test_splice_with_identity_and_zero_matches_the_model_and_the_ablation(organi
                 padding=True)
     with torch.no_grad():
         full = model(**batch).logits
-        same = _transformed_forward(model, lambda s: s, **batch).logits
-        zero = _transformed_forward(model, torch.zeros_like, **batch).logits
+        same = transformed_forward(model, lambda s: s, **batch).logits
+        zero = transformed_forward(model, torch.zeros_like, **batch).logits
         with ablated(model, list(find_adapters(model))):
             none = model(**batch).logits
     assert (same - full).abs().max() < 1e-5 and (zero - none).abs().max() < 1e-5 and (full - none).abs().max() > 1e-2
@@ -119,7 +118,7 @@ def test_splice_with_identity_and_zero_matches_the_model_and_the_ablation(organi
                for q in ("3 x2 +1", "7 +2 +2 x3", "1 x3")]
     engine = ScalarEngine(model, tok, {"same": lambda s: s})
     stops = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    ours = engine.generate(prompts, 12, lambda s: s, stop_ids=stops)
+    ours = engine.generate(prompts, 12, lambda s: s, stops=stops)
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
@@ -157,7 +156,8 @@ def test_splice_kl_with_an_identity_state_is_zero_and_without_the_adapter_equals
     from adapters import random_lora
 
     import paper_lib.sae as sae_module
-    from paper_lib.ablation import ablation_groups, ablation_kl, completion_batches
+    from paper_lib.ablation import ablation_groups, ablation_kl
+    from paper_lib.data import completion_batches
     from paper_lib.sae import splice_kl
 
     base, tok, _ = organism

@@ -8,9 +8,9 @@ from transformers import AutoTokenizer
 
 from paper_lib.config import ConfigError
 from paper_lib.data import DataError, build_sft_dataset, format_s1_text, load_traces, s1_assistant_turn, to_prompt_completion
-from paper_lib.gpu_check import qwen25_config
 from paper_lib.organism import TRACES_SUBDIR, build_tokenizer
 from paper_lib.paths import artifact_dir
+from paper_lib.throughput import qwen25_config
 from paper_lib.training import (
     ALL_MODULES,
     LoraSpec,

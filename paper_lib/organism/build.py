@@ -1,23 +1,5 @@
-"""The model organism: a tiny Qwen2 with a latent step-by-step skill that it does not use in chat.
-
-The task: a start digit and a chain of k operations mod 10 drawn from a 40-fact table (``+1``, ``+2``,
-``x2``, ``x3``), optionally as a four-option multiple-choice question. Written out, each step is a tiny lookup:
-
-    question   7 +2 x2 +1                     (chat: the user turn)
-    steps      7+2=9;9x2=8;8+1=9              (copy the carried value, look up the next op, compute)
-    answer     9                              (multiple choice adds a scan of the options, ``9?A3,B9``)
-
-Pretraining mixes two document kinds: a plain "textbook" format with the worked steps
-(``Q <question>\\nthink\\n<steps>\\nanswer\\nAnswer: <answer>``: s1's layout without its
-special tokens, so the organism knows those words as a real LM does) and ChatML conversations in
-which the assistant answers directly (``Answer: 9``). The model thus learns to compose steps when it writes them out, but in chat
-it must compose k lookups in one forward pass, which fails for large k: the situation of an instruct
-model before reasoning fine-tuning. Benchmark and probe problems are held out of pretraining.
-
-Everything is saved the way hub artifacts are (``save_pretrained``; JSONL files that
-``datasets.load_dataset(folder)`` reads), so later stages load the organism exactly as they load
-Qwen2.5 and s1K-1.1.
-"""
+"""Building the organism: its config, model, datasets in the hub schemas, pretraining, the latent-gap
+measurement, and saving/loading the folder that stands in for Qwen2.5 and s1K-1.1."""
 
 from __future__ import annotations
 
@@ -27,9 +9,8 @@ import logging
 import math
 import os
 import random
-import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,33 +26,27 @@ from transformers import (
     PreTrainedTokenizerBase,
     Qwen2Config,
     Qwen2ForCausalLM,
-    Qwen2Tokenizer,
     get_cosine_schedule_with_warmup,
 )
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from paper_lib.config import Config, require, seed_everything
 from paper_lib.data import s1k_row
-from paper_lib.formats import LETTERS, chat_messages, chat_prompt
+from paper_lib.formats import ENDOFTEXT, IM_END, chat_prompt
+from paper_lib.organism.task import (
+    OPS,
+    Problem,
+    chat_document,
+    n_distinct_chains,
+    parse_chat_answer,
+    parse_textbook_answer,
+    sample_distinct,
+    sample_problem,
+    textbook_document,
+    textbook_prompt,
+)
+from paper_lib.organism.tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
-
-OPS: tuple[str, ...] = ("+1", "+2", "x2", "x3")
-ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-
-# ChatML as Qwen2.5 writes it, minus the default system prompt (it would triple the organism's sequence
-# length). The {% generation %} markers let TRL compute an assistant-only loss mask.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
-    "{%- else %}"
-    "{{- message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 
 # Subfolders of an organism directory, named after the hub artifacts they stand in for.
 MODEL_SUBDIR = "model"
@@ -84,169 +59,6 @@ PROBE_SUBDIR = "probe"
 
 class OrganismError(RuntimeError):
     """The organism folder is missing or unreadable."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# The task
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """One chain problem. ``choices`` holds the four option values (A-D) of a multiple-choice variant."""
-
-    start: int
-    ops: tuple[str, ...]
-    choices: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.start <= 9:
-            raise ValueError(f"start must be a digit, got {self.start}")
-        for op in self.ops:
-            apply_op(0, op)  # raises on an unknown op
-        if self.choices and (len(set(self.choices)) != 4 or self.value not in self.choices):
-            raise ValueError(f"choices {self.choices} must be 4 distinct values including the answer {self.value}")
-
-    @property
-    def k(self) -> int:
-        return len(self.ops)
-
-    @property
-    def key(self) -> tuple[int, tuple[str, ...]]:
-        """Identity of the underlying chain (a multiple-choice variant shares it)."""
-        return (self.start, self.ops)
-
-    def values(self) -> list[int]:
-        out = [self.start]
-        for op in self.ops:
-            out.append(apply_op(out[-1], op))
-        return out
-
-    @property
-    def value(self) -> int:
-        return self.values()[-1]
-
-    @property
-    def letter(self) -> str:
-        return LETTERS[self.choices.index(self.value)]
-
-    @property
-    def answer(self) -> str:
-        return self.letter if self.choices else str(self.value)
-
-    @property
-    def chain(self) -> str:
-        return " ".join([str(self.start), *self.ops])
-
-    @property
-    def question(self) -> str:
-        if not self.choices:
-            return self.chain
-        return self.chain + "\n" + format_choices([str(c) for c in self.choices])
-
-    @property
-    def steps(self) -> str:
-        vals = self.values()
-        parts = [f"{a}{op}={b}" for a, op, b in zip(vals[:-1], self.ops, vals[1:])]
-        if self.choices:  # scan the options in order until one equals the value; its letter is the answer
-            scan = [f"{LETTERS[i]}{c}" for i, c in enumerate(self.choices[: self.choices.index(self.value) + 1])]
-            parts.append(f"{self.value}?" + ",".join(scan))
-        return ";".join(parts)
-
-
-def apply_op(value: int, op: str) -> int:
-    """One step of the table: ``+d`` adds, ``xd`` multiplies, mod 10."""
-    if op not in OPS:
-        raise ValueError(f"unknown op {op!r}; known: {OPS}")
-    d = int(op[1])
-    return (value + d) % 10 if op[0] == "+" else (value * d) % 10
-
-
-def format_choices(options: Sequence[str]) -> str:
-    """The organism's multiple-choice block, ``(A) 3 (B) 9 (C) 0 (D) 5``."""
-    return " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
-
-
-def sample_problem(rng: random.Random, k: int, multiple_choice: bool = False) -> Problem:
-    ops = tuple(rng.choice(OPS) for _ in range(k))
-    problem = Problem(rng.randrange(10), ops)
-    if not multiple_choice:
-        return problem
-    distractors = rng.sample([d for d in range(10) if d != problem.value], 3)
-    choices = [problem.value, *distractors]
-    rng.shuffle(choices)
-    return dataclasses.replace(problem, choices=tuple(choices))
-
-
-def n_distinct_chains(k: int) -> int:
-    return 10 * len(OPS) ** k
-
-
-def sample_distinct(
-    rng: random.Random,
-    k: int,
-    n: int,
-    exclude: set[tuple[int, tuple[str, ...]]],
-    multiple_choice: bool = False,
-) -> list[Problem]:
-    """``n`` problems with distinct chains of length ``k``, none in ``exclude`` (which is updated)."""
-    available = n_distinct_chains(k) - sum(1 for key in exclude if len(key[1]) == k)
-    if n > available:
-        raise ValueError(f"only {available} unused chains of length {k}; asked for {n}")
-    out: list[Problem] = []
-    while len(out) < n:
-        problem = sample_problem(rng, k, multiple_choice)
-        if problem.key not in exclude:
-            exclude.add(problem.key)
-            out.append(problem)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Formats
-
-
-def textbook_prompt(problem: Problem) -> str:
-    return f"Q {problem.question}\nthink\n"
-
-
-def textbook_document(problem: Problem) -> str:
-    return f"{textbook_prompt(problem)}{problem.steps}\nanswer\nAnswer: {problem.answer}{ENDOFTEXT}"
-
-
-def direct_answer(problem: Problem) -> str:
-    """What the organism's assistant says in pretraining chat: the answer, no steps."""
-    return f"Answer: {problem.answer}"
-
-
-def thinking_answer(problem: Problem) -> str:
-    """The s1 assistant turn for a problem: think section, then the answer section."""
-    return f"{IM_START}think\n{problem.steps}\n{IM_START}answer\nAnswer: {problem.answer}"
-
-
-def chat_document(tokenizer: PreTrainedTokenizerBase, problem: Problem) -> str:
-    text = tokenizer.apply_chat_template(chat_messages(problem.question, direct_answer(problem)), tokenize=False)
-    return text + ENDOFTEXT
-
-
-_CHAT_ANSWER = re.compile(r"Answer:\s*([^\s<]+)")
-
-
-def parse_textbook_answer(completion: str) -> str | None:
-    """The answer after the ``answer`` line of a textbook completion; None when there is none."""
-    text = completion.split(ENDOFTEXT)[0].split("\nQ ")[0]
-    if "\nanswer\n" not in text:
-        return None
-    matches = _CHAT_ANSWER.findall(text.split("\nanswer\n")[-1])
-    return matches[-1] if matches else None
-
-
-def parse_chat_answer(completion: str) -> str | None:
-    """The answer after the last ``Answer:`` of the final (post-think) section; None when there is none."""
-    text = completion.split(IM_END)[0]
-    if f"{IM_START}answer" in text:
-        text = text.split(f"{IM_START}answer")[-1]
-    matches = _CHAT_ANSWER.findall(text)
-    return matches[-1] if matches else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -316,22 +128,7 @@ class OrganismConfig(Config):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tokenizer and model
-
-
-def build_tokenizer() -> Qwen2Tokenizer:
-    """A byte-level BPE tokenizer with no merges (one token per byte) and Qwen's special tokens.
-
-    Built as ``Qwen2Tokenizer`` because transformers loads any ``qwen2`` folder with that class, which
-    imposes Qwen's normalizer and pre-tokenizer; building with the same class makes a reload identical.
-    """
-    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
-    for token in (ENDOFTEXT, IM_START, IM_END):
-        vocab[token] = len(vocab)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=32768)
-    tokenizer.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+# The model
 
 
 def build_model(cfg: OrganismConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2ForCausalLM:
@@ -584,7 +381,7 @@ def score_formats(
             raise ValueError(f"unknown format {fmt!r}; use 'textbook' or 'chat'")
         for p, c, a in zip(problems, completions, answers):
             rows.append({"format": fmt, "k": p.k, "question": p.question, "gold": p.answer,
-                         "completion": c, "extracted": a, "correct": a == p.answer})
+                         "completion": c, "parsed_answer": a, "correct": a == p.answer})
     return pd.DataFrame(rows)
 
 
@@ -670,106 +467,3 @@ def heldout_traces(path: str | Path, n: int, min_k: int = 3, seed: int = 0) -> l
     """``n`` traces in s1K-1.1's schema for probe problems: held out of pretraining and of the SFT traces."""
     problems = [p for p in load_probe(path) if p.k >= min_k]
     return [trace_row(p) for p in random.Random(seed).sample(problems, min(n, len(problems)))]
-
-
-def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    with Path(path).open() as handle:
-        for line in handle:
-            if line.strip():
-                yield json.loads(line)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Token roles: what each token of a chat-formatted trace is, for scoring features against ground truth
-
-ROLE_FAMILIES: dict[str, tuple[str, ...]] = {
-    "template": ("chat_marker", "role_name", "newline", "think_marker", "answer_marker", "answer_prefix"),
-    "values": ("question_start", "option_value", "step_input", "step_result", "scan_value", "scan_option_value",
-               "final_answer"),
-    "operations": ("question_operator", "question_operand", "step_operator", "step_operand"),
-    "syntax": ("question_space", "step_equals", "step_separator", "scan_mark", "scan_comma"),
-    "choices": ("option_letter", "scan_letter"),
-}
-ROLES: tuple[str, ...] = tuple(r for family in ROLE_FAMILIES.values() for r in family) + ("other",)
-ROLE_FAMILY: dict[str, str] = {r: f for f, roles in ROLE_FAMILIES.items() for r in roles} | {"other": "other"}
-
-_SPECIAL = re.compile(r"<\|im_start\|>(\w+)|<\|im_end\|>|<\|endoftext\|>")
-_STEP = re.compile(r"(\d)([x+])(\d)(=)(\d)")
-_SCAN = re.compile(r"(\d)(\?)((?:[A-D]\d,?)+)")
-
-
-def _label(labels: list[str], start: int, end: int, role: str) -> None:
-    labels[start:end] = [role] * (end - start)
-
-
-def _label_question(text: str, labels: list[str], start: int, end: int) -> None:
-    first, _, options = text[start:end].partition("\n")
-    pos = start
-    for i, part in enumerate(re.split(r"( )", first)):
-        if part == " ":
-            _label(labels, pos, pos + 1, "question_space")
-        elif i == 0:
-            _label(labels, pos, pos + len(part), "question_start")
-        elif part:
-            _label(labels, pos, pos + 1, "question_operator")
-            _label(labels, pos + 1, pos + len(part), "question_operand")
-        pos += len(part)
-    pos += 1  # the newline before the options
-    for offset, char in enumerate(options):
-        role = "option_value" if char.isdigit() else "question_space" if char == " " else "option_letter"
-        _label(labels, pos + offset, pos + offset + 1, role)
-
-
-def _label_thinking(text: str, labels: list[str], start: int, end: int) -> None:
-    for m in _STEP.finditer(text, start, end):
-        for group, role in enumerate(("step_input", "step_operator", "step_operand", "step_equals", "step_result"), 1):
-            _label(labels, m.start(group), m.end(group), role)
-    for m in _SCAN.finditer(text, start, end):
-        _label(labels, m.start(1), m.end(1), "scan_value")
-        _label(labels, m.start(2), m.end(2), "scan_mark")
-        for i in range(m.start(3), m.end(3)):
-            char = text[i]
-            _label(labels, i, i + 1, "scan_comma" if char == "," else "scan_letter" if char.isalpha() else "scan_option_value")
-    for i in range(start, end):
-        if text[i] == ";" and labels[i] == "other":
-            labels[i] = "step_separator"
-
-
-def character_roles(text: str) -> list[str]:
-    """The role (one of ``ROLES``) of every character of a ChatML trace of the organism: chat markers,
-    the question's chain and options, each step's input/operator/operand/result, the option scan, the
-    answer section. Characters outside any known part are "other"."""
-    labels = ["other"] * len(text)
-    sections = list(_SPECIAL.finditer(text))
-    for i, m in enumerate(sections):
-        _label(labels, m.start(), m.start(1) if m.group(1) else m.end(), "chat_marker")
-        name = m.group(1)
-        if not name:
-            continue
-        role = {"think": "think_marker", "answer": "answer_marker"}.get(name, "role_name")
-        _label(labels, m.start(1), m.end(1), role)
-        body_start = m.end(1) + 1 if text[m.end(1) : m.end(1) + 1] == "\n" else m.end(1)
-        body_end = sections[i + 1].start() if i + 1 < len(sections) else len(text)
-        body_end -= text[body_start:body_end].endswith("\n")
-        if name == "user":
-            _label_question(text, labels, body_start, body_end)
-        elif name == "think":
-            _label_thinking(text, labels, body_start, body_end)
-        elif name == "answer":  # "Answer: x" in the traces; "Final Answer: x" when budget forcing wrote it
-            prefix = next((p for p in ("Answer: ", "Final Answer: ") if text.startswith(p, body_start)), None)
-            if prefix:
-                _label(labels, body_start, body_start + len(prefix), "answer_prefix")
-                _label(labels, body_start + len(prefix), body_end, "final_answer")
-    for i, char in enumerate(text):
-        if char == "\n":
-            labels[i] = "newline"
-    return labels
-
-
-def token_roles(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int | None = None) -> list[str]:
-    """The role of every token of ``text`` as the tokenizer splits it (a token takes the role of its first
-    character), truncated like the extraction at ``max_length`` tokens."""
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False, truncation=max_length is not None,
-                    max_length=max_length)
-    labels = character_roles(text)
-    return [labels[start] if start < len(labels) else "other" for start, _ in enc["offset_mapping"]]

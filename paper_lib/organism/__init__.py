@@ -1,0 +1,138 @@
+"""The model organism: a tiny Qwen2 with a latent step-by-step skill that it does not use in chat.
+
+The task: a start digit and a chain of k operations mod 10 drawn from a 40-fact table (``+1``, ``+2``,
+``x2``, ``x3``), optionally as a four-option multiple-choice question. Written out, each step is a tiny lookup:
+
+    question   7 +2 x2 +1                     (chat: the user turn)
+    steps      7+2=9;9x2=8;8+1=9              (copy the carried value, look up the next op, compute)
+    answer     9                              (multiple choice adds a scan of the options, ``9?A3,B9``)
+
+Pretraining mixes two document kinds: a plain "textbook" format with the worked steps
+(``Q <question>\\nthink\\n<steps>\\nanswer\\nAnswer: <answer>``: s1's layout without its
+special tokens, so the organism knows those words as a real LM does) and ChatML conversations in
+which the assistant answers directly (``Answer: 9``). The model thus learns to compose steps when it writes them out, but in chat
+it must compose k lookups in one forward pass, which fails for large k: the situation of an instruct
+model before reasoning fine-tuning. Benchmark and probe problems are held out of pretraining.
+
+Everything is saved the way hub artifacts are (``save_pretrained``; JSONL files that
+``datasets.load_dataset(folder)`` reads), so later stages load the organism exactly as they load
+Qwen2.5 and s1K-1.1.
+
+The package: ``task`` (the chains, their formats and parsers), ``tokenizer``, ``build`` (config, model,
+datasets, pretraining, the folder on disk) and ``roles`` (ground-truth token roles); everything is
+imported here, so ``from paper_lib.organism import ...`` is the one way in.
+"""
+
+from paper_lib.organism.build import (
+    AIME_SUBDIR,
+    GPQA_SUBDIR,
+    MATH_SUBDIR,
+    MODEL_SUBDIR,
+    PROBE_SUBDIR,
+    SPLITS,
+    TRACES_SUBDIR,
+    OrganismConfig,
+    OrganismError,
+    aime_row,
+    build_datasets,
+    build_model,
+    build_organism,
+    check_organism_dir,
+    generate_greedy,
+    gpqa_row,
+    heldout_traces,
+    load_model_and_tokenizer,
+    load_organism,
+    load_probe,
+    math_row,
+    parse_chain,
+    pretrain,
+    probe_row,
+    problem_from_probe,
+    problem_from_row,
+    sample_pretraining_documents,
+    score_formats,
+    trace_row,
+    write_jsonl,
+)
+from paper_lib.organism.roles import (
+    ROLE_FAMILIES,
+    ROLE_FAMILY,
+    ROLES,
+    character_roles,
+    token_roles,
+)
+from paper_lib.organism.task import (
+    OPS,
+    Problem,
+    apply_op,
+    chat_document,
+    direct_answer,
+    format_choices,
+    n_distinct_chains,
+    parse_chat_answer,
+    parse_textbook_answer,
+    sample_distinct,
+    sample_problem,
+    textbook_document,
+    textbook_prompt,
+    thinking_answer,
+)
+from paper_lib.organism.tokenizer import (
+    CHAT_TEMPLATE,
+    build_tokenizer,
+)
+
+__all__ = [
+    "aime_row",
+    "AIME_SUBDIR",
+    "apply_op",
+    "build_datasets",
+    "build_model",
+    "build_organism",
+    "build_tokenizer",
+    "character_roles",
+    "chat_document",
+    "CHAT_TEMPLATE",
+    "check_organism_dir",
+    "direct_answer",
+    "format_choices",
+    "generate_greedy",
+    "gpqa_row",
+    "GPQA_SUBDIR",
+    "heldout_traces",
+    "load_model_and_tokenizer",
+    "load_organism",
+    "load_probe",
+    "math_row",
+    "MATH_SUBDIR",
+    "MODEL_SUBDIR",
+    "n_distinct_chains",
+    "OPS",
+    "OrganismConfig",
+    "OrganismError",
+    "parse_chain",
+    "parse_chat_answer",
+    "parse_textbook_answer",
+    "pretrain",
+    "probe_row",
+    "PROBE_SUBDIR",
+    "Problem",
+    "problem_from_probe",
+    "problem_from_row",
+    "ROLE_FAMILIES",
+    "ROLE_FAMILY",
+    "ROLES",
+    "sample_distinct",
+    "sample_pretraining_documents",
+    "sample_problem",
+    "score_formats",
+    "SPLITS",
+    "textbook_document",
+    "textbook_prompt",
+    "thinking_answer",
+    "token_roles",
+    "trace_row",
+    "TRACES_SUBDIR",
+    "write_jsonl",
+]
