@@ -46,6 +46,7 @@ rehearse: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # What CI runs (.ci/run): the tests, then the main command on the clean clone, then the regression locks on

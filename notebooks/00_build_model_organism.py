@@ -88,8 +88,9 @@ print("textbook document:\n" + textbook_document(example), end="\n\n")
 
 # %%
 if REBUILD or not (organism_dir / "config.json").exists():
-    cfg = OrganismConfig(seed=SEED, steps=40 if SMOKE else PRETRAIN_STEPS, warmup_steps=4 if SMOKE else 100,
-                         eval_every=20 if SMOKE else 500)
+    cfg = OrganismConfig(
+        seed=SEED, steps=40 if SMOKE else PRETRAIN_STEPS, warmup_steps=4 if SMOKE else 100, eval_every=20 if SMOKE else 500
+    )
     build_organism(cfg, organism_dir)
 check_organism_dir(organism_dir)
 model, tokenizer, cfg = load_organism(organism_dir)
@@ -108,8 +109,9 @@ record_headline(SECTION, "parameters", n_params, unit="parameters")
 # %%
 history = pd.read_csv(organism_dir / "pretraining_log.csv")
 save_figure(plot_pretraining(history), "organism_pretraining", history)
-print(f"{len(history)} steps, {history['seconds'].iloc[-1] / 60:.1f} min; final 50-step loss "
-      f"{history['loss'].tail(50).mean():.3f}")
+print(
+    f"{len(history)} steps, {history['seconds'].iloc[-1] / 60:.1f} min; final 50-step loss {history['loss'].tail(50).mean():.3f}"
+)
 
 # %% [markdown]
 # ## The datasets load by path, like their hub counterparts, and are disjoint
@@ -185,18 +187,28 @@ hard_all = pd.concat([hard, hard_bench])
 textbook_hard = hard_all[hard_all.format == "textbook"]["correct"]
 chat_hard = hard_all[hard_all.format == "chat"]["correct"]
 chat_aime, n_aime = accuracy("aime24", "chat")
-record_headline(SECTION, "textbook_accuracy_at_aime_k", textbook_hard.mean(), unit="fraction", n=len(textbook_hard),
-                k=cfg.aime_steps)
+record_headline(
+    SECTION, "textbook_accuracy_at_aime_k", textbook_hard.mean(), unit="fraction", n=len(textbook_hard), k=cfg.aime_steps
+)
 record_headline(SECTION, "chat_accuracy_at_aime_k", chat_hard.mean(), unit="fraction", n=len(chat_hard), k=cfg.aime_steps)
 record_headline(SECTION, "aime24_chat_accuracy", chat_aime, unit="fraction", n=n_aime)
-print(f"k={cfg.aime_steps}: textbook {textbook_hard.mean():.3f} (n={len(textbook_hard)}), "
-      f"chat {chat_hard.mean():.3f} (n={len(chat_hard)}); AIME-like chat {chat_aime:.3f} (n={n_aime})")
+print(
+    f"k={cfg.aime_steps}: textbook {textbook_hard.mean():.3f} (n={len(textbook_hard)}), "
+    f"chat {chat_hard.mean():.3f} (n={len(chat_hard)}); AIME-like chat {chat_aime:.3f} (n={n_aime})"
+)
 gap = textbook_hard.mean() >= 0.85 and chat_aime <= 0.35
-say(SECTION, f"**What we see.** At the AIME-like difficulty (k = {cfg.aime_steps}) the organism solves "
+say(
+    SECTION,
+    f"**What we see.** At the AIME-like difficulty (k = {cfg.aime_steps}) the organism solves "
     f"{textbook_hard.mean():.0%} of problems when it writes the steps out (n = {len(textbook_hard)}) and "
     f"{chat_hard.mean():.0%} when asked in chat (n = {len(chat_hard)}); {chat_aime:.0%} of the AIME-like benchmark in "
-    "chat. " + ("A skill it has but does not use in chat: the latent gap that the paper's SFT on traces closes."
-                if gap else "No clear latent gap on this run: notebooks 01-03 have little to recover."))
+    "chat. "
+    + (
+        "A skill it has but does not use in chat: the latent gap that the paper's SFT on traces closes."
+        if gap
+        else "No clear latent gap on this run: notebooks 01-03 have little to recover."
+    ),
+)
 if not SMOKE:
     assert textbook_hard.mean() >= 0.85, "the organism lacks the step-by-step skill at the AIME-like difficulty"
     assert chat_aime <= 0.35, "the organism already answers AIME-like questions directly: no latent gap"

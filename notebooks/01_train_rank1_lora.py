@@ -86,9 +86,19 @@ parameters = check_parameters(globals(), SECTION, choices={"LORA_MODULES": ("all
 seed_everything(SEED)
 start_run(SECTION, artifact_dir(OUTPUT_DIR), parameters)  # run.json, figures, headline section
 epochs = 0.05 if SMOKE else EPOCHS
-common = dict(model=MODEL, dataset=DATASET, epochs=epochs, global_batch_size=GLOBAL_BATCH,
-              per_device_batch_size=PER_DEVICE_BATCH, max_length=MAX_LENGTH, bf16=BF16,
-              gradient_checkpointing=GRADIENT_CHECKPOINTING, use_liger_kernel=USE_LIGER, seed=SEED, resume=RESUME)
+common = dict(
+    model=MODEL,
+    dataset=DATASET,
+    epochs=epochs,
+    global_batch_size=GLOBAL_BATCH,
+    per_device_batch_size=PER_DEVICE_BATCH,
+    max_length=MAX_LENGTH,
+    bf16=BF16,
+    gradient_checkpointing=GRADIENT_CHECKPOINTING,
+    use_liger_kernel=USE_LIGER,
+    seed=SEED,
+    resume=RESUME,
+)
 num_layers = AutoConfig.from_pretrained(MODEL).num_hidden_layers
 lora_spec = lora_spec_for(LORA_MODULES, r=LORA_RANK, **layer_subset(LORA_LAYERS, num_layers))
 label = lora_run_label(lora_spec, LORA_MODULES)  # rank1 for the paper's adapter; e.g. rank4, rank1_mlp, rank1_L8-12
@@ -110,8 +120,7 @@ print(f"{len(traces)} traces")
 # %%
 lora_stats = launch_training(lora_cfg, NUM_PROCESSES, ACCELERATE_CONFIG or None, overwrite=OVERWRITE)
 # The checks run on the accelerator in the training dtype: no fp32 copy of a 32B model on the host.
-lora_model, tokenizer, _ = load_trained(lora_cfg.output_dir, dtype=torch.bfloat16 if BF16 else torch.float32,
-                                        device=DEVICE)
+lora_model, tokenizer, _ = load_trained(lora_cfg.output_dir, dtype=torch.bfloat16 if BF16 else torch.float32, device=DEVICE)
 lora_B = [p for n, p in lora_model.named_parameters() if "lora_B" in n]
 expected = count_lora_parameters(lora_cfg.lora, lora_model.get_base_model().config)
 print({k: lora_stats[k] for k in ("trainable_parameters", "optimizer_steps", "final_loss", "tokens_per_second")})
@@ -164,19 +173,35 @@ assert errors["bf16_update_fraction_lost"] > 0
 for name, stats in ((label, lora_stats), ("full", full_stats)):
     if not stats:
         continue
-    for key, unit in (("final_loss", "nats/token"), ("trainable_parameters", "parameters"),
-                      ("tokens_per_second", "tok/s"), ("train_seconds", "s"), ("optimizer_steps", "steps")):
+    for key, unit in (
+        ("final_loss", "nats/token"),
+        ("trainable_parameters", "parameters"),
+        ("tokens_per_second", "tok/s"),
+        ("train_seconds", "s"),
+        ("optimizer_steps", "steps"),
+    ):
         record_headline(SECTION, f"{name}_{key}", stats[key], unit=unit)
 for key, value in errors.items():
-    record_headline(SECTION, f"merge_{key}", value, unit="fraction" if "fraction" in key or "rel" in key else
-                    ("probability" if "prob" in key else "logit"), n=len(merge_texts))
-say(SECTION, f"**What we see.** The adapter ({label}) trains {lora_stats['trainable_parameters']:,} parameters to a final loss of "
+    record_headline(
+        SECTION,
+        f"merge_{key}",
+        value,
+        unit="fraction" if "fraction" in key or "rel" in key else ("probability" if "prob" in key else "logit"),
+        n=len(merge_texts),
+    )
+say(
+    SECTION,
+    f"**What we see.** The adapter ({label}) trains {lora_stats['trainable_parameters']:,} parameters to a final loss of "
     f"{lora_stats['final_loss']:.3f} nats/token"
-    + (f" against the full fine-tune's {full_stats['final_loss']:.3f} with {full_stats['trainable_parameters']:,}."
-       if full_stats else ".")
+    + (
+        f" against the full fine-tune's {full_stats['final_loss']:.3f} with {full_stats['trainable_parameters']:,}."
+        if full_stats
+        else "."
+    )
     + f" Merging the update into bf16 weights rounds away {errors['bf16_update_fraction_lost']:.1%} of it (relative "
     f"logit error up to {errors['bf16_max_rel_logit_error']:.1e}; fp32: {errors['fp32_max_rel_logit_error']:.1e}), which is "
-    "why notebook 02 serves the adapter unmerged.")
+    "why notebook 02 serves the adapter unmerged.",
+)
 del lora_model
 release_memory()
 if full_stats and not SMOKE:

@@ -78,10 +78,11 @@ from paper_lib.statistics import bootstrap_interval, recovery_table
 
 SECTION = "02_evaluate_reasoning"
 # every parameter has its default's type (and an allowed value), checked before any work
-parameters = check_parameters(globals(), SECTION, choices={
-    "CHOICE_STYLE": ("organism", "s1"),
-    "BACKEND": ("vllm", "hf"),
-    "DTYPE": ("float32", "bfloat16", "float16")})
+parameters = check_parameters(
+    globals(),
+    SECTION,
+    choices={"CHOICE_STYLE": ("organism", "s1"), "BACKEND": ("vllm", "hf"), "DTYPE": ("float32", "bfloat16", "float16")},
+)
 seed_everything(SEED)
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM inside a notebook kernel
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's start-up log would flood the notebook
@@ -117,8 +118,9 @@ if OVERWRITE and out_dir.exists():
     shutil.rmtree(out_dir)
 start_run(SECTION, out_dir, parameters)  # run.json, figures, headline section
 
-forced = dict(max_tokens=MAX_TOKENS, thinking_budget=THINKING_BUDGET or None, wait_count=WAIT_COUNT,
-              answer_tokens=ANSWER_TOKENS, seed=SEED)
+forced = dict(
+    max_tokens=MAX_TOKENS, thinking_budget=THINKING_BUDGET or None, wait_count=WAIT_COUNT, answer_tokens=ANSWER_TOKENS, seed=SEED
+)
 protocols = {"greedy": GenerationSpec(**forced)}
 if N_SAMPLES and not SMOKE:
     protocols["sampled"] = GenerationSpec(temperature=0.6, top_p=0.95, n=N_SAMPLES, **forced)
@@ -128,8 +130,15 @@ chat = {name: dataclasses.replace(spec, budget_forcing=False) for name, spec in 
 
 def make_engine(model, adapters=None):
     if BACKEND == "vllm":
-        return VLLMEngine(model, adapters, tensor_parallel_size=TENSOR_PARALLEL, dtype=DTYPE,
-                          max_model_len=MAX_MODEL_LEN, seed=SEED, enforce_eager=ENFORCE_EAGER or None)
+        return VLLMEngine(
+            model,
+            adapters,
+            tensor_parallel_size=TENSOR_PARALLEL,
+            dtype=DTYPE,
+            max_model_len=MAX_MODEL_LEN,
+            seed=SEED,
+            enforce_eager=ENFORCE_EAGER or None,
+        )
     return HFEngine(model, adapters, max_model_len=MAX_MODEL_LEN)
 
 
@@ -137,9 +146,10 @@ def make_engine(model, adapters=None):
 lora = Path(ADAPTER_RUN).name  # the adapter's label: its run folder's name (rank1 for the paper's; rank4, rank1_mlp ...)
 if lora in ("base", "base_chat", "full"):
     raise ValueError(f"ADAPTER_RUN {ADAPTER_RUN!r}: a run folder named {lora!r} would mix with the {lora} model's results")
-runs = [((BASE_MODEL, {lora: adapter_dir}), [("base_chat", None, chat), ("base", None, protocols),
-                                             (lora, lora, protocols)]),
-        ((full_model, None), [("full", None, protocols)])]
+runs = [
+    ((BASE_MODEL, {lora: adapter_dir}), [("base_chat", None, chat), ("base", None, protocols), (lora, lora, protocols)]),
+    ((full_model, None), [("full", None, protocols)]),
+]
 samples, reused = [], []
 for (model, adapters), evaluations in runs:
     with make_engine(model, adapters) as engine:  # released before the next one starts
@@ -147,8 +157,11 @@ for (model, adapters), evaluations in runs:
             for protocol, spec in specs.items():
                 for name, items in benchmarks.items():
                     path = out_dir / label / f"{name}.{protocol}.jsonl"
-                    if REUSE_FROM and label != lora and adopt_samples(artifact_dir(REUSE_FROM) / label / path.name, path,
-                                                                         engine, spec, adapter):
+                    if (
+                        REUSE_FROM
+                        and label != lora
+                        and adopt_samples(artifact_dir(REUSE_FROM) / label / path.name, path, engine, spec, adapter)
+                    ):
                         reused.append(f"{label}/{path.name}")
                     df = evaluate(engine, items, spec, path, variant=adapter)
                     samples.append(df.assign(model=label, benchmark=name, protocol=protocol))
@@ -162,8 +175,11 @@ print(samples.groupby(["protocol", "benchmark", "model"])["correct"].mean().unst
 # `answer_cut`: the answer used all `ANSWER_TOKENS` (it may be cut off before its final answer).
 
 # %%
-cuts = samples.groupby(["protocol", "benchmark", "model"])[["thinking_cut", "answer_cut"]].agg(
-    lambda x: int(x.astype(bool).sum())).assign(n=samples.groupby(["protocol", "benchmark", "model"]).size())
+cuts = (
+    samples.groupby(["protocol", "benchmark", "model"])[["thinking_cut", "answer_cut"]]
+    .agg(lambda x: int(x.astype(bool).sum()))
+    .assign(n=samples.groupby(["protocol", "benchmark", "model"]).size())
+)
 print(cuts.to_string())
 
 # %% [markdown]
@@ -197,10 +213,12 @@ print("base budget-forced too:\n", forced_base.round(3).to_string())
 seen = []
 for _, r in recovery[recovery.protocol == "greedy"].iterrows():
     overlaps = np.isfinite(r.gain_recovered) and r.gain_recovered_lo <= 0.90 and r.gain_recovered_hi >= 0.73
-    seen.append(f"on {r.benchmark} the adapter ({lora}) recovers {r.gain_recovered:.0%} of the full fine-tune's gain over the base "
-                f"[{r.gain_recovered_lo:.0%}, {r.gain_recovered_hi:.0%}], n = {r.n} ({verdict(overlaps)}: 73-90%)"
-                if np.isfinite(r.gain_recovered) else f"on {r.benchmark} the full fine-tune gains nothing over the base, "
-                "so no share of its gain can be recovered")
+    seen.append(
+        f"on {r.benchmark} the adapter ({lora}) recovers {r.gain_recovered:.0%} of the full fine-tune's gain over the base "
+        f"[{r.gain_recovered_lo:.0%}, {r.gain_recovered_hi:.0%}], n = {r.n} ({verdict(overlaps)}: 73-90%)"
+        if np.isfinite(r.gain_recovered)
+        else f"on {r.benchmark} the full fine-tune gains nothing over the base, so no share of its gain can be recovered"
+    )
 say(SECTION, "**What we see.** Greedy decoding: " + "; ".join(seen) + ".")
 
 # %% [markdown]
@@ -208,14 +226,21 @@ say(SECTION, "**What we see.** Greedy decoding: " + "; ".join(seen) + ".")
 
 # %%
 for _, r in accuracy.iterrows():
-    record_headline(SECTION, f"{r.protocol}_{r.benchmark}_{r.model}_accuracy", r.accuracy, unit="fraction", n=r.n,
-                    ci95=[r.lo, r.hi])
+    record_headline(
+        SECTION, f"{r.protocol}_{r.benchmark}_{r.model}_accuracy", r.accuracy, unit="fraction", n=r.n, ci95=[r.lo, r.hi]
+    )
 for table, suffix in ((recovery, ""), (forced_base, "_vs_forced_base")):
     for _, r in table.iterrows():
         for measure in ("gain_recovered", "ratio_to_full"):
             if np.isfinite(r[measure]):
-                record_headline(SECTION, f"{r.protocol}_{r.benchmark}_{measure}{suffix}", r[measure], unit="fraction",
-                                n=r.n, ci95=[r[f"{measure}_lo"], r[f"{measure}_hi"]])
+                record_headline(
+                    SECTION,
+                    f"{r.protocol}_{r.benchmark}_{measure}{suffix}",
+                    r[measure],
+                    unit="fraction",
+                    n=r.n,
+                    ci95=[r[f"{measure}_lo"], r[f"{measure}_hi"]],
+                )
 for (protocol, bench, model), r in cuts.iterrows():
     for kind in ("thinking_cut", "answer_cut"):
         record_headline(SECTION, f"{protocol}_{bench}_{model}_{kind}", r[kind], unit="responses", n=r.n)

@@ -74,7 +74,9 @@ from paper_lib.training import load_trained
 
 SECTION = "03_ablate_adapters"
 # every parameter has its default's type (and an allowed value), checked before any work
-parameters = check_parameters(globals(), SECTION, choices={"BACKEND": ("vllm", "hf"), "DTYPE": ("float32", "bfloat16", "float16")})
+parameters = check_parameters(
+    globals(), SECTION, choices={"BACKEND": ("vllm", "hf"), "DTYPE": ("float32", "bfloat16", "float16")}
+)
 seed_everything(SEED)
 out_dir = start_run(SECTION, artifact_dir(OUTPUT_DIR), parameters)  # run.json, figures, headline section
 model, tokenizer, train_cfg = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE), device=DEVICE)
@@ -128,23 +130,29 @@ if {"mlp", "attention"} <= set(kinds.index):  # an adapter on one kind of module
     single_mlp = table.loc[[m for m in table.index if m in MLP_MODULES]].to_numpy().mean()
     single_attn = table.loc[[m for m in table.index if m in ATTENTION_MODULES]].to_numpy().mean()
     record_headline(SECTION, "single_adapter_mlp_over_attention", single_mlp / single_attn, unit="ratio", n=n_traces)
-    print(f"MLP vs attention: all-at-once {kinds['mlp'] / kinds['attention']:.2f}x, single-adapter means "
-          f"{single_mlp / single_attn:.2f}x")
+    print(
+        f"MLP vs attention: all-at-once {kinds['mlp'] / kinds['attention']:.2f}x, single-adapter means "
+        f"{single_mlp / single_attn:.2f}x"
+    )
 print(f"whole adapter KL {kinds['all adapters']:.3f}; adapted kinds: {sorted(families['kind'])}")
 layer_kl = kinds[[g for g in kinds.index if g.startswith("layer ")]]
 layer_kl.index = [int(g.split(" ")[1]) for g in layer_kl.index]
 thirds = np.array_split(np.sort(layer_kl.index.to_numpy()), 3)
 third_kl = [float(layer_kl.loc[t].mean()) for t in thirds if len(t)]
 later = len(third_kl) == 3 and third_kl[2] == max(third_kl)
-seen = (f"**What we see.** Removing every adapter costs {kinds['all adapters']:.3f} nats/token. By layer third (early, "
-        f"middle, late) a layer's adapters cost {', '.join(f'{k:.4f}' for k in third_kl)} on average: the paper's "
-        f"'later layers matter most': {verdict(later)}.")
+seen = (
+    f"**What we see.** Removing every adapter costs {kinds['all adapters']:.3f} nats/token. By layer third (early, "
+    f"middle, late) a layer's adapters cost {', '.join(f'{k:.4f}' for k in third_kl)} on average: the paper's "
+    f"'later layers matter most': {verdict(later)}."
+)
 if {"mlp", "attention"} <= set(kinds.index):
     ratio = kinds["mlp"] / kinds["attention"]
     top_module = table.mean(axis=1).idxmax()
-    seen += (f" All MLP adapters vs all attention adapters: {ratio:.2f}x (the paper ~2.4x: {verdict(ratio > 1)}); the "
-             f"module whose single adapters matter most on average is {top_module} (the paper: the MLP gates, "
-             f"{verdict(top_module == 'gate_proj')}).")
+    seen += (
+        f" All MLP adapters vs all attention adapters: {ratio:.2f}x (the paper ~2.4x: {verdict(ratio > 1)}); the "
+        f"module whose single adapters matter most on average is {top_module} (the paper: the MLP gates, "
+        f"{verdict(top_module == 'gate_proj')})."
+    )
 say(SECTION, seen)
 if CHECK_CLAIMS:
     assert kinds["all adapters"] >= kinds[[g for g in kinds.index if g.startswith("layer ")]].max() - 1e-6
@@ -170,10 +178,13 @@ variants = {"rank1": str(full_adapter)}
 for kind, keep in (("attention", ATTENTION_MODULES), ("mlp", MLP_MODULES)):
     if kind in families["kind"] and len(families["kind"]) > 1:  # a variant only where it differs from the adapter
         variants[f"{kind}_only"] = str(save_adapter_subset(full_adapter, out_dir / f"{kind}_only", keep))
-engine = (VLLMEngine(train_cfg.model, variants, tensor_parallel_size=TENSOR_PARALLEL, dtype=DTYPE,
-                     max_model_len=MAX_MODEL_LEN, seed=SEED)
-          if BACKEND == "vllm" else HFEngine(train_cfg.model, variants, dtype=getattr(torch, DTYPE),
-                                             max_model_len=MAX_MODEL_LEN))
+engine = (
+    VLLMEngine(
+        train_cfg.model, variants, tensor_parallel_size=TENSOR_PARALLEL, dtype=DTYPE, max_model_len=MAX_MODEL_LEN, seed=SEED
+    )
+    if BACKEND == "vllm"
+    else HFEngine(train_cfg.model, variants, dtype=getattr(torch, DTYPE), max_model_len=MAX_MODEL_LEN)
+)
 spec = GenerationSpec(max_tokens=MAX_TOKENS, answer_tokens=ANSWER_TOKENS, seed=SEED)
 limit = 4 if SMOKE else (N_BENCHMARK_QUESTIONS or None)
 rows = []
@@ -184,10 +195,10 @@ with engine:
             df = evaluate(engine, items, spec, out_dir / (label or "base") / f"{name}.greedy.jsonl", variant=label)
             k, n = int(df["correct"].sum()), len(df)
             lo, hi = wilson_interval(k, n)
-            rows.append({"benchmark": name, "adapters": label or "none (base)", "accuracy": k / n, "lo": lo, "hi": hi,
-                         "n": n})
+            rows.append({"benchmark": name, "adapters": label or "none (base)", "accuracy": k / n, "lo": lo, "hi": hi, "n": n})
 behaviour = pd.DataFrame(rows)
 print(behaviour.round(3).to_string())
 for _, r in behaviour.iterrows():
-    record_headline(SECTION, f"{r.benchmark}_{r.adapters.split(' ')[0]}_accuracy", r.accuracy, unit="fraction", n=r.n,
-                    ci95=[r.lo, r.hi])
+    record_headline(
+        SECTION, f"{r.benchmark}_{r.adapters.split(' ')[0]}_accuracy", r.accuracy, unit="fraction", n=r.n, ci95=[r.lo, r.hi]
+    )

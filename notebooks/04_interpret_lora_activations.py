@@ -116,11 +116,21 @@ if OVERWRITE and store_dir.exists():
 start_run(SECTION, out_dir, parameters)  # run.json, figures, headlines
 controls = control_populations(model, adapter_keys(model), seed=SEED)  # as many MLP neurons and random directions as adapters
 start = time.perf_counter()
-store = extract_activation_shards(model, tokenizer, texts, store_dir, batch_size=BATCH_SIZE, max_length=MAX_LENGTH,
-                                  provenance={**adapter_provenance(ADAPTER_RUN), "traces": TRACES}, populations=controls)
+store = extract_activation_shards(
+    model,
+    tokenizer,
+    texts,
+    store_dir,
+    batch_size=BATCH_SIZE,
+    max_length=MAX_LENGTH,
+    provenance={**adapter_provenance(ADAPTER_RUN), "traces": TRACES},
+    populations=controls,
+)
 seconds = time.perf_counter() - start
-print(f"{store.n_tokens:,} tokens x {len(store.feature_names())} adapters (+ {len(controls)} control populations) in "
-      f"{seconds:.1f} s ({store.n_tokens / seconds:,.0f} tok/s, 0 if the shards existed)")
+print(
+    f"{store.n_tokens:,} tokens x {len(store.feature_names())} adapters (+ {len(controls)} control populations) in "
+    f"{seconds:.1f} s ({store.n_tokens / seconds:,.0f} tok/s, 0 if the shards existed)"
+)
 # each population read both ways; streamed from the shards, never loaded whole
 populations = {name: SignedFeatures(store.features(name)) for name in store.populations}
 assert store.populations == [LORA, "MLP neuron", "random direction"]
@@ -152,21 +162,33 @@ if ROLE_SCORER:
     by_name = scored.set_index("feature")
     for f in features:
         r = by_name.loc[f["name"]]
-        f["summary"] = (f"{r['class']}: best role {r['role']} (precision@{TOP_K} {r['precision']:.2f}, AUROC {r['auroc']:.2f}); "
-                        f"family {r['family']} ({r['family_precision']:.2f})")
-        f["tags"] = {"class": r["class"], "role": r["role"], "family": r["family"], "precision": round(float(r["precision"]), 3),
-                     "auroc": round(float(r["auroc"]), 3)}
+        f["summary"] = (
+            f"{r['class']}: best role {r['role']} (precision@{TOP_K} {r['precision']:.2f}, AUROC {r['auroc']:.2f}); "
+            f"family {r['family']} ({r['family_precision']:.2f})"
+        )
+        f["tags"] = {
+            "class": r["class"],
+            "role": r["role"],
+            "family": r["family"],
+            "precision": round(float(r["precision"]), 3),
+            "auroc": round(float(r["auroc"]), 3),
+        }
     assert np.isclose(shares.groupby("population")["share"].sum(), 1).all()
 
 # %%
 for f in features:  # L{layer}.{module}{+/-}: filter by layer and module
     layer, module = f["name"][1:-1].split(".")
     f.setdefault("tags", {}).update(layer=f"L{int(layer):02d}", module=module)
-path = save_html(feature_page_html(features, "Rank-1 adapter activations: top examples",
-                                   f"{store.n_tokens:,} tokens of {len(texts)} traces; each adapter's scalar a = A·x, "
-                                   "positive (+) and negative (-) polarity; the marked token is the activating one.",
-                                   run=run_info(SECTION)),
-                 "lora_feature_examples")
+path = save_html(
+    feature_page_html(
+        features,
+        "Rank-1 adapter activations: top examples",
+        f"{store.n_tokens:,} tokens of {len(texts)} traces; each adapter's scalar a = A·x, "
+        "positive (+) and negative (-) polarity; the marked token is the activating one.",
+        run=run_info(SECTION),
+    ),
+    "lora_feature_examples",
+)
 print(path)
 
 # %% [markdown]
@@ -177,24 +199,32 @@ print(path)
 # %%
 if ROLE_SCORER:
     save_figure(plot_interpretability(scored, shares), "interpretability_lora_vs_mlp", shares)
-    tests = {f"{a} vs {b}": compare_populations(scored, a, b, N_BOOTSTRAP, SEED)
-             for a, b in (("LoRA", "MLP neuron"), ("LoRA", "random direction"), ("MLP neuron", "random direction"))}
+    tests = {
+        f"{a} vs {b}": compare_populations(scored, a, b, N_BOOTSTRAP, SEED)
+        for a, b in (("LoRA", "MLP neuron"), ("LoRA", "random direction"), ("MLP neuron", "random direction"))
+    }
     print(pd.DataFrame(tests).T.round(4).to_string())
     print(scored.groupby("population")[["precision", "auroc"]].median().round(3))
     print(scored[scored.population == "LoRA"].groupby("role").size().sort_values(ascending=False).head(10))
     share = shares.set_index(["population", "class"])["share"]
     interpretable = {p: share[(p, "monosemantic")] + share[(p, "broad")] for p in ("LoRA", "MLP neuron", "random direction")}
     held = interpretable["LoRA"] >= interpretable["MLP neuron"] or tests["LoRA vs MLP neuron"]["chi2_p"] > 0.05
-    say(SECTION, f"**What we see.** Monosemantic / broad / polysemantic: LoRA features "
+    say(
+        SECTION,
+        f"**What we see.** Monosemantic / broad / polysemantic: LoRA features "
         f"{share[('LoRA', 'monosemantic')]:.0%} / {share[('LoRA', 'broad')]:.0%} / {share[('LoRA', 'polysemantic')]:.0%}, "
         f"MLP neurons {share[('MLP neuron', 'monosemantic')]:.0%} / {share[('MLP neuron', 'broad')]:.0%} / "
         f"{share[('MLP neuron', 'polysemantic')]:.0%}, random directions {share[('random direction', 'monosemantic')]:.0%} / "
         f"{share[('random direction', 'broad')]:.0%} / {share[('random direction', 'polysemantic')]:.0%} (the paper: LoRA "
         f"16 / 40 / 44%, MLP 13 / 27 / 60%). The adapters are at least as interpretable as MLP neurons: {verdict(held)} "
         f"(chi-square p = {tests['LoRA vs MLP neuron']['chi2_p']:.2g}). "
-        + ("Random directions score as well: almost any read-out of these inputs is pure at its top on these tokens, "
-           "so this scorer separates the populations little here." if interpretable["random direction"] >= interpretable["LoRA"]
-           else "Random directions score worse: the adapters' directions are not just any read-out."))
+        + (
+            "Random directions score as well: almost any read-out of these inputs is pure at its top on these tokens, "
+            "so this scorer separates the populations little here."
+            if interpretable["random direction"] >= interpretable["LoRA"]
+            else "Random directions score worse: the adapters' directions are not just any read-out."
+        ),
+    )
 
 # %% [markdown]
 # ## Headline numbers
@@ -206,15 +236,27 @@ if ROLE_SCORER:
         key = f"{r.population.split(' ')[0].lower()}_{r['class']}_share"
         record_headline(SECTION, key, r.share, unit="fraction of features", n=r.n, ci95=[r.lo, r.hi])
     for name, group in scored.groupby("population"):
-        record_headline(SECTION, f"{name.split(' ')[0].lower()}_median_precision_at_{TOP_K}", group.precision.median(),
-                        unit="fraction", n=len(group))
+        record_headline(
+            SECTION,
+            f"{name.split(' ')[0].lower()}_median_precision_at_{TOP_K}",
+            group.precision.median(),
+            unit="fraction",
+            n=len(group),
+        )
         record_headline(SECTION, f"{name.split(' ')[0].lower()}_median_auroc", group.auroc.median(), unit="AUROC", n=len(group))
     for pair, t in tests.items():
         key = pair.replace(" vs ", "_vs_").replace(" ", "_").lower()
         record_headline(SECTION, f"{key}_chi2_p", t["chi2_p"], unit="p-value", n=len(scored))
         for column in ("precision", "auroc"):
-            record_headline(SECTION, f"{key}_{column}_diff", t[f"{column}_diff"], unit="difference of means", n=len(scored),
-                            ci95=[t[f"{column}_diff_lo"], t[f"{column}_diff_hi"]], mannwhitney_p=t[f"{column}_mannwhitney_p"])
+            record_headline(
+                SECTION,
+                f"{key}_{column}_diff",
+                t[f"{column}_diff"],
+                unit="difference of means",
+                n=len(scored),
+                ci95=[t[f"{column}_diff_lo"], t[f"{column}_diff_hi"]],
+                mannwhitney_p=t[f"{column}_mannwhitney_p"],
+            )
 
 # %% [markdown]
 # ## The LLM judge (real-scale scorer; runs when `JUDGE_URL` is set)
@@ -235,15 +277,29 @@ if JUDGE_URL:
         requests = judge_requests(signed, store, decode, tops[name], chosen, SEED)
         slug = name.split(" ")[0].lower()
         scores = score_features(judge, requests, out_dir / "judge" / f"{slug}.jsonl", rate=True)
-        judged.append(pd.DataFrame(scores, columns=["feature", "explanation", "n", "unparsed", "accuracy", "f1", "rating"])
-                      .assign(population=name))
+        judged.append(
+            pd.DataFrame(scores, columns=["feature", "explanation", "n", "unparsed", "accuracy", "f1", "rating"]).assign(
+                population=name
+            )
+        )
     judged = pd.concat(judged, ignore_index=True)
     ratings = rating_shares(judged)  # the paper's measure beside detection, with Wilson intervals
     print(judged.groupby("population")[["accuracy", "f1"]].mean().round(3))
     print(ratings.round(3).to_string())
     for name, group in judged.groupby("population"):
-        record_headline(SECTION, f"{name.split(' ')[0].lower()}_judge_detection_accuracy", group.accuracy.mean(),
-                        unit="fraction", n=len(group))
+        record_headline(
+            SECTION,
+            f"{name.split(' ')[0].lower()}_judge_detection_accuracy",
+            group.accuracy.mean(),
+            unit="fraction",
+            n=len(group),
+        )
     for _, r in ratings[ratings["class"] != "unrated"].iterrows():
-        record_headline(SECTION, f"{r.population.split(' ')[0].lower()}_judge_rated_{r['class']}_share", r.share,
-                        unit="fraction of judged features", n=r.n, ci95=[r.lo, r.hi])
+        record_headline(
+            SECTION,
+            f"{r.population.split(' ')[0].lower()}_judge_rated_{r['class']}_share",
+            r.share,
+            unit="fraction of judged features",
+            n=r.n,
+            ci95=[r.lo, r.hi],
+        )

@@ -75,19 +75,30 @@ from paper_lib.training import load_trained
 
 SECTION = "05_train_sae"
 # every parameter has its default's type (and an allowed value), checked before any work
-parameters = check_parameters(globals(), SECTION, choices={
-    "NORMALIZE": ("per_adapter", "none"),
-    "DTYPE": ("float32", "bfloat16", "float16")})
+parameters = check_parameters(
+    globals(), SECTION, choices={"NORMALIZE": ("per_adapter", "none"), "DTYPE": ("float32", "bfloat16", "float16")}
+)
 seed_everything(SEED)
 store = ActivationStore(stage_dir(INTERPRET_DIR, SMOKE) / "activations")
 out_dir = start_run(SECTION, stage_dir(OUTPUT_DIR, SMOKE), parameters)  # run.json, figures, headlines
 n_docs = len(store)
 train_docs = range(0, int(round(n_docs * (1 - HELDOUT_FRACTION))))
 heldout_docs = range(train_docs.stop, n_docs)
-spec = SAESpec(expansion=EXPANSION, k=K, lr=LR, batch_size=BATCH_SIZE, epochs=2 if SMOKE else EPOCHS,
-               dead_tokens=DEAD_TOKENS, normalize=NORMALIZE, seed=SEED, device=DEVICE)
-print(f"{n_docs} traces ({len(train_docs)} train, {len(heldout_docs)} held out), {len(store.layers)} layers x "
-      f"{len(store.modules)} modules = {len(store.layers) * len(store.modules)} inputs, {spec.expansion * len(store.layers) * len(store.modules)} latents")
+spec = SAESpec(
+    expansion=EXPANSION,
+    k=K,
+    lr=LR,
+    batch_size=BATCH_SIZE,
+    epochs=2 if SMOKE else EPOCHS,
+    dead_tokens=DEAD_TOKENS,
+    normalize=NORMALIZE,
+    seed=SEED,
+    device=DEVICE,
+)
+print(
+    f"{n_docs} traces ({len(train_docs)} train, {len(heldout_docs)} held out), {len(store.layers)} layers x "
+    f"{len(store.modules)} modules = {len(store.layers) * len(store.modules)} inputs, {spec.expansion * len(store.layers) * len(store.modules)} latents"
+)
 
 # %% [markdown]
 # ## Train (sae-lens BatchTopK, AuxK for dead latents)
@@ -118,18 +129,32 @@ n_traces = 8 if SMOKE else N_SPLICE_TRACES
 rows = scoring_traces(TRACES, n_traces, seed=SEED, organism_dir=ORGANISM_DIR, among=heldout_docs)
 per_trace = splice_kl(model, trace_batches(tokenizer, rows, 32, MAX_LENGTH), sae, scales)
 recovered = 1 - per_trace.kl_spliced.mean() / per_trace.kl_no_adapter.mean()
-rec_lo, rec_hi = bootstrap_interval([per_trace.kl_spliced.to_numpy(), per_trace.kl_no_adapter.to_numpy()],
-                                    lambda s, n: 1 - s.mean() / n.mean(), N_BOOTSTRAP, seed=SEED)
-kl = pd.DataFrame([{"variant": name, "kl": per_trace[col].mean(),
-                    **dict(zip(("lo", "hi"), bootstrap_interval(per_trace[col].to_numpy(), n_resamples=N_BOOTSTRAP, seed=SEED)))}
-                   for name, col in (("no adapter", "kl_no_adapter"), ("SAE spliced", "kl_spliced"))])
+rec_lo, rec_hi = bootstrap_interval(
+    [per_trace.kl_spliced.to_numpy(), per_trace.kl_no_adapter.to_numpy()],
+    lambda s, n: 1 - s.mean() / n.mean(),
+    N_BOOTSTRAP,
+    seed=SEED,
+)
+kl = pd.DataFrame(
+    [
+        {
+            "variant": name,
+            "kl": per_trace[col].mean(),
+            **dict(zip(("lo", "hi"), bootstrap_interval(per_trace[col].to_numpy(), n_resamples=N_BOOTSTRAP, seed=SEED))),
+        }
+        for name, col in (("no adapter", "kl_no_adapter"), ("SAE spliced", "kl_spliced"))
+    ]
+)
 print(kl.round(4).to_string())
 print(f"fraction of the adapter's KL effect recovered: {recovered:.3f} [{rec_lo:.3f}, {rec_hi:.3f}] (n={len(per_trace)} traces)")
-say(SECTION, f"**What we see.** With {metrics['l0']:.1f} active latents a token (k = {K}), the SAE leaves "
+say(
+    SECTION,
+    f"**What we see.** With {metrics['l0']:.1f} active latents a token (k = {K}), the SAE leaves "
     f"{metrics['fvu']:.1%} of the held-out variance unexplained ({metrics['dead_fraction']:.0%} of latents dead). Spliced "
     f"into the forward pass in place of the adapter scalars it keeps {recovered:.0%} [{rec_lo:.0%}, {rec_hi:.0%}] of the "
     f"adapter's effect (KL recovered, n = {len(per_trace)} held-out traces): the SAE is a faithful stand-in for the "
-    f"adapter state: {verdict(recovered > 0.9)}.")
+    f"adapter state: {verdict(recovered > 0.9)}.",
+)
 if CHECK_CLAIMS:
     assert per_trace.kl_spliced.mean() < per_trace.kl_no_adapter.mean()
     assert SMOKE or recovered > 0.9, "the SAE loses most of the adapter's effect: check its FVU and training curves"
@@ -145,8 +170,12 @@ if CHECK_CLAIMS:
 
 # %%
 variants = {"rank1": "rank-1 (as is)", "sae_spliced": "SAE spliced", "no_adapter": "no adapter"}  # slug -> label
-engine = ScalarEngine(model, tokenizer, {"rank1": lambda s: s, "sae_spliced": state_transform(sae, scales),
-                                         "no_adapter": torch.zeros_like}, cache_tokens=CACHE_TOKENS)
+engine = ScalarEngine(
+    model,
+    tokenizer,
+    {"rank1": lambda s: s, "sae_spliced": state_transform(sae, scales), "no_adapter": torch.zeros_like},
+    cache_tokens=CACHE_TOKENS,
+)
 gen = GenerationSpec(max_tokens=MAX_TOKENS, answer_tokens=min(32, MAX_TOKENS // 4), seed=SEED)
 accuracy = []
 for name, limit in (("aime24", 4 if SMOKE else None), ("math500", 8 if SMOKE else (N_MATH or None))):
@@ -155,8 +184,16 @@ for name, limit in (("aime24", 4 if SMOKE else None), ("math500", 8 if SMOKE els
     for slug, label in variants.items():
         df = evaluate(engine, items, gen, out_dir / slug / f"{name}.greedy.jsonl", variant=slug)
         k, n = int(df.correct.sum()), len(df)
-        accuracy.append({"benchmark": name, "variant": label, "slug": slug, "accuracy": k / n, "n": n,
-                         **dict(zip(("lo", "hi"), wilson_interval(k, n)))})
+        accuracy.append(
+            {
+                "benchmark": name,
+                "variant": label,
+                "slug": slug,
+                "accuracy": k / n,
+                "n": n,
+                **dict(zip(("lo", "hi"), wilson_interval(k, n))),
+            }
+        )
 accuracy = pd.DataFrame(accuracy)
 print(accuracy.round(3).to_string())
 save_figure(plot_splice(kl, accuracy), "sae_splice", pd.concat([kl.assign(benchmark="teacher-forced KL"), accuracy]))
@@ -169,12 +206,20 @@ n_heldout = metrics["tokens"]
 record_headline(SECTION, "heldout_fvu", metrics["fvu"], unit="fraction of variance (normalised inputs)", n=n_heldout)
 record_headline(SECTION, "heldout_fvu_raw", metrics["fvu_raw"], unit="fraction of variance (raw scalars)", n=n_heldout)
 record_headline(SECTION, "heldout_l0", metrics["l0"], unit="active latents per token", n=n_heldout)
-record_headline(SECTION, "dead_latent_fraction", metrics["dead_fraction"], unit="fraction of latents (never fire on held-out tokens)",
-                n=spec.expansion * len(store.layers) * len(store.modules))
-record_headline(SECTION, "splice_kl_recovered", recovered, unit="fraction of KL(full || no adapter)", n=len(per_trace),
-                ci95=[rec_lo, rec_hi])
+record_headline(
+    SECTION,
+    "dead_latent_fraction",
+    metrics["dead_fraction"],
+    unit="fraction of latents (never fire on held-out tokens)",
+    n=spec.expansion * len(store.layers) * len(store.modules),
+)
+record_headline(
+    SECTION, "splice_kl_recovered", recovered, unit="fraction of KL(full || no adapter)", n=len(per_trace), ci95=[rec_lo, rec_hi]
+)
 for _, r in kl.iterrows():
-    record_headline(SECTION, f"kl_{r.variant.replace(' ', '_').lower()}", r.kl, unit="nats/token", n=len(per_trace), ci95=[r.lo, r.hi])
+    record_headline(
+        SECTION, f"kl_{r.variant.replace(' ', '_').lower()}", r.kl, unit="nats/token", n=len(per_trace), ci95=[r.lo, r.hi]
+    )
 for _, r in accuracy.iterrows():
     key = f"{r.benchmark}_{r.slug}_accuracy"
     record_headline(SECTION, key, r.accuracy, unit="fraction", n=r.n, ci95=[r.lo, r.hi])

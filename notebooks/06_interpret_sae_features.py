@@ -123,8 +123,9 @@ examples = feature_examples(sae_features, store, decode, live_top, k=PAGE_EXAMPL
 average_direction = torch.stack([decoder_scalars(sae, scales, int(latent)) for latent in live]).mean(0)
 for entry, latent in zip(examples, live):
     entry["histogram"] = {"counts": summary["hist_counts"][latent].tolist(), "edges": summary["hist_edges"][latent].tolist()}
-    entry["logits"] = decoder_logit_effects(model, decoder_scalars(sae, scales, int(latent)) - average_direction,
-                                            store.layers, store.modules, tokenizer, top=6)
+    entry["logits"] = decoder_logit_effects(
+        model, decoder_scalars(sae, scales, int(latent)) - average_direction, store.layers, store.modules, tokenizer, top=6
+    )
     entry["logits_label"] = "top logit effects, relative to the average live latent's"
     entry["summary"] = f"fires on {fired[latent]:,} tokens ({fired[latent] / store.n_tokens:.2%})"
     entry["tags"] = {"fired": int(fired[latent]), "mass": round(float(summary["mass"][latent]), 3)}
@@ -140,8 +141,15 @@ if ROLE_SCORER:
     roles = np.concatenate([token_roles(tokenizer, t, store.meta["max_length"]) for t in texts])  # store order
     assert store.meta["texts"] == fingerprint(texts), "the traces read differently now than when they were extracted"
     assert len(roles) == store.n_tokens
-    scored = score_populations({"SAE feature": sae_features, "LoRA": lora_signed}, roles,
-                               ROLE_FAMILY, k=TOP_K, mono=MONO, broad=BROAD, tops={"SAE feature": live_top, "LoRA": lora_top})
+    scored = score_populations(
+        {"SAE feature": sae_features, "LoRA": lora_signed},
+        roles,
+        ROLE_FAMILY,
+        k=TOP_K,
+        mono=MONO,
+        broad=BROAD,
+        tops={"SAE feature": live_top, "LoRA": lora_top},
+    )
     scored.to_csv(out_dir / "role_scores.csv", index=False)
     shares = class_shares(scored, n_resamples=N_BOOTSTRAP, seed=SEED)
     test = compare_populations(scored, "SAE feature", "LoRA", N_BOOTSTRAP, SEED)
@@ -150,23 +158,41 @@ if ROLE_SCORER:
     save_figure(plot_interpretability(scored, shares), "interpretability_sae_vs_lora", shares)
     share = shares.set_index(["population", "class"])["share"]
     held = share[("SAE feature", "monosemantic")] > share[("LoRA", "monosemantic")] and test["chi2_p"] < 0.05
-    say(SECTION, f"**What we see.** {share[('SAE feature', 'monosemantic')]:.0%} of the {len(live)} live SAE latents are "
+    say(
+        SECTION,
+        f"**What we see.** {share[('SAE feature', 'monosemantic')]:.0%} of the {len(live)} live SAE latents are "
         f"monosemantic against {share[('LoRA', 'monosemantic')]:.0%} of the raw adapter features (the paper: ~62% vs ~22%; "
-        f"chi-square p = {test['chi2_p']:.2g}): the SAE's features are finer and more often monosemantic: {verdict(held)}.")
+        f"chi-square p = {test['chi2_p']:.2g}): the SAE's features are finer and more often monosemantic: {verdict(held)}.",
+    )
     sae_scores = scored[scored.population == "SAE feature"].set_index("feature")
     for entry in examples:
         r = sae_scores.loc[entry["name"]]
-        entry["summary"] += (f"; {r['class']}: best role {r['role']} (precision@{TOP_K} {r['precision']:.2f}, "
-                             f"AUROC {r['auroc']:.2f}), family {r['family']}")
-        entry["tags"].update({"class": r["class"], "role": r["role"], "family": r["family"],
-                              "precision": round(float(r["precision"]), 3), "auroc": round(float(r["auroc"]), 3)})
+        entry["summary"] += (
+            f"; {r['class']}: best role {r['role']} (precision@{TOP_K} {r['precision']:.2f}, "
+            f"AUROC {r['auroc']:.2f}), family {r['family']}"
+        )
+        entry["tags"].update(
+            {
+                "class": r["class"],
+                "role": r["role"],
+                "family": r["family"],
+                "precision": round(float(r["precision"]), 3),
+                "auroc": round(float(r["auroc"]), 3),
+            }
+        )
 
 # %%
-path = save_html(feature_page_html(examples, "SAE features on the rank-1 adapter state",
-                                   f"{len(live)} live latents of {d_sae}; {store.n_tokens:,} tokens. Histogram: the "
-                                   "latent's non-zero activations; logit effects: its decoder direction through the o_proj and "
-                                   "down_proj adapters' B vectors and the unembedding, relative to the average live latent's.",
-                                   run=run_info(SECTION)), "sae_feature_dashboard")
+path = save_html(
+    feature_page_html(
+        examples,
+        "SAE features on the rank-1 adapter state",
+        f"{len(live)} live latents of {d_sae}; {store.n_tokens:,} tokens. Histogram: the "
+        "latent's non-zero activations; logit effects: its decoder direction through the o_proj and "
+        "down_proj adapters' B vectors and the unembedding, relative to the average live latent's.",
+        run=run_info(SECTION),
+    ),
+    "sae_feature_dashboard",
+)
 print(path)
 
 # %% [markdown]
@@ -176,9 +202,17 @@ print(path)
 
 # %%
 if ROLE_SCORER:
-    mass = pd.DataFrame({"category": sae_scores.loc[names, "family"].to_numpy(),
-                         "subcategory": sae_scores.loc[names, "role"].to_numpy(),
-                         "mass": summary["mass"][live]}).groupby(["category", "subcategory"], as_index=False)["mass"].sum()
+    mass = (
+        pd.DataFrame(
+            {
+                "category": sae_scores.loc[names, "family"].to_numpy(),
+                "subcategory": sae_scores.loc[names, "role"].to_numpy(),
+                "mass": summary["mass"][live],
+            }
+        )
+        .groupby(["category", "subcategory"], as_index=False)["mass"]
+        .sum()
+    )
     save_figure(plot_feature_donut(mass), "sae_feature_categories", mass)
     print(mass.sort_values("mass", ascending=False).head(10).round(1).to_string())
 
@@ -192,16 +226,27 @@ if ROLE_SCORER:
 # %%
 if ROLE_SCORER:
     # roles the AIME-like completions contain (no option scan there), so their rate can move either way
-    completion_roles = {"step_input", "step_operator", "step_operand", "step_equals", "step_result", "step_separator",
-                        "final_answer", "answer_prefix", "answer_marker", "think_marker"}
+    completion_roles = {
+        "step_input",
+        "step_operator",
+        "step_operand",
+        "step_equals",
+        "step_result",
+        "step_separator",
+        "final_answer",
+        "answer_prefix",
+        "answer_marker",
+        "think_marker",
+    }
     candidates = sae_scores[sae_scores.role.isin(completion_roles)].sort_values(["precision", "auroc"], ascending=False)
     steer = latent_of[candidates.index[0]] if STEER_FEATURE < 0 else STEER_FEATURE
     role = sae_scores.loc[f"latent {steer}", "role"]
     unit = float(summary["mass"][steer] / summary["fired"][steer])  # mean non-zero activation
     direction = decoder_scalars(sae, scales, steer).reshape(len(store.layers), len(store.modules))
     strengths = [float(s) for s in STEER_STRENGTHS.split(",")]
-    engine = ScalarEngine(model, tokenizer, {f"x{s:g}": (lambda a, s=s: a + s * unit * direction) for s in strengths},
-                          cache_tokens=CACHE_TOKENS)
+    engine = ScalarEngine(
+        model, tokenizer, {f"x{s:g}": (lambda a, s=s: a + s * unit * direction) for s in strengths}, cache_tokens=CACHE_TOKENS
+    )
     items = load_benchmark("aime24", f"{BENCHMARK_DIR}/aime24" if BENCHMARK_DIR else None)[: 4 if SMOKE else None]
     gen = GenerationSpec(max_tokens=MAX_TOKENS, answer_tokens=min(32, MAX_TOKENS // 4), seed=SEED)
     steering = []
@@ -210,11 +255,19 @@ if ROLE_SCORER:
         rates, steps = [], []
         for item, response in zip(items, df.response):
             prompt = chat_prompt(tokenizer, item.question)
-            generated = token_roles(tokenizer, prompt + response)[len(tokenizer(prompt, add_special_tokens=False)["input_ids"]):]
+            generated = token_roles(tokenizer, prompt + response)[len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) :]
             rates.append(np.mean([r == role for r in generated]) if generated else 0.0)
             steps.append(sum(r == "step_result" for r in generated))
-        steering.append({"strength": variant, "role_rate": float(np.mean(rates)), "steps": float(np.mean(steps)),
-                         "accuracy": float(df.correct.mean()), "n": len(df), "example": df.response.iloc[0]})
+        steering.append(
+            {
+                "strength": variant,
+                "role_rate": float(np.mean(rates)),
+                "steps": float(np.mean(steps)),
+                "accuracy": float(df.correct.mean()),
+                "n": len(df),
+                "example": df.response.iloc[0],
+            }
+        )
     steering = pd.DataFrame(steering)
     print(f"steering latent {steer} (best role {role}, unit {unit:.3f})")
     print(steering.drop(columns="example").round(3).to_string())
@@ -231,15 +284,47 @@ if ROLE_SCORER:
         key = f"{'sae' if r.population.startswith('SAE') else 'lora'}_{r['class']}_share"
         record_headline(SECTION, key, r.share, unit="fraction of features", n=r.n, ci95=[r.lo, r.hi])
     record_headline(SECTION, "sae_vs_lora_chi2_p", test["chi2_p"], unit="p-value", n=len(scored))
-    record_headline(SECTION, "sae_vs_lora_precision_diff", test["precision_diff"], unit="difference of means", n=len(scored),
-                    ci95=[test["precision_diff_lo"], test["precision_diff_hi"]], mannwhitney_p=test["precision_mannwhitney_p"])
+    record_headline(
+        SECTION,
+        "sae_vs_lora_precision_diff",
+        test["precision_diff"],
+        unit="difference of means",
+        n=len(scored),
+        ci95=[test["precision_diff_lo"], test["precision_diff_hi"]],
+        mannwhitney_p=test["precision_mannwhitney_p"],
+    )
     first, last = steering.iloc[0], steering.iloc[-1]
-    record_headline(SECTION, "steering_role_rate_change", last.role_rate - first.role_rate, unit="fraction of generated tokens",
-                    n=int(last.n), latent=steer, role=role, strength=last.strength, before=first.role_rate)
-    record_headline(SECTION, "steering_steps_change", last.steps - first.steps, unit="thinking steps per response",
-                    n=int(last.n), latent=steer, strength=last.strength, before=first.steps)
-    record_headline(SECTION, "steering_accuracy_change", last.accuracy - first.accuracy, unit="fraction", n=int(last.n),
-                    latent=steer, strength=last.strength, before=first.accuracy)
+    record_headline(
+        SECTION,
+        "steering_role_rate_change",
+        last.role_rate - first.role_rate,
+        unit="fraction of generated tokens",
+        n=int(last.n),
+        latent=steer,
+        role=role,
+        strength=last.strength,
+        before=first.role_rate,
+    )
+    record_headline(
+        SECTION,
+        "steering_steps_change",
+        last.steps - first.steps,
+        unit="thinking steps per response",
+        n=int(last.n),
+        latent=steer,
+        strength=last.strength,
+        before=first.steps,
+    )
+    record_headline(
+        SECTION,
+        "steering_accuracy_change",
+        last.accuracy - first.accuracy,
+        unit="fraction",
+        n=int(last.n),
+        latent=steer,
+        strength=last.strength,
+        before=first.accuracy,
+    )
 
 # %% [markdown]
 # ## The LLM judge: SAE features vs raw adapters under one protocol, and the paper's seven categories
@@ -257,21 +342,28 @@ if JUDGE_URL:
 
     judge = Judge(judge_config, out_dir / "judge" / "cache.jsonl")
     judged = []
-    for population, features, top in (("SAE feature", sae_features, live_top),
-                                      ("LoRA", lora_signed, lora_top)):
+    for population, features, top in (("SAE feature", sae_features, live_top), ("LoRA", lora_signed, lora_top)):
         chosen = np.random.default_rng(SEED).permutation(len(features.names))[: N_JUDGE_FEATURES or len(features.names)]
         requests = judge_requests(features, store, decode, top, chosen, SEED)
         scores = score_features(judge, requests, out_dir / "judge" / f"{population.split(' ')[0].lower()}.jsonl", rate=True)
-        judged.append(pd.DataFrame(scores, columns=["feature", "explanation", "n", "unparsed", "accuracy", "f1", "rating"])
-                      .assign(population=population))
+        judged.append(
+            pd.DataFrame(scores, columns=["feature", "explanation", "n", "unparsed", "accuracy", "f1", "rating"]).assign(
+                population=population
+            )
+        )
     judged = pd.concat(judged, ignore_index=True)
     ratings = rating_shares(judged)
     print(judged.groupby("population")[["accuracy", "f1"]].mean().round(3))
     print(ratings.round(3).to_string())
     sae_judged = judged[judged.population == "SAE feature"]
-    categories = pd.DataFrame(categorise_features(judge, [{"name": r.feature, "explanation": r.explanation}
-                                                          for r in sae_judged.itertuples()], out_dir / "judge" / "categories.jsonl"),
-                              columns=["feature", "explanation", "category", "subcategory"])
+    categories = pd.DataFrame(
+        categorise_features(
+            judge,
+            [{"name": r.feature, "explanation": r.explanation} for r in sae_judged.itertuples()],
+            out_dir / "judge" / "categories.jsonl",
+        ),
+        columns=["feature", "explanation", "category", "subcategory"],
+    )
     categories["mass"] = [float(summary["mass"][latent_of[f]]) for f in categories.feature]
     categories.to_csv(out_dir / "judge_categories.csv", index=False)
     shares = categories.groupby("category").size().rename("count").reset_index()
@@ -280,15 +372,28 @@ if JUDGE_URL:
     print(shares.round(3).to_string())
     if len(categories):
         mass_llm = categories.groupby(["category", "subcategory"], as_index=False)["mass"].sum()
-        save_figure(plot_feature_donut(mass_llm, "SAE features: activation mass by LLM category"),
-                    "sae_feature_categories_llm", mass_llm)
+        save_figure(
+            plot_feature_donut(mass_llm, "SAE features: activation mass by LLM category"), "sae_feature_categories_llm", mass_llm
+        )
     for population, group in judged.groupby("population"):
         slug = "sae" if population.startswith("SAE") else "lora"
         record_headline(SECTION, f"{slug}_judge_detection_accuracy", group.accuracy.mean(), unit="fraction", n=len(group))
     for _, r in ratings[ratings["class"] != "unrated"].iterrows():
         slug = "sae" if r.population.startswith("SAE") else "lora"
-        record_headline(SECTION, f"{slug}_judge_rated_{r['class']}_share", r.share, unit="fraction of judged features",
-                        n=r.n, ci95=[r.lo, r.hi])
+        record_headline(
+            SECTION,
+            f"{slug}_judge_rated_{r['class']}_share",
+            r.share,
+            unit="fraction of judged features",
+            n=r.n,
+            ci95=[r.lo, r.hi],
+        )
     for _, r in shares.iterrows():
-        record_headline(SECTION, f"judge_category_{r.category.replace('/', '_').replace(' ', '_')}_share", r.share,
-                        unit="fraction of judged latents", n=len(categories), ci95=[r.lo, r.hi])
+        record_headline(
+            SECTION,
+            f"judge_category_{r.category.replace('/', '_').replace(' ', '_')}_share",
+            r.share,
+            unit="fraction of judged latents",
+            n=len(categories),
+            ci95=[r.lo, r.hi],
+        )

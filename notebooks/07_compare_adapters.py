@@ -66,7 +66,9 @@ from paper_lib.training import TrainConfig, adapter_variants, launch_training
 
 SECTION = "07_compare_adapters"
 # every parameter has its default's type (and an allowed value), checked before any work
-parameters = check_parameters(globals(), SECTION, choices={"BACKEND": ("vllm", "hf"), "DTYPE": ("float32", "bfloat16", "float16")})
+parameters = check_parameters(
+    globals(), SECTION, choices={"BACKEND": ("vllm", "hf"), "DTYPE": ("float32", "bfloat16", "float16")}
+)
 seed_everything(SEED)
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -92,16 +94,32 @@ print(pd.DataFrame(stats).T[["final_loss", "trainable_parameters", "train_second
 # ## Evaluate the variants like notebook 02; base and full from its run
 
 # %%
-spec = GenerationSpec(max_tokens=MAX_TOKENS, thinking_budget=THINKING_BUDGET or None, wait_count=WAIT_COUNT,
-                      answer_tokens=ANSWER_TOKENS, seed=GENERATION_SEED)
-chat = GenerationSpec(max_tokens=MAX_TOKENS, thinking_budget=THINKING_BUDGET or None, wait_count=WAIT_COUNT,
-                      answer_tokens=ANSWER_TOKENS, seed=GENERATION_SEED, budget_forcing=False)
+spec = GenerationSpec(
+    max_tokens=MAX_TOKENS,
+    thinking_budget=THINKING_BUDGET or None,
+    wait_count=WAIT_COUNT,
+    answer_tokens=ANSWER_TOKENS,
+    seed=GENERATION_SEED,
+)
+chat = GenerationSpec(
+    max_tokens=MAX_TOKENS,
+    thinking_budget=THINKING_BUDGET or None,
+    wait_count=WAIT_COUNT,
+    answer_tokens=ANSWER_TOKENS,
+    seed=GENERATION_SEED,
+    budget_forcing=False,
+)
 limits = {"aime24": 4 if SMOKE else None, "math500": 8 if SMOKE else (N_MATH or None)}
-benchmarks = {name: load_benchmark(name, f"{BENCHMARK_DIR}/{name}" if BENCHMARK_DIR else None, seed=GENERATION_SEED,
-                                   limit=limit) for name, limit in limits.items()}
+benchmarks = {
+    name: load_benchmark(name, f"{BENCHMARK_DIR}/{name}" if BENCHMARK_DIR else None, seed=GENERATION_SEED, limit=limit)
+    for name, limit in limits.items()
+}
 adapters = {label: str(artifact_dir(cfg.output_dir) / "final") for label, (_, cfg) in variants.items()}
-engine = (VLLMEngine(reference.model, adapters, dtype=DTYPE, max_model_len=MAX_MODEL_LEN, seed=GENERATION_SEED)
-          if BACKEND == "vllm" else HFEngine(reference.model, adapters, max_model_len=MAX_MODEL_LEN))
+engine = (
+    VLLMEngine(reference.model, adapters, dtype=DTYPE, max_model_len=MAX_MODEL_LEN, seed=GENERATION_SEED)
+    if BACKEND == "vllm"
+    else HFEngine(reference.model, adapters, max_model_len=MAX_MODEL_LEN)
+)
 rows = []
 with engine:
     for name, items in benchmarks.items():
@@ -123,8 +141,11 @@ print(per_question.groupby(["benchmark", "model"])["correct"].mean().unstack(0).
 tables = []
 for label, (kind, _) in variants.items():
     t = recovery_table(per_question, n_resamples=N_BOOTSTRAP, seed=SEED, models=("base_chat", label, "full"))
-    tables.append(t.assign(label=label, kind=kind)[["benchmark", "label", "kind", "n", "gain_recovered", "gain_recovered_lo",
-                                                    "gain_recovered_hi"]])
+    tables.append(
+        t.assign(label=label, kind=kind)[
+            ["benchmark", "label", "kind", "n", "gain_recovered", "gain_recovered_lo", "gain_recovered_hi"]
+        ]
+    )
 table = pd.concat(tables, ignore_index=True)
 table.to_csv(out_dir / "variant_recovery.csv", index=False)
 save_figure(plot_variant_recovery(table), "adapter_variants", table)
@@ -137,13 +158,18 @@ lines = []
 for bench, r in seeds.iterrows():
     others = table[(table.benchmark == bench) & (table.kind != "seed")]
     best = others.loc[others.gain_recovered.idxmax()] if others.gain_recovered.notna().any() else None
-    lines.append(f"on {bench}, {int(r['count'])} training seeds of the default adapter recover {r['min']:.0%}-{r['max']:.0%} "
-                 f"of the full fine-tune's gain (mean {r['mean']:.0%})"
-                 + (f"; the best other variant is {best.label} at {best.gain_recovered:.0%}" if best is not None else ""))
+    lines.append(
+        f"on {bench}, {int(r['count'])} training seeds of the default adapter recover {r['min']:.0%}-{r['max']:.0%} "
+        f"of the full fine-tune's gain (mean {r['mean']:.0%})"
+        + (f"; the best other variant is {best.label} at {best.gain_recovered:.0%}" if best is not None else "")
+    )
 within = all(0.73 <= v <= 0.9 for v in table[table.kind == "seed"].gain_recovered.dropna())
 text = "; ".join(lines)
-say(SECTION, "**What we see.** " + text[:1].upper() + text[1:] + f". Every seed inside the paper's 73-90%: {verdict(within)}; a single "
-    "seed's number is one draw from that spread.")
+say(
+    SECTION,
+    "**What we see.** " + text[:1].upper() + text[1:] + f". Every seed inside the paper's 73-90%: {verdict(within)}; a single "
+    "seed's number is one draw from that spread.",
+)
 
 # %% [markdown]
 # ## Headline numbers
@@ -151,9 +177,23 @@ say(SECTION, "**What we see.** " + text[:1].upper() + text[1:] + f". Every seed 
 # %%
 for _, r in table.iterrows():
     if np.isfinite(r.gain_recovered):
-        record_headline(SECTION, f"{r.benchmark}_{r.label}_gain_recovered", r.gain_recovered, unit="fraction", n=r.n,
-                        ci95=[r.gain_recovered_lo, r.gain_recovered_hi], kind=r.kind)
+        record_headline(
+            SECTION,
+            f"{r.benchmark}_{r.label}_gain_recovered",
+            r.gain_recovered,
+            unit="fraction",
+            n=r.n,
+            ci95=[r.gain_recovered_lo, r.gain_recovered_hi],
+            kind=r.kind,
+        )
 for bench, r in seeds.iterrows():
     if r["count"] > 1:
-        record_headline(SECTION, f"{bench}_seed_spread_gain_recovered", r["max"] - r["min"], unit="fraction",
-                        n=int(r["count"]), mean=r["mean"], sd=r["std"])
+        record_headline(
+            SECTION,
+            f"{bench}_seed_spread_gain_recovered",
+            r["max"] - r["min"],
+            unit="fraction",
+            n=int(r["count"]),
+            mean=r["mean"],
+            sd=r["std"],
+        )

@@ -47,8 +47,12 @@ def ablation_groups(model: torch.nn.Module, adapter: str = "default") -> dict[st
     by_layer = {f"layer {l}": [(l, m) for m in modules if (l, m) in present] for l in layers}
     single = {f"{l}/{m}": [(l, m)] for l in layers for m in modules if (l, m) in present}
     kinds = {"attention": [k for k in present if k[1] in ATTENTION_MODULES], "mlp": [k for k in present if k[1] in MLP_MODULES]}
-    return {"layer": by_layer, "single": single, "kind": {k: v for k, v in kinds.items() if v},
-            "all": {"all adapters": sorted(present)}}
+    return {
+        "layer": by_layer,
+        "single": single,
+        "kind": {k: v for k, v in kinds.items() if v},
+        "all": {"all adapters": sorted(present)},
+    }
 
 
 def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -64,14 +68,14 @@ def split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def chunked_kl(head: torch.nn.Module, reference_hidden: torch.Tensor, hidden: torch.Tensor,
-               chunk_elements: int = 2**26) -> torch.Tensor:
+def chunked_kl(
+    head: torch.nn.Module, reference_hidden: torch.Tensor, hidden: torch.Tensor, chunk_elements: int = 2**26
+) -> torch.Tensor:
     """KL(p_ref || p) per position from final hidden states [n, d], unembedding a chunk of positions at a
     time: at a 152k vocabulary full-sequence logits are the memory hog (a 4,096-token batch is 2.5 GB of
     fp32 logits per copy), so at most ``chunk_elements`` logits exist per copy."""
     step = max(1, chunk_elements // head.weight.shape[0])
-    out = [kl_divergence(head(reference_hidden[i : i + step]), head(hidden[i : i + step]))
-           for i in range(0, len(hidden), step)]
+    out = [kl_divergence(head(reference_hidden[i : i + step]), head(hidden[i : i + step])) for i in range(0, len(hidden), step)]
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
@@ -84,9 +88,13 @@ def trace_means(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ablation_kl(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]],
-                groups: dict[str, list[tuple[int, str]]], adapter: str = "default",
-                chunk_elements: int = 2**26) -> pd.DataFrame:
+def ablation_kl(
+    model: torch.nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    groups: dict[str, list[tuple[int, str]]],
+    adapter: str = "default",
+    chunk_elements: int = 2**26,
+) -> pd.DataFrame:
     """Per (group, trace): mean KL over the trace's scored positions. Each batch holds input_ids,
     attention_mask and ``score_mask`` (positions whose next-token prediction counts: the completion).
 

@@ -74,8 +74,10 @@ def capture_lora_activations(model: torch.nn.Module, adapter: str = "default") -
     store: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
     for key, module in find_adapters(model, adapter).items():
+
         def hook(_mod, _inp, out, key=key):
             store[key] = out.detach()
+
         handles.append(module.lora_A[adapter].register_forward_hook(hook))
     try:
         yield store
@@ -94,8 +96,9 @@ def _check_rectangular(keys: Iterable[tuple[int, str]]) -> tuple[list[int], list
 
 
 @torch.no_grad()
-def lora_activations(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                     adapter: str = "default") -> tuple[torch.Tensor, list[int], list[str]]:
+def lora_activations(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, adapter: str = "default"
+) -> tuple[torch.Tensor, list[int], list[str]]:
     """Rank-1 adapter activations ``[batch, seq, n_layers, n_modules]`` (float32), with the layer indices
     and module names of the last two axes. Modules the adapter lacks are absent, not zero-filled.
 
@@ -116,8 +119,9 @@ def lora_activations(model: torch.nn.Module, input_ids: torch.Tensor, attention_
     return stack_scalars(store, layers, modules, *input_ids.shape), layers, modules
 
 
-def stack_scalars(store: dict[tuple[int, str], torch.Tensor], layers: Sequence[int], modules: Sequence[str],
-                  batch: int, seq: int) -> torch.Tensor:
+def stack_scalars(
+    store: dict[tuple[int, str], torch.Tensor], layers: Sequence[int], modules: Sequence[str], batch: int, seq: int
+) -> torch.Tensor:
     """Captured ``(layer, module) -> A·x`` values as one ``[batch, seq, n_layers, n_modules]`` float32 CPU
     tensor in the given layout."""
     out = torch.empty((batch, seq, len(layers), len(modules)))
@@ -131,8 +135,9 @@ def stack_scalars(store: dict[tuple[int, str], torch.Tensor], layers: Sequence[i
 
 
 @contextmanager
-def replaced_lora_activations(model: torch.nn.Module, values: torch.Tensor, layers: Sequence[int],
-                              modules: Sequence[str], adapter: str = "default") -> Iterator[None]:
+def replaced_lora_activations(
+    model: torch.nn.Module, values: torch.Tensor, layers: Sequence[int], modules: Sequence[str], adapter: str = "default"
+) -> Iterator[None]:
     """Within the context, every adapter's scalar is ``values[..., layer, module]`` (``[batch, seq,
     n_layers, n_modules]``, matching the forward's input) instead of ``A·x``: the update becomes
     scale · value · B."""
@@ -151,8 +156,13 @@ def replaced_lora_activations(model: torch.nn.Module, values: torch.Tensor, laye
             handle.remove()
 
 
-def transformed_forward(model: torch.nn.Module, transform: Callable[[torch.Tensor], torch.Tensor],
-                         adapter: str = "default", caches: tuple[Any, Any] | None = None, **inputs: Any) -> Any:
+def transformed_forward(
+    model: torch.nn.Module,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    adapter: str = "default",
+    caches: tuple[Any, Any] | None = None,
+    **inputs: Any,
+) -> Any:
     """Two passes: read the scalars, then run with ``transform(scalars)`` in their place (with a KV cache
     per pass when generating). Scalars are ``[batch, seq, n_layers, n_modules]`` in the store's layout."""
     layers, modules = adapter_layout(model, adapter)
@@ -239,10 +249,13 @@ def population_slug(name: str) -> str:
 
 def _shard_paths(out_dir: Path, shard: int, populations: Iterable[str] = ()) -> dict[str, Path]:
     stem = out_dir / f"shard_{shard:05d}"
-    return {"tokens": stem.with_suffix(".tokens.npy"), "acts": stem.with_suffix(".acts.npy"),
-            "offsets": stem.with_suffix(".offsets.npy"),
-            **{name: stem.with_suffix(f".{population_slug(name)}.npy") for name in populations},
-            "done": stem.with_suffix(".done")}
+    return {
+        "tokens": stem.with_suffix(".tokens.npy"),
+        "acts": stem.with_suffix(".acts.npy"),
+        "offsets": stem.with_suffix(".offsets.npy"),
+        **{name: stem.with_suffix(f".{population_slug(name)}.npy") for name in populations},
+        "done": stem.with_suffix(".done"),
+    }
 
 
 def file_checksum(path: Path) -> str:
@@ -257,13 +270,15 @@ def file_checksum(path: Path) -> str:
 
 def finish_shard(paths: dict[str, Path]) -> None:
     """Mark a shard done, last: its ``.done`` records each file's size and checksum."""
-    record = {name: {"bytes": path.stat().st_size, "sha256": file_checksum(path)} for name, path in paths.items()
-              if name != "done"}
+    record = {
+        name: {"bytes": path.stat().st_size, "sha256": file_checksum(path)} for name, path in paths.items() if name != "done"
+    }
     paths["done"].write_text(json.dumps(record) + "\n")
 
 
-def check_shard(paths: dict[str, Path], n_docs: int, shape: tuple[int, int], verify: bool = True,
-                widths: dict[str, int] | None = None) -> np.ndarray:
+def check_shard(
+    paths: dict[str, Path], n_docs: int, shape: tuple[int, int], verify: bool = True, widths: dict[str, int] | None = None
+) -> np.ndarray:
     """A finished shard's offsets, after checking that the files are whole and agree: sizes (and, with
     ``verify``, checksums) as recorded when the shard was finished, offsets for ``n_docs`` documents that
     end where the token and activation rows end, activations of ``shape`` per token, and ``widths[name]``
@@ -272,27 +287,41 @@ def check_shard(paths: dict[str, Path], n_docs: int, shape: tuple[int, int], ver
     for name, expected in record.items():
         size = paths[name].stat().st_size if paths[name].is_file() else None
         if size != expected["bytes"]:
-            raise ValueError(f"shard file {paths[name]} has {size} bytes, {expected['bytes']} when written: it is "
-                             "truncated or was replaced; delete the shard (and its .done) and rerun the extraction")
+            raise ValueError(
+                f"shard file {paths[name]} has {size} bytes, {expected['bytes']} when written: it is "
+                "truncated or was replaced; delete the shard (and its .done) and rerun the extraction"
+            )
         if verify and file_checksum(paths[name]) != expected["sha256"]:
-            raise ValueError(f"shard file {paths[name]} changed since it was written (checksum differs): it is "
-                             "corrupt; delete the shard (and its .done) and rerun the extraction")
+            raise ValueError(
+                f"shard file {paths[name]} changed since it was written (checksum differs): it is "
+                "corrupt; delete the shard (and its .done) and rerun the extraction"
+            )
     try:
         offsets = np.load(paths["offsets"])
         tokens = np.load(paths["tokens"], mmap_mode="r")
         acts = np.load(paths["acts"], mmap_mode="r")
     except (ValueError, OSError, EOFError) as err:
-        raise ValueError(f"shard {paths['done'].with_suffix('')} cannot be read ({err}); delete it and rerun the "
-                         "extraction") from err
-    if len(offsets) != n_docs + 1 or offsets[0] != 0 or offsets[-1] != len(tokens) or len(acts) != len(tokens) \
-            or tuple(acts.shape[1:]) != tuple(shape):
-        raise ValueError(f"shard {paths['done'].with_suffix('')} is inconsistent: {len(offsets) - 1} documents (want "
-                         f"{n_docs}), offsets end at {offsets[-1]}, {len(tokens)} token rows, activations "
-                         f"{tuple(acts.shape)} (want [tokens, {shape[0]}, {shape[1]}])")
+        raise ValueError(
+            f"shard {paths['done'].with_suffix('')} cannot be read ({err}); delete it and rerun the extraction"
+        ) from err
+    if (
+        len(offsets) != n_docs + 1
+        or offsets[0] != 0
+        or offsets[-1] != len(tokens)
+        or len(acts) != len(tokens)
+        or tuple(acts.shape[1:]) != tuple(shape)
+    ):
+        raise ValueError(
+            f"shard {paths['done'].with_suffix('')} is inconsistent: {len(offsets) - 1} documents (want "
+            f"{n_docs}), offsets end at {offsets[-1]}, {len(tokens)} token rows, activations "
+            f"{tuple(acts.shape)} (want [tokens, {shape[0]}, {shape[1]}])"
+        )
     for name, width in (widths or {}).items():
         if name not in record and record:
-            raise ValueError(f"shard {paths['done'].with_suffix('')} was finished without its {name!r} values; delete "
-                             "it and rerun the extraction")
+            raise ValueError(
+                f"shard {paths['done'].with_suffix('')} was finished without its {name!r} values; delete "
+                "it and rerun the extraction"
+            )
         try:
             values = np.load(paths[name], mmap_mode="r")
         except (ValueError, OSError, EOFError) as err:
@@ -306,8 +335,9 @@ def _encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, 
     """The one tokenization of every extraction (right padding, truncation, no added special tokens), so
     that adapter scalars and other projections align token for token."""
     tokenizer.padding_side = "right"
-    return tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length,
-                     add_special_tokens=False)
+    return tokenizer(
+        list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length, add_special_tokens=False
+    )
 
 
 class Population(NamedTuple):
@@ -337,15 +367,27 @@ def control_populations(model: torch.nn.Module, keys: Sequence[tuple[int, str]],
     neurons = sample_mlp_neurons(model, len(keys), seed=seed)
     mlp = mlp_neuron_directions(model, neurons)
     mlp_names = [f"L{layer}.n{i}" for (layer, _), index in mlp.items() for i in index.tolist()]
-    return {"MLP neuron": Population(mlp, mlp_names),
-            "random direction": Population(random_directions(model, keys, seed=seed), [f"L{l}.{m}.rand" for l, m in keys])}
+    return {
+        "MLP neuron": Population(mlp, mlp_names),
+        "random direction": Population(random_directions(model, keys, seed=seed), [f"L{l}.{m}.rand" for l, m in keys]),
+    }
 
 
-def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], out_dir: str | Path,
-                              batch_size: int = 16, docs_per_shard: int = 256, dtype: str = "float16",
-                              max_length: int = 2048, adapter: str = "default", process_index: int = 0,
-                              num_processes: int = 1, provenance: dict[str, Any] | None = None,
-                              populations: dict[str, Population] | None = None) -> ActivationStore | None:
+def extract_activation_shards(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    out_dir: str | Path,
+    batch_size: int = 16,
+    docs_per_shard: int = 256,
+    dtype: str = "float16",
+    max_length: int = 2048,
+    adapter: str = "default",
+    process_index: int = 0,
+    num_processes: int = 1,
+    provenance: dict[str, Any] | None = None,
+    populations: dict[str, Population] | None = None,
+) -> ActivationStore | None:
     """Adapter activations of every token of ``texts``, written shard by shard with bounded memory.
 
     Each shard holds whole documents: token ids (int32), activations ``[tokens, n_layers, n_modules]``
@@ -367,17 +409,27 @@ def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Seq
     if LORA in populations:
         raise ValueError(f"{LORA!r} names the adapter scalars themselves; give the other populations other names")
     layers, modules = _layout(find_readouts(model) or find_adapters(model, adapter))
-    meta = {"layers": layers, "modules": modules, "dtype": dtype, "n_docs": len(texts), "docs_per_shard": docs_per_shard,
-            "max_length": max_length, "module_order": list(ADAPTER_MODULES), "texts": fingerprint(list(texts)),
-            **({"populations": {name: pop.signature() for name, pop in populations.items()}} if populations else {}),
-            **({"provenance": provenance} if provenance else {})}
+    meta = {
+        "layers": layers,
+        "modules": modules,
+        "dtype": dtype,
+        "n_docs": len(texts),
+        "docs_per_shard": docs_per_shard,
+        "max_length": max_length,
+        "module_order": list(ADAPTER_MODULES),
+        "texts": fingerprint(list(texts)),
+        **({"populations": {name: pop.signature() for name, pop in populations.items()}} if populations else {}),
+        **({"provenance": provenance} if provenance else {}),
+    }
     meta = json.loads(json.dumps(meta))  # as it reads back
     meta_path = out_dir / "meta.json"
     if meta_path.is_file():
         diff = differences(json.loads(meta_path.read_text()), meta)
         if diff:
-            raise ValueError(f"{out_dir} holds an extraction of other inputs ({describe_differences(diff)}); use "
-                             "another folder, or delete it (OVERWRITE True in notebook 04)")
+            raise ValueError(
+                f"{out_dir} holds an extraction of other inputs ({describe_differences(diff)}); use "
+                "another folder, or delete it (OVERWRITE True in notebook 04)"
+            )
     else:  # atomic: several processes may write the same file at once
         tmp = out_dir / f".meta.{process_index}.tmp"
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
@@ -386,8 +438,11 @@ def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Seq
     device = next(model.parameters()).device
     todo = [s for s in range(process_index, n_shards, num_processes) if not _shard_paths(out_dir, s)["done"].is_file()]
     # progress in traces (not shards), so the time-left estimate moves with every batch
-    progress = tqdm(total=sum(len(texts[s * docs_per_shard : (s + 1) * docs_per_shard]) for s in todo), unit="trace",
-                    desc=f"extracting adapter activations (process {process_index})")
+    progress = tqdm(
+        total=sum(len(texts[s * docs_per_shard : (s + 1) * docs_per_shard]) for s in todo),
+        unit="trace",
+        desc=f"extracting adapter activations (process {process_index})",
+    )
     with ExitStack() as hooks:
         captured = {name: hooks.enter_context(capture_projections(model, pop.directions)) for name, pop in populations.items()}
         for shard in todo:
@@ -398,8 +453,9 @@ def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Seq
             for i in range(0, len(docs), batch_size):
                 enc = _encode(tokenizer, docs[i : i + batch_size], max_length)
                 values, _, _ = lora_activations(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), adapter)
-                extra = {name: torch.cat([captured[name][key] for key in pop.directions], dim=-1)
-                         for name, pop in populations.items()}
+                extra = {
+                    name: torch.cat([captured[name][key] for key in pop.directions], dim=-1) for name, pop in populations.items()
+                }
                 for row in range(len(enc["input_ids"])):
                     n = int(enc["attention_mask"][row].sum())
                     rows["tokens"].append(enc["input_ids"][row, :n].numpy().astype(np.int32))
@@ -418,8 +474,14 @@ def extract_activation_shards(model: torch.nn.Module, tokenizer: Any, texts: Seq
     return None
 
 
-def write_activation_store(out_dir: str | Path, documents: Iterable[tuple[np.ndarray, np.ndarray]], layers: Sequence[int],
-                           modules: Sequence[str], dtype: str = "float16", docs_per_shard: int = 256) -> ActivationStore:
+def write_activation_store(
+    out_dir: str | Path,
+    documents: Iterable[tuple[np.ndarray, np.ndarray]],
+    layers: Sequence[int],
+    modules: Sequence[str],
+    dtype: str = "float16",
+    docs_per_shard: int = 256,
+) -> ActivationStore:
     """A store from documents ``(token ids [n], activations [n, n_layers, n_modules])``, taken one shard at a
     time (a generator keeps memory at one shard): for activations computed elsewhere (e.g. the paper's own
     float16 ``[tokens, 64, 7]`` arrays, whose module order is ``ADAPTER_MODULES``) and for synthetic data in
@@ -440,8 +502,10 @@ def write_activation_store(out_dir: str | Path, documents: Iterable[tuple[np.nda
 
     for ids, acts in documents:
         if np.shape(acts) != (len(ids), len(layers), len(modules)):
-            raise ValueError(f"document {n_docs}: activations {np.shape(acts)} do not match {len(ids)} tokens x "
-                             f"{len(layers)} layers x {len(modules)} modules")
+            raise ValueError(
+                f"document {n_docs}: activations {np.shape(acts)} do not match {len(ids)} tokens x "
+                f"{len(layers)} layers x {len(modules)} modules"
+            )
         docs.append((ids, acts))
         n_docs += 1
         if len(docs) == docs_per_shard:
@@ -449,8 +513,15 @@ def write_activation_store(out_dir: str | Path, documents: Iterable[tuple[np.nda
             shard, docs = shard + 1, []
     if docs:
         flush()
-    meta = {"layers": list(layers), "modules": list(modules), "dtype": dtype, "n_docs": n_docs,
-            "docs_per_shard": docs_per_shard, "max_length": None, "module_order": list(ADAPTER_MODULES)}
+    meta = {
+        "layers": list(layers),
+        "modules": list(modules),
+        "dtype": dtype,
+        "n_docs": n_docs,
+        "docs_per_shard": docs_per_shard,
+        "max_length": None,
+        "module_order": list(ADAPTER_MODULES),
+    }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: the store exists once whole
     return ActivationStore(out_dir)
 
@@ -490,8 +561,10 @@ class ActivationStore:
         per_shard = self.meta["docs_per_shard"]
         shape = (len(self.meta["layers"]), len(self.meta["modules"]))
         widths = {name: len(pop["names"]) for name, pop in extra.items()}
-        self._offsets = [check_shard(p, min(per_shard, self.meta["n_docs"] - s * per_shard), shape, verify, widths)
-                         for s, p in enumerate(self.shards)]
+        self._offsets = [
+            check_shard(p, min(per_shard, self.meta["n_docs"] - s * per_shard), shape, verify, widths)
+            for s, p in enumerate(self.shards)
+        ]
         self._starts = np.concatenate([[0], np.cumsum([o[-1] for o in self._offsets])]).astype(np.int64)
 
     @property
@@ -523,8 +596,10 @@ class ActivationStore:
     def _population(self, population: str) -> dict[str, Any]:
         extra = self.meta.get("populations", {})
         if population not in extra:
-            raise KeyError(f"population {population!r} is not in {self.dir} (it holds {self.populations}); extract "
-                           "it with the adapter scalars (extract_activation_shards(populations=...))")
+            raise KeyError(
+                f"population {population!r} is not in {self.dir} (it holds {self.populations}); extract "
+                "it with the adapter scalars (extract_activation_shards(populations=...))"
+            )
         return extra[population]
 
     def _file(self, shard: int, population: str) -> Path:
@@ -537,8 +612,7 @@ class ActivationStore:
         shard, local = divmod(index, self.meta["docs_per_shard"])
         start, end = self._offsets[shard][local], self._offsets[shard][local + 1]
         paths = self.shards[shard]
-        return (np.load(paths["tokens"], mmap_mode="r")[start:end],
-                np.load(paths["acts"], mmap_mode="r")[start:end])
+        return (np.load(paths["tokens"], mmap_mode="r")[start:end], np.load(paths["acts"], mmap_mode="r")[start:end])
 
     def tokens(self) -> np.ndarray:
         """Every token id (int32; 4 bytes a token: at real scale prefer ``token_ids``)."""
@@ -549,8 +623,13 @@ class ActivationStore:
         tests only; a pass over a large one goes through ``blocks``)."""
         return np.concatenate([np.load(p["acts"], mmap_mode="r") for p in self.shards])
 
-    def blocks(self, population: str = LORA, docs: Iterable[int] | None = None, block_tokens: int = 32768,
-               shards: Iterable[int] | None = None) -> Iterator[np.ndarray]:
+    def blocks(
+        self,
+        population: str = LORA,
+        docs: Iterable[int] | None = None,
+        block_tokens: int = 32768,
+        shards: Iterable[int] | None = None,
+    ) -> Iterator[np.ndarray]:
         """The population's values ``[rows, n_features]`` (float32) in store order, at most ``block_tokens``
         rows at a time (memory: one block), restricted to the tokens of ``docs`` (and to ``shards``) if given."""
         keep = None if docs is None else np.asarray(sorted(set(int(d) for d in docs)), dtype=np.int64)
@@ -649,8 +728,9 @@ def _projection_inputs(model: torch.nn.Module, keys: Iterable[tuple[int, str]]) 
 
 
 @contextmanager
-def capture_projections(model: torch.nn.Module, directions: dict[tuple[int, str], torch.Tensor]
-                        ) -> Iterator[dict[tuple[int, str], torch.Tensor]]:
+def capture_projections(
+    model: torch.nn.Module, directions: dict[tuple[int, str], torch.Tensor]
+) -> Iterator[dict[tuple[int, str], torch.Tensor]]:
     """Within the context, each forward pass fills the yielded dict with ``(layer, module) -> x · d``
     (``[batch, seq, n]`` float32 on the CPU) for the rows ``d`` of ``directions[(layer, module)]``, where
     ``x`` is that projection's input. An integer tensor of indices reads those coordinates of ``x``
@@ -670,6 +750,7 @@ def capture_projections(model: torch.nn.Module, directions: dict[tuple[int, str]
             else:
                 rows = prepared.setdefault(key, d.to(x.device, x.dtype))
                 store[key] = torch.nn.functional.linear(x, rows).float().cpu()
+
         return read
 
     handles = [modules[key].register_forward_pre_hook(hook(key)) for key in directions]
@@ -681,9 +762,12 @@ def capture_projections(model: torch.nn.Module, directions: dict[tuple[int, str]
 
 
 @torch.no_grad()
-def projected_activations(model: torch.nn.Module, input_ids: torch.Tensor,
-                          directions: dict[tuple[int, str], torch.Tensor],
-                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def projected_activations(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    directions: dict[tuple[int, str], torch.Tensor],
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``x · d`` for each row ``d`` of ``directions[(layer, module)]`` ([n, d_in], or coordinates as an
     integer tensor; see ``capture_projections``), where ``x`` is that projection's input: ``[batch, seq,
     total n]`` (float32), columns in the dict's order. With A rows as directions this is the adapter
@@ -693,8 +777,12 @@ def projected_activations(model: torch.nn.Module, input_ids: torch.Tensor,
     return torch.cat([store[key] for key in directions], dim=-1)
 
 
-def mlp_neuron_activations(model: torch.nn.Module, input_ids: torch.Tensor, neurons: Sequence[tuple[int, int]],
-                           attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def mlp_neuron_activations(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    neurons: Sequence[tuple[int, int]],
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """MLP neuron activations act(gate)·up (the down_proj input) for ``neurons`` = (layer, index) pairs:
     ``[batch, seq, len(neurons)]`` (float32). Works with or without LoRA adapters on the model."""
     directions = mlp_neuron_directions(model, neurons)
@@ -729,8 +817,13 @@ def _neuron_order(neurons: Sequence[tuple[int, int]]) -> list[int]:
 
 def sample_mlp_neurons(model: torch.nn.Module, n: int, seed: int = 0) -> list[tuple[int, int]]:
     """``n`` distinct MLP neurons (layer, index), drawn uniformly over all layers' down_proj inputs."""
-    layers = sorted({int(m.group(1)) for name, _ in model.named_modules()
-                     if name.endswith("mlp.down_proj") and (m := _LAYER.search("." + name + "."))})
+    layers = sorted(
+        {
+            int(m.group(1))
+            for name, _ in model.named_modules()
+            if name.endswith("mlp.down_proj") and (m := _LAYER.search("." + name + "."))
+        }
+    )
     if not layers:
         raise ValueError("the model has no MLP down_proj layers")
     widths = {l: _projection_inputs(model, [(l, "down_proj")])[(l, "down_proj")].weight.shape[1] for l in layers}
@@ -739,11 +832,18 @@ def sample_mlp_neurons(model: torch.nn.Module, n: int, seed: int = 0) -> list[tu
         raise ValueError(f"asked for {n} neurons; the model has {total}")
     flat = np.random.default_rng(seed).choice(total, size=n, replace=False)
     starts = np.cumsum([0] + [widths[l] for l in layers])
-    return [(layers[int(np.searchsorted(starts, f, side="right")) - 1],
-             int(f - starts[int(np.searchsorted(starts, f, side="right")) - 1])) for f in flat]
+    return [
+        (
+            layers[int(np.searchsorted(starts, f, side="right")) - 1],
+            int(f - starts[int(np.searchsorted(starts, f, side="right")) - 1]),
+        )
+        for f in flat
+    ]
 
 
-def random_directions(model: torch.nn.Module, keys: Sequence[tuple[int, str]], seed: int = 0) -> dict[tuple[int, str], torch.Tensor]:
+def random_directions(
+    model: torch.nn.Module, keys: Sequence[tuple[int, str]], seed: int = 0
+) -> dict[tuple[int, str], torch.Tensor]:
     """One Gaussian direction (unit norm) in the input space of each projection at ``keys``: the control
     population, read exactly like the adapters' A rows."""
     modules = _projection_inputs(model, keys)
@@ -774,8 +874,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=20000)
     parser.add_argument("--merged", action="store_true", help="fold B·A into W (fastest; exact in float32 only)")
     parser.add_argument("--seed", type=int, default=0, help="the control populations' sample (notebook 04's SEED)")
-    parser.add_argument("--no-controls", action="store_true", help="the adapter scalars only (no MLP neurons or "
-                        "random directions; notebook 04 then refuses the folder)")
+    parser.add_argument(
+        "--no-controls",
+        action="store_true",
+        help="the adapter scalars only (no MLP neurons or random directions; notebook 04 then refuses the folder)",
+    )
     parser.add_argument("--n-traces", type=int, default=0, help="the first N traces (notebook 04's N_TRACES; 0: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
@@ -786,11 +889,18 @@ def main(argv: list[str] | None = None) -> None:
     traces = load_traces(args.traces)
     texts = [format_s1_text(tokenizer, row) for row in traces.select(range(min(args.n_traces or len(traces), len(traces))))]
     controls = {} if args.no_controls else control_populations(model, adapter_keys(model), seed=args.seed)
-    extract_activation_shards(model, tokenizer, texts, artifact_dir(args.out), batch_size=args.batch_size,
-                              max_length=args.max_length, process_index=state.process_index,
-                              num_processes=state.num_processes,
-                              provenance={**adapter_provenance(args.adapter_run), "traces": args.traces},
-                              populations=controls)
+    extract_activation_shards(
+        model,
+        tokenizer,
+        texts,
+        artifact_dir(args.out),
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        process_index=state.process_index,
+        num_processes=state.num_processes,
+        provenance={**adapter_provenance(args.adapter_run), "traces": args.traces},
+        populations=controls,
+    )
 
 
 if __name__ == "__main__":

@@ -34,13 +34,31 @@ class DataError(ValueError):
     """A dataset could not be read, or a row lacks what the recipe needs."""
 
 
-def s1k_row(question: str, trajectory: str, attempt: str, solution: str = "", cot_type: str = "math",
-            source_type: str = "", metadata: str = "") -> dict[str, Any]:
+def s1k_row(
+    question: str,
+    trajectory: str,
+    attempt: str,
+    solution: str = "",
+    cot_type: str = "math",
+    source_type: str = "",
+    metadata: str = "",
+) -> dict[str, Any]:
     """A row in s1K-1.1's schema (its columns in its order; the Gemini columns and grades unused here)."""
-    return {"solution": solution, "question": question, "cot_type": cot_type, "source_type": source_type,
-            "metadata": metadata, "gemini_thinking_trajectory": "", "gemini_attempt": "",
-            "deepseek_thinking_trajectory": trajectory, "deepseek_attempt": attempt, "gemini_grade": "",
-            "gemini_grade_reason": "", "deepseek_grade": "Yes", "deepseek_grade_reason": ""}
+    return {
+        "solution": solution,
+        "question": question,
+        "cot_type": cot_type,
+        "source_type": source_type,
+        "metadata": metadata,
+        "gemini_thinking_trajectory": "",
+        "gemini_attempt": "",
+        "deepseek_thinking_trajectory": trajectory,
+        "deepseek_attempt": attempt,
+        "gemini_grade": "",
+        "gemini_grade_reason": "",
+        "deepseek_grade": "Yes",
+        "deepseek_grade_reason": "",
+    }
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
@@ -51,13 +69,18 @@ def check_single_data_file(folder: Path) -> None:
     """Refuse a folder whose data files ``load_dataset`` would silently merge (a stray copy or backup, or
     several subsets side by side, as gpqa's four CSVs): name one file instead. Shards of one split
     (``train-00000-of-00002.parquet``) count as one file."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix in DATA_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     groups = {(f.parent, _SHARD.sub("", f.stem)) for f in files}
     if len(groups) > 1:
         names = ", ".join(str(f.relative_to(folder)) for f in files[:6])
-        raise DataError(f"{folder} holds several data files ({names}), which load_dataset would merge into one "
-                        "dataset; pass the path of the one file to use")
+        raise DataError(
+            f"{folder} holds several data files ({names}), which load_dataset would merge into one "
+            "dataset; pass the path of the one file to use"
+        )
 
 
 def load_table(source: str, split: str = "train", config: str | None = None) -> Dataset:
@@ -116,8 +139,9 @@ def to_prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
     """One s1K row as TRL's conversational prompt-completion example."""
     return {
         "prompt": [{"role": "user", "content": row["question"]}],
-        "completion": [{"role": "assistant",
-                        "content": s1_assistant_turn(row["deepseek_thinking_trajectory"], row["deepseek_attempt"])}],
+        "completion": [
+            {"role": "assistant", "content": s1_assistant_turn(row["deepseek_thinking_trajectory"], row["deepseek_attempt"])}
+        ],
     }
 
 
@@ -127,9 +151,7 @@ def format_s1_text(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any]) -> s
     return tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
 
 
-def build_sft_dataset(
-    traces: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> tuple[Dataset, dict[str, int]]:
+def build_sft_dataset(traces: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[Dataset, dict[str, int]]:
     """Prompt-completion examples for TRL, and counts of rows over ``max_length`` tokens.
 
     Over-long rows are kept and truncated by TRL at ``max_length`` (s1's own block size), never dropped;
@@ -137,11 +159,16 @@ def build_sft_dataset(
     """
     examples = traces.map(to_prompt_completion, remove_columns=traces.column_names)
     lengths = [len(tokenizer(format_s1_text(tokenizer, row))["input_ids"]) for row in traces]
-    stats = {"rows": len(lengths), "truncated": sum(n > max_length for n in lengths),
-             "max_tokens": max(lengths), "total_tokens": sum(lengths)}
+    stats = {
+        "rows": len(lengths),
+        "truncated": sum(n > max_length for n in lengths),
+        "max_tokens": max(lengths),
+        "total_tokens": sum(lengths),
+    }
     if stats["truncated"]:
-        log.warning("%d of %d rows exceed max_length=%d tokens and will be truncated", stats["truncated"],
-                    stats["rows"], max_length)
+        log.warning(
+            "%d of %d rows exceed max_length=%d tokens and will be truncated", stats["truncated"], stats["rows"], max_length
+        )
     return examples, stats
 
 
@@ -149,8 +176,14 @@ def build_sft_dataset(
 # Teacher-forcing batches (notebooks 03 and 05 score traces position by position)
 
 
-def completion_batches(tokenizer, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 32,
-                       max_length: int = 2048, batch_tokens: int | None = None) -> list[dict[str, torch.Tensor]]:
+def completion_batches(
+    tokenizer,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    batch_size: int = 32,
+    max_length: int = 2048,
+    batch_tokens: int | None = None,
+) -> list[dict[str, torch.Tensor]]:
     """Teacher-forcing batches of prompt + completion; ``score_mask`` marks the positions that predict a
     completion token (the paper scored every position; we score the completion only).
 
@@ -171,8 +204,14 @@ def completion_batches(tokenizer, prompts: Sequence[str], completions: Sequence[
         groups.append(current)
     out = []
     for group in groups:
-        enc = tokenizer([texts[i] for i in group], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length, add_special_tokens=False)
+        enc = tokenizer(
+            [texts[i] for i in group],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            add_special_tokens=False,
+        )
         score = torch.zeros_like(enc["input_ids"])
         for row, i in enumerate(group):
             start = len(tokenizer(prompts[i], add_special_tokens=False)["input_ids"])
@@ -182,8 +221,9 @@ def completion_batches(tokenizer, prompts: Sequence[str], completions: Sequence[
     return out
 
 
-def scoring_traces(source: str, n: int, seed: int = 0, organism_dir: str = "data/organism",
-                   among: Sequence[int] | None = None) -> list[dict]:
+def scoring_traces(
+    source: str, n: int, seed: int = 0, organism_dir: str = "data/organism", among: Sequence[int] | None = None
+) -> list[dict]:
     """``n`` traces in s1K-1.1's schema to score teacher-forced: ``"organism-probe"`` = held-out organism
     traces (in no training set), else a dataset path or hub id, shuffled with ``seed``; with ``among``,
     drawn only from those row indices (e.g. the documents an SAE was not trained on)."""
@@ -199,8 +239,9 @@ def scoring_traces(source: str, n: int, seed: int = 0, organism_dir: str = "data
     return [traces[int(i)] for i in chosen]
 
 
-def trace_batches(tokenizer, rows: Sequence[dict], batch_size: int = 32, max_length: int = 2048,
-                  batch_tokens: int | None = None) -> list[dict[str, torch.Tensor]]:
+def trace_batches(
+    tokenizer, rows: Sequence[dict], batch_size: int = 32, max_length: int = 2048, batch_tokens: int | None = None
+) -> list[dict[str, torch.Tensor]]:
     """``completion_batches`` of s1K rows: the chat-formatted question as prompt, s1's assistant turn (and
     end of turn) as the scored completion."""
     prompts = [chat_prompt(tokenizer, r["question"]) for r in rows]

@@ -31,8 +31,6 @@ if TYPE_CHECKING:
     from paper_lib.evaluation import GenerationSpec
 
 
-
-
 class EvaluationError(RuntimeError):
     """A model, adapter or benchmark that cannot be evaluated; raised before any generation starts."""
 
@@ -44,8 +42,15 @@ class Engine(Protocol):
     tokenizer: Any
     max_model_len: int
 
-    def complete(self, prompts: Sequence[str], max_tokens: Sequence[int], spec: GenerationSpec, seeds: Sequence[int],
-                 stop_at_im_start: bool, variant: str | None) -> list[tuple[str, int]]:
+    def complete(
+        self,
+        prompts: Sequence[str],
+        max_tokens: Sequence[int],
+        spec: GenerationSpec,
+        seeds: Sequence[int],
+        stop_at_im_start: bool,
+        variant: str | None,
+    ) -> list[tuple[str, int]]:
         """One completion per prompt, each within its own token budget (>= 1): (text with special tokens
         kept, number of generated tokens). ``stop_at_im_start``: stop before ``<|im_start|>`` (not returned).
         ``variant``: the adapter (serving engines; None: the base model) or the transform (``ScalarEngine``)."""
@@ -117,9 +122,13 @@ class ServingEngine:
     def identity(self, adapter: str | None) -> dict[str, Any]:
         """What generated a file of samples: the model as named, the adapter by its weights' hash, and the
         serving settings that change outputs."""
-        return {"model": self.model_arg, "adapter": adapter,
-                "adapter_weights": None if adapter is None else self.adapter_hashes[adapter],
-                "max_model_len": self.max_model_len, "dtype": self.dtype_name}
+        return {
+            "model": self.model_arg,
+            "adapter": adapter,
+            "adapter_weights": None if adapter is None else self.adapter_hashes[adapter],
+            "max_model_len": self.max_model_len,
+            "dtype": self.dtype_name,
+        }
 
     def __enter__(self) -> ServingEngine:
         return self
@@ -135,17 +144,31 @@ class VLLMEngine(ServingEngine):
     """vLLM serving ``model`` and, unmerged, any number of adapters (by name). ``close()`` (or leaving a
     ``with`` block) releases it before the next engine starts."""
 
-    def __init__(self, model: str, adapters: dict[str, str] | None = None, tensor_parallel_size: int = 1,
-                 dtype: str = "auto", max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
-                 seed: int = 0, enforce_eager: bool | None = None, cpu_kv_cache_gib: float = 1.0) -> None:
+    def __init__(
+        self,
+        model: str,
+        adapters: dict[str, str] | None = None,
+        tensor_parallel_size: int = 1,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        seed: int = 0,
+        enforce_eager: bool | None = None,
+        cpu_kv_cache_gib: float = 1.0,
+    ) -> None:
         from vllm import LLM
 
         self.model = resolve_model(model)
         self._serve(model, adapters)
         on_gpu = torch.cuda.is_available()
         # CUDA graphs on GPUs unless asked otherwise; the CPU backend runs eagerly
-        kwargs: dict[str, Any] = dict(model=self.model, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
-                                      seed=seed, enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager)
+        kwargs: dict[str, Any] = dict(
+            model=self.model,
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype,
+            seed=seed,
+            enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
+        )
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         if on_gpu:
@@ -153,8 +176,9 @@ class VLLMEngine(ServingEngine):
         else:  # CPU backend: a fixed KV-cache size instead of a fraction of the machine's memory
             kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
         if self.adapters:
-            kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(list(self.adapters.values())),
-                          max_loras=len(self.adapters))
+            kwargs.update(
+                enable_lora=True, max_lora_rank=vllm_lora_rank(list(self.adapters.values())), max_loras=len(self.adapters)
+            )
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = int(self.llm.model_config.max_model_len)
@@ -192,10 +216,18 @@ class VLLMEngine(ServingEngine):
         # ("CPU Generator does not use offset" once a seeded request is partially prefilled), so on a
         # CPU the engine's seed alone fixes the run (reproducible for the same prompts and batch).
         per_request = spec.temperature > 0 and torch.cuda.is_available()
-        params = [SamplingParams(temperature=spec.temperature, top_p=spec.top_p, max_tokens=m,
-                                 seed=s if per_request else None, stop_token_ids=stops,
-                                 skip_special_tokens=False, spaces_between_special_tokens=False)
-                  for s, m in zip(seeds, max_tokens)]
+        params = [
+            SamplingParams(
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+                max_tokens=m,
+                seed=s if per_request else None,
+                stop_token_ids=stops,
+                skip_special_tokens=False,
+                spaces_between_special_tokens=False,
+            )
+            for s, m in zip(seeds, max_tokens)
+        ]
         outputs = self.llm.generate(list(prompts), params, lora_request=self._request(adapter), use_tqdm=self.progress)
         return [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outputs]
 
@@ -212,8 +244,15 @@ def release_memory() -> None:
 class HFEngine(ServingEngine):
     """``transformers`` generate with PEFT adapters: the fallback backend, and the reference for parity."""
 
-    def __init__(self, model: str, adapters: dict[str, str] | None = None, dtype: torch.dtype = torch.float32,
-                 batch_size: int = 64, device: str | None = None, max_model_len: int | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        adapters: dict[str, str] | None = None,
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 64,
+        device: str | None = None,
+        max_model_len: int | None = None,
+    ) -> None:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -255,12 +294,18 @@ class HFEngine(ServingEngine):
                 if spec.temperature > 0:
                     torch.manual_seed(seeds[i])
                 batch = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-                kwargs = dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p) if spec.temperature > 0 \
+                kwargs = (
+                    dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p)
+                    if spec.temperature > 0
                     else dict(do_sample=False)
-                generated = self.model.generate(**batch, max_new_tokens=max(budgets), eos_token_id=stops,
-                                                pad_token_id=tok.pad_token_id, **kwargs)
-                out += [trim_completion(tok, row.tolist(), budget, stops)
-                        for row, budget in zip(generated[:, batch["input_ids"].shape[1] :], budgets)]
+                )
+                generated = self.model.generate(
+                    **batch, max_new_tokens=max(budgets), eos_token_id=stops, pad_token_id=tok.pad_token_id, **kwargs
+                )
+                out += [
+                    trim_completion(tok, row.tolist(), budget, stops)
+                    for row, budget in zip(generated[:, batch["input_ids"].shape[1] :], budgets)
+                ]
         return out
 
 
@@ -273,8 +318,15 @@ class ScalarEngine:
     ``generate`` has no hook for a two-pass step, hence this loop.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]],
-                 batch_size: int = 64, adapter: str = "default", cache_tokens: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+        batch_size: int = 64,
+        adapter: str = "default",
+        cache_tokens: int = 1 << 20,
+    ) -> None:
         """``cache_tokens``: the most (padded prompt + generated) tokens a batch may hold in each of the two KV
         caches; batches shrink to fit, so memory is bounded whatever the budget (at 32B a cached token is
         256 KiB per cache: 131,072 tokens are 2 x 32 GiB)."""
@@ -297,8 +349,9 @@ class ScalarEngine:
         return out
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], max_new_tokens: int, transform: Callable[[torch.Tensor], torch.Tensor],
-                 stops: Sequence[int]) -> list[list[int]]:
+    def generate(
+        self, prompts: Sequence[str], max_new_tokens: int, transform: Callable[[torch.Tensor], torch.Tensor], stops: Sequence[int]
+    ) -> list[list[int]]:
         from transformers import DynamicCache
 
         tok = self.tokenizer
@@ -312,8 +365,17 @@ class ScalarEngine:
         finished = torch.zeros(len(prompts), dtype=torch.bool)
         for _ in range(max_new_tokens):
             positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1] :]
-            logits = transformed_forward(self.model, transform, self.adapter, caches, input_ids=ids, attention_mask=mask,
-                                         position_ids=positions, use_cache=True, logits_to_keep=1).logits[:, -1]
+            logits = transformed_forward(
+                self.model,
+                transform,
+                self.adapter,
+                caches,
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
             ids = logits.argmax(-1, keepdim=True)
             for row, token in enumerate(ids[:, 0].tolist()):
                 if not finished[row]:

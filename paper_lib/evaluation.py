@@ -31,9 +31,11 @@ BENCHMARKS: dict[str, dict[str, Any]] = {
     "gpqa_diamond": {"source": "Idavidrein/gpqa", "split": "train", "config": "gpqa_diamond"},
 }
 # the columns each benchmark must have, non-empty in every row
-BENCHMARK_FIELDS = {"aime24": ("problem", "answer"), "math500": ("problem", "answer"),
-                    "gpqa_diamond": ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
-                                     "Incorrect Answer 3")}
+BENCHMARK_FIELDS = {
+    "aime24": ("problem", "answer"),
+    "math500": ("problem", "answer"),
+    "gpqa_diamond": ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"),
+}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -61,8 +63,9 @@ def format_choice_question(question: str, options: Sequence[str], style: str) ->
     raise ValueError(f"unknown choice style {style!r}; use 's1' or 'organism'")
 
 
-def load_benchmark(name: str, source: str | None = None, seed: int = 0, choice_style: str = "s1",
-                   limit: int | None = None) -> list[Item]:
+def load_benchmark(
+    name: str, source: str | None = None, seed: int = 0, choice_style: str = "s1", limit: int | None = None
+) -> list[Item]:
     """A benchmark by name (``aime24``, ``math500``, ``gpqa_diamond``), from its hub id or a local copy.
 
     GPQA options are shuffled with a per-question seed, so every model sees the same order.
@@ -74,8 +77,11 @@ def load_benchmark(name: str, source: str | None = None, seed: int = 0, choice_s
     try:
         table = load_table(src, spec["split"], spec["config"] if source is None else None)
     except DataError as err:
-        hint = (" GPQA-Diamond is gated: accept its terms on the hub and set HF_TOKEN, or pass a local copy "
-                "in its schema." if name == "gpqa_diamond" else "")
+        hint = (
+            " GPQA-Diamond is gated: accept its terms on the hub and set HF_TOKEN, or pass a local copy in its schema."
+            if name == "gpqa_diamond"
+            else ""
+        )
         raise EvaluationError(f"cannot load benchmark {name} from {src}: {err}.{hint}") from err
     required = BENCHMARK_FIELDS[name]
     missing = [f for f in required if f not in table.column_names]
@@ -87,8 +93,9 @@ def load_benchmark(name: str, source: str | None = None, seed: int = 0, choice_s
         if empty:
             raise EvaluationError(f"benchmark {name} from {src}: row {i} has no {empty[0]!r} (got {row[empty[0]]!r})")
         if name == "aime24" and not re.fullmatch(r"\s*\d+\s*", str(row["answer"])):
-            raise EvaluationError(f"benchmark {name} from {src}: row {i}'s answer {row['answer']!r} is not an integer "
-                                  "(AIME answers are 0-999)")
+            raise EvaluationError(
+                f"benchmark {name} from {src}: row {i}'s answer {row['answer']!r} is not an integer (AIME answers are 0-999)"
+            )
         if name == "gpqa_diamond":
             options = [row["Correct Answer"], row["Incorrect Answer 1"], row["Incorrect Answer 2"], row["Incorrect Answer 3"]]
             options = [str(o).strip() for o in options]
@@ -96,8 +103,15 @@ def load_benchmark(name: str, source: str | None = None, seed: int = 0, choice_s
             order = list(range(4))
             random.Random(f"{seed}-{rid}").shuffle(order)
             shuffled = [options[j] for j in order]
-            items.append(Item(rid, format_choice_question(row["Question"].strip(), shuffled, choice_style),
-                              LETTERS[order.index(0)], "choice", {"domain": row.get("High-level domain", "")}))
+            items.append(
+                Item(
+                    rid,
+                    format_choice_question(row["Question"].strip(), shuffled, choice_style),
+                    LETTERS[order.index(0)],
+                    "choice",
+                    {"domain": row.get("High-level domain", "")},
+                )
+            )
         else:
             rid = str(row.get("unique_id") or row.get("id") or i)
             meta = {k: row[k] for k in ("level", "subject") if k in row}
@@ -150,8 +164,6 @@ class GenerationSpec(Config):
         require(self.thinking_budget is None or self.thinking_budget > 0, "thinking_budget", "must be positive")
 
 
-
-
 class Response(NamedTuple):
     """One generated response: the assistant text and its generated tokens, and whether the context
     (``thinking_cut``: thinking stopped to leave room for the answer) or the answer limit
@@ -167,8 +179,9 @@ FORCED_ANSWER = "\n" + ANSWER + "\nFinal Answer:"
 WAIT = "Wait"
 
 
-def generate_responses(engine: Engine, questions: Sequence[str], spec: GenerationSpec,
-                       variant: str | None = None) -> list[list[Response]]:
+def generate_responses(
+    engine: Engine, questions: Sequence[str], spec: GenerationSpec, variant: str | None = None
+) -> list[list[Response]]:
     """``spec.n`` responses per question.
 
     Budget forcing (s1): the prompt opens ``<|im_start|>think``; thinking stops at the next
@@ -193,10 +206,22 @@ def generate_responses(engine: Engine, questions: Sequence[str], spec: Generatio
     if not spec.budget_forcing:
         room = [min(spec.max_tokens, limit - length(p)) for p in prompts]
         live = [i for i in range(len(prompts)) if room[i] >= 1]
-        outs = dict(zip(live, engine.complete([prompts[i] for i in live], [room[i] for i in live], spec,
-                                              [seeds[i] for i in live], False, variant)))
-        return grouped([Response(*outs[i], thinking_cut=False, answer_cut=outs[i][1] >= room[i]) if i in outs
-                        else Response("", 0, True, True) for i in range(len(prompts))])
+        outs = dict(
+            zip(
+                live,
+                engine.complete(
+                    [prompts[i] for i in live], [room[i] for i in live], spec, [seeds[i] for i in live], False, variant
+                ),
+            )
+        )
+        return grouped(
+            [
+                Response(*outs[i], thinking_cut=False, answer_cut=outs[i][1] >= room[i])
+                if i in outs
+                else Response("", 0, True, True)
+                for i in range(len(prompts))
+            ]
+        )
     thinking_budget = spec.thinking_budget or spec.max_tokens - spec.answer_tokens
     # a token of slack: the forced text can tokenize differently where it joins the thinking text
     reserve = length(FORCED_ANSWER) + 1 + spec.answer_tokens
@@ -220,8 +245,14 @@ def generate_responses(engine: Engine, questions: Sequence[str], spec: Generatio
         if not asks:
             break
         pending = list(asks)
-        outs = engine.complete([prompts[i] + texts[i] for i in pending], [asks[i] for i in pending],
-                               spec, [seeds[i] + attempt for i in pending], True, variant)
+        outs = engine.complete(
+            [prompts[i] + texts[i] for i in pending],
+            [asks[i] for i in pending],
+            spec,
+            [seeds[i] + attempt for i in pending],
+            True,
+            variant,
+        )
         for i, (text, n_tokens) in zip(pending, outs):
             texts[i] += text
             used[i] += n_tokens
@@ -232,8 +263,14 @@ def generate_responses(engine: Engine, questions: Sequence[str], spec: Generatio
     forced = [t.rstrip("\n") + FORCED_ANSWER for t in texts]
     room = [min(spec.answer_tokens, limit - length(p + f)) for p, f in zip(prompts, forced)]
     live = [i for i in range(len(prompts)) if room[i] >= 1]
-    answers = dict(zip(live, engine.complete([prompts[i] + forced[i] for i in live], [room[i] for i in live],
-                                             spec, [seeds[i] for i in live], False, variant)))
+    answers = dict(
+        zip(
+            live,
+            engine.complete(
+                [prompts[i] + forced[i] for i in live], [room[i] for i in live], spec, [seeds[i] for i in live], False, variant
+            ),
+        )
+    )
     responses = []
     for i, (f, u) in enumerate(zip(forced, used)):
         if i not in answers and u == 0:  # the prompt alone fills the context: nothing was generated
@@ -262,8 +299,7 @@ def item_fingerprint(item: Item) -> str:
 
 def sample_meta(engine: Engine, spec: GenerationSpec, variant: str | None) -> dict[str, Any]:
     """What generates a file of samples (``<file>.meta.json``): the spec and the engine's identity."""
-    identity = engine.identity(variant) if hasattr(engine, "identity") else {"engine": type(engine).__name__,
-                                                                             "variant": variant}
+    identity = engine.identity(variant) if hasattr(engine, "identity") else {"engine": type(engine).__name__, "variant": variant}
     return json.loads(json.dumps({"spec": spec.to_dict(), **identity}))  # as it reads back from JSON
 
 
@@ -271,8 +307,9 @@ def _meta_path(path: Path) -> Path:
     return path.with_name(path.name.removesuffix(".jsonl") + ".meta.json")
 
 
-def adopt_samples(source: str | Path, out_path: str | Path, engine: Engine, spec: GenerationSpec,
-                  variant: str | None = None) -> bool:
+def adopt_samples(
+    source: str | Path, out_path: str | Path, engine: Engine, spec: GenerationSpec, variant: str | None = None
+) -> bool:
     """Copy an earlier run's samples (``source`` and its meta) to ``out_path`` when they were generated
     exactly as this run would generate them (same spec, model, adapter weights, context and dtype), so a
     variant run does not regenerate the base and full models; ``evaluate`` then checks each sample's
@@ -301,21 +338,32 @@ def read_evaluation(path: str | Path, spec: GenerationSpec, items: Sequence[Item
     saved = json.loads(_meta_path(path).read_text()).get("spec", {})
     diff = differences(saved, json.loads(json.dumps(spec.to_dict())))
     if diff:
-        raise EvaluationError(f"{path} was generated with other settings ({describe_differences(diff)}); compare like "
-                              "with like: use notebook 02's generation parameters here")
+        raise EvaluationError(
+            f"{path} was generated with other settings ({describe_differences(diff)}); compare like "
+            "with like: use notebook 02's generation parameters here"
+        )
     done = read_samples(path)
     current = {it.id: item_fingerprint(it) for it in items}
     done = done[done["id"].astype(str).isin(current) & (done["sample"].astype(int) < spec.n)]
     missing = sorted(set(current) - set(done["id"].astype(str)))
     stale = done[done["id"].astype(str).map(current) != done["item"]] if "item" in done else done.iloc[:0]
     if missing or len(stale):
-        raise EvaluationError(f"{path} lacks {len(missing)} of the questions (e.g. {missing[:3]}) or holds "
-                              f"{len(stale)} as they read before; rerun notebook 02 on the same benchmark")
+        raise EvaluationError(
+            f"{path} lacks {len(missing)} of the questions (e.g. {missing[:3]}) or holds "
+            f"{len(stale)} as they read before; rerun notebook 02 on the same benchmark"
+        )
     return done.reset_index(drop=True)
 
 
-def evaluate(engine: Engine, items: Sequence[Item], spec: GenerationSpec, out_path: str | Path,
-             variant: str | None = None, chunk: int = 32, overwrite: bool = False) -> pd.DataFrame:
+def evaluate(
+    engine: Engine,
+    items: Sequence[Item],
+    spec: GenerationSpec,
+    out_path: str | Path,
+    variant: str | None = None,
+    chunk: int = 32,
+    overwrite: bool = False,
+) -> pd.DataFrame:
     """Generate, grade and append each sample to ``out_path`` (JSONL), ``chunk`` questions at a time;
     finished samples are skipped.
 
@@ -331,8 +379,10 @@ def evaluate(engine: Engine, items: Sequence[Item], spec: GenerationSpec, out_pa
     if meta_path.is_file() and not overwrite:
         diff = differences(json.loads(meta_path.read_text()), meta)
         if diff:
-            raise EvaluationError(f"{out_path} holds samples generated with other settings ({describe_differences(diff)});"
-                                  " pass overwrite (OVERWRITE True) or choose another OUTPUT_DIR")
+            raise EvaluationError(
+                f"{out_path} holds samples generated with other settings ({describe_differences(diff)});"
+                " pass overwrite (OVERWRITE True) or choose another OUTPUT_DIR"
+            )
     if overwrite or not meta_path.is_file():
         out_path.unlink(missing_ok=True)
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")
@@ -341,12 +391,13 @@ def evaluate(engine: Engine, items: Sequence[Item], spec: GenerationSpec, out_pa
     if len(done) and "item" in done:
         stale = done[done["id"].astype(str).map(current).notna() & (done["id"].astype(str).map(current) != done["item"])]
         if len(stale):
-            raise EvaluationError(f"{out_path} holds samples of question {stale['id'].iloc[0]!r} as it read before (the "
-                                  "benchmark changed); pass overwrite (OVERWRITE True) or choose another OUTPUT_DIR")
+            raise EvaluationError(
+                f"{out_path} holds samples of question {stale['id'].iloc[0]!r} as it read before (the "
+                "benchmark changed); pass overwrite (OVERWRITE True) or choose another OUTPUT_DIR"
+            )
     finished = set(zip(done["id"].astype(str), done["sample"].astype(int))) if len(done) else set()
     todo = [it for it in items if any((it.id, s) not in finished for s in range(spec.n))]
-    with tqdm(total=len(items), initial=len(items) - len(todo), desc=out_path.stem, unit="question",
-              disable=not todo) as bar:
+    with tqdm(total=len(items), initial=len(items) - len(todo), desc=out_path.stem, unit="question", disable=not todo) as bar:
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
             responses = generate_responses(engine, [it.question for it in part], spec, variant)
@@ -356,11 +407,22 @@ def evaluate(engine: Engine, items: Sequence[Item], spec: GenerationSpec, out_pa
                         if (item.id, s) in finished:
                             continue
                         correct, excerpt = grade(item, response.text)
-                        handle.write(json.dumps({"id": item.id, "sample": s, "item": current[item.id],
-                                                 "response": response.text, "answer_excerpt": excerpt,
-                                                 "correct": bool(correct), "tokens": response.tokens,
-                                                 "thinking_cut": response.thinking_cut,
-                                                 "answer_cut": response.answer_cut}) + "\n")
+                        handle.write(
+                            json.dumps(
+                                {
+                                    "id": item.id,
+                                    "sample": s,
+                                    "item": current[item.id],
+                                    "response": response.text,
+                                    "answer_excerpt": excerpt,
+                                    "correct": bool(correct),
+                                    "tokens": response.tokens,
+                                    "thinking_cut": response.thinking_cut,
+                                    "answer_cut": response.answer_cut,
+                                }
+                            )
+                            + "\n"
+                        )
                         handle.flush()
             bar.update(len(part))
     results = read_samples(out_path)

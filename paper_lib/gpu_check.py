@@ -29,6 +29,7 @@ from paper_lib.timing import synchronize, time_call
 
 log = logging.getLogger(__name__)
 
+
 def check_organism_parity(device: torch.device, organism_dir: str = "data/organism") -> list[dict[str, Any]]:
     """The committed organism: max |logit difference| GPU vs CPU (fp32) and greedy-output agreement."""
     from paper_lib.organism import generate_greedy, load_organism, load_probe, textbook_prompt
@@ -68,18 +69,25 @@ def check_forward_throughput(device: torch.device, shape: str, tokens: int, seq_
 
     seconds = time_call(forward, device)
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    rows = [{"check": f"Qwen2.5-{shape} forward, {batch}x{seq_len} tokens", "value": batch * seq_len / seconds,
-             "unit": "tok/s"}]
+    rows = [{"check": f"Qwen2.5-{shape} forward, {batch}x{seq_len} tokens", "value": batch * seq_len / seconds, "unit": "tok/s"}]
     if device.type == "cuda":
-        peak = {"H100": 989e12, "H200": 989e12}.get(next((k for k in ("H100", "H200") if k in torch.cuda.get_device_name(device)), ""), None)
+        peak = {"H100": 989e12, "H200": 989e12}.get(
+            next((k for k in ("H100", "H200") if k in torch.cuda.get_device_name(device)), ""), None
+        )
         if peak:
-            rows.append({"check": f"Qwen2.5-{shape} forward MFU (2N FLOPs/token, no attention)",
-                         "value": 2 * n_params * batch * seq_len / seconds / peak, "unit": "fraction of bf16 dense peak"})
+            rows.append(
+                {
+                    "check": f"Qwen2.5-{shape} forward MFU (2N FLOPs/token, no attention)",
+                    "value": 2 * n_params * batch * seq_len / seconds / peak,
+                    "unit": "fraction of bf16 dense peak",
+                }
+            )
     return rows
 
 
-def check_train_throughput(device: torch.device, shape: str, tokens: int, seq_len: int,
-                           compile_step: bool = True) -> list[dict[str, Any]]:
+def check_train_throughput(
+    device: torch.device, shape: str, tokens: int, seq_len: int, compile_step: bool = True
+) -> list[dict[str, Any]]:
     """Rank-1 LoRA vs full fine-tune optimizer steps at a Qwen2.5 shape, with the levers of issue 3.
 
     Baseline on one H200 at the 1.5B shape, 8,192 tokens a step (BENCHMARKS.md, reference rows): full FT
@@ -100,15 +108,19 @@ def check_train_throughput(device: torch.device, shape: str, tokens: int, seq_le
     except ImportError:
         log.info("liger-kernel not installed: skipping the Liger setups (carry its wheel to include them)")
     if compile_step:
-        setups.append(StepSetup("rank-1, bf16 adapters, no checkpointing, torch.compile", adapter_dtype="model",
-                                compile=True))
+        setups.append(StepSetup("rank-1, bf16 adapters, no checkpointing, torch.compile", adapter_dtype="model", compile=True))
     config = qwen25_config(shape)
     rows = []
     for setup in setups:
         try:
             r = measure_train_step(config, setup, device, tokens, seq_len, dtype)
-            rows.append({"check": f"Qwen2.5-{shape} train step: {setup.name}", "value": r["tok_per_s"], "unit": "tok/s"
-                         + (f" (peak {r['peak_gib']:.1f} GiB)" if "peak_gib" in r else "")})
+            rows.append(
+                {
+                    "check": f"Qwen2.5-{shape} train step: {setup.name}",
+                    "value": r["tok_per_s"],
+                    "unit": "tok/s" + (f" (peak {r['peak_gib']:.1f} GiB)" if "peak_gib" in r else ""),
+                }
+            )
         except Exception as err:  # one lever failing (e.g. compile) must not hide the others
             rows.append({"check": f"Qwen2.5-{shape} train step: {setup.name}", "value": f"FAILED: {err}", "unit": ""})
         if device.type == "cuda":
@@ -122,8 +134,14 @@ def check_extraction_throughput(device: torch.device, shape: str, tokens: int, s
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = measure_extraction(qwen25_config(shape), device, tokens, seq_len, dtype)
-    return [{"check": f"Qwen2.5-{shape} extraction: {r['setup']}", "value": r["tok_per_s"],
-             "unit": f"tok/s ({r['vs_plain']:.2f}x plain)"} for r in rows]
+    return [
+        {
+            "check": f"Qwen2.5-{shape} extraction: {r['setup']}",
+            "value": r["tok_per_s"],
+            "unit": f"tok/s ({r['vs_plain']:.2f}x plain)",
+        }
+        for r in rows
+    ]
 
 
 def check_device_paths(device: torch.device, shape: str, seq_len: int = 512) -> list[dict[str, Any]]:
@@ -157,20 +175,31 @@ def check_device_paths(device: torch.device, shape: str, seq_len: int = 512) -> 
     loss.backward()
     optimizer.step()
     synchronize(device)
-    rows = [{"check": f"Qwen2.5-{shape} device path: rank-1 train step (2 x {seq_len} tokens)",
-             "value": time.perf_counter() - start, "unit": "s"}]
+    rows = [
+        {
+            "check": f"Qwen2.5-{shape} device path: rank-1 train step (2 x {seq_len} tokens)",
+            "value": time.perf_counter() - start,
+            "unit": "s",
+        }
+    ]
     model.eval()
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         model.save_pretrained(tmp)
         reference = model(**batch).logits
         reloaded = PeftModel.from_pretrained(model.unload(), tmp).eval()  # the same base, no second copy
         same = torch.equal(reloaded(**batch).logits, reference)
-    rows.append({"check": f"Qwen2.5-{shape} device path: saved adapter reloads to identical logits", "value": str(same),
-                 "unit": ""})
+    rows.append(
+        {"check": f"Qwen2.5-{shape} device path: saved adapter reloads to identical logits", "value": str(same), "unit": ""}
+    )
     start = time.perf_counter()
     errors = merge_error_on_batch(reloaded, {k: v[:, :128] for k, v in batch.items()})
-    rows.append({"check": f"Qwen2.5-{shape} device path: bf16 merge check on the device", "value":
-                 errors["bf16_update_fraction_lost"], "unit": f"fraction of B·A lost ({time.perf_counter() - start:.1f} s)"})
+    rows.append(
+        {
+            "check": f"Qwen2.5-{shape} device path: bf16 merge check on the device",
+            "value": errors["bf16_update_fraction_lost"],
+            "unit": f"fraction of B·A lost ({time.perf_counter() - start:.1f} s)",
+        }
+    )
     families = ablation_groups(reloaded)
     groups = {**dict(list(families["single"].items())[:14]), **families["kind"], **families["all"]}
     score = torch.zeros_like(ids)
@@ -178,12 +207,21 @@ def check_device_paths(device: torch.device, shape: str, seq_len: int = 512) -> 
     start = time.perf_counter()
     kl = ablation_kl(reloaded, [{**batch, "score_mask": score}], groups)
     seconds = time.perf_counter() - start
-    rows.append({"check": f"Qwen2.5-{shape} device path: ablation KL, {len(groups)} groups on the device",
-                 "value": len(groups) * 2 * seq_len / seconds, "unit": f"tok/s (KL all adapters "
-                 f"{kl[kl.group == 'all adapters'].kl.mean():.3g} nats)"})
+    rows.append(
+        {
+            "check": f"Qwen2.5-{shape} device path: ablation KL, {len(groups)} groups on the device",
+            "value": len(groups) * 2 * seq_len / seconds,
+            "unit": f"tok/s (KL all adapters {kl[kl.group == 'all adapters'].kl.mean():.3g} nats)",
+        }
+    )
     if device.type == "cuda":
-        rows.append({"check": f"Qwen2.5-{shape} device path: peak memory", "value":
-                     torch.cuda.max_memory_allocated(device) / 2**30, "unit": "GiB"})
+        rows.append(
+            {
+                "check": f"Qwen2.5-{shape} device path: peak memory",
+                "value": torch.cuda.max_memory_allocated(device) / 2**30,
+                "unit": "GiB",
+            }
+        )
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -202,9 +240,14 @@ CHECKS: list[Callable[[argparse.Namespace, torch.device], list[dict[str, Any]]]]
 
 def run_checks(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    rows: list[dict[str, Any]] = [{"check": "device", "value": torch.cuda.get_device_name(device)
-                                   if device.type == "cuda" else platform.processor() or "cpu", "unit": ""},
-                                  {"check": "torch", "value": torch.__version__, "unit": ""}]
+    rows: list[dict[str, Any]] = [
+        {
+            "check": "device",
+            "value": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "unit": "",
+        },
+        {"check": "torch", "value": torch.__version__, "unit": ""},
+    ]
     for check in CHECKS:
         start = time.perf_counter()
         try:

@@ -44,12 +44,14 @@ def _verify(response_text: str, gold: str) -> bool:
     """math-verify in the worker: gold parsed as LaTeX/expression, the response's last answer extracted."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-    gold_parsed = parse(f"${gold}$", extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
-                        parsing_timeout=None)
+    gold_parsed = parse(f"${gold}$", extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None)
     if not gold_parsed:
         gold_parsed = parse(gold, parsing_timeout=None)
-    answer = parse(response_text, extraction_config=[LatexExtractionConfig(boxed_match_priority=0),
-                                                     ExprExtractionConfig()], parsing_timeout=None)
+    answer = parse(
+        response_text,
+        extraction_config=[LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
+        parsing_timeout=None,
+    )
     if not gold_parsed or not answer:
         return False
     return bool(verify(gold_parsed, answer, timeout_seconds=None))
@@ -59,9 +61,14 @@ def _verify(response_text: str, gold: str) -> bool:
 # exponent holds another power (9^{9^{9}}), an exponent of 4+ digits, a factorial of 3+ digits. A
 # thread cannot be stopped once sympy is inside such a computation, so these are refused before it starts.
 _NUMERIC_POWER = r"\d\s*\^\s*[{(]?\s*\d"  # 9^9, 9^{9}, 9^(9)
-_PATHOLOGICAL = (re.compile(r"\^\s*\{[^{}]*" + _NUMERIC_POWER), re.compile(r"\^\s*\([^()]*" + _NUMERIC_POWER),
-                 re.compile(r"\d\s*\^\s*\d+\s*\^\s*[{(]?\s*\d"), re.compile(r"\^\s*[{(]?\s*\d{4,}"),
-                 re.compile(r"\d{3,}\s*!"), re.compile(r"\d\s*\*\*\s*\(?\s*\d+\s*\*\*"))
+_PATHOLOGICAL = (
+    re.compile(r"\^\s*\{[^{}]*" + _NUMERIC_POWER),
+    re.compile(r"\^\s*\([^()]*" + _NUMERIC_POWER),
+    re.compile(r"\d\s*\^\s*\d+\s*\^\s*[{(]?\s*\d"),
+    re.compile(r"\^\s*[{(]?\s*\d{4,}"),
+    re.compile(r"\d{3,}\s*!"),
+    re.compile(r"\d\s*\*\*\s*\(?\s*\d+\s*\*\*"),
+)
 MAX_ANSWER_CHARS = 20_000  # a whole answer section of 2,048 tokens is ~8k characters
 
 
@@ -82,7 +89,7 @@ def is_correct_math(response: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT
     if not text or not str(gold).strip():
         return False
     if "\\boxed" in text:  # several boxed answers: the last one counts (math-verify would take the first)
-        text = text[text.rindex("\\boxed"):]
+        text = text[text.rindex("\\boxed") :]
     why = pathological(text)
     if why:
         log.warning("not graded (counted wrong): %s", why)

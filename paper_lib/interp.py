@@ -127,8 +127,16 @@ def top_features(features: Features, k: int) -> tuple[np.ndarray, np.ndarray]:
     return top_k_streaming(features.blocks(), k)
 
 
-def feature_examples(features: Features, tokens: Any, decode: Any, top: tuple[np.ndarray, np.ndarray], k: int = 20,
-                     width: int = 8, columns: Sequence[int] | None = None, min_value: float = 0.0) -> list[dict[str, Any]]:
+def feature_examples(
+    features: Features,
+    tokens: Any,
+    decode: Any,
+    top: tuple[np.ndarray, np.ndarray],
+    k: int = 20,
+    width: int = 8,
+    columns: Sequence[int] | None = None,
+    min_value: float = 0.0,
+) -> list[dict[str, Any]]:
     """For each feature (``columns`` of ``features``, all by default), its top-k tokens (value >
     ``min_value``) with ±``width`` tokens of context in the same document: ``{"name", "examples":
     [{"tokens", "values", "center", "doc", "value"}]}``. ``top``: (values, indices) ``[F, >= k]`` from
@@ -136,7 +144,7 @@ def feature_examples(features: Features, tokens: Any, decode: Any, top: tuple[np
     ``token_ids``, ``document_of``); ``decode`` maps a token id to its text. Only the windows are read."""
     top_v, top_i = top
     out = []
-    for f in (range(len(features.names)) if columns is None else columns):
+    for f in range(len(features.names)) if columns is None else columns:
         examples = []
         for value, index in zip(top_v[f][:k], top_i[f][:k]):
             if value <= min_value:
@@ -150,9 +158,12 @@ def context_example(features: Features, tokens: Any, decode: Any, feature: int, 
     """Token ``index`` with ±``width`` tokens of context in its document and the feature's values there:
     ``{"tokens", "values", "center", "doc"}``."""
     start, end = tokens.context(index, width)
-    return {"tokens": [decode(int(t)) for t in tokens.token_ids(start, end)],
-            "values": features.rows(start, end)[:, feature].astype(float).round(4).tolist(),
-            "center": index - start, "doc": int(tokens.document_of(index))}
+    return {
+        "tokens": [decode(int(t)) for t in tokens.token_ids(start, end)],
+        "values": features.rows(start, end)[:, feature].astype(float).round(4).tolist(),
+        "center": index - start,
+        "doc": int(tokens.document_of(index)),
+    }
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -185,8 +196,14 @@ def auroc_from_histograms(positive: np.ndarray, total: np.ndarray) -> float:
     return float((positive * (below + 0.5 * negative)).sum() / (n_pos * n_neg))
 
 
-def score_against_roles(features: Features, roles: Sequence[str], families: Mapping[str, str], k: int = 50,
-                        histogram_bytes: int = 2**28, top: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
+def score_against_roles(
+    features: Features,
+    roles: Sequence[str],
+    families: Mapping[str, str],
+    k: int = 50,
+    histogram_bytes: int = 2**28,
+    top: tuple[np.ndarray, np.ndarray] | None = None,
+) -> pd.DataFrame:
     """Per feature: the most common role among its top-k tokens (``role``, ``precision``), that role's
     AUROC over all tokens, and the same for role families (``family``, ``family_precision``).
 
@@ -211,9 +228,16 @@ def score_against_roles(features: Features, roles: Sequence[str], families: Mapp
         role = top_roles[np.argmax(counts)]
         top_fams, fam_counts = np.unique(fams[codes[top_i[f]]], return_counts=True)
         best[f] = int(np.flatnonzero(role_names == role)[0])
-        rows.append({"feature": name, "role": str(role), "precision": counts.max() / top_i.shape[1],
-                     "auroc": float("nan"), "family": str(top_fams[np.argmax(fam_counts)]),
-                     "family_precision": fam_counts.max() / top_i.shape[1]})
+        rows.append(
+            {
+                "feature": name,
+                "role": str(role),
+                "precision": counts.max() / top_i.shape[1],
+                "auroc": float("nan"),
+                "family": str(top_fams[np.argmax(fam_counts)]),
+                "family_precision": fam_counts.max() / top_i.shape[1],
+            }
+        )
     per_pass = max(1, histogram_bytes // (2 * 65536 * 8))
     for first in range(0, len(names), per_pass):
         group = np.arange(first, min(len(names), first + per_pass))
@@ -239,14 +263,22 @@ def score_against_roles(features: Features, roles: Sequence[str], families: Mapp
 def classify_features(scores: pd.DataFrame, mono: float = 0.9, broad: float = 0.9) -> pd.Series:
     """monosemantic if the best role holds >= ``mono`` of the top-k; else broad if the best family holds
     >= ``broad``; else polysemantic."""
-    return pd.Series(np.where(scores["precision"] >= mono, CLASSES[0],
-                              np.where(scores["family_precision"] >= broad, CLASSES[1], CLASSES[2])),
-                     index=scores.index, name="class")
+    return pd.Series(
+        np.where(scores["precision"] >= mono, CLASSES[0], np.where(scores["family_precision"] >= broad, CLASSES[1], CLASSES[2])),
+        index=scores.index,
+        name="class",
+    )
 
 
-def score_populations(populations: Mapping[str, Features], roles: Sequence[str], families: Mapping[str, str],
-                      k: int = 50, mono: float = 0.9, broad: float = 0.9,
-                      tops: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> pd.DataFrame:
+def score_populations(
+    populations: Mapping[str, Features],
+    roles: Sequence[str],
+    families: Mapping[str, str],
+    k: int = 50,
+    mono: float = 0.9,
+    broad: float = 0.9,
+    tops: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> pd.DataFrame:
     """``score_against_roles`` and ``classify_features`` for each population (name -> features), stacked
     with a ``population`` column; ``tops``: their ``top_features`` where already computed."""
     tables = []
@@ -266,8 +298,7 @@ def class_shares(classes: pd.DataFrame, n_resamples: int = 2000, seed: int = 0) 
         for name in CLASSES:
             hits = (labels == name).astype(float)
             lo, hi = bootstrap_interval(hits, n_resamples=n_resamples, seed=seed)
-            rows.append({"population": population, "class": name, "share": hits.mean(), "n": len(labels),
-                         "lo": lo, "hi": hi})
+            rows.append({"population": population, "class": name, "share": hits.mean(), "n": len(labels), "lo": lo, "hi": hi})
     return pd.DataFrame(rows)
 
 
@@ -284,6 +315,10 @@ def compare_populations(scored: pd.DataFrame, a: str, b: str, n_resamples: int =
         va = scored.loc[scored["population"] == a, column].dropna().to_numpy()
         vb = scored.loc[scored["population"] == b, column].dropna().to_numpy()
         lo, hi = bootstrap_interval([va, vb], lambda x, y: x.mean() - y.mean(), n_resamples, seed=seed, paired=False)
-        out |= {f"{column}_mannwhitney_p": float(mannwhitneyu(va, vb).pvalue), f"{column}_diff": float(va.mean() - vb.mean()),
-                f"{column}_diff_lo": lo, f"{column}_diff_hi": hi}
+        out |= {
+            f"{column}_mannwhitney_p": float(mannwhitneyu(va, vb).pvalue),
+            f"{column}_diff": float(va.mean() - vb.mean()),
+            f"{column}_diff_lo": lo,
+            f"{column}_diff_hi": hi,
+        }
     return out

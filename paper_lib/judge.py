@@ -61,8 +61,11 @@ class JudgeConfig(Config):
         require(bool(self.model), "model", "must name the judge model")
         require(self.max_retries >= 0, "max_retries", "must be >= 0")
         require(self.timeout_s > 0, "timeout_s", "must be > 0")
-        require(self.token_param in ("max_tokens", "max_completion_tokens"), "token_param",
-                f"must be 'max_tokens' or 'max_completion_tokens', got {self.token_param!r}")
+        require(
+            self.token_param in ("max_tokens", "max_completion_tokens"),
+            "token_param",
+            f"must be 'max_tokens' or 'max_completion_tokens', got {self.token_param!r}",
+        )
         require(self.max_tokens is None or self.max_tokens > 0, "max_tokens", "must be positive (or None: not sent)")
         require(self.concurrency >= 1, "concurrency", "must be >= 1")
 
@@ -83,9 +86,15 @@ def judge_config_from(parameters: dict[str, Any]) -> JudgeConfig | None:
     if not parameters["JUDGE_URL"]:
         return None
     temperature = parameters["JUDGE_TEMPERATURE"]
-    return JudgeConfig(parameters["JUDGE_URL"], parameters["JUDGE_MODEL"], api_key_env=parameters["JUDGE_KEY_ENV"],
-                       max_tokens=parameters["JUDGE_MAX_TOKENS"] or None, token_param=parameters["JUDGE_TOKEN_PARAM"],
-                       temperature=None if temperature < 0 else temperature, concurrency=parameters["JUDGE_CONCURRENCY"])
+    return JudgeConfig(
+        parameters["JUDGE_URL"],
+        parameters["JUDGE_MODEL"],
+        api_key_env=parameters["JUDGE_KEY_ENV"],
+        max_tokens=parameters["JUDGE_MAX_TOKENS"] or None,
+        token_param=parameters["JUDGE_TOKEN_PARAM"],
+        temperature=None if temperature < 0 else temperature,
+        concurrency=parameters["JUDGE_CONCURRENCY"],
+    )
 
 
 class Judge:
@@ -95,8 +104,12 @@ class Judge:
         from openai import OpenAI
 
         self.cfg = cfg
-        self.client = OpenAI(base_url=cfg.base_url, api_key=os.environ.get(cfg.api_key_env) or "EMPTY",
-                             max_retries=cfg.max_retries, timeout=cfg.timeout_s)
+        self.client = OpenAI(
+            base_url=cfg.base_url,
+            api_key=os.environ.get(cfg.api_key_env) or "EMPTY",
+            max_retries=cfg.max_retries,
+            timeout=cfg.timeout_s,
+        )
         self.cache_path = Path(cache_path)
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         self.cache: dict[str, str] = {}
@@ -114,7 +127,8 @@ class Judge:
             return self.cache[key]
         try:
             response = self.client.chat.completions.create(
-                model=self.cfg.model, messages=[{"role": "user", "content": prompt}], **params)
+                model=self.cfg.model, messages=[{"role": "user", "content": prompt}], **params
+            )
         except openai.APIStatusError as err:
             raise JudgeError(f"judge at {self.cfg.base_url} answered HTTP {err.status_code}: {err.message}") from err
         except openai.APIConnectionError as err:  # includes timeouts
@@ -124,8 +138,9 @@ class Judge:
         try:
             answer = response.choices[0].message.content or ""
         except (IndexError, AttributeError, TypeError) as err:
-            raise JudgeError(f"the judge at {self.cfg.base_url} sent a malformed chat completion ({err}): "
-                             f"{str(response)[:200]}") from err
+            raise JudgeError(
+                f"the judge at {self.cfg.base_url} sent a malformed chat completion ({err}): {str(response)[:200]}"
+            ) from err
         with self._lock:  # requests run in parallel threads (score_features); the cache file is shared
             self.requests += 1
             self.cache[key] = answer
@@ -135,9 +150,15 @@ class Judge:
 
 
 @contextmanager
-def local_judge_server(model: str, served_name: str = "judge", dtype: str = "auto", max_model_len: int = 4096,
-                       log_path: str | Path | None = None, startup_s: float = 600.0,
-                       extra_args: Sequence[str] = ()) -> Iterator[str]:
+def local_judge_server(
+    model: str,
+    served_name: str = "judge",
+    dtype: str = "auto",
+    max_model_len: int = 4096,
+    log_path: str | Path | None = None,
+    startup_s: float = 600.0,
+    extra_args: Sequence[str] = (),
+) -> Iterator[str]:
     """vLLM's OpenAI-compatible server for ``model`` on a free loopback port, for as long as the context
     lasts; yields its ``/v1`` URL once it answers. The same server a researcher starts with ``vllm serve``
     (``extra_args``: e.g. ``--tensor-parallel-size 4``); its output goes to ``log_path``."""
@@ -154,9 +175,27 @@ def local_judge_server(model: str, served_name: str = "judge", dtype: str = "aut
     log_file = Path(log_path) if log_path else Path(os.devnull)
     with log_file.open("w") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
-             served_name, "--dtype", dtype, "--max-model-len", str(max_model_len), "--host", "127.0.0.1", "--port",
-             str(port), *extra_args], stdout=out, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                str(model),
+                "--served-model-name",
+                served_name,
+                "--dtype",
+                dtype,
+                "--max-model-len",
+                str(max_model_len),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                *extra_args,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + startup_s
             while True:
@@ -165,8 +204,9 @@ def local_judge_server(model: str, served_name: str = "judge", dtype: str = "aut
                         break
                 except OSError:
                     if server.poll() is not None or time.monotonic() > deadline:
-                        raise JudgeError(f"the local judge server for {model} did not start (exit code {server.poll()}); "
-                                         f"see {log_file}") from None
+                        raise JudgeError(
+                            f"the local judge server for {model} did not start (exit code {server.poll()}); see {log_file}"
+                        ) from None
                     time.sleep(2)
             log.info("judge server for %s at %s", model, url)
             yield url
@@ -191,9 +231,11 @@ def format_example(tokens: list[str], values: list[float], center: int, scale: f
 def explanation_prompt(examples: list[dict[str, Any]]) -> str:
     scale = max(e["values"][e["center"]] for e in examples)
     lines = "\n".join(format_example(e["tokens"], e["values"], e["center"], scale) for e in examples)
-    return ("We study one feature of a language model. Below are text excerpts where it activates strongly. In each, "
-            "the token it activates on is marked <<like this>>, and the number in parentheses is its activation "
-            f"(0-10).\n\n{lines}\n\nIn at most 10 words, what does this feature detect? Reply with the explanation only.")
+    return (
+        "We study one feature of a language model. Below are text excerpts where it activates strongly. In each, "
+        "the token it activates on is marked <<like this>>, and the number in parentheses is its activation "
+        f"(0-10).\n\n{lines}\n\nIn at most 10 words, what does this feature detect? Reply with the explanation only."
+    )
 
 
 def parse_explanation(answer: str) -> str:
@@ -204,9 +246,11 @@ def parse_explanation(answer: str) -> str:
 
 
 def detection_prompt(explanation: str, example: dict[str, Any]) -> str:
-    return (f'A feature of a language model is explained as: "{explanation}".\nHere is a text excerpt with one token '
-            f'marked <<like this>>:\n{format_example(example["tokens"], example["values"], example["center"])}\n'
-            "Does the feature activate on the marked token? Answer yes or no.")
+    return (
+        f'A feature of a language model is explained as: "{explanation}".\nHere is a text excerpt with one token '
+        f"marked <<like this>>:\n{format_example(example['tokens'], example['values'], example['center'])}\n"
+        "Does the feature activate on the marked token? Answer yes or no."
+    )
 
 
 def parse_yes_no(answer: str) -> bool | None:
@@ -214,8 +258,9 @@ def parse_yes_no(answer: str) -> bool | None:
     return None if match is None else match.group(1).lower() == "yes"
 
 
-def non_activating_examples(features: Any, feature: int, tokens: Any, decode: Any, n: int, width: int, seed: int = 0,
-                            max_draws: int = 10_000) -> list[dict[str, Any]]:
+def non_activating_examples(
+    features: Any, feature: int, tokens: Any, decode: Any, n: int, width: int, seed: int = 0, max_draws: int = 10_000
+) -> list[dict[str, Any]]:
     """``n`` contexts centred on distinct random tokens where feature ``feature`` of ``features`` is <= 0
     (``interp.Features``; ``tokens``: an ``ActivationStore``). Drawn token by token (at most
     ``max_draws``), so nothing of size [tokens] is built; fewer than ``n`` if the feature rarely rests."""
@@ -240,10 +285,12 @@ def non_activating_examples(features: Any, feature: int, tokens: Any, decode: An
 def rating_prompt(examples: list[dict[str, Any]]) -> str:
     """The paper's interpretability rating of a feature from its top examples."""
     lines = "\n".join(format_example(e["tokens"], e["values"], e["center"]) for e in examples)
-    return ("We study one feature of a language model. Below are text excerpts where it activates strongly; the token "
-            f"it activates on is marked <<like this>>.\n\n{lines}\n\nRate the feature: 0 = monosemantic (one specific "
-            "concept), 1 = broad but consistent (a family of related concepts), 2 = polysemantic (unrelated concepts). "
-            "Reply with the number only.")
+    return (
+        "We study one feature of a language model. Below are text excerpts where it activates strongly; the token "
+        f"it activates on is marked <<like this>>.\n\n{lines}\n\nRate the feature: 0 = monosemantic (one specific "
+        "concept), 1 = broad but consistent (a family of related concepts), 2 = polysemantic (unrelated concepts). "
+        "Reply with the number only."
+    )
 
 
 def parse_rating(answer: str) -> int | None:
@@ -252,8 +299,14 @@ def parse_rating(answer: str) -> int | None:
     return int(found[-1]) if found else None
 
 
-def score_feature(judge: Judge, name: str, explain_with: list[dict[str, Any]], activating: list[dict[str, Any]],
-                  non_activating: list[dict[str, Any]], rate: bool = False) -> dict[str, Any]:
+def score_feature(
+    judge: Judge,
+    name: str,
+    explain_with: list[dict[str, Any]],
+    activating: list[dict[str, Any]],
+    non_activating: list[dict[str, Any]],
+    rate: bool = False,
+) -> dict[str, Any]:
     """Explain from ``explain_with``, then detection accuracy / F1 on ``activating`` + ``non_activating``;
     with ``rate``, also the paper's 0/1/2 rating from ``explain_with`` (None when unparsable). A judge
     failure is raised as a ``JudgeError`` naming the feature."""
@@ -268,9 +321,14 @@ def score_feature(judge: Judge, name: str, explain_with: list[dict[str, Any]], a
     fp = sum(s is True and not t for s, t in zip(said, truth))
     fn = sum(s is not True and t for s, t in zip(said, truth))
     correct = sum(s is not None and s == t for s, t in zip(said, truth))
-    record = {"feature": name, "explanation": explanation, "n": len(truth), "unparsed": sum(s is None for s in said),
-              "accuracy": correct / len(truth) if truth else float("nan"),
-              "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0}
+    record = {
+        "feature": name,
+        "explanation": explanation,
+        "n": len(truth),
+        "unparsed": sum(s is None for s in said),
+        "accuracy": correct / len(truth) if truth else float("nan"),
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
+    }
     return {**record, "rating": rating} if rate else record
 
 
@@ -284,9 +342,10 @@ def judge_each(judge: Judge, items: list[dict[str, Any]], out_path: str | Path, 
     done = {r["feature"]: r for r in read_jsonl(out_path)}
     todo = [f for f in items if f["name"] not in done]
     lock, errors = threading.Lock(), []
-    with ThreadPoolExecutor(max_workers=judge.cfg.concurrency) as pool, \
-            tqdm(total=len(items), initial=len(items) - len(todo), desc=out_path.stem, unit="feature",
-                 disable=not todo) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=judge.cfg.concurrency) as pool,
+        tqdm(total=len(items), initial=len(items) - len(todo), desc=out_path.stem, unit="feature", disable=not todo) as bar,
+    ):
         futures = [pool.submit(work, f) for f in todo]
         for future in as_completed(futures):
             try:
@@ -306,15 +365,28 @@ def judge_each(judge: Judge, items: list[dict[str, Any]], out_path: str | Path, 
     return [done[f["name"]] for f in items]
 
 
-def score_features(judge: Judge, features: list[dict[str, Any]], out_path: str | Path, rate: bool = False) -> list[dict[str, Any]]:
+def score_features(
+    judge: Judge, features: list[dict[str, Any]], out_path: str | Path, rate: bool = False
+) -> list[dict[str, Any]]:
     """``score_feature`` for each of ``features`` (dicts with ``name``, ``explain_with``, ``activating``,
     ``non_activating``; see ``judge_requests``), concurrently and resumably (``judge_each``)."""
-    return judge_each(judge, features, out_path, lambda f: score_feature(
-        judge, f["name"], f["explain_with"], f["activating"], f["non_activating"], rate))
+    return judge_each(
+        judge,
+        features,
+        out_path,
+        lambda f: score_feature(judge, f["name"], f["explain_with"], f["activating"], f["non_activating"], rate),
+    )
 
 
-def judge_requests(features: Any, tokens: Any, decode: Any, top: tuple[np.ndarray, np.ndarray], columns: Sequence[int],
-                   seed: int = 0, width: int = 8) -> list[dict[str, Any]]:
+def judge_requests(
+    features: Any,
+    tokens: Any,
+    decode: Any,
+    top: tuple[np.ndarray, np.ndarray],
+    columns: Sequence[int],
+    seed: int = 0,
+    width: int = 8,
+) -> list[dict[str, Any]]:
     """The paper's judge inputs for ``columns`` of ``features`` (``interp.Features``; ``top`` their
     ``top_features`` with >= 15 columns; ``tokens`` an ``ActivationStore``): the top 10 examples to
     explain from, the next 5 and 5 random non-activating contexts to detect, ±``width`` tokens each.
@@ -322,22 +394,37 @@ def judge_requests(features: Any, tokens: Any, decode: Any, top: tuple[np.ndarra
     from paper_lib.interp import feature_examples
 
     tops = feature_examples(features, tokens, decode, top, k=15, width=width, columns=columns)
-    return [{"name": t["name"], "explain_with": t["examples"][:10], "activating": t["examples"][10:15],
-             "non_activating": non_activating_examples(features, int(i), tokens, decode, 5, width, seed)}
-            for t, i in zip(tops, columns) if len(t["examples"]) >= 15]
+    return [
+        {
+            "name": t["name"],
+            "explain_with": t["examples"][:10],
+            "activating": t["examples"][10:15],
+            "non_activating": non_activating_examples(features, int(i), tokens, decode, 5, width, seed),
+        }
+        for t, i in zip(tops, columns)
+        if len(t["examples"]) >= 15
+    ]
 
 
 # The paper's seven categories of SAE features (its LLM categoriser's label set).
-PAPER_CATEGORIES = ("computational operations", "symbolic manipulation", "variable/value tracking",
-                    "reasoning flow control", "domain-specific patterns", "relational/logical operators",
-                    "result formulation")
+PAPER_CATEGORIES = (
+    "computational operations",
+    "symbolic manipulation",
+    "variable/value tracking",
+    "reasoning flow control",
+    "domain-specific patterns",
+    "relational/logical operators",
+    "result formulation",
+)
 
 
 def category_prompt(explanation: str, categories: Sequence[str] = PAPER_CATEGORIES) -> str:
     options = "\n".join(f"- {c}" for c in categories)
-    return (f'A feature of a language model reasoning about maths and science is explained as: "{explanation}".\n'
-            f"Which category fits it best?\n{options}\nReply on two lines:\ncategory: <one of the categories above>\n"
-            "subcategory: <two to four words>")
+    return (
+        f'A feature of a language model reasoning about maths and science is explained as: "{explanation}".\n'
+        f"Which category fits it best?\n{options}\nReply on two lines:\ncategory: <one of the categories above>\n"
+        "subcategory: <two to four words>"
+    )
 
 
 def parse_category(answer: str, categories: Sequence[str] = PAPER_CATEGORIES) -> tuple[str | None, str]:
@@ -353,17 +440,23 @@ def categorise(judge: Judge, explanation: str, categories: Sequence[str] = PAPER
     return parse_category(judge.ask(category_prompt(explanation, categories)), categories)
 
 
-def categorise_features(judge: Judge, explained: list[dict[str, Any]], out_path: str | Path,
-                        categories: Sequence[str] = PAPER_CATEGORIES) -> list[dict[str, Any]]:
+def categorise_features(
+    judge: Judge, explained: list[dict[str, Any]], out_path: str | Path, categories: Sequence[str] = PAPER_CATEGORIES
+) -> list[dict[str, Any]]:
     """The paper's category and a subcategory for each explained feature (dicts with ``name`` and
     ``explanation``), concurrently and resumably (``judge_each``)."""
+
     def work(item: dict[str, Any]) -> dict[str, Any]:
         try:
             category, sub = categorise(judge, item["explanation"], categories)
         except JudgeError as err:
             raise JudgeError(f"feature {item['name']}: {err}") from err
-        return {"feature": item["name"], "explanation": item["explanation"], "category": category or "uncategorised",
-                "subcategory": sub or "-"}
+        return {
+            "feature": item["name"],
+            "explanation": item["explanation"],
+            "category": category or "uncategorised",
+            "subcategory": sub or "-",
+        }
 
     return judge_each(judge, explained, out_path, work)
 
@@ -384,6 +477,13 @@ def rating_shares(judged: Any) -> Any:
         rated = group["rating"].map(RATINGS).fillna("unrated")
         for label in (*RATINGS.values(), "unrated"):
             k, n = int((rated == label).sum()), len(group)
-            rows.append({"population": population, "class": label, "share": k / n, "n": n,
-                         **dict(zip(("lo", "hi"), wilson_interval(k, n)))})
+            rows.append(
+                {
+                    "population": population,
+                    "class": label,
+                    "share": k / n,
+                    "n": n,
+                    **dict(zip(("lo", "hi"), wilson_interval(k, n))),
+                }
+            )
     return pd.DataFrame(rows)

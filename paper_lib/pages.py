@@ -15,8 +15,9 @@ def readable_token(token: str) -> str:
     """A token as the page shows it: newlines, tabs and carriage returns as visible marks, other control
     and invisible characters as escapes (a byte-level BPE piece of a multi-byte character stays �)."""
     marks = {"\n": "↵", "\t": "⇥", "\r": "␍", "\u00a0": "⍽"}
-    return "".join(marks.get(c) or (f"\\x{ord(c):02x}" if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c)
-                   for c in token)
+    return "".join(
+        marks.get(c) or (f"\\x{ord(c):02x}" if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c) for c in token
+    )
 
 
 def feature_page_html(features: list[dict], title: str, intro: str = "", run: dict | None = None) -> str:
@@ -47,57 +48,86 @@ def feature_page_html(features: list[dict], title: str, intro: str = "", run: di
         examples = feature.get("examples", [])
         scale = max((e["values"][e["center"]] for e in examples), default=0.0)
         tags.setdefault("top activation", round(scale, 4))
-        rows = "".join(f'<div class="ex"><span class="v">{e["values"][e["center"]]:.3f}</span>'
-                       f'{heat(e["tokens"], e["values"], e["center"], scale)}</div>' for e in examples)
+        rows = "".join(
+            f'<div class="ex"><span class="v">{e["values"][e["center"]]:.3f}</span>'
+            f"{heat(e['tokens'], e['values'], e['center'], scale)}</div>"
+            for e in examples
+        )
         extra = ""
         if feature.get("histogram"):
             counts, edges = feature["histogram"]["counts"], feature["histogram"]["edges"]
             top = max(counts) or 1
-            bars = "".join(f'<div class="bar" style="height:{60 * c / top:.0f}px" title="[{lo:.3g}, {hi:.3g}): {c}"></div>'
-                           for c, lo, hi in zip(counts, edges[:-1], edges[1:]))
-            extra += (f'<h4>activation histogram (non-zero)</h4><div class="axis">{top:,} tokens</div>'
-                      f'<div class="hist">{bars}</div><div class="xaxis"><span>{edges[0]:.3g}</span>'
-                      f'<span>activation</span><span>{edges[-1]:.3g}</span></div>')
+            bars = "".join(
+                f'<div class="bar" style="height:{60 * c / top:.0f}px" title="[{lo:.3g}, {hi:.3g}): {c}"></div>'
+                for c, lo, hi in zip(counts, edges[:-1], edges[1:])
+            )
+            extra += (
+                f'<h4>activation histogram (non-zero)</h4><div class="axis">{top:,} tokens</div>'
+                f'<div class="hist">{bars}</div><div class="xaxis"><span>{edges[0]:.3g}</span>'
+                f"<span>activation</span><span>{edges[-1]:.3g}</span></div>"
+            )
         if feature.get("logits"):
-            cells = "".join(f"<tr><td>{html.escape(readable_token(str(t)))}</td><td>{v:+.3f}</td></tr>" for t, v in feature["logits"])
+            cells = "".join(
+                f"<tr><td>{html.escape(readable_token(str(t)))}</td><td>{v:+.3f}</td></tr>" for t, v in feature["logits"]
+            )
             extra += f"<h4>{html.escape(feature.get('logits_label', 'top logit effects'))}</h4><table>{cells}</table>"
         shown_tags = " · ".join(f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in tags.items())
-        blocks.append(f'<section id="f{n}" class="feat"><h3>{html.escape(feature["name"])}</h3><p class="tags">{shown_tags}</p>'
-                      f'<p>{html.escape(feature.get("summary", ""))}</p>{rows or "<p>(no activating examples)</p>"}{extra}</section>')
-        meta.append({"id": f"f{n}", "name": feature["name"], "text": (feature["name"] + " " + feature.get("summary", "")).lower(),
-                     "tags": tags})
+        blocks.append(
+            f'<section id="f{n}" class="feat"><h3>{html.escape(feature["name"])}</h3><p class="tags">{shown_tags}</p>'
+            f"<p>{html.escape(feature.get('summary', ''))}</p>{rows or '<p>(no activating examples)</p>'}{extra}</section>"
+        )
+        meta.append(
+            {
+                "id": f"f{n}",
+                "name": feature["name"],
+                "text": (feature["name"] + " " + feature.get("summary", "")).lower(),
+                "tags": tags,
+            }
+        )
     text_tags = sorted({k for m in meta for k, v in m["tags"].items() if isinstance(v, str)})
-    number_tags = sorted({k for m in meta for k, v in m["tags"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    number_tags = sorted(
+        {k for m in meta for k, v in m["tags"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    )
     filters = "".join(
         f'<label>{html.escape(k)} <select class="f" data-tag="{html.escape(k)}"><option value="">any</option>'
-        + "".join(f'<option>{html.escape(v)}</option>' for v in sorted({str(m["tags"][k]) for m in meta if k in m["tags"]}))
-        + "</select></label>" for k in text_tags)
-    sorts = '<option value="name">name</option>' + "".join(f'<option>{html.escape(k)}</option>' for k in number_tags)
+        + "".join(f"<option>{html.escape(v)}</option>" for v in sorted({str(m["tags"][k]) for m in meta if k in m["tags"]}))
+        + "</select></label>"
+        for k in text_tags
+    )
+    sorts = '<option value="name">name</option>' + "".join(f"<option>{html.escape(k)}</option>" for k in number_tags)
     columns = ["name", *text_tags, *number_tags]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
-        f'<tr data-id="{m["id"]}">' + "".join(
-            f"<td>{html.escape(str(m['name'] if c == 'name' else m['tags'].get(c, '')))}</td>" for c in columns) + "</tr>"
-        for m in meta)
+        f'<tr data-id="{m["id"]}">'
+        + "".join(f"<td>{html.escape(str(m['name'] if c == 'name' else m['tags'].get(c, '')))}</td>" for c in columns)
+        + "</tr>"
+        for m in meta
+    )
     made_by = ""
     if run:
         params = ", ".join(f"{k}={v}" for k, v in (run.get("parameters") or {}).items())
-        made_by = (f'<details class="run"><summary>made by {html.escape(str(run.get("notebook", "")))} at commit '
-                   f'{html.escape(str(run.get("commit", "unknown")))}</summary>parameters: {html.escape(params)}</details>')
-    legend = ('<div class="legend"><span class="grad"></span> activation, from 0 to the feature\'s largest (per feature); '
-              '<span class="c">outlined</span>: the token the example is centred on; ↵ newline, ⇥ tab, \\xNN a control '
-              'character; the number before each row is the centre token\'s activation; hover a token for its value.</div>')
-    style = ("body{font-family:sans-serif;margin:1em}.ex{font-family:monospace;white-space:pre;margin:2px 0}"
-             ".v{display:inline-block;width:5em;color:#555}.c{outline:2px solid #333}.feat{display:none}"
-             ".hist{display:flex;align-items:flex-end;height:62px;gap:1px;width:240px;border-left:1px solid #999;"
-             "border-bottom:1px solid #999}.bar{flex:1;background:#e65000}"
-             ".xaxis{display:flex;justify-content:space-between;width:240px;font-size:11px}"
-             ".axis{font-size:11px;color:#555}td,th{padding:0 8px;font-family:monospace;text-align:left}"
-             "#list{max-height:22em;overflow-y:auto;display:block;border:1px solid #ccc;margin:0.5em 0}"
-             "#list tr{cursor:pointer}#list tr.sel{background:#fde3d0}.tags{color:#555;font-size:13px}"
-             ".controls label{margin-right:1em}.run{color:#555;font-size:12px}"
-             ".grad{display:inline-block;width:80px;height:10px;background:linear-gradient(90deg,rgba(230,80,0,0),"
-             "rgba(230,80,0,1))}.legend{font-size:13px;margin:0.5em 0}")
+        made_by = (
+            f'<details class="run"><summary>made by {html.escape(str(run.get("notebook", "")))} at commit '
+            f"{html.escape(str(run.get('commit', 'unknown')))}</summary>parameters: {html.escape(params)}</details>"
+        )
+    legend = (
+        '<div class="legend"><span class="grad"></span> activation, from 0 to the feature\'s largest (per feature); '
+        '<span class="c">outlined</span>: the token the example is centred on; ↵ newline, ⇥ tab, \\xNN a control '
+        "character; the number before each row is the centre token's activation; hover a token for its value.</div>"
+    )
+    style = (
+        "body{font-family:sans-serif;margin:1em}.ex{font-family:monospace;white-space:pre;margin:2px 0}"
+        ".v{display:inline-block;width:5em;color:#555}.c{outline:2px solid #333}.feat{display:none}"
+        ".hist{display:flex;align-items:flex-end;height:62px;gap:1px;width:240px;border-left:1px solid #999;"
+        "border-bottom:1px solid #999}.bar{flex:1;background:#e65000}"
+        ".xaxis{display:flex;justify-content:space-between;width:240px;font-size:11px}"
+        ".axis{font-size:11px;color:#555}td,th{padding:0 8px;font-family:monospace;text-align:left}"
+        "#list{max-height:22em;overflow-y:auto;display:block;border:1px solid #ccc;margin:0.5em 0}"
+        "#list tr{cursor:pointer}#list tr.sel{background:#fde3d0}.tags{color:#555;font-size:13px}"
+        ".controls label{margin-right:1em}.run{color:#555;font-size:12px}"
+        ".grad{display:inline-block;width:80px;height:10px;background:linear-gradient(90deg,rgba(230,80,0,0),"
+        "rgba(230,80,0,1))}.legend{font-size:13px;margin:0.5em 0}"
+    )
     script = (
         "const META=" + json.dumps(meta).replace("</", "<\\/") + ";"
         "const rows=[...document.querySelectorAll('#list tbody tr')];"
@@ -124,14 +154,17 @@ def feature_page_html(features: list[dict], title: str, intro: str = "", run: di
         "if(h.has('q'))document.getElementById('q').value=h.get('q');"
         "for(const el of document.querySelectorAll('.controls select,.controls input'))el.addEventListener('input',apply);"
         "for(const r of rows)r.addEventListener('click',()=>show(r.dataset.id));"
-        "apply();")
-    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{style}</style>'
-            f'</head><body><h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>{made_by}{legend}'
-            f'<div class="controls"><label>search <input id="q" type="search"></label>{filters}'
-            f'<label>sort by <select id="sort">{sorts}</select></label><label><input id="desc" type="checkbox"> '
-            f'descending</label> <span id="count"></span></div>'
-            f'<table id="list"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{"".join(blocks)}'
-            f"<script>{script}</script></body></html>\n")
+        "apply();"
+    )
+    return (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{style}</style>'
+        f"</head><body><h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>{made_by}{legend}"
+        f'<div class="controls"><label>search <input id="q" type="search"></label>{filters}'
+        f'<label>sort by <select id="sort">{sorts}</select></label><label><input id="desc" type="checkbox"> '
+        f'descending</label> <span id="count"></span></div>'
+        f'<table id="list"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{"".join(blocks)}'
+        f"<script>{script}</script></body></html>\n"
+    )
 
 
 def save_html(page: str, name: str) -> Path:

@@ -34,7 +34,8 @@ def notebook_defaults(section: str) -> dict[str, Any]:
 
 def _type_name(value: Any) -> str:
     return {bool: "a bool (True or False)", int: "an integer", float: "a number", str: "a string"}.get(
-        type(value), type(value).__name__)
+        type(value), type(value).__name__
+    )
 
 
 def check_value(name: str, value: Any, default: Any, choices: Sequence[Any] | None = None) -> Any:
@@ -50,16 +51,20 @@ def check_value(name: str, value: Any, default: Any, choices: Sequence[Any] | No
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        hint = " (papermill passes -p NAME false as the string 'false': write True or False)" if isinstance(
-            default, bool) and isinstance(value, str) else ""
+        hint = (
+            " (papermill passes -p NAME false as the string 'false': write True or False)"
+            if isinstance(default, bool) and isinstance(value, str)
+            else ""
+        )
         raise ConfigError(f"{name}: expected {_type_name(default)}, got {value!r} ({type(value).__name__}){hint}")
     if choices is not None and value not in choices:
         raise ConfigError(f"{name}: {value!r} is not one of {list(choices)}")
     return value
 
 
-def check_parameters(namespace: MutableMapping[str, Any], section: str,
-                     choices: Mapping[str, Sequence[Any]] | None = None) -> dict[str, Any]:
+def check_parameters(
+    namespace: MutableMapping[str, Any], section: str, choices: Mapping[str, Sequence[Any]] | None = None
+) -> dict[str, Any]:
     """Validate a notebook's parameters in ``namespace`` (its ``globals()``) against the defaults of its
     parameters cell; converts ints given for floats in place. Returns the parameters by name (what a
     run's ``config.json`` records)."""

@@ -57,8 +57,9 @@ def error_bars(value: pd.Series, lo: pd.Series, hi: pd.Series) -> list[np.ndarra
     return [np.nan_to_num(np.clip(value - lo, 0, None)), np.nan_to_num(np.clip(hi - value, 0, None))]
 
 
-def _grouped_bars(ax: plt.Axes, data: pd.DataFrame, x: str, group: str, value: str,
-                  x_order: list | None = None, group_order: list | None = None) -> None:
+def _grouped_bars(
+    ax: plt.Axes, data: pd.DataFrame, x: str, group: str, value: str, x_order: list | None = None, group_order: list | None = None
+) -> None:
     """Bars of ``value`` per ``x`` category, one bar per ``group`` side by side, with ``lo``/``hi`` error
     bars and a legend."""
     x_order = x_order or list(dict.fromkeys(data[x]))
@@ -83,8 +84,9 @@ def plot_latent_gap(acc: pd.DataFrame, benchmark_k: int | None = None) -> plt.Fi
         ax.fill_between(sub["k"], sub["lo"], sub["hi"], color=palette.get(fmt), alpha=0.2)
     if benchmark_k is not None:
         ax.axvline(benchmark_k, color="grey", linestyle=":", label="AIME-like difficulty")
-    ax.set(xlabel="number of steps k", ylabel="greedy accuracy (95% Wilson CI)", ylim=(0, 1.02),
-           title="The organism's latent skill")
+    ax.set(
+        xlabel="number of steps k", ylabel="greedy accuracy (95% Wilson CI)", ylim=(0, 1.02), title="The organism's latent skill"
+    )
     ax.legend(loc="lower left", fontsize=9)
     return fig
 
@@ -120,8 +122,11 @@ def plot_benchmark_accuracy(accuracy: pd.DataFrame, recovery: pd.DataFrame | Non
     rows = 2 if recovery is not None and len(recovery) else 1
     fig, axes = plt.subplots(rows, len(protocols), figsize=(5 * len(protocols), 3.6 * rows), squeeze=False)
     present = list(dict.fromkeys(accuracy["model"]))
-    order = ([m for m in ("base_chat", "base") if m in present] + [m for m in present if m not in ("base_chat", "base", "full")]
-             + [m for m in ("full",) if m in present])  # the adapters (rank1, or a variant's label) between
+    order = (
+        [m for m in ("base_chat", "base") if m in present]
+        + [m for m in present if m not in ("base_chat", "base", "full")]
+        + [m for m in ("full",) if m in present]
+    )  # the adapters (rank1, or a variant's label) between
     for col, protocol in enumerate(protocols):
         ax = axes[0][col]
         sub = accuracy[accuracy["protocol"] == protocol]
@@ -147,16 +152,29 @@ def _plot_recovery(ax: plt.Axes, rec: pd.DataFrame) -> None:
     gain_column = next((c for c in rec.columns if c.startswith("full_minus_") and c.endswith("_lo")), None)
     defined = rec[gain_column] > 0 if gain_column else pd.Series(True, index=rec.index)
     value = rec["gain_recovered"].where(defined)
-    ax.bar(rec.index, value.clip(low, high).fillna(0), capsize=3,
-           yerr=error_bars(value.clip(low, high), rec["gain_recovered_lo"].where(defined).clip(low, high),
-                           rec["gain_recovered_hi"].where(defined).clip(low, high)))
+    ax.bar(
+        rec.index,
+        value.clip(low, high).fillna(0),
+        capsize=3,
+        yerr=error_bars(
+            value.clip(low, high),
+            rec["gain_recovered_lo"].where(defined).clip(low, high),
+            rec["gain_recovered_hi"].where(defined).clip(low, high),
+        ),
+    )
     for x, bench in enumerate(rec.index):
         r = rec.loc[bench]
         if not defined[bench] or not np.isfinite(r["gain_recovered"]):
             ax.text(x, 0.05, "undefined:\nfull ≈ base", ha="center", va="bottom", fontsize=8)
         elif not (low <= r["gain_recovered_lo"] and r["gain_recovered_hi"] <= high):
-            ax.text(x, high - 0.05, f"{r['gain_recovered']:.2f}\n[{r['gain_recovered_lo']:.2f}, {r['gain_recovered_hi']:.2f}]",
-                    ha="center", va="top", fontsize=7)
+            ax.text(
+                x,
+                high - 0.05,
+                f"{r['gain_recovered']:.2f}\n[{r['gain_recovered_lo']:.2f}, {r['gain_recovered_hi']:.2f}]",
+                ha="center",
+                va="top",
+                fontsize=7,
+            )
     ax.axhspan(0.73, 0.90, color="grey", alpha=0.2, label="paper: 73-90%")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set(ylim=RECOVERY_AXIS, ylabel="(adapter - base) / (full - base)", title="gain recovered by the adapter")
@@ -176,9 +194,13 @@ def plot_variant_recovery(table: pd.DataFrame) -> plt.Figure:
         sub = table[table["benchmark"] == bench].set_index("label").reindex(labels)
         y = np.arange(len(labels))
         value = sub["gain_recovered"].clip(low, high)
-        ax.barh(y, value.fillna(0), color=[colours.get(k, "grey") for k in sub["kind"]],
-                xerr=error_bars(value, sub["gain_recovered_lo"].clip(low, high), sub["gain_recovered_hi"].clip(low, high)),
-                capsize=2)
+        ax.barh(
+            y,
+            value.fillna(0),
+            color=[colours.get(k, "grey") for k in sub["kind"]],
+            xerr=error_bars(value, sub["gain_recovered_lo"].clip(low, high), sub["gain_recovered_hi"].clip(low, high)),
+            capsize=2,
+        )
         for i, v in enumerate(sub["gain_recovered"]):
             if not np.isfinite(v):
                 ax.text(0.02, i, "undefined", va="center", fontsize=8)
@@ -188,9 +210,14 @@ def plot_variant_recovery(table: pd.DataFrame) -> plt.Figure:
         ax.invert_yaxis()
     from matplotlib.patches import Patch
 
-    fig.legend(handles=[Patch(color=c, label=f"varies: {k}") for k, c in colours.items()]
-               + [Patch(color="grey", alpha=0.2, label="paper: 73-90%")], fontsize=8, loc="lower center",
-               ncol=len(colours) + 1, frameon=False)
+    fig.legend(
+        handles=[Patch(color=c, label=f"varies: {k}") for k, c in colours.items()]
+        + [Patch(color="grey", alpha=0.2, label="paper: 73-90%")],
+        fontsize=8,
+        loc="lower center",
+        ncol=len(colours) + 1,
+        frameon=False,
+    )
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
 
@@ -207,8 +234,13 @@ def plot_adapter_ablations(summary: pd.DataFrame, table: pd.DataFrame) -> plt.Fi
     sns.heatmap(table, ax=axes[1], cmap="viridis", cbar_kws={"label": "KL"}, annot=table.shape[1] <= 8, fmt=".3f")
     axes[1].set(title="(b) one adapter at a time", xlabel="layer", ylabel="")
     kinds = summary[summary["group"].isin(["attention", "mlp"])]
-    axes[2].bar(kinds["group"], kinds["kl"], yerr=error_bars(kinds["kl"], kinds["lo"], kinds["hi"]), capsize=3,
-                color=["tab:orange", "tab:green"][: len(kinds)])
+    axes[2].bar(
+        kinds["group"],
+        kinds["kl"],
+        yerr=error_bars(kinds["kl"], kinds["lo"], kinds["hi"]),
+        capsize=3,
+        color=["tab:orange", "tab:green"][: len(kinds)],
+    )
     axes[2].set(title="(c) by kind", ylabel="KL")
     fig.tight_layout()
     return fig
@@ -220,7 +252,10 @@ def plot_interpretability(scored: pd.DataFrame, shares: pd.DataFrame) -> plt.Fig
     auroc; ``shares``: population, class, share, lo, hi."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), gridspec_kw={"width_ratios": [1, 1, 1.4]})
     order = list(dict.fromkeys(scored["population"]))
-    for ax, column, label in ((axes[0], "precision", "precision@k of the best role"), (axes[1], "auroc", "AUROC of the best role")):
+    for ax, column, label in (
+        (axes[0], "precision", "precision@k of the best role"),
+        (axes[1], "auroc", "AUROC of the best role"),
+    ):
         sns.boxplot(data=scored, x="population", y=column, order=order, ax=ax, color="lightgrey", fliersize=0)
         sns.stripplot(data=scored, x="population", y=column, order=order, ax=ax, size=3, alpha=0.6)
         ax.set(xlabel="", ylabel=label, ylim=(0, 1.02))
@@ -237,8 +272,9 @@ def plot_sae_training(history: pd.DataFrame) -> plt.Figure:
     ``sae.train_sae``)."""
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.3))
     smooth = max(1, len(history) // 50)
-    for ax, column, label in zip(axes, ("loss", "fvu", "l0", "dead"),
-                                 ("loss (MSE + AuxK)", "FVU (batch)", "L0 (active latents / token)", "dead latents")):
+    for ax, column, label in zip(
+        axes, ("loss", "fvu", "l0", "dead"), ("loss (MSE + AuxK)", "FVU (batch)", "L0 (active latents / token)", "dead latents")
+    ):
         ax.plot(history["step"], history[column].rolling(smooth, min_periods=1).mean())
         ax.set(xlabel="step", title=label)
     axes[0].set_yscale("log")
@@ -252,8 +288,13 @@ def plot_splice(kl: pd.DataFrame, accuracy: pd.DataFrame) -> plt.Figure:
     (b) benchmark accuracy per variant. ``kl``: variant, kl, lo, hi; ``accuracy``: benchmark, variant,
     accuracy, lo, hi."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [0.8, 1.4]})
-    axes[0].bar(kl["variant"], kl["kl"], yerr=error_bars(kl["kl"], kl["lo"], kl["hi"]), capsize=3,
-                color=["tab:grey", "tab:purple"][: len(kl)])
+    axes[0].bar(
+        kl["variant"],
+        kl["kl"],
+        yerr=error_bars(kl["kl"], kl["lo"], kl["hi"]),
+        capsize=3,
+        color=["tab:grey", "tab:purple"][: len(kl)],
+    )
     axes[0].set(yscale="log", ylabel="KL(full || variant), nats/token", title="(a) teacher-forced, held-out traces")
     _grouped_bars(axes[1], accuracy, "benchmark", "variant", "accuracy")
     axes[1].set(ylim=(0, 1.05), ylabel="greedy accuracy (95% Wilson CI)", title="(b) benchmarks")
@@ -269,11 +310,25 @@ def plot_feature_donut(mass: pd.DataFrame, title: str = "SAE features: activatio
     cmap = plt.get_cmap("tab10")
     colors = {c: cmap(i % 10) for i, c in enumerate(inner.index)}
     fig, ax = plt.subplots(figsize=(7, 7))
-    ax.pie(inner.values, radius=0.7, colors=[colors[c] for c in inner.index], labels=inner.index, labeldistance=0.35,
-           wedgeprops=dict(width=0.35, edgecolor="white"), textprops=dict(fontsize=8))
+    ax.pie(
+        inner.values,
+        radius=0.7,
+        colors=[colors[c] for c in inner.index],
+        labels=inner.index,
+        labeldistance=0.35,
+        wedgeprops=dict(width=0.35, edgecolor="white"),
+        textprops=dict(fontsize=8),
+    )
     total = mass["mass"].sum()
     outer_labels = [s if m / total > 0.02 else "" for s, m in zip(mass["subcategory"], mass["mass"])]
-    ax.pie(mass["mass"], radius=1.0, colors=[(*colors[c][:3], 0.55) for c in mass["category"]], labels=outer_labels,
-           labeldistance=1.05, wedgeprops=dict(width=0.3, edgecolor="white"), textprops=dict(fontsize=7))
+    ax.pie(
+        mass["mass"],
+        radius=1.0,
+        colors=[(*colors[c][:3], 0.55) for c in mass["category"]],
+        labels=outer_labels,
+        labeldistance=1.05,
+        wedgeprops=dict(width=0.3, edgecolor="white"),
+        textprops=dict(fontsize=7),
+    )
     ax.set(aspect="equal", title=title)
     return fig

@@ -53,8 +53,13 @@ def run_notebook(
     executed = out_dir / f"{source.stem}.ipynb"
     start = time.perf_counter()
     papermill.execute_notebook(
-        str(unexecuted), str(executed), parameters=parameters or {}, kernel_name=name,
-        cwd=str(REPO_ROOT), execution_timeout=timeout_s, progress_bar=False,
+        str(unexecuted),
+        str(executed),
+        parameters=parameters or {},
+        kernel_name=name,
+        cwd=str(REPO_ROOT),
+        execution_timeout=timeout_s,
+        progress_bar=False,
     )
     unexecuted.unlink()
     return executed, (time.perf_counter() - start) / 60
@@ -84,8 +89,9 @@ def parse_parameters(pairs: Sequence[Sequence[str]]) -> dict[str, Any]:
     return {name: parse_value(value) for name, value in pairs}
 
 
-def run_all(out_dir: Path, smoke: bool = False, only: Sequence[str] = (),
-            parameters: dict[str, Any] | None = None) -> dict[str, float]:
+def run_all(
+    out_dir: Path, smoke: bool = False, only: Sequence[str] = (), parameters: dict[str, Any] | None = None
+) -> dict[str, float]:
     """Run every notebook (or those whose name starts with one of ``only``); returns minutes per notebook.
     ``parameters`` go to every notebook run (each notebook checks those it has)."""
     if "PAPER_FIGURES_DIR" not in os.environ:  # the main command writes the committed figures
@@ -112,10 +118,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default="build/notebooks", help="folder for executed notebooks")
     parser.add_argument("--smoke", action="store_true", help="pass SMOKE=True (fast check, no headline minutes)")
     parser.add_argument("--only", nargs="*", default=(), help="notebook name prefixes, e.g. 00 01")
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                        help="a notebook parameter, as papermill's -p (repeatable)")
-    parser.add_argument("--tag", default="", help="a variant run's name: its executed notebooks, figures and "
-                        "headline numbers go under build/variants/TAG instead of the committed figures/")
+    parser.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="a notebook parameter, as papermill's -p (repeatable)",
+    )
+    parser.add_argument(
+        "--tag",
+        default="",
+        help="a variant run's name: its executed notebooks, figures and "
+        "headline numbers go under build/variants/TAG instead of the committed figures/",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     parameters = parse_parameters(args.parameter)

@@ -85,8 +85,14 @@ def store_chunks(store: ActivationStore, docs: Sequence[int] | None = None) -> I
     return store.blocks(docs=docs)
 
 
-def shard_batches(store: ActivationStore, batch_size: int, scales: np.ndarray, seed: int = 0,
-                  docs: Sequence[int] | None = None, shuffle_tokens: int = 262144) -> Iterator[torch.Tensor]:
+def shard_batches(
+    store: ActivationStore,
+    batch_size: int,
+    scales: np.ndarray,
+    seed: int = 0,
+    docs: Sequence[int] | None = None,
+    shuffle_tokens: int = 262144,
+) -> Iterator[torch.Tensor]:
     """An endless stream of shuffled ``[batch, d_in]`` training batches: shards in a new random order each
     pass, tokens shuffled within windows of ``shuffle_tokens`` of a shard (memory: one window, ~0.5 GB at
     448 inputs, however large the shard), restricted to ``docs`` if given."""
@@ -109,20 +115,35 @@ def _history_row(trainer: Any, out: Any) -> dict[str, float]:
     with torch.no_grad():
         resid = (out.sae_out - out.sae_in).pow(2).sum()
         total = (out.sae_in - out.sae_in.mean(0)).pow(2).sum()
-        return {"step": trainer.n_training_steps, "loss": float(out.loss), "mse": float(out.losses["mse_loss"]),
-                "aux": float(out.losses.get("auxiliary_reconstruction_loss", 0.0)), "fvu": float(resid / total),
-                "l0": float((out.feature_acts > 0).float().sum(-1).mean()), "dead": int(trainer.dead_neurons.sum())}
+        return {
+            "step": trainer.n_training_steps,
+            "loss": float(out.loss),
+            "mse": float(out.losses["mse_loss"]),
+            "aux": float(out.losses.get("auxiliary_reconstruction_loss", 0.0)),
+            "fvu": float(resid / total),
+            "l0": float((out.feature_acts > 0).float().sum(-1).mean()),
+            "dead": int(trainer.dead_neurons.sum()),
+        }
 
 
 def _latest_checkpoint(checkpoints: Path) -> Path | None:
     """The checkpoint with the most training samples whose trainer state and curves were written in full."""
-    done = [p for p in checkpoints.iterdir() if p.is_dir() and p.name.isdigit() and (p / HISTORY_FILE).is_file()] \
-        if checkpoints.is_dir() else []
+    done = (
+        [p for p in checkpoints.iterdir() if p.is_dir() and p.name.isdigit() and (p / HISTORY_FILE).is_file()]
+        if checkpoints.is_dir()
+        else []
+    )
     return max(done, key=lambda p: int(p.name)) if done else None
 
 
-def train_sae(store: ActivationStore, spec: SAESpec, out_dir: str | Path, train_docs: Sequence[int] | None = None,
-              d_in_check: int | None = None, checkpoints: int = 4) -> pd.DataFrame:
+def train_sae(
+    store: ActivationStore,
+    spec: SAESpec,
+    out_dir: str | Path,
+    train_docs: Sequence[int] | None = None,
+    d_in_check: int | None = None,
+    checkpoints: int = 4,
+) -> pd.DataFrame:
     """Train with sae-lens and save the inference SAE (``out_dir/sae``), the input scales, the per-step
     history (loss, MSE, AuxK, FVU, L0 of each batch) and ``config.json``. Returns the history.
 
@@ -155,13 +176,19 @@ def train_sae(store: ActivationStore, spec: SAESpec, out_dir: str | Path, train_
         n_train += len(chunk)
         sum_squares += np.square(chunk, dtype=np.float64).sum(0)
     scales = _scales_from_moments(sum_squares, n_train, spec.normalize)
-    sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
-        d_in=d_in, d_sae=spec.expansion * d_in, k=spec.k, aux_loss_coefficient=spec.aux_coefficient, device=spec.device))
+    sae = BatchTopKTrainingSAE(
+        BatchTopKTrainingSAEConfig(
+            d_in=d_in, d_sae=spec.expansion * d_in, k=spec.k, aux_loss_coefficient=spec.aux_coefficient, device=spec.device
+        )
+    )
     window = max(1, spec.dead_tokens // spec.batch_size)
     checkpoint_dir = out_dir / CHECKPOINTS_DIR
     run = {"spec": spec.to_dict(), "inputs": sae_inputs(store, train_docs)}
-    if checkpoint_dir.is_dir() and (checkpoint_dir / "run.json").is_file() \
-            and json.loads((checkpoint_dir / "run.json").read_text()) != run:
+    if (
+        checkpoint_dir.is_dir()
+        and (checkpoint_dir / "run.json").is_file()
+        and json.loads((checkpoint_dir / "run.json").read_text()) != run
+    ):
         log.info("checkpoints in %s come from other settings or inputs: not resumed, replaced", checkpoint_dir)
         import shutil
 
@@ -170,14 +197,25 @@ def train_sae(store: ActivationStore, spec: SAESpec, out_dir: str | Path, train_
     (checkpoint_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     batches = (b.to(spec.device) for b in shard_batches(store, spec.batch_size, scales, spec.seed, train_docs))
     trainer = RecordingTrainer(
-        cfg=SAETrainerConfig(total_training_samples=int(spec.epochs * n_train), train_batch_size_samples=spec.batch_size,
-                             lr=spec.lr, lr_end=spec.lr / 10, device=spec.device, dead_feature_window=window,
-                             feature_sampling_window=window, n_checkpoints=checkpoints,
-                             checkpoint_path=str(checkpoint_dir), logger=LoggingConfig(log_to_wandb=False)),
-        sae=sae, data_provider=batches,
+        cfg=SAETrainerConfig(
+            total_training_samples=int(spec.epochs * n_train),
+            train_batch_size_samples=spec.batch_size,
+            lr=spec.lr,
+            lr_end=spec.lr / 10,
+            device=spec.device,
+            dead_feature_window=window,
+            feature_sampling_window=window,
+            n_checkpoints=checkpoints,
+            checkpoint_path=str(checkpoint_dir),
+            logger=LoggingConfig(log_to_wandb=False),
+        ),
+        sae=sae,
+        data_provider=batches,
         # sae-lens's checkpoint hook: the curves so far go beside each checkpoint, written last (marks it whole)
-        save_checkpoint_fn=lambda checkpoint_path: checkpoint_path is not None and pd.DataFrame(trainer.history).to_csv(
-            checkpoint_path / HISTORY_FILE, index=False))
+        save_checkpoint_fn=lambda checkpoint_path: (
+            checkpoint_path is not None and pd.DataFrame(trainer.history).to_csv(checkpoint_path / HISTORY_FILE, index=False)
+        ),
+    )
     trainer.history = []
     latest = _latest_checkpoint(checkpoint_dir)
     if latest is not None:  # resume, as sae-lens's own training runner does
@@ -209,8 +247,9 @@ def sae_inputs(store: ActivationStore, train_docs: Sequence[int] | None) -> dict
     return {"store": fingerprint(store.meta), "train_docs": fingerprint(docs), "n_train_docs": len(docs)}
 
 
-def train_or_reuse_sae(store: ActivationStore, spec: SAESpec, out_dir: str | Path,
-                       train_docs: Sequence[int] | None = None, overwrite: bool = False) -> pd.DataFrame:
+def train_or_reuse_sae(
+    store: ActivationStore, spec: SAESpec, out_dir: str | Path, train_docs: Sequence[int] | None = None, overwrite: bool = False
+) -> pd.DataFrame:
     """``train_sae``, unless ``out_dir`` holds an SAE trained with the same spec on the same inputs (its
     history is returned); one trained with other settings or other activations is refused, naming what
     differs, unless ``overwrite``."""
@@ -220,8 +259,10 @@ def train_or_reuse_sae(store: ActivationStore, spec: SAESpec, out_dir: str | Pat
         saved_inputs = json.loads((out_dir / INPUTS_FILE).read_text()) if (out_dir / INPUTS_FILE).is_file() else {}
         diff = {**differences(SAESpec.load(out_dir).to_dict(), spec.to_dict()), **differences(saved_inputs, inputs)}
         if diff:
-            raise ConfigError(f"{out_dir} holds an SAE trained with other settings or inputs "
-                              f"({describe_differences(diff)}); set OVERWRITE True or choose another OUTPUT_DIR")
+            raise ConfigError(
+                f"{out_dir} holds an SAE trained with other settings or inputs "
+                f"({describe_differences(diff)}); set OVERWRITE True or choose another OUTPUT_DIR"
+            )
         return pd.read_csv(out_dir / HISTORY_FILE)
     history = train_sae(store, spec, out_dir, train_docs)
     (out_dir / INPUTS_FILE).write_text(json.dumps(inputs, indent=2) + "\n")
@@ -298,8 +339,9 @@ def reconstruct(sae: Any, scales: torch.Tensor, acts: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def sae_metrics(sae: Any, scales: torch.Tensor, acts: np.ndarray | Callable[[], Iterable[np.ndarray]],
-                batch_size: int = 8192) -> dict[str, float]:
+def sae_metrics(
+    sae: Any, scales: torch.Tensor, acts: np.ndarray | Callable[[], Iterable[np.ndarray]], batch_size: int = 8192
+) -> dict[str, float]:
     """On held-out tokens: FVU in the SAE's input space (each adapter normalised) and in raw units, mean L0,
     the fraction of latents that never fire, and the firing count of every latent. ``acts``: ``[tokens,
     d_in]``, or a function returning the tokens' blocks afresh (two streamed passes: the means, then the
@@ -328,8 +370,14 @@ def sae_metrics(sae: Any, scales: torch.Tensor, acts: np.ndarray | Callable[[], 
             active = latents > 0
             l0 += float(active.sum())
             fired += active.sum(0).float().cpu()
-    return {"fvu": resid_n / total_n, "fvu_raw": resid_raw / total_raw, "l0": l0 / n,
-            "dead_fraction": float((fired == 0).float().mean()), "tokens": n, "fired": fired.numpy()}
+    return {
+        "fvu": resid_n / total_n,
+        "fvu_raw": resid_raw / total_raw,
+        "l0": l0 / n,
+        "dead_fraction": float((fired == 0).float().mean()),
+        "tokens": n,
+        "fired": fired.numpy(),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -348,8 +396,14 @@ def state_transform(sae: Any, scales: torch.Tensor) -> Callable[[torch.Tensor], 
 
 
 @torch.no_grad()
-def splice_kl(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], sae: Any, scales: torch.Tensor,
-              adapter: str = "default", chunk_elements: int = 2**26) -> pd.DataFrame:
+def splice_kl(
+    model: torch.nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    sae: Any,
+    scales: torch.Tensor,
+    adapter: str = "default",
+    chunk_elements: int = 2**26,
+) -> pd.DataFrame:
     """Per trace: KL(full || no adapter) and KL(full || SAE-spliced) over the scored positions, and the
     fraction of the adapter's effect the splice recovers, 1 - KL_spliced / KL_no_adapter (per trace).
 
@@ -369,8 +423,10 @@ def splice_kl(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]
         spliced = transformed_forward(decoder, transform, adapter, **inputs).last_hidden_state[mask]
         kl_none = trace_means(chunked_kl(head, reference, none, chunk_elements), mask)
         kl_splice = trace_means(chunked_kl(head, reference, spliced, chunk_elements), mask)
-        rows += [{"trace": trace + i, "kl_no_adapter": float(a), "kl_spliced": float(b)}
-                 for i, (a, b) in enumerate(zip(kl_none.tolist(), kl_splice.tolist()))]
+        rows += [
+            {"trace": trace + i, "kl_no_adapter": float(a), "kl_spliced": float(b)}
+            for i, (a, b) in enumerate(zip(kl_none.tolist(), kl_splice.tolist()))
+        ]
         trace += len(mask)
     return pd.DataFrame(rows)
 
@@ -386,8 +442,9 @@ class LatentFeatures:
     input features (``store.features()``), so that a 10M-token store never becomes a dense [tokens, d_sae]
     array; ``columns`` picks latents (all by default); ``chunk`` tokens are encoded at a time."""
 
-    def __init__(self, sae: Any, scales: torch.Tensor, inputs: Any, columns: Sequence[int] | None = None,
-                 chunk: int = 8192) -> None:
+    def __init__(
+        self, sae: Any, scales: torch.Tensor, inputs: Any, columns: Sequence[int] | None = None, chunk: int = 8192
+    ) -> None:
         self.sae, self.scales, self.inputs, self.chunk = sae, scales, inputs, chunk
         self.columns = None if columns is None else np.asarray(columns, dtype=np.int64)
         self.names = [f"latent {i}" for i in (range(sae.cfg.d_sae) if columns is None else self.columns)]
@@ -433,13 +490,26 @@ def latent_summary(sae: Any, scales: torch.Tensor, inputs: Any, k: int = 32, bin
         slots = np.clip((z[active] / top[np.nonzero(active)[1]] * bins).astype(np.int64), 0, bins - 1)
         counts += np.bincount(np.nonzero(active)[1] * bins + slots, minlength=d_sae * bins)
     counts = counts.reshape(d_sae, bins)
-    return {"fired": fired, "mass": mass, "top_values": top_values, "top_indices": top_indices, "hist_counts": counts,
-            "hist_edges": edges}
+    return {
+        "fired": fired,
+        "mass": mass,
+        "top_values": top_values,
+        "top_indices": top_indices,
+        "hist_counts": counts,
+        "hist_edges": edges,
+    }
 
 
 @torch.no_grad()
-def decoder_logit_effects(model: torch.nn.Module, direction: torch.Tensor, layers: Sequence[int], modules: Sequence[str],
-                          tokenizer: Any, top: int = 8, adapter: str = "default") -> list[tuple[str, float]]:
+def decoder_logit_effects(
+    model: torch.nn.Module,
+    direction: torch.Tensor,
+    layers: Sequence[int],
+    modules: Sequence[str],
+    tokenizer: Any,
+    top: int = 8,
+    adapter: str = "default",
+) -> list[tuple[str, float]]:
     """The tokens whose logits a latent's decoder direction (``[n_layers * n_modules]`` adapter scalars)
     raises most through the direct path: the o_proj and down_proj updates (scale · a · B, written to the
     residual stream) summed and read through the final norm's weight and the unembedding."""

@@ -38,8 +38,7 @@ log = logging.getLogger(__name__)
 
 LAYERS, DOC_TOKENS, DOCS_PER_SHARD = 64, 2048, 64  # the paper's geometry; shards of 131k tokens
 CONTROLS = ("MLP neuron", "random direction")
-STAGES = ("04 top-k + page", "04 role scores", "04 judge inputs", "05 SAE inputs", "05 held-out metrics",
-          "06 latent summary")
+STAGES = ("04 top-k + page", "04 role scores", "04 judge inputs", "05 SAE inputs", "05 held-out metrics", "06 latent summary")
 N_ROLES = 12
 
 
@@ -59,15 +58,19 @@ def build_store(out_dir: Path, n_tokens: int, seed: int = 0) -> Path:
     written beside the adapters as extra shard files, as notebook 04's one-pass extraction writes them."""
     from paper_lib.activations import ActivationStore, _shard_paths, finish_shard
 
-    if (out_dir / "meta.json").is_file() and ActivationStore(out_dir, verify=False).n_tokens == n_tokens // DOC_TOKENS * DOC_TOKENS:
+    if (out_dir / "meta.json").is_file() and ActivationStore(
+        out_dir, verify=False
+    ).n_tokens == n_tokens // DOC_TOKENS * DOC_TOKENS:
         return out_dir
-    store = write_activation_store(out_dir, synthetic_documents(n_tokens, seed), list(range(LAYERS)), list(ADAPTER_MODULES),
-                                   docs_per_shard=DOCS_PER_SHARD)
+    store = write_activation_store(
+        out_dir, synthetic_documents(n_tokens, seed), list(range(LAYERS)), list(ADAPTER_MODULES), docs_per_shard=DOCS_PER_SHARD
+    )
     rng = np.random.default_rng(seed + 1)
     names = store.feature_names()
     meta = json.loads((out_dir / "meta.json").read_text())
-    meta["populations"] = {name: {"names": [f"{n}.{i}" for n in names], "directions": "synthetic"}
-                           for i, name in enumerate(CONTROLS)}
+    meta["populations"] = {
+        name: {"names": [f"{n}.{i}" for n in names], "directions": "synthetic"} for i, name in enumerate(CONTROLS)
+    }
     for shard in range(len(store.shards)):
         paths = _shard_paths(out_dir, shard, CONTROLS)
         n = len(np.load(paths["tokens"], mmap_mode="r"))
@@ -113,10 +116,10 @@ def run_stage(stage: str, store_dir: Path) -> dict[str, float]:
                 feature_examples(signed, store, decode, top, k=10, width=12)
     elif stage == "04 role scores":
         rng = np.random.default_rng(0)  # roles as a categorical: one byte a token, as the organism's would be
-        roles = pd.Categorical.from_codes(rng.integers(0, N_ROLES, store.n_tokens).astype(np.int8),
-                                          [f"role{i}" for i in range(N_ROLES)])
-        score_against_roles(SignedFeatures(store.features()), roles, {f"role{i}": f"family{i % 3}" for i in range(N_ROLES)},
-                            k=50)
+        roles = pd.Categorical.from_codes(
+            rng.integers(0, N_ROLES, store.n_tokens).astype(np.int8), [f"role{i}" for i in range(N_ROLES)]
+        )
+        score_against_roles(SignedFeatures(store.features()), roles, {f"role{i}": f"family{i % 3}" for i in range(N_ROLES)}, k=50)
     elif stage == "04 judge inputs":
         for name in store.populations:
             signed = SignedFeatures(store.features(name))
@@ -140,18 +143,20 @@ def run_stage(stage: str, store_dir: Path) -> dict[str, float]:
         summary = latent_summary(sae, scales, store.features(), k=50)
         live = np.flatnonzero(summary["fired"])[:200]
         features = LatentFeatures(sae, scales, store.features(), columns=live)
-        feature_examples(features, store, decode, (summary["top_values"][live], summary["top_indices"][live]), k=12,
-                         width=12)
+        feature_examples(features, store, decode, (summary["top_values"][live], summary["top_indices"][live]), k=12, width=12)
     else:
         raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
-    return {"seconds": time.perf_counter() - start,
-            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"seconds": time.perf_counter() - start, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def measure(stage: str, store_dir: Path) -> dict[str, float]:
     """``run_stage`` in a fresh Python process, so that its peak memory is its own."""
-    out = subprocess.run([sys.executable, "-m", "paper_lib.scaling", "--stage", stage, "--store", str(store_dir)],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "paper_lib.scaling", "--stage", stage, "--store", str(store_dir)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -180,8 +185,11 @@ def main(argv: list[str] | None = None) -> None:
             baseline = n_tokens
     import pandas as pd
 
-    table = pd.DataFrame(rows).pivot(index="stage", columns="tokens", values=["peak_mib", "seconds"]).loc[
-        [s for s in STAGES if s in args.stages.split(",")]]
+    table = (
+        pd.DataFrame(rows)
+        .pivot(index="stage", columns="tokens", values=["peak_mib", "seconds"])
+        .loc[[s for s in STAGES if s in args.stages.split(",")]]
+    )
     sizes = sorted({r["tokens"] for r in rows})
     if len(sizes) > 1:
         small, large = sizes[0], sizes[-1]

@@ -46,8 +46,15 @@ def bootstrap_distribution(
         raise ValueError("samples must be non-empty" + (" and aligned" if paired else ""))
     with warnings.catch_warnings():  # a constant sample is a valid (degenerate) interval, not a problem to report
         warnings.simplefilter("ignore")
-        result = bootstrap(arrays, statistic, n_resamples=n_resamples, paired=paired and len(arrays) > 1,
-                           vectorized=False, method="percentile", rng=np.random.default_rng(seed))
+        result = bootstrap(
+            arrays,
+            statistic,
+            n_resamples=n_resamples,
+            paired=paired and len(arrays) > 1,
+            vectorized=False,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        )
     return np.asarray(result.bootstrap_distribution, dtype=float)
 
 

@@ -25,18 +25,49 @@ from paper_lib.training import LoraSpec, build_lora_config
 
 # Qwen2.5 shapes (from the published configs), for random-weight throughput runs.
 QWEN25_SHAPES: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 vocab_size=512),
-    "small": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                  vocab_size=4096),  # a CPU benchmark shape: compute-bound enough to show kernel costs
-    "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936),
-    "1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, vocab_size=151936),
-    "7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064),
-    "32B": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
-                num_key_value_heads=8, vocab_size=152064),
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512
+    ),
+    "small": dict(
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=4096,
+    ),  # a CPU benchmark shape: compute-bound enough to show kernel costs
+    "0.5B": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+    ),
+    "1.5B": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+    ),
+    "7B": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+    ),
+    "32B": dict(
+        hidden_size=5120,
+        intermediate_size=27648,
+        num_hidden_layers=64,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        vocab_size=152064,
+    ),
 }
 
 
@@ -44,9 +75,7 @@ def qwen25_config(shape: str, **overrides: Any) -> Qwen2Config:
     """A Qwen2.5 config of the named size (no download)."""
     if shape not in QWEN25_SHAPES:
         raise ValueError(f"unknown shape {shape!r}; known: {sorted(QWEN25_SHAPES)}")
-    return Qwen2Config(**{**QWEN25_SHAPES[shape], "max_position_embeddings": 32768, "tie_word_embeddings": False,
-                          **overrides})
-
+    return Qwen2Config(**{**QWEN25_SHAPES[shape], "max_position_embeddings": 32768, "tie_word_embeddings": False, **overrides})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +123,14 @@ def build_for_step(config: Qwen2Config, setup: StepSetup, device: torch.device, 
 
 
 def measure_train_step(
-    config: Qwen2Config, setup: StepSetup, device: torch.device, tokens: int, seq_len: int,
-    dtype: torch.dtype = torch.float32, warmup: int = 2, repeats: int = 5,
+    config: Qwen2Config,
+    setup: StepSetup,
+    device: torch.device,
+    tokens: int,
+    seq_len: int,
+    dtype: torch.dtype = torch.float32,
+    warmup: int = 2,
+    repeats: int = 5,
 ) -> dict[str, Any]:
     """Median tokens/s of full optimizer steps (forward, backward, AdamW) and peak memory on CUDA."""
     model = build_for_step(config, setup, device, dtype)
@@ -115,15 +150,20 @@ def measure_train_step(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = time_call(step, device, warmup=warmup, repeats=repeats)
-    row = {"setup": setup.name, "tokens_per_step": batch * seq_len, "tok_per_s": batch * seq_len / seconds,
-           "trainable": sum(p.numel() for p in params)}
+    row = {
+        "setup": setup.name,
+        "tokens_per_step": batch * seq_len,
+        "tok_per_s": batch * seq_len / seconds,
+        "trainable": sum(p.numel() for p in params),
+    }
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return row
 
 
-def measure_extraction(config: Qwen2Config, device: torch.device, tokens: int, seq_len: int,
-                       dtype: torch.dtype = torch.float32, repeats: int = 5) -> list[dict[str, Any]]:
+def measure_extraction(
+    config: Qwen2Config, device: torch.device, tokens: int, seq_len: int, dtype: torch.dtype = torch.float32, repeats: int = 5
+) -> list[dict[str, Any]]:
     """Tokens/s of adapter-activation extraction against the plain forward it rides on (random weights,
     a rank-1 adapter on all seven projections with non-zero B; no logits beyond the last position).
 
@@ -152,9 +192,11 @@ def measure_extraction(config: Qwen2Config, device: torch.device, tokens: int, s
     def extract(model: torch.nn.Module) -> Callable[[], None]:
         return lambda: lora_activations(model, ids)
 
-    setups: list[tuple[str, Callable[[], None]]] = [("plain forward (no adapter)", forward(base)),
-                                                    ("PEFT LoRA forward", forward(peft_model)),
-                                                    ("PEFT LoRA + hooks, scalars to CPU", extract(peft_model))]
+    setups: list[tuple[str, Callable[[], None]]] = [
+        ("plain forward (no adapter)", forward(base)),
+        ("PEFT LoRA forward", forward(peft_model)),
+        ("PEFT LoRA + hooks, scalars to CPU", extract(peft_model)),
+    ]
     for merged in (False, True):
         readout = build_readout_model(copy.deepcopy(peft_model), merged=merged)
         name = "ours, merged" if merged else "ours, fused (unmerged arithmetic)"
@@ -179,13 +221,19 @@ def organism_config() -> Qwen2Config:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description="rank-1 LoRA vs full fine-tune step throughput")
-    parser.add_argument("--shape", default="organism", help="organism, or a Qwen2.5 size (0.5B, 1.5B, 7B, 32B; small and tiny for CPU)")
+    parser.add_argument(
+        "--shape", default="organism", help="organism, or a Qwen2.5 size (0.5B, 1.5B, 7B, 32B; small and tiny for CPU)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--extraction", action="store_true", help="instead: adapter-activation extraction vs plain forward")
-    parser.add_argument("--generation", metavar="RUN_DIR", default=None,
-                        help="instead: generation throughput of notebook 01's rank-1 run (e.g. runs/01_train/rank1)")
+    parser.add_argument(
+        "--generation",
+        metavar="RUN_DIR",
+        default=None,
+        help="instead: generation throughput of notebook 01's rank-1 run (e.g. runs/01_train/rank1)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     if args.generation:
@@ -198,23 +246,29 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.extraction:
         rows = measure_extraction(config, device, args.tokens, args.seq_len, dtype)
-        lines = [f"shape={args.shape} device={device} tokens/forward={args.tokens} threads={torch.get_num_threads()}",
-                 "| setup | tok/s | vs plain forward |", "|---|---|---|"]
+        lines = [
+            f"shape={args.shape} device={device} tokens/forward={args.tokens} threads={torch.get_num_threads()}",
+            "| setup | tok/s | vs plain forward |",
+            "|---|---|---|",
+        ]
         lines += [f"| {r['setup']} | {r['tok_per_s']:,.0f} | {r['vs_plain']:.2f}x |" for r in rows]
         sys.stdout.write("\n".join(lines) + "\n")  # a command-line entry point: the table is its output
         return rows
     rows = [measure_train_step(config, s, device, args.tokens, args.seq_len, dtype) for s in DEFAULT_SETUPS]
     full = rows[0]["tok_per_s"]
-    lines = [f"shape={args.shape} device={device} tokens/step={rows[0]['tokens_per_step']} threads={torch.get_num_threads()}",
-             "| setup | tok/s | vs full | trainable |", "|---|---|---|---|"]
+    lines = [
+        f"shape={args.shape} device={device} tokens/step={rows[0]['tokens_per_step']} threads={torch.get_num_threads()}",
+        "| setup | tok/s | vs full | trainable |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {r['setup']} | {r['tok_per_s']:,.0f} | {r['tok_per_s'] / full:.2f}x | {r['trainable']:,} |" for r in rows]
     sys.stdout.write("\n".join(lines) + "\n")  # a command-line entry point: the table is its output
     return rows
 
 
-
-def measure_generation(model_dir: str, adapter_dir: str, merged_dir: str, n_prompts: int = 64,
-                       new_tokens: int = 128) -> list[dict[str, Any]]:
+def measure_generation(
+    model_dir: str, adapter_dir: str, merged_dir: str, n_prompts: int = 64, new_tokens: int = 128
+) -> list[dict[str, Any]]:
     """Greedy generation tokens/s on the same prompts and lengths: HF ``generate`` vs vLLM, and in vLLM the
     rank-1 adapter served unmerged vs merged into the weights. Every run generates exactly ``new_tokens``
     per prompt (end-of-text ignored) so the token counts are equal."""
@@ -237,10 +291,12 @@ def measure_generation(model_dir: str, adapter_dir: str, merged_dir: str, n_prom
     hf.model.set_adapter("rank1")
     start = time.perf_counter()
     with torch.no_grad():
-        hf.model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                          pad_token_id=hf.tokenizer.pad_token_id)
-    rows.append({"setup": "HF generate, PEFT adapter unmerged",
-                 "tok_per_s": n_prompts * new_tokens / (time.perf_counter() - start)})
+        hf.model.generate(
+            **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=hf.tokenizer.pad_token_id
+        )
+    rows.append(
+        {"setup": "HF generate, PEFT adapter unmerged", "tok_per_s": n_prompts * new_tokens / (time.perf_counter() - start)}
+    )
     del hf
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     common = dict(dtype="float32", max_model_len=512, enforce_eager=True, kv_cache_memory_bytes=2**30)
@@ -249,7 +305,12 @@ def measure_generation(model_dir: str, adapter_dir: str, merged_dir: str, n_prom
     llm.generate(prompts[:2], params, lora_request=lora, use_tqdm=False)  # warm-up
     start = time.perf_counter()
     llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
-    rows.append({"setup": "vLLM, rank-1 adapter unmerged (LoRARequest)", "tok_per_s": n_prompts * new_tokens / (time.perf_counter() - start)})
+    rows.append(
+        {
+            "setup": "vLLM, rank-1 adapter unmerged (LoRARequest)",
+            "tok_per_s": n_prompts * new_tokens / (time.perf_counter() - start),
+        }
+    )
     del llm
     llm = LLM(model=str(resolve(merged_dir)), **common)
     llm.generate(prompts[:2], params, use_tqdm=False)

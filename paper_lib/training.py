@@ -129,8 +129,10 @@ def layer_subset(text: str, num_layers: int) -> dict[str, Any]:
             raise ValueError
         return {"layers": layers}
     except ValueError:
-        raise ConfigError(f"layers: {text!r} is not all, early, middle, late, start:end[:stride] or i,j,k within the "
-                          f"model's {num_layers} layers") from None
+        raise ConfigError(
+            f"layers: {text!r} is not all, early, middle, late, start:end[:stride] or i,j,k within the "
+            f"model's {num_layers} layers"
+        ) from None
 
 
 def lora_run_label(spec: LoraSpec, modules: str = "all") -> str:
@@ -145,8 +147,9 @@ def lora_run_label(spec: LoraSpec, modules: str = "all") -> str:
     return label
 
 
-def adapter_variants(reference: TrainConfig, out_dir: str, ranks: str = "", layers: str = "", modules: str = "",
-                     seeds: str = "") -> dict[str, tuple[str, TrainConfig]]:
+def adapter_variants(
+    reference: TrainConfig, out_dir: str, ranks: str = "", layers: str = "", modules: str = "", seeds: str = ""
+) -> dict[str, tuple[str, TrainConfig]]:
     """The comparison's adapters: ``label -> (kind, TrainConfig)``, each ``reference``'s recipe with one thing
     changed: a rank, a layer subset (``layer_subset``), a module set, or the training seed (comma-separated
     lists). The reference keeps its own label (``rank1``; kind ``seed``: its seed is one of those compared)."""
@@ -162,8 +165,9 @@ def adapter_variants(reference: TrainConfig, out_dir: str, ranks: str = "", laye
         spec = dataclasses.replace(base, r=r)
         add("rank", lora_run_label(spec), lora=spec)
     for subset in (x.strip() for x in layers.split(",") if x.strip()):
-        spec = LoraSpec(r=base.r, alpha=base.alpha, use_rslora=base.use_rslora, modules=base.modules,
-                        **layer_subset(subset, num_layers))
+        spec = LoraSpec(
+            r=base.r, alpha=base.alpha, use_rslora=base.use_rslora, modules=base.modules, **layer_subset(subset, num_layers)
+        )
         add("layers", lora_run_label(spec), lora=spec)
     for name in (x.strip() for x in modules.split(",") if x.strip()):
         spec = lora_spec_for(name, r=base.r, alpha=base.alpha, use_rslora=base.use_rslora)
@@ -195,9 +199,15 @@ def count_lora_parameters(spec: LoraSpec, model_config: PretrainedConfig) -> int
     q_out = model_config.num_attention_heads * head_dim
     kv_out = model_config.num_key_value_heads * head_dim
     inter = model_config.intermediate_size
-    dims = {"q_proj": (hidden, q_out), "k_proj": (hidden, kv_out), "v_proj": (hidden, kv_out),
-            "o_proj": (q_out, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
-            "down_proj": (inter, hidden)}
+    dims = {
+        "q_proj": (hidden, q_out),
+        "k_proj": (hidden, kv_out),
+        "v_proj": (hidden, kv_out),
+        "o_proj": (q_out, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
     layers = spec.layer_indices(model_config.num_hidden_layers)
     n_layers = model_config.num_hidden_layers if layers is None else len(layers)
     return n_layers * sum(spec.r * sum(dims[m]) for m in spec.modules)
@@ -251,7 +261,8 @@ class TrainConfig(Config):
         if world_size < 1 or self.global_batch_size % per_step:
             raise ConfigError(
                 f"global_batch_size: {self.global_batch_size} is not a multiple of per_device_batch_size "
-                f"({self.per_device_batch_size}) x world size ({world_size}); change one of them")
+                f"({self.per_device_batch_size}) x world size ({world_size}); change one of them"
+            )
         return self.global_batch_size // per_step
 
     @classmethod
@@ -343,8 +354,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
         peft_config = build_lora_config(cfg.lora, model.config)
     dataset, data_stats = build_sft_dataset(traces, tokenizer, cfg.max_length)
     args = build_sft_config(cfg)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -398,14 +408,18 @@ def finished_run(cfg: TrainConfig, data_fingerprint: str, overwrite: bool = Fals
     try:
         saved = TrainConfig.load(out).to_dict()
     except (FileNotFoundError, ConfigError, TypeError) as err:
-        raise ConfigError(f"{out} holds a finished run whose config.json cannot be read ({err}); pass "
-                          "overwrite=True (OVERWRITE True) to retrain, or choose another output_dir") from err
+        raise ConfigError(
+            f"{out} holds a finished run whose config.json cannot be read ({err}); pass "
+            "overwrite=True (OVERWRITE True) to retrain, or choose another output_dir"
+        ) from err
     diff = differences(saved, cfg.to_dict(), ignore=("resume",))
     if stats.get("data_fingerprint") != data_fingerprint:
         diff["traces"] = (stats.get("data_fingerprint"), data_fingerprint)
     if diff:
-        raise ConfigError(f"{out} holds a run trained with other inputs ({describe_differences(diff)}); pass "
-                          "overwrite=True (OVERWRITE True) to retrain there, or choose another output_dir")
+        raise ConfigError(
+            f"{out} holds a run trained with other inputs ({describe_differences(diff)}); pass "
+            "overwrite=True (OVERWRITE True) to retrain there, or choose another output_dir"
+        )
     log.info("%s holds a finished run of these settings; skipping training (overwrite=True retrains)", out)
     return stats
 
@@ -438,14 +452,17 @@ def launch_environment(accelerate_config: dict[str, Any]) -> dict[str, str]:
     if torch.cuda.is_available():
         return env
     if str(accelerate_config.get("distributed_type", "")).upper() == "FSDP":
-        raise ConfigError("accelerate_config: FSDP needs GPUs (accelerate runs FSDP only on accelerators); on a "
-                          "CPU use paper_lib/accelerate_configs/multi_cpu.yaml")
+        raise ConfigError(
+            "accelerate_config: FSDP needs GPUs (accelerate runs FSDP only on accelerators); on a "
+            "CPU use paper_lib/accelerate_configs/multi_cpu.yaml"
+        )
     env["ACCELERATE_USE_CPU"] = "1"  # gloo data parallelism: the same launch, rank and save path as on GPUs
     return env
 
 
-def launch_training(cfg: TrainConfig, num_processes: int = 1, accelerate_config: str | None = None,
-                    overwrite: bool = False) -> dict[str, Any]:
+def launch_training(
+    cfg: TrainConfig, num_processes: int = 1, accelerate_config: str | None = None, overwrite: bool = False
+) -> dict[str, Any]:
     """Train in this process (one device) or through ``accelerate launch`` (several GPUs, FSDP)."""
     if num_processes <= 1 and accelerate_config is None:
         return train(cfg, overwrite=overwrite)
@@ -477,8 +494,9 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def load_trained(run_dir: str | Path, dtype: torch.dtype = torch.float32,
-                 device: str | None = "cpu") -> tuple[PreTrainedModel, Any, TrainConfig]:
+def load_trained(
+    run_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | None = "cpu"
+) -> tuple[PreTrainedModel, Any, TrainConfig]:
     """A trained run by folder: the base model with the adapter attached (unmerged), or the full model.
 
     The weights go straight to ``device`` in ``dtype`` (``auto``: spread over the GPUs), never through a
@@ -544,14 +562,19 @@ def check_adapter(adapter_dir: str | Path, base_model: str) -> None:
                 module = key.removeprefix("base_model.model.").split(".lora_")[0]
                 if module not in linears:
                     match = _LAYER_INDEX.search(key)
-                    where = (f"layer {match.group(1)}, but {base_model} has {config.num_hidden_layers} layers"
-                             if match else f"a module {base_model} lacks")
+                    where = (
+                        f"layer {match.group(1)}, but {base_model} has {config.num_hidden_layers} layers"
+                        if match
+                        else f"a module {base_model} lacks"
+                    )
                     raise AdapterError(f"adapter {adapter_dir}: {key} adapts {where}")
                 linear = linears[module]
                 expected = (rank, linear.in_features) if ".lora_A." in key else (linear.out_features, rank)
                 if tuple(tensor.shape) != expected:
-                    raise AdapterError(f"adapter {adapter_dir}: {key} has shape {tuple(tensor.shape)}, but {base_model}'s "
-                                       f"{module} needs {expected} (rank {rank})")
+                    raise AdapterError(
+                        f"adapter {adapter_dir}: {key} has shape {tuple(tensor.shape)}, but {base_model}'s "
+                        f"{module} needs {expected} (rank {rank})"
+                    )
                 if not torch.isfinite(tensor).all():
                     raise AdapterError(f"adapter {adapter_dir}: {key} holds NaN or infinite weights")
     except (SafetensorError, OSError) as err:
@@ -634,8 +657,9 @@ def update_fraction_lost(model: PeftModel, merge_dtype: torch.dtype = torch.bflo
 
 
 @torch.no_grad()
-def merge_error(model: PeftModel, tokenizer: Any, texts: list[str], max_length: int = 256,
-                merge_dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+def merge_error(
+    model: PeftModel, tokenizer: Any, texts: list[str], max_length: int = 256, merge_dtype: torch.dtype = torch.bfloat16
+) -> dict[str, float]:
     """How exact merging the adapter into the base weights is: exactly (fp32 merged weights) and in
     ``merge_dtype`` (the authors' bf16 merge), each against the unmerged model.
 
@@ -645,14 +669,14 @@ def merge_error(model: PeftModel, tokenizer: Any, texts: list[str], max_length: 
     lost to rounding. Errors are absolute and relative logit errors and probability errors: the
     absolute logit error of an exact merge scales with the logits (accumulation order)."""
     tokenizer.padding_side = "right"
-    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
-                      add_special_tokens=False)
+    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length, add_special_tokens=False)
     return merge_error_on_batch(model, dict(batch), merge_dtype)
 
 
 @torch.no_grad()
-def merge_error_on_batch(model: PeftModel, batch: dict[str, torch.Tensor],
-                         merge_dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+def merge_error_on_batch(
+    model: PeftModel, batch: dict[str, torch.Tensor], merge_dtype: torch.dtype = torch.bfloat16
+) -> dict[str, float]:
     """``merge_error`` on a tokenized batch (input_ids, attention_mask), moved to the model's device."""
     batch = {k: v.to(input_device(model)) for k, v in batch.items()}
     mask = batch["attention_mask"].bool()
@@ -667,8 +691,11 @@ def merge_error_on_batch(model: PeftModel, batch: dict[str, torch.Tensor],
         merged16 = compare_logits(model(**batch).logits, reference16, mask)
     del reference16
     tag = str(merge_dtype).rsplit(".", 1)[-1].replace("bfloat16", "bf16")
-    return {**{f"fp32_{k}": v for k, v in exact.items()}, **{f"{tag}_{k}": v for k, v in merged16.items()},
-            f"{tag}_update_fraction_lost": update_fraction_lost(model, merge_dtype)}
+    return {
+        **{f"fp32_{k}": v for k, v in exact.items()},
+        **{f"{tag}_{k}": v for k, v in merged16.items()},
+        f"{tag}_update_fraction_lost": update_fraction_lost(model, merge_dtype),
+    }
 
 
 def compare_logits(logits: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -677,8 +704,11 @@ def compare_logits(logits: torch.Tensor, reference: torch.Tensor, mask: torch.Te
     logits, reference = logits[mask].float(), reference[mask].float()
     diff = (logits - reference).abs().max()
     prob = (logits.softmax(-1) - reference.softmax(-1)).abs().max()
-    return {"max_abs_logit_error": diff.item(), "max_rel_logit_error": (diff / reference.abs().max()).item(),
-            "max_abs_prob_error": prob.item()}
+    return {
+        "max_abs_logit_error": diff.item(),
+        "max_rel_logit_error": (diff / reference.abs().max()).item(),
+        "max_abs_prob_error": prob.item(),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,8 +20,10 @@ def test_lora_activations_equal_A_dot_module_input(organism):
     acts, layers, modules = lora_activations(model, batch["input_ids"], batch["attention_mask"])
     assert acts.shape == (2, batch["input_ids"].shape[1], 4, 7) and modules == list(ADAPTER_MODULES) and layers == [0, 1, 2, 3]
     inputs = {}
-    handles = [m.register_forward_pre_hook(lambda mod, args, key=k: inputs.__setitem__(key, args[0].detach()))
-               for k, m in find_adapters(model).items()]
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, key=k: inputs.__setitem__(key, args[0].detach()))
+        for k, m in find_adapters(model).items()
+    ]
     with torch.no_grad():
         model(**batch)
     for h in handles:
@@ -122,7 +124,9 @@ def test_readout_model_gives_the_same_scalars_and_logits(organism, merged):
     from paper_lib.activations import build_readout_model, find_readouts
 
     model, tok = peft_organism(organism, LoraSpec())
-    batch = tok([textbook_document(Problem(4, ("x3", "+2"))), "<|im_start|>user\n3 x3<|im_end|>\n"], return_tensors="pt", padding=True)
+    batch = tok(
+        [textbook_document(Problem(4, ("x3", "+2"))), "<|im_start|>user\n3 x3<|im_end|>\n"], return_tensors="pt", padding=True
+    )
     ref, layers, modules = lora_activations(model, batch["input_ids"], batch["attention_mask"])
     with torch.no_grad():
         ref_logits = model(**batch).logits
@@ -220,14 +224,19 @@ def test_the_three_populations_come_from_one_forward_pass_and_equal_separate_rea
     forwards = {"n": 0}
     real_forward = model.forward
     monkeypatch.setattr(model, "forward", lambda *a, **k: forwards.__setitem__("n", forwards["n"] + 1) or real_forward(*a, **k))
-    store = extract_activation_shards(model, tok, texts, tmp_path / "acts", batch_size=3, docs_per_shard=4,
-                                      dtype="float32", populations=controls)
+    store = extract_activation_shards(
+        model, tok, texts, tmp_path / "acts", batch_size=3, docs_per_shard=4, dtype="float32", populations=controls
+    )
     assert forwards["n"] == 3  # ceil(4/3) + ceil(3/3) batches: one forward pass each, all populations at once
     assert store.populations == ["LoRA", "MLP neuron", "random direction"]
     assert store.feature_names("MLP neuron") == controls["MLP neuron"].names
     for name, population in controls.items():
-        expected = np.concatenate([projected_activations(model, tok([t], return_tensors="pt")["input_ids"],
-                                                         population.directions)[0].numpy() for t in texts])
+        expected = np.concatenate(
+            [
+                projected_activations(model, tok([t], return_tensors="pt")["input_ids"], population.directions)[0].numpy()
+                for t in texts
+            ]
+        )
         got = np.concatenate(list(store.blocks(name, block_tokens=50)))
         assert got.shape == expected.shape and np.allclose(got, expected, atol=1e-5)
         assert np.array_equal(store.rows(10, 20, name), got[10:20])
@@ -239,8 +248,16 @@ def test_the_three_populations_come_from_one_forward_pass_and_equal_separate_rea
     with pytest.raises(KeyError, match="population 'SAE' is not in"):
         store.rows(0, 1, "SAE")
     with pytest.raises(ValueError, match="populations"):  # another sample of neurons: not these shards
-        extract_activation_shards(model, tok, texts, tmp_path / "acts", batch_size=3, docs_per_shard=4, dtype="float32",
-                                  populations=control_populations(model, keys, seed=4))
+        extract_activation_shards(
+            model,
+            tok,
+            texts,
+            tmp_path / "acts",
+            batch_size=3,
+            docs_per_shard=4,
+            dtype="float32",
+            populations=control_populations(model, keys, seed=4),
+        )
     (tmp_path / "acts" / "shard_00001.mlp_neuron.npy").write_bytes(b"")
     with pytest.raises(ValueError, match="mlp_neuron.npy has 0 bytes"):
         ActivationStore(tmp_path / "acts")

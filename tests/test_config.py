@@ -8,8 +8,16 @@ from paper_lib.organism import OrganismConfig
 
 @pytest.mark.parametrize(
     "field, value",
-    [("hidden_size", 0), ("num_attention_heads", 3), ("lr", -1.0), ("textbook_fraction", 1.5),
-     ("trace_steps", (5, 2)), ("aime_steps", 1), ("math_level_steps", (1, 2, 3, 4, 5)), ("warmup_steps", 10_000)],
+    [
+        ("hidden_size", 0),
+        ("num_attention_heads", 3),
+        ("lr", -1.0),
+        ("textbook_fraction", 1.5),
+        ("trace_steps", (5, 2)),
+        ("aime_steps", 1),
+        ("math_level_steps", (1, 2, 3, 4, 5)),
+        ("warmup_steps", 10_000),
+    ],
 )
 def test_impossible_value_fails_at_construction_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=f"^{field}:"):

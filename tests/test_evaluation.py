@@ -51,8 +51,9 @@ def test_wait_extends_thinking_and_the_budget_caps_it():
     [[(text, n, *_)]] = generate_responses(engine, ["q"], GenerationSpec(max_tokens=64, answer_tokens=8, wait_count=2))
     assert text.startswith(f"{THINK}\nsssWaitsssWaitsss\n{ANSWER}")
     engine = FakeEngine(think_tokens=50)
-    [[(text, n, *_)]] = generate_responses(engine, ["q"], GenerationSpec(max_tokens=64, answer_tokens=8, thinking_budget=5,
-                                                                     wait_count=2))
+    [[(text, n, *_)]] = generate_responses(
+        engine, ["q"], GenerationSpec(max_tokens=64, answer_tokens=8, thinking_budget=5, wait_count=2)
+    )
     assert text.split("\n")[1] == "sssss" and "Wait" not in text and len(engine.calls) == 2
 
 
@@ -99,8 +100,7 @@ def test_answers_that_use_every_answer_token_are_counted():
 
 def test_sampled_protocol_gives_n_samples_with_distinct_seeds():
     engine = FakeEngine()
-    out = generate_responses(engine, ["a", "b"], GenerationSpec(temperature=0.6, top_p=0.95, n=3, max_tokens=64,
-                                                                 answer_tokens=8))
+    out = generate_responses(engine, ["a", "b"], GenerationSpec(temperature=0.6, top_p=0.95, n=3, max_tokens=64, answer_tokens=8))
     assert [len(o) for o in out] == [3, 3]
     with pytest.raises(ConfigError, match="^n:"):
         GenerationSpec(n=3)  # several greedy samples would be identical
@@ -145,15 +145,19 @@ def test_unloadable_benchmarks_fail_clearly(tmp_path):
 
 def test_choice_prompt_styles():
     assert format_choice_question("Q?", ["1", "2", "3", "4"], "organism") == "Q?\n(A) 1 (B) 2 (C) 3 (D) 4"
-    assert format_choice_question("Q?", ["1", "2", "3", "4"], "s1").startswith("What is the correct answer to this question: Q?\nChoices:\n(A) 1\n(B) 2")
+    assert format_choice_question("Q?", ["1", "2", "3", "4"], "s1").startswith(
+        "What is the correct answer to this question: Q?\nChoices:\n(A) 1\n(B) 2"
+    )
 
 
 def test_recovery_table_pairs_questions_and_computes_both_ratios():
     rows = []
     for i in range(40):
-        rows += [{"protocol": "greedy", "benchmark": "b", "id": str(i), "model": "base", "correct": float(i < 10)},
-                 {"protocol": "greedy", "benchmark": "b", "id": str(i), "model": "rank1", "correct": float(i < 25)},
-                 {"protocol": "greedy", "benchmark": "b", "id": str(i), "model": "full", "correct": float(i < 30)}]
+        rows += [
+            {"protocol": "greedy", "benchmark": "b", "id": str(i), "model": "base", "correct": float(i < 10)},
+            {"protocol": "greedy", "benchmark": "b", "id": str(i), "model": "rank1", "correct": float(i < 25)},
+            {"protocol": "greedy", "benchmark": "b", "id": str(i), "model": "full", "correct": float(i < 30)},
+        ]
     rec = recovery_table(pd.DataFrame(rows), n_resamples=500)
     r = rec.iloc[0]
     assert r["gain_recovered"] == pytest.approx(15 / 20) and r["ratio_to_full"] == pytest.approx(25 / 30)
@@ -163,14 +167,24 @@ def test_recovery_table_pairs_questions_and_computes_both_ratios():
 
 # --- backends on the organism ------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def organism_lora(organism_dir, tmp_path_factory):
     """A rank-1 adapter trained briefly on the organism, and the same adapter merged in fp32."""
     from paper_lib.training import TrainConfig, load_trained, train
 
-    cfg = TrainConfig(model=str(organism_dir / "model"), dataset=str(organism_dir / "s1K-1.1"), output_dir="eval_lora",
-                      epochs=0.5, per_device_batch_size=16, max_length=256, bf16=False, gradient_checkpointing=False,
-                      learning_rate=3e-3, save_steps=1000)
+    cfg = TrainConfig(
+        model=str(organism_dir / "model"),
+        dataset=str(organism_dir / "s1K-1.1"),
+        output_dir="eval_lora",
+        epochs=0.5,
+        per_device_batch_size=16,
+        max_length=256,
+        bf16=False,
+        gradient_checkpointing=False,
+        learning_rate=3e-3,
+        save_steps=1000,
+    )
     train(cfg)
     from paper_lib.paths import artifact_dir
 

@@ -8,8 +8,15 @@ from paper_lib import formats
 
 def test_each_format_is_defined_in_one_place():
     sources = {str(p): p.read_text() for p in Path(paper_lib.__file__).parent.rglob("*.py") if p.name != "formats.py"}
-    for literal in ('"<|im_start|>think"', '"<|im_start|>answer"', '"ABCD"', '("<|im_end|>", "<|endoftext|>")', '("q_proj", "k_proj"', '("gate_proj", "up_proj"',
-                    "apply_chat_template([{"):
+    for literal in (
+        '"<|im_start|>think"',
+        '"<|im_start|>answer"',
+        '"ABCD"',
+        '("<|im_end|>", "<|endoftext|>")',
+        '("q_proj", "k_proj"',
+        '("gate_proj", "up_proj"',
+        "apply_chat_template([{",
+    ):
         assert not [name for name, text in sources.items() if literal in text], literal
 
 

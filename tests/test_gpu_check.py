@@ -7,8 +7,9 @@ from paper_lib import gpu_check, throughput
 
 def test_gpu_check_runs_on_cpu_and_reports_every_row(tmp_path):
     out = tmp_path / "rows.json"
-    table = gpu_check.main(["--device", "cpu", "--shape", "tiny", "--tokens", "64", "--seq-len", "32",
-                            "--no-compile", "--json", str(out)])
+    table = gpu_check.main(
+        ["--device", "cpu", "--shape", "tiny", "--tokens", "64", "--seq-len", "32", "--no-compile", "--json", str(out)]
+    )
     rows = json.loads(out.read_text())
     checks = [r["check"] for r in rows]
     assert "organism greedy outputs identical" in checks

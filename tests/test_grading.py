@@ -34,12 +34,20 @@ def test_organism_answers_grade_like_benchmark_answers():
     assert not is_correct_math("<|im_start|>think\n1+2=3\n<|im_start|>answer\nAnswer: 7<|im_end|>", "3")
 
 
-@pytest.mark.parametrize("response, letter", [
-    ("Answer: B", "B"), ("The answer is (C).", "C"), ("\\boxed{D}", "D"), ("**A**", "A"),
-    ("So the final answer is: b", "B"), ("I pick (A) over (B), final answer (B)", "B"),
-    ("<|im_start|>think\nAnswer: A\n<|im_start|>answer\nAnswer: D<|im_end|>", "D"),
-    ("B.", "B"), ("Answer: 9?A3,B9", None),
-])
+@pytest.mark.parametrize(
+    "response, letter",
+    [
+        ("Answer: B", "B"),
+        ("The answer is (C).", "C"),
+        ("\\boxed{D}", "D"),
+        ("**A**", "A"),
+        ("So the final answer is: b", "B"),
+        ("I pick (A) over (B), final answer (B)", "B"),
+        ("<|im_start|>think\nAnswer: A\n<|im_start|>answer\nAnswer: D<|im_end|>", "D"),
+        ("B.", "B"),
+        ("Answer: 9?A3,B9", None),
+    ],
+)
 def test_choice_extraction_in_the_usual_phrasings(response, letter):
     assert extract_choice(response) == letter
 

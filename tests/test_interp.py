@@ -48,8 +48,9 @@ def test_signed_features_and_context_windows_stay_in_the_document(tmp_path):
     assert signed.names == ["a+", "b+", "a-", "b-"] and np.concatenate(list(signed.blocks())).tolist() == [[1.0, -2.0, -1.0, 2.0]]
     # three documents of 3, 4 and 1 tokens (token id = global index), in two shards
     docs = [np.arange(0, 3), np.arange(3, 7), np.arange(7, 8)]
-    store = write_activation_store(tmp_path / "s", [(ids, np.zeros((len(ids), 1, 1))) for ids in docs], [0], ["q_proj"],
-                                   docs_per_shard=2)
+    store = write_activation_store(
+        tmp_path / "s", [(ids, np.zeros((len(ids), 1, 1))) for ids in docs], [0], ["q_proj"], docs_per_shard=2
+    )
     assert store.context(3, 2) == (3, 6) and store.context(2, 5) == (0, 3) and store.context(7, 1) == (7, 8)
     assert [store.document_of(i) for i in (0, 2, 3, 6, 7)] == [0, 0, 1, 1, 2]
     features = ArrayFeatures(np.arange(8.0)[:, None] - 5, ["f"])
@@ -73,8 +74,9 @@ def test_streamed_role_scores_equal_the_dense_ones_for_every_block_size_and_hist
     families = {"a": "x", "b": "x", "c": "y", "d": "y"}
     expected = None
     for block, budget in ((5000, 2**28), (64, 2**20), (1, 2**20)):
-        scores = score_against_roles(SignedFeatures(ArrayFeatures(values, list("uvwxyz"), block=block)), roles, families,
-                                     k=40, histogram_bytes=budget)
+        scores = score_against_roles(
+            SignedFeatures(ArrayFeatures(values, list("uvwxyz"), block=block)), roles, families, k=40, histogram_bytes=budget
+        )
         if expected is None:
             expected = scores
             signed = np.concatenate([values, -values], axis=1).astype(np.float32)
@@ -96,8 +98,9 @@ def test_auroc_and_role_scores():
     pure = (roles == "digit").astype(float) + np.linspace(0, 0.1, len(roles))
     mixed = np.isin(roles, ["digit", "op"]).astype(float)
     noise = np.random.default_rng(0).normal(size=len(roles))
-    scores = score_against_roles(ArrayFeatures(np.stack([pure, mixed, noise], 1), ["pure", "mixed", "noise"]), roles,
-                                 families | {"op": "values"}, k=20)
+    scores = score_against_roles(
+        ArrayFeatures(np.stack([pure, mixed, noise], 1), ["pure", "mixed", "noise"]), roles, families | {"op": "values"}, k=20
+    )
     assert scores.loc[0, "role"] == "digit" and scores.loc[0, "precision"] == 1.0 and scores.loc[0, "auroc"] == 1.0
     assert scores.loc[1, "precision"] < 0.9 and scores.loc[1, "family_precision"] == 1.0
     classes = classify_features(scores, mono=0.9, broad=0.9)
@@ -105,10 +108,14 @@ def test_auroc_and_role_scores():
 
 
 def test_class_shares_and_population_tests():
-    scored = pd.DataFrame({"population": ["a"] * 40 + ["b"] * 40,
-                           "class": ["monosemantic"] * 30 + ["polysemantic"] * 10 + ["monosemantic"] * 10 + ["polysemantic"] * 30,
-                           "precision": [1.0] * 30 + [0.3] * 10 + [1.0] * 10 + [0.3] * 30,
-                           "auroc": [0.9] * 40 + [0.6] * 40})
+    scored = pd.DataFrame(
+        {
+            "population": ["a"] * 40 + ["b"] * 40,
+            "class": ["monosemantic"] * 30 + ["polysemantic"] * 10 + ["monosemantic"] * 10 + ["polysemantic"] * 30,
+            "precision": [1.0] * 30 + [0.3] * 10 + [1.0] * 10 + [0.3] * 30,
+            "auroc": [0.9] * 40 + [0.6] * 40,
+        }
+    )
     shares = class_shares(scored, n_resamples=500)
     a = shares[(shares.population == "a") & (shares["class"] == "monosemantic")].iloc[0]
     assert a.share == 0.75 and a.lo < 0.75 < a.hi and shares.groupby("population").share.sum().round(6).eq(1).all()
@@ -129,8 +136,14 @@ def test_token_roles_of_an_organism_trace(organism):
     assert len(roles) == len(ids) and set(roles) <= set(ROLES) and "other" not in roles
     pairs = [(tok.decode([i]), r) for i, r in zip(ids, roles)]
     think = pairs.index(("t", "think_marker"))
-    assert [r for _, r in pairs[think + 6 : think + 12]] == ["step_input", "step_operator", "step_operand", "step_equals",
-                                                              "step_result", "step_separator"]
+    assert [r for _, r in pairs[think + 6 : think + 12]] == [
+        "step_input",
+        "step_operator",
+        "step_operand",
+        "step_equals",
+        "step_result",
+        "step_separator",
+    ]
     assert pairs[-3] == (row["deepseek_attempt"], "final_answer") and pairs[-2][1] == "chat_marker"
     mc = "<|im_start|>user\n1 +1\n(A) 2 (B) 5<|im_end|>\n<|im_start|>assistant\n<|im_start|>think\n1+1=2;2?A2\n"
     labels = dict(zip(range(len(mc)), character_roles(mc)))

@@ -75,8 +75,9 @@ def test_errors_name_the_url_and_status(fake_server, tmp_path):
 
 def test_scores_detection_and_keeps_finished_features(fake_server, tmp_path):
     # explanation "final answer digits"; says yes exactly when the marked token is <<6>>
-    fake_server["answer"] = lambda p: ("Explanation: final answer digits\nmore" if "what does this feature" in p
-                                       else ("Yes." if "<<6>>" in p else "no"))
+    fake_server["answer"] = lambda p: (
+        "Explanation: final answer digits\nmore" if "what does this feature" in p else ("Yes." if "<<6>>" in p else "no")
+    )
     # one request at a time: the request count below is about caching
     judge = Judge(JudgeConfig(fake_server["url"], "m", max_retries=0, concurrency=1), tmp_path / "c.jsonl")
     quiet = dict(EXAMPLE, center=1)
@@ -84,8 +85,15 @@ def test_scores_detection_and_keeps_finished_features(fake_server, tmp_path):
     assert record["explanation"] == "final answer digits"
     assert record["accuracy"] == 1.0 and record["f1"] == 1.0 and record["unparsed"] == 0
     fake_server["answer"] = lambda p: "hmm" if "what does" not in p else "x"
-    features = [{"name": n, "explain_with": [dict(EXAMPLE, tokens=[n] + EXAMPLE["tokens"][1:])], "activating": [EXAMPLE],
-                 "non_activating": [quiet]} for n in "abc"]
+    features = [
+        {
+            "name": n,
+            "explain_with": [dict(EXAMPLE, tokens=[n] + EXAMPLE["tokens"][1:])],
+            "activating": [EXAMPLE],
+            "non_activating": [quiet],
+        }
+        for n in "abc"
+    ]
     fake_server["requests"] = 0
     first = score_features(judge, features[:2], tmp_path / "scores.jsonl")
     assert [r["unparsed"] for r in first] == [2, 2]  # "hmm" is no answer: counted wrong, recorded
@@ -103,14 +111,18 @@ def test_scores_detection_and_keeps_finished_features(fake_server, tmp_path):
 def test_categories_parse():
     from paper_lib.judge import parse_category
 
-    assert parse_category("Category: Variable/Value Tracking\nsubcategory: carried digit values here now") == \
-        ("variable/value tracking", "carried digit values here")
+    assert parse_category("Category: Variable/Value Tracking\nsubcategory: carried digit values here now") == (
+        "variable/value tracking",
+        "carried digit values here",
+    )
     assert parse_category("I am not sure") == (None, "")
 
 
 def test_parsers():
-    assert parse_explanation('\n"Digits after an equals sign in arithmetic steps of a long chain here"') == \
-        "Digits after an equals sign in arithmetic steps of a"
+    assert (
+        parse_explanation('\n"Digits after an equals sign in arithmetic steps of a long chain here"')
+        == "Digits after an equals sign in arithmetic steps of a"
+    )
     assert parse_yes_no("Yes, it does") is True and parse_yes_no("NO") is False and parse_yes_no("maybe") is None
 
 
@@ -119,14 +131,40 @@ def test_end_to_end_against_vllms_openai_server_on_loopback(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1", TMPDIR=str(tmp_path),
-               VLLM_CACHE_ROOT=str(tmp_path / "vllm"))
+    env = dict(
+        os.environ,
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        HF_HUB_OFFLINE="1",
+        TMPDIR=str(tmp_path),
+        VLLM_CACHE_ROOT=str(tmp_path / "vllm"),
+    )
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "data/organism/model",
-         "--served-model-name", "organism", "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
-         "--kv-cache-memory-bytes", str(2**28), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            "data/organism/model",
+            "--served-model-name",
+            "organism",
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "512",
+            "--enforce-eager",
+            "--kv-cache-memory-bytes",
+            str(2**28),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     try:
         cfg = JudgeConfig(f"http://127.0.0.1:{port}/v1", "organism", max_retries=0, timeout_s=60, max_tokens=16)
         judge = Judge(cfg, tmp_path / "cache.jsonl")
@@ -178,13 +216,27 @@ def strict_server():
 
 
 def test_reasoning_model_parameters_concurrency_and_the_papers_rating(strict_server, tmp_path):
-    features = [{"name": f"f{i}", "explain_with": [EXAMPLE], "activating": [dict(EXAMPLE, values=[0, 0, 0, 0, i + 1.0])],
-                 "non_activating": []} for i in range(8)]
+    features = [
+        {
+            "name": f"f{i}",
+            "explain_with": [EXAMPLE],
+            "activating": [dict(EXAMPLE, values=[0, 0, 0, 0, i + 1.0])],
+            "non_activating": [],
+        }
+        for i in range(8)
+    ]
     plain = Judge(JudgeConfig(strict_server["url"], "m", max_retries=0), tmp_path / "a.jsonl")
     with pytest.raises(JudgeError, match="HTTP 400"):
         plain.ask("hello")  # max_tokens and temperature refused
-    cfg = JudgeConfig(strict_server["url"], "m", max_retries=0, temperature=None, max_tokens=4096,
-                      token_param="max_completion_tokens", concurrency=4)
+    cfg = JudgeConfig(
+        strict_server["url"],
+        "m",
+        max_retries=0,
+        temperature=None,
+        max_tokens=4096,
+        token_param="max_completion_tokens",
+        concurrency=4,
+    )
     judge = Judge(cfg, tmp_path / "b.jsonl")
     records = score_features(judge, features, tmp_path / "scores.jsonl", rate=True)
     assert [r["feature"] for r in records] == [f"f{i}" for i in range(8)]
@@ -226,8 +278,13 @@ def test_judge_requests_from_a_store_categories_and_rating_shares(fake_server, t
 
     docs = [(np.arange(i * 40, (i + 1) * 40), np.zeros((40, 1, 1))) for i in range(10)]
     store = write_activation_store(tmp_path / "s", docs, [0], ["q_proj"], docs_per_shard=4)
-    values = np.stack([np.where(np.arange(400) % 20 == 0, 1.0 + np.arange(400) / 400, -1.0),  # 20 activating tokens
-                       np.where(np.arange(400) % 50 == 0, 1.0, -1.0)], axis=1)  # 8: too few to judge
+    values = np.stack(
+        [
+            np.where(np.arange(400) % 20 == 0, 1.0 + np.arange(400) / 400, -1.0),  # 20 activating tokens
+            np.where(np.arange(400) % 50 == 0, 1.0, -1.0),
+        ],
+        axis=1,
+    )  # 8: too few to judge
     features = ArrayFeatures(values, ["often", "rare"])
     requests = judge_requests(features, store, str, top_features(features, 15), [0, 1], seed=2)
     assert [r["name"] for r in requests] == ["often"]
@@ -251,11 +308,26 @@ def test_judge_requests_from_a_store_categories_and_rating_shares(fake_server, t
 def test_notebook_judge_settings_come_from_the_checked_parameters():
     from paper_lib.judge import judge_config_from
 
-    params = {"JUDGE_URL": "", "JUDGE_MODEL": "", "JUDGE_KEY_ENV": "OPENAI_API_KEY", "JUDGE_MAX_TOKENS": 48,
-              "JUDGE_TOKEN_PARAM": "max_tokens", "JUDGE_TEMPERATURE": 0.0, "JUDGE_CONCURRENCY": 8}
+    params = {
+        "JUDGE_URL": "",
+        "JUDGE_MODEL": "",
+        "JUDGE_KEY_ENV": "OPENAI_API_KEY",
+        "JUDGE_MAX_TOKENS": 48,
+        "JUDGE_TOKEN_PARAM": "max_tokens",
+        "JUDGE_TEMPERATURE": 0.0,
+        "JUDGE_CONCURRENCY": 8,
+    }
     assert judge_config_from(params) is None  # no judge: nothing to check
-    cfg = judge_config_from(params | {"JUDGE_URL": "http://127.0.0.1:8000/v1", "JUDGE_MODEL": "m", "JUDGE_MAX_TOKENS": 0,
-                                      "JUDGE_TEMPERATURE": -1.0, "JUDGE_TOKEN_PARAM": "max_completion_tokens"})
+    cfg = judge_config_from(
+        params
+        | {
+            "JUDGE_URL": "http://127.0.0.1:8000/v1",
+            "JUDGE_MODEL": "m",
+            "JUDGE_MAX_TOKENS": 0,
+            "JUDGE_TEMPERATURE": -1.0,
+            "JUDGE_TOKEN_PARAM": "max_completion_tokens",
+        }
+    )
     assert cfg.request_parameters() == {} and cfg.model == "m" and cfg.concurrency == 8
     with pytest.raises(ConfigError, match="token_param"):
         judge_config_from(params | {"JUDGE_URL": "http://x/v1", "JUDGE_MODEL": "m", "JUDGE_TOKEN_PARAM": "tokens"})

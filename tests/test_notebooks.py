@@ -47,10 +47,12 @@ def test_notebook_follows_the_skeleton(path):
     code = "\n".join(c.source for c in cells if c.cell_type == "code")
     assert "class " not in code and "sys.path" not in code
     # Sync: the .py -> .ipynb -> .py round trip keeps every cell, so a paired .ipynb is always regenerable.
-    again = jupytext.reads(jupytext.writes(jupytext.reads(jupytext.writes(nb, fmt="ipynb"), fmt="ipynb"),
-                                           fmt="py:percent"), fmt="py:percent")
+    again = jupytext.reads(
+        jupytext.writes(jupytext.reads(jupytext.writes(nb, fmt="ipynb"), fmt="ipynb"), fmt="py:percent"), fmt="py:percent"
+    )
     assert [(c.cell_type, c.source, c.metadata.get("tags")) for c in again.cells] == [
-        (c.cell_type, c.source, c.metadata.get("tags")) for c in cells]
+        (c.cell_type, c.source, c.metadata.get("tags")) for c in cells
+    ]
 
 
 @pytest.mark.slow
@@ -59,8 +61,12 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
     from paper_lib.paths import artifact_dir
 
     # Later notebooks read earlier ones' artifacts: produce them first when this test runs on its own.
-    needs = {"01": artifact_dir("runs/01_train/rank1") / "final", "02": artifact_dir("runs/02_evaluate/full/math500.greedy.jsonl"),
-             "04": artifact_dir("runs/04_interpret_smoke/activations"), "05": artifact_dir("runs/05_sae_smoke/sae")}
+    needs = {
+        "01": artifact_dir("runs/01_train/rank1") / "final",
+        "02": artifact_dir("runs/02_evaluate/full/math500.greedy.jsonl"),
+        "04": artifact_dir("runs/04_interpret_smoke/activations"),
+        "05": artifact_dir("runs/05_sae_smoke/sae"),
+    }
     for prefix, artifact in needs.items():
         if path.stem > prefix and not artifact.exists():
             run_notebook(next(p for p in NOTEBOOKS if p.stem.startswith(prefix)), tmp_path, {"SMOKE": True}, timeout_s=900)
@@ -85,10 +91,18 @@ def test_notebook_03_handles_an_adapter_on_mlp_modules_only(tmp_path):
     """A variant run: an MLP-only rank-1 adapter from notebook 01 goes through notebook 03 (no attention
     ratio, no meaningless attention-only variant); notebook 01 names its folder after it (rank1_mlp)."""
     nb = {p.stem[:2]: p for p in NOTEBOOKS}
-    run_notebook(nb["01"], tmp_path, {"SMOKE": True, "LORA_MODULES": "mlp", "TRAIN_FULL": False,
-                                      "OUTPUT_DIR": "runs/01_train_mlp"}, timeout_s=900)
-    executed, _ = run_notebook(nb["03"], tmp_path, {"SMOKE": True, "ADAPTER_RUN": "runs/01_train_mlp/rank1_mlp",
-                                                    "OUTPUT_DIR": "runs/03_ablate_mlp", "BACKEND": "hf"}, timeout_s=900)
+    run_notebook(
+        nb["01"],
+        tmp_path,
+        {"SMOKE": True, "LORA_MODULES": "mlp", "TRAIN_FULL": False, "OUTPUT_DIR": "runs/01_train_mlp"},
+        timeout_s=900,
+    )
+    executed, _ = run_notebook(
+        nb["03"],
+        tmp_path,
+        {"SMOKE": True, "ADAPTER_RUN": "runs/01_train_mlp/rank1_mlp", "OUTPUT_DIR": "runs/03_ablate_mlp", "BACKEND": "hf"},
+        timeout_s=900,
+    )
     outputs = [o for c in jupytext.read(executed).cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     printed = "".join("".join(o.get("text", "")) for o in outputs if o.get("name") == "stdout")
@@ -99,11 +113,18 @@ def test_run_notebooks_passes_parameters_as_papermill_does_and_a_variant_keeps_i
     from paper_lib import run_notebooks
 
     assert run_notebooks.parse_parameters([["A", "True"], ["B", "false"], ["C", "3"], ["D", "1e-3"], ["E", "x"]]) == {
-        "A": True, "B": "false", "C": 3, "D": 1e-3, "E": "x"}
+        "A": True,
+        "B": "false",
+        "C": 3,
+        "D": 1e-3,
+        "E": "x",
+    }
     calls = []
-    monkeypatch.setattr(run_notebooks, "run_notebook",
-                        lambda source, out, params, **kw: calls.append((source.stem, out, params,
-                                                                        os.environ["PAPER_FIGURES_DIR"])) or (out, 0.1))
+    monkeypatch.setattr(
+        run_notebooks,
+        "run_notebook",
+        lambda source, out, params, **kw: calls.append((source.stem, out, params, os.environ["PAPER_FIGURES_DIR"])) or (out, 0.1),
+    )
     monkeypatch.setattr(run_notebooks, "resolve", lambda p: tmp_path / p)
     run_notebooks.main(["--only", "02", "-p", "MAX_TOKENS", "256", "--tag", "long"])
     [(stem, out, params, figures)] = calls
@@ -123,8 +144,12 @@ def test_a_direct_run_keeps_its_figures_and_numbers_in_its_own_folder(tmp_path, 
 
     committed = {p.name: p.stat().st_mtime_ns for p in (REPO_ROOT / "figures").iterdir()}
     monkeypatch.delenv("PAPER_FIGURES_DIR")
-    run_notebook(next(p for p in NOTEBOOKS if p.stem.startswith("00")), tmp_path,
-                 {"SMOKE": True, "OUTPUT_DIR": "runs/00_variant"}, timeout_s=900)
+    run_notebook(
+        next(p for p in NOTEBOOKS if p.stem.startswith("00")),
+        tmp_path,
+        {"SMOKE": True, "OUTPUT_DIR": "runs/00_variant"},
+        timeout_s=900,
+    )
     run = artifact_dir("runs/00_variant_smoke")
     assert (run / "figures" / "organism_latent_gap.png").is_file()
     section = json.loads((run / "figures" / "headline_numbers.json").read_text())["00_build_model_organism"]

@@ -38,11 +38,22 @@ from paper_lib.paths import REPO_ROOT
 
 SHARED_BENCHMARKS = REPO_ROOT.parent / "shared" / "benchmarks"  # reference files beside the checkout
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            steps=6, warmup_steps=1, eval_every=3, batch_size=4, n_probe_per_k=4)
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    steps=6,
+    warmup_steps=1,
+    eval_every=3,
+    batch_size=4,
+    n_probe_per_k=4,
+)
 
 
 # --- the task -----------------------------------------------------------------------------------------
+
 
 def test_ops_are_the_40_fact_table():
     assert [apply_op(7, op) for op in OPS] == [8, 9, 4, 1]
@@ -83,6 +94,7 @@ def test_answer_parsers_take_the_right_span_and_return_none_for_non_answers():
 
 # --- tokenizer and chat template --------------------------------------------------------------------
 
+
 def test_tokenizer_reloads_with_autotokenizer_to_identical_ids(tmp_path):
     tok = build_tokenizer()
     tok.save_pretrained(tmp_path)
@@ -110,14 +122,23 @@ def test_chat_template_is_chatml_with_generation_markers():
 
 # --- datasets ---------------------------------------------------------------------------------------
 
+
 def test_datasets_have_the_sizes_and_are_disjoint():
     rows, held_out = build_datasets(OrganismConfig())
-    assert {k: len(v) for k, v in rows.items()} == {AIME_SUBDIR: 30, MATH_SUBDIR: 500, GPQA_SUBDIR: 198,
-                                                    PROBE_SUBDIR: 40 + 20 + 80 + 100 * 5, TRACES_SUBDIR: 1000}
+    assert {k: len(v) for k, v in rows.items()} == {
+        AIME_SUBDIR: 30,
+        MATH_SUBDIR: 500,
+        GPQA_SUBDIR: 198,
+        PROBE_SUBDIR: 40 + 20 + 80 + 100 * 5,
+        TRACES_SUBDIR: 1000,
+    }
     chains = lambda qs: {q.split("\n")[0] for q in qs}  # noqa: E731
     trace_chains = chains(r["question"] for r in rows[TRACES_SUBDIR])
-    bench = chains([r["problem"] for r in rows[AIME_SUBDIR]] + [r["problem"] for r in rows[MATH_SUBDIR]]
-                   + [r["Question"] for r in rows[GPQA_SUBDIR]])
+    bench = chains(
+        [r["problem"] for r in rows[AIME_SUBDIR]]
+        + [r["problem"] for r in rows[MATH_SUBDIR]]
+        + [r["Question"] for r in rows[GPQA_SUBDIR]]
+    )
     assert len(trace_chains) == 1000 and not trace_chains & bench
     assert all(parse_chain(q).key in held_out for q in bench)
     assert [sum(r["level"] == lv for r in rows[MATH_SUBDIR]) for lv in range(1, 6)] == [43, 90, 105, 128, 134]
@@ -148,6 +169,7 @@ def test_gpqa_rows_shuffle_to_four_options_with_the_gold_letter():
 
 
 # --- build, save, load ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_organism(tmp_path_factory):
@@ -193,6 +215,7 @@ def test_missing_or_corrupt_organism_names_the_path_and_the_fix(tiny_organism, t
 
 # --- the committed organism -------------------------------------------------------------------------
 
+
 def test_committed_organism_reloads_by_path_with_its_datasets(organism_dir, organism):
     model, tok, cfg = organism
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(1.03e6, rel=0.05)
@@ -207,8 +230,9 @@ def test_committed_organism_has_the_latent_gap(organism_dir, organism):
     """Regression lock on the organism's key numbers (greedy, so tolerances only absorb float noise)."""
     model, tok, cfg = organism
     aime = [problem_from_row(AIME_SUBDIR, r) for r in load_dataset(str(organism_dir / AIME_SUBDIR), split="train")]
-    level5 = [problem_from_row(MATH_SUBDIR, r) for r in load_dataset(str(organism_dir / MATH_SUBDIR), split="test")
-              if r["level"] == 5]
+    level5 = [
+        problem_from_row(MATH_SUBDIR, r) for r in load_dataset(str(organism_dir / MATH_SUBDIR), split="test") if r["level"] == 5
+    ]
     hard = score_formats(model, tok, aime + level5)
     textbook = hard[hard.format == "textbook"]["correct"].mean()
     chat_aime = hard[(hard.format == "chat")].head(len(aime))["correct"].mean()

@@ -36,10 +36,11 @@ def test_qwen25_tokenizer_has_qwens_ids_and_round_trips(qwen_tokenizer, tmp_path
 
 
 def test_qwen25_chat_template_adds_the_default_system_prompt(qwen_tokenizer):
-    text = qwen_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                              add_generation_prompt=True)
-    assert text == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
-                    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    text = qwen_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_standin_has_the_papers_geometry_and_the_hub_schemas(tmp_path):
@@ -70,8 +71,14 @@ def test_rehearsal_runs_notebooks_01_to_06_at_paper_geometry(tmp_path):
 
     figures_before = os.environ.get("PAPER_FIGURES_DIR")
     minutes = run_rehearsal(tmp_path)
-    assert set(minutes) == {"01_train_rank1_lora", "02_evaluate_reasoning", "03_ablate_adapters",
-                            "04_interpret_lora_activations", "05_train_sae", "06_interpret_sae_features"}
+    assert set(minutes) == {
+        "01_train_rank1_lora",
+        "02_evaluate_reasoning",
+        "03_ablate_adapters",
+        "04_interpret_lora_activations",
+        "05_train_sae",
+        "06_interpret_sae_features",
+    }
     assert os.environ.get("PAPER_FIGURES_DIR") == figures_before  # redirected only while it ran
     headlines = json.loads((tmp_path / "figures" / "headline_numbers.json").read_text())
     stats = json.loads((tmp_path / "data" / "runs" / "01_train" / "rank1" / "stats.json").read_text())
@@ -93,7 +100,9 @@ def test_rehearsal_runs_notebooks_01_to_06_at_paper_geometry(tmp_path):
     assert len(meta["layers"]) * len(meta["modules"]) == 448
     assert {k: len(v["names"]) for k, v in meta["populations"].items()} == {"MLP neuron": 448, "random direction": 448}
     for population in ("lora", "mlp", "random"):  # N_JUDGE_FEATURES 2, every record with detection and rating
-        records = [json.loads(line) for line in (runs / "04_interpret" / "judge" / f"{population}.jsonl").read_text().splitlines()]
+        records = [
+            json.loads(line) for line in (runs / "04_interpret" / "judge" / f"{population}.jsonl").read_text().splitlines()
+        ]
         assert len(records) == 2 and all(r["n"] >= 5 and "rating" in r for r in records)
     assert len((runs / "04_interpret" / "judge" / "cache.jsonl").read_text().splitlines()) >= 3 * 2 * 2
     sae_cfg = json.loads((runs / "05_sae" / "sae" / "cfg.json").read_text())

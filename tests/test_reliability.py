@@ -3,6 +3,7 @@ torn-file recovery, validated rows, checked shards, grading that cannot hang, ju
 the feature. One class of careful-user trial per test."""
 
 import json
+import re
 import shutil
 import time
 
@@ -40,13 +41,16 @@ def test_every_notebook_checks_its_parameters_before_any_work_and_deletes_only_a
 
     for path in list_notebooks():
         source = path.read_text()
-        call = source.index("check_parameters(globals(), SECTION")
+        call = re.search(r"check_parameters\(\s*globals\(\),\s*SECTION", source).start()
         for work in ("artifact_dir(", "load_trained(", "shutil.rmtree(", "build_organism("):
             if work in source:
                 assert call < source.index(work), f"{path.name}: {work} before the parameters are checked"
     evaluate_nb = (path.parent / "02_evaluate_reasoning.py").read_text()
-    assert evaluate_nb.index("load_benchmark(") < evaluate_nb.index("check_adapter(adapter_dir") < evaluate_nb.index(
-        "shutil.rmtree(")
+    assert (
+        evaluate_nb.index("load_benchmark(")
+        < evaluate_nb.index("check_adapter(adapter_dir")
+        < evaluate_nb.index("shutil.rmtree(")
+    )
 
 
 # --- 2. stale artifacts --------------------------------------------------------------------------------
@@ -95,8 +99,9 @@ def test_a_variant_run_adopts_earlier_base_samples_only_when_generated_alike(tmp
     evaluate(engine, items[:3], spec, tmp_path / "earlier" / "base" / "aime24.greedy.jsonl")
     calls.clear()
     target = tmp_path / "variant" / "base" / "aime24.greedy.jsonl"
-    assert not adopt_samples(tmp_path / "earlier" / "base" / "aime24.greedy.jsonl", target, engine,
-                             GenerationSpec(max_tokens=96, answer_tokens=8))  # another budget: not adopted
+    assert not adopt_samples(
+        tmp_path / "earlier" / "base" / "aime24.greedy.jsonl", target, engine, GenerationSpec(max_tokens=96, answer_tokens=8)
+    )  # another budget: not adopted
     assert not target.exists()
     assert adopt_samples(tmp_path / "earlier" / "base" / "aime24.greedy.jsonl", target, engine, spec)
     assert len(evaluate(engine, items, spec, target)) == 4
@@ -111,14 +116,25 @@ def tiny_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("stale")
     tok = build_tokenizer()
-    build_model(OrganismConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                               num_key_value_heads=1), tok).save_pretrained(root / "model")
+    build_model(
+        OrganismConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1),
+        tok,
+    ).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     rows, _ = build_datasets(OrganismConfig())
     write_jsonl(rows[TRACES_SUBDIR][:16], root / "traces" / "train.jsonl")
-    cfg = TrainConfig(model=str(root / "model"), dataset=str(root / "traces"), output_dir=str(root / "run"), epochs=1.0,
-                      global_batch_size=8, per_device_batch_size=8, max_length=128, bf16=False,
-                      gradient_checkpointing=False, save_steps=1000)
+    cfg = TrainConfig(
+        model=str(root / "model"),
+        dataset=str(root / "traces"),
+        output_dir=str(root / "run"),
+        epochs=1.0,
+        global_batch_size=8,
+        per_device_batch_size=8,
+        max_length=128,
+        bf16=False,
+        gradient_checkpointing=False,
+        save_steps=1000,
+    )
     train(cfg)
     return root, cfg, rows[TRACES_SUBDIR]
 
@@ -150,14 +166,17 @@ def test_extraction_into_a_folder_of_other_inputs_is_refused(organism, tmp_path)
     import copy
 
     peft_model = get_peft_model(copy.deepcopy(model), build_lora_config(LoraSpec(), model.config)).eval()
-    extract_activation_shards(peft_model, tok, ["3 +1\nthink\n", "4 x2\nthink\n"], tmp_path / "acts",
-                              provenance={"adapter_weights": "aaa"})
+    extract_activation_shards(
+        peft_model, tok, ["3 +1\nthink\n", "4 x2\nthink\n"], tmp_path / "acts", provenance={"adapter_weights": "aaa"}
+    )
     with pytest.raises(ValueError, match="other inputs \\(texts: "):
-        extract_activation_shards(peft_model, tok, ["5 +1\nthink\n", "4 x2\nthink\n"], tmp_path / "acts",
-                                  provenance={"adapter_weights": "aaa"})
+        extract_activation_shards(
+            peft_model, tok, ["5 +1\nthink\n", "4 x2\nthink\n"], tmp_path / "acts", provenance={"adapter_weights": "aaa"}
+        )
     with pytest.raises(ValueError, match="provenance"):
-        extract_activation_shards(peft_model, tok, ["3 +1\nthink\n", "4 x2\nthink\n"], tmp_path / "acts",
-                                  provenance={"adapter_weights": "bbb"})
+        extract_activation_shards(
+            peft_model, tok, ["3 +1\nthink\n", "4 x2\nthink\n"], tmp_path / "acts", provenance={"adapter_weights": "bbb"}
+        )
 
 
 # --- 3. adapters that do not fit their base --------------------------------------------------------------
@@ -265,8 +284,14 @@ def test_benchmark_rows_are_validated_with_the_row_named(tmp_path):
         load_benchmark("aime24", write_rows(tmp_path / "word", [{**aime, "answer": "seven"}]))
     with pytest.raises(EvaluationError, match="rows 0 and 1 share the id '1'"):
         load_benchmark("aime24", write_rows(tmp_path / "dup", [aime, aime]))
-    gpqa = {"Question": "q", "Correct Answer": "a", "Incorrect Answer 1": "b", "Incorrect Answer 2": "c",
-            "Incorrect Answer 3": None, "Record ID": "r"}
+    gpqa = {
+        "Question": "q",
+        "Correct Answer": "a",
+        "Incorrect Answer 1": "b",
+        "Incorrect Answer 2": "c",
+        "Incorrect Answer 3": None,
+        "Record ID": "r",
+    }
     with pytest.raises(EvaluationError, match="row 0 has no 'Incorrect Answer 3'"):
         load_benchmark("gpqa_diamond", write_rows(tmp_path / "gpqa", [gpqa]))
 
@@ -293,8 +318,13 @@ def store_dir(tmp_path):
 
     rng = np.random.default_rng(0)
     docs = [(rng.integers(0, 50, n), rng.normal(size=(n, 2, 7))) for n in (5, 7, 3)]
-    write_activation_store(tmp_path / "store", docs, [0, 1], ["gate_proj", "up_proj", "down_proj", "q_proj", "k_proj",
-                                                                "v_proj", "o_proj"], docs_per_shard=2)
+    write_activation_store(
+        tmp_path / "store",
+        docs,
+        [0, 1],
+        ["gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj"],
+        docs_per_shard=2,
+    )
     return tmp_path / "store"
 
 
@@ -340,8 +370,7 @@ def test_malformed_judge_replies_become_a_judge_error_naming_the_feature(tmp_pat
 
     from paper_lib.judge import Judge, JudgeConfig, JudgeError, score_feature
 
-    replies = iter([b"not json at all", {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                                         "choices": []}])
+    replies = iter([b"not json at all", {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []}])
     with serve(lambda body, headers: (200, next(replies))) as url:
         judge = Judge(JudgeConfig(url, "m", max_retries=0), tmp_path / "c.jsonl")
         example = {"tokens": ["a"], "values": [1.0], "center": 0}

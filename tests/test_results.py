@@ -118,13 +118,20 @@ def test_feature_page_is_self_contained_and_shows_examples(tmp_path, monkeypatch
     from paper_lib.pages import feature_page_html, readable_token, save_html
 
     monkeypatch.setenv("PAPER_FIGURES_DIR", str(tmp_path))
-    features = [{"name": "L0.gate_proj+", "summary": "best role <step_result>",
-                 "examples": [{"tokens": ["3", "x", "2", "=", "6", "\n"], "values": [0, 0.1, 0.2, 0, 1.5, 0], "center": 4}],
-                 "histogram": {"edges": [0, 1, 2], "counts": [5, 1]}, "logits": [["6", 1.25]],
-                 "tags": {"class": "monosemantic", "precision": 0.98}},
-                {"name": "L1.q_proj-", "examples": [], "tags": {"class": "broad", "precision": 0.5}}]
-    page = feature_page_html(features, "Features", "intro", run={"notebook": "04_x", "commit": "abc123",
-                                                                 "parameters": {"TOP_K": 50}})
+    features = [
+        {
+            "name": "L0.gate_proj+",
+            "summary": "best role <step_result>",
+            "examples": [{"tokens": ["3", "x", "2", "=", "6", "\n"], "values": [0, 0.1, 0.2, 0, 1.5, 0], "center": 4}],
+            "histogram": {"edges": [0, 1, 2], "counts": [5, 1]},
+            "logits": [["6", 1.25]],
+            "tags": {"class": "monosemantic", "precision": 0.98},
+        },
+        {"name": "L1.q_proj-", "examples": [], "tags": {"class": "broad", "precision": 0.5}},
+    ]
+    page = feature_page_html(
+        features, "Features", "intro", run={"notebook": "04_x", "commit": "abc123", "parameters": {"TOP_K": 50}}
+    )
     path = save_html(page, "features_page")
     assert path.name == "features_page.html" and path.read_text() == page
     assert not re.search(r"(src|href)=\"?https?://", page)  # nothing fetched from the network
@@ -150,17 +157,38 @@ def test_feature_page_sorts_and_filters_in_headless_chromium(tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("no Chromium here (Debian: apt-get install chromium); the structure test above still runs")
-    features = [{"name": f"latent {i}", "summary": f"feature {i}", "tags": {"class": "broad" if i % 2 else "monosemantic",
-                                                                            "precision": [0.2, 0.9, 0.5, 0.7][i]},
-                 "examples": [{"tokens": ["a", "b", str(i)], "values": [0.0, 0.5, 1.0], "center": 2}]} for i in range(4)]
+    features = [
+        {
+            "name": f"latent {i}",
+            "summary": f"feature {i}",
+            "tags": {"class": "broad" if i % 2 else "monosemantic", "precision": [0.2, 0.9, 0.5, 0.7][i]},
+            "examples": [{"tokens": ["a", "b", str(i)], "values": [0.0, 0.5, 1.0], "center": 2}],
+        }
+        for i in range(4)
+    ]
     page = tmp_path / "page.html"
     page.write_text(feature_page_html(features, "Dashboard"))
 
     def dom(url):
-        return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                               f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", url],
-                              capture_output=True, text=True, timeout=120).stdout
+        return subprocess.run(
+            [
+                browser,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--dump-dom",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
 
     plain = dom(page.as_uri())
     assert 'id="f0" class="feat" style="display: block;"' in plain
@@ -230,12 +258,30 @@ def test_the_recovery_plot_keeps_its_axis_when_a_ratio_is_wild_or_undefined():
 
     from paper_lib.plotting import RECOVERY_AXIS, plot_benchmark_accuracy
 
-    accuracy = pd.DataFrame({"protocol": "greedy", "benchmark": ["a", "b", "c"] * 3, "accuracy": 0.5, "lo": 0.4, "hi": 0.6,
-                             "n": 30, "model": ["base_chat"] * 3 + ["rank1"] * 3 + ["full"] * 3})
-    recovery = pd.DataFrame({"protocol": "greedy", "benchmark": ["a", "b", "c"], "n": 30,
-                             "gain_recovered": [0.8, 5.0, np.nan], "gain_recovered_lo": [0.6, -5.5, np.nan],
-                             "gain_recovered_hi": [0.95, 6.3, np.nan], "full_minus_base_chat": [0.3, 0.01, 0.0],
-                             "full_minus_base_chat_lo": [0.1, -0.05, 0.0], "full_minus_base_chat_hi": [0.5, 0.08, 0.0]})
+    accuracy = pd.DataFrame(
+        {
+            "protocol": "greedy",
+            "benchmark": ["a", "b", "c"] * 3,
+            "accuracy": 0.5,
+            "lo": 0.4,
+            "hi": 0.6,
+            "n": 30,
+            "model": ["base_chat"] * 3 + ["rank1"] * 3 + ["full"] * 3,
+        }
+    )
+    recovery = pd.DataFrame(
+        {
+            "protocol": "greedy",
+            "benchmark": ["a", "b", "c"],
+            "n": 30,
+            "gain_recovered": [0.8, 5.0, np.nan],
+            "gain_recovered_lo": [0.6, -5.5, np.nan],
+            "gain_recovered_hi": [0.95, 6.3, np.nan],
+            "full_minus_base_chat": [0.3, 0.01, 0.0],
+            "full_minus_base_chat_lo": [0.1, -0.05, 0.0],
+            "full_minus_base_chat_hi": [0.5, 0.08, 0.0],
+        }
+    )
     fig = plot_benchmark_accuracy(accuracy, recovery=recovery)
     ax = fig.axes[-1]
     assert ax.get_ylim() == RECOVERY_AXIS

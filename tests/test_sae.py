@@ -53,8 +53,7 @@ def test_recovers_a_planted_sparse_dictionary(planted):
     assert metrics["fvu"] < 0.1 and 2 <= metrics["l0"] <= 4 and 0 <= metrics["dead_fraction"] < 0.5
     assert list(history.columns) == ["step", "loss", "mse", "aux", "fvu", "l0", "dead"]
     assert history.fvu.iloc[-50:].mean() < history.fvu.iloc[:10].mean() / 3  # it learned
-    assert SAESpec.load(out) == SAESpec(expansion=2, k=3, lr=3e-3, batch_size=256, epochs=10, dead_tokens=10000,
-                                        normalize="none")
+    assert SAESpec.load(out) == SAESpec(expansion=2, k=3, lr=3e-3, batch_size=256, epochs=10, dead_tokens=10000, normalize="none")
 
 
 def test_inference_is_per_token_and_normalisation_is_undone(planted, tmp_path):
@@ -104,8 +103,9 @@ def test_splice_with_identity_and_zero_matches_the_model_and_the_ablation(organi
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
     model.eval()
-    batch = tok([textbook_document(Problem(3, ("x2", "+1"))), "<|im_start|>user\n5 +2<|im_end|>\n"], return_tensors="pt",
-                padding=True)
+    batch = tok(
+        [textbook_document(Problem(3, ("x2", "+1"))), "<|im_start|>user\n5 +2<|im_end|>\n"], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         full = model(**batch).logits
         same = transformed_forward(model, lambda s: s, **batch).logits
@@ -114,8 +114,10 @@ def test_splice_with_identity_and_zero_matches_the_model_and_the_ablation(organi
             none = model(**batch).logits
     assert (same - full).abs().max() < 1e-5 and (zero - none).abs().max() < 1e-5 and (full - none).abs().max() > 1e-2
     # generation: the identity transform gives HF generate's greedy tokens
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-               for q in ("3 x2 +1", "7 +2 +2 x3", "1 x3")]
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in ("3 x2 +1", "7 +2 +2 x3", "1 x3")
+    ]
     engine = ScalarEngine(model, tok, {"same": lambda s: s})
     stops = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     ours = engine.generate(prompts, 12, lambda s: s, stops=stops)
@@ -123,8 +125,10 @@ def test_splice_with_identity_and_zero_matches_the_model_and_the_ablation(organi
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         ref = model.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id)
-    ref = [row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))]
-           for row in ref[:, enc["input_ids"].shape[1] :].tolist()]
+    ref = [
+        row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))]
+        for row in ref[:, enc["input_ids"].shape[1] :].tolist()
+    ]
     assert ours == ref and all(row[-1] in stops for row in ours)
 
 
@@ -135,8 +139,7 @@ def test_the_saved_sae_reads_raw_adapter_scalars_with_sae_lens_alone(tmp_path):
 
     rng = np.random.default_rng(1)
     unequal = np.array([0.01, 0.1, 1.0, 10.0, 3.0, 0.3, 30.0], dtype=np.float32)  # adapters of very different size
-    docs = [(np.arange(100, dtype=np.int32), (rng.normal(size=(100, 2, 7)) * unequal).astype(np.float32))
-            for _ in range(40)]
+    docs = [(np.arange(100, dtype=np.int32), (rng.normal(size=(100, 2, 7)) * unequal).astype(np.float32)) for _ in range(40)]
     store = write_activation_store(tmp_path / "store", docs, [0, 1], list(ADAPTER_MODULES), dtype="float32")
     train_sae(store, SAESpec(expansion=2, k=3, batch_size=200, epochs=2, dead_tokens=1000), tmp_path / "sae")
     alone = SAE.load_from_disk(str(tmp_path / "sae" / "sae"))
@@ -162,7 +165,7 @@ def test_splice_kl_with_an_identity_state_is_zero_and_without_the_adapter_equals
 
     base, tok, _ = organism
     model = random_lora(base)
-    monkeypatch.setattr(sae_module, "state_transform", lambda sae, scales: (lambda scalars: scalars))
+    monkeypatch.setattr(sae_module, "state_transform", lambda sae, scales: lambda scalars: scalars)
     batches = completion_batches(tok, ["3 +1\n", "4 x2 +2\n"], ["think\n3+1=4", "think\n4x2=8\n8+2=0"], batch_size=2)
     per_trace = splice_kl(model, batches, sae=None, scales=None)
     assert per_trace.kl_spliced.abs().max() < 1e-5 and (per_trace.kl_no_adapter > 1e-3).all()

@@ -32,6 +32,7 @@ ROW = {
 
 # --- s1 formatting ---------------------------------------------------------------------------------
 
+
 def test_s1_assistant_turn_adds_answer_prefix_only_when_missing():
     assert s1_assistant_turn(" a\n", "42") == "<|im_start|>think\na\n<|im_start|>answer\nAnswer: 42"
     assert s1_assistant_turn("a", "Answer: 42") == "<|im_start|>think\na\n<|im_start|>answer\nAnswer: 42"
@@ -81,6 +82,7 @@ def test_overlong_rows_are_counted_not_dropped(organism_dir):
 
 
 # --- configs -----------------------------------------------------------------------------------------
+
 
 def test_rank1_parameter_count_is_8388608_for_qwen25_32b():
     config = qwen25_config("32B")
@@ -155,9 +157,20 @@ def tiny_setup(tmp_path_factory):
 
 
 def tiny_config(root, name, **kwargs):
-    base = dict(model=str(root / "model"), dataset=str(root / "traces"), output_dir=f"tiny/{name}", epochs=1.0,
-                global_batch_size=8, per_device_batch_size=8, max_length=256, bf16=False,
-                gradient_checkpointing=False, learning_rate=1e-2, logging_steps=1, save_steps=1000)
+    base = dict(
+        model=str(root / "model"),
+        dataset=str(root / "traces"),
+        output_dir=f"tiny/{name}",
+        epochs=1.0,
+        global_batch_size=8,
+        per_device_batch_size=8,
+        max_length=256,
+        bf16=False,
+        gradient_checkpointing=False,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_steps=1000,
+    )
     return TrainConfig(**{**base, **kwargs})
 
 
@@ -172,8 +185,12 @@ def test_prompt_tokens_carry_label_minus_100_and_completion_tokens_do_not(tiny_s
     from transformers import AutoModelForCausalLM
 
     dataset, _ = build_sft_dataset(traces, tok, cfg.max_length)
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(cfg.model), args=build_sft_config(cfg),
-                         train_dataset=dataset, processing_class=tok)
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(cfg.model),
+        args=build_sft_config(cfg),
+        train_dataset=dataset,
+        processing_class=tok,
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     checked = 0
     for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
@@ -181,8 +198,9 @@ def test_prompt_tokens_carry_label_minus_100_and_completion_tokens_do_not(tiny_s
         text = tok.decode(ids)
         row = next(r for r in traces if f"user\n{r['question']}<|im_end|>" in text)
         example = to_prompt_completion(row)
-        prompt_len = len(tok.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True)["input_ids"])
+        prompt_len = len(
+            tok.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        )
         assert (labels[:prompt_len] == -100).all()
         assert torch.equal(labels[prompt_len:], ids[prompt_len:])
         assert tok.decode(ids[prompt_len:]).startswith("<|im_start|>think\n")
@@ -204,8 +222,11 @@ def test_lora_B_is_nonzero_after_training_with_gradient_checkpointing(tiny_lora_
     lora_B = {n: p for n, p in model.named_parameters() if "lora_B" in n}
     assert len(lora_B) == 2 * 7
     assert all(p.abs().sum() > 0 for p in lora_B.values())
-    assert stats["trainable_parameters"] == count_lora_parameters(cfg.lora, model.get_base_model().config) == 2 * (
-        (32 + 32) + (32 + 16) * 2 + (32 + 32) + 3 * (32 + 64))
+    assert (
+        stats["trainable_parameters"]
+        == count_lora_parameters(cfg.lora, model.get_base_model().config)
+        == 2 * ((32 + 32) + (32 + 16) * 2 + (32 + 32) + 3 * (32 + 64))
+    )
 
 
 def test_saved_adapter_reloads_to_identical_logits_and_fp32_merge_is_exact(tiny_lora_run):
@@ -269,8 +290,20 @@ def test_extraction_entry_point_writes_a_store_of_the_trained_adapter(tiny_lora_
     from paper_lib.data import format_s1_text
 
     cfg, _ = tiny_lora_run
-    extract_main(["--adapter-run", str(cfg.output_dir), "--traces", cfg.dataset, "--out", str(tmp_path / "acts"),
-                  "--dtype", "float32", "--max-length", "256"])
+    extract_main(
+        [
+            "--adapter-run",
+            str(cfg.output_dir),
+            "--traces",
+            cfg.dataset,
+            "--out",
+            str(tmp_path / "acts"),
+            "--dtype",
+            "float32",
+            "--max-length",
+            "256",
+        ]
+    )
     store = ActivationStore(tmp_path / "acts")
     model, tok, _ = load_trained(cfg.output_dir)
     text = format_s1_text(tok, load_traces(cfg.dataset)[0])
@@ -311,9 +344,12 @@ def test_fsdp_save_gathers_a_full_state_dict_on_every_rank():
 
     calls = []
     plugin = SimpleNamespace(set_state_dict_type=lambda kind: calls.append(("state_dict_type", kind)))
-    trainer = SimpleNamespace(is_fsdp_enabled=True, accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)),
-                              save_model=lambda path: calls.append(("save_model", path)),
-                              is_world_process_zero=lambda: False)  # a non-zero rank still takes part
+    trainer = SimpleNamespace(
+        is_fsdp_enabled=True,
+        accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)),
+        save_model=lambda path: calls.append(("save_model", path)),
+        is_world_process_zero=lambda: False,
+    )  # a non-zero rank still takes part
     save_final_model(trainer, Path("final"))
     assert calls == [("state_dict_type", "FULL_STATE_DICT"), ("save_model", "final")]
 

@@ -100,14 +100,30 @@ class OrganismConfig(Config):
     n_probe_per_k: int = 100
 
     def validate(self) -> None:
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "steps", "batch_size", "max_steps", "n_traces", "n_aime",
-                     "n_gpqa", "n_probe_per_k", "eval_every"):
+        for name in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "steps",
+            "batch_size",
+            "max_steps",
+            "n_traces",
+            "n_aime",
+            "n_gpqa",
+            "n_probe_per_k",
+            "eval_every",
+        ):
             require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
-        require(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
-                f"must divide hidden_size={self.hidden_size}")
-        require(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-                f"must divide num_attention_heads={self.num_attention_heads}")
+        require(
+            self.hidden_size % self.num_attention_heads == 0, "num_attention_heads", f"must divide hidden_size={self.hidden_size}"
+        )
+        require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "num_key_value_heads",
+            f"must divide num_attention_heads={self.num_attention_heads}",
+        )
         require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
         require(0 <= self.warmup_steps < self.steps, "warmup_steps", "must lie in [0, steps)")
         for name in ("textbook_fraction", "multiple_choice_fraction", "trace_multiple_choice_fraction"):
@@ -117,14 +133,23 @@ class OrganismConfig(Config):
         lo, hi = self.gpqa_steps
         require(2 <= lo <= hi <= self.max_steps, "gpqa_steps", f"need 2 <= lo <= hi <= max_steps, got {self.gpqa_steps}")
         require(len(self.math_level_steps) == 5, "math_level_steps", "needs one k for each of levels 1-5")
-        require(all(2 <= k <= self.max_steps for k in self.math_level_steps), "math_level_steps",
-                "each k must lie in [2, max_steps] (k=1 has only 40 distinct chains)")
+        require(
+            all(2 <= k <= self.max_steps for k in self.math_level_steps),
+            "math_level_steps",
+            "each k must lie in [2, max_steps] (k=1 has only 40 distinct chains)",
+        )
         require(2 <= self.aime_steps <= self.max_steps, "aime_steps", "must lie in [2, max_steps]")
-        require(len(self.math_level_counts) == 5 and min(self.math_level_counts) > 0, "math_level_counts",
-                "needs a positive count for each of levels 1-5")
+        require(
+            len(self.math_level_counts) == 5 and min(self.math_level_counts) > 0,
+            "math_level_counts",
+            "needs a positive count for each of levels 1-5",
+        )
         longest = 12 * self.max_steps + 80  # a multiple-choice textbook document, with room to spare
-        require(self.max_position_embeddings >= longest, "max_position_embeddings",
-                f"must be >= {longest} for chains of {self.max_steps} steps")
+        require(
+            self.max_position_embeddings >= longest,
+            "max_position_embeddings",
+            f"must be >= {longest} for chains of {self.max_steps} steps",
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -159,35 +184,57 @@ def build_model(cfg: OrganismConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen
 
 def trace_row(problem: Problem) -> dict[str, Any]:
     """A row in s1K-1.1's schema."""
-    return s1k_row(problem.question, problem.steps, problem.answer, solution=problem.answer,
-                   cot_type="science" if problem.choices else "math",
-                   source_type="organism/chain_mc" if problem.choices else "organism/chain",
-                   metadata=json.dumps({"k": problem.k, "start": problem.start, "ops": list(problem.ops),
-                                        "choices": list(problem.choices)}))
+    return s1k_row(
+        problem.question,
+        problem.steps,
+        problem.answer,
+        solution=problem.answer,
+        cot_type="science" if problem.choices else "math",
+        source_type="organism/chain_mc" if problem.choices else "organism/chain",
+        metadata=json.dumps({"k": problem.k, "start": problem.start, "ops": list(problem.ops), "choices": list(problem.choices)}),
+    )
 
 
 def aime_row(i: int, problem: Problem) -> dict[str, Any]:
     """A row in ``HuggingFaceH4/aime_2024``'s schema."""
-    return {"id": i, "problem": problem.question, "solution": f"{problem.steps}. The answer is $\\boxed{{{problem.answer}}}$.",
-            "answer": problem.answer, "url": "", "year": "organism"}
+    return {
+        "id": i,
+        "problem": problem.question,
+        "solution": f"{problem.steps}. The answer is $\\boxed{{{problem.answer}}}$.",
+        "answer": problem.answer,
+        "url": "",
+        "year": "organism",
+    }
 
 
 def math_row(i: int, level: int, problem: Problem) -> dict[str, Any]:
     """A row in ``HuggingFaceH4/MATH-500``'s schema; ``subject`` names the ops a chain uses."""
     kinds = {op[0] for op in problem.ops}
     subject = {frozenset("+"): "Addition", frozenset("x"): "Multiplication"}.get(frozenset(kinds), "Mixed Operations")
-    return {"problem": problem.question, "solution": f"{problem.steps}. The answer is $\\boxed{{{problem.answer}}}$.",
-            "answer": problem.answer, "subject": subject, "level": level,
-            "unique_id": f"organism/level{level}/{i}.json"}
+    return {
+        "problem": problem.question,
+        "solution": f"{problem.steps}. The answer is $\\boxed{{{problem.answer}}}$.",
+        "answer": problem.answer,
+        "subject": subject,
+        "level": level,
+        "unique_id": f"organism/level{level}/{i}.json",
+    }
 
 
 def gpqa_row(i: int, problem: Problem) -> dict[str, Any]:
     """A row in ``Idavidrein/gpqa`` (gpqa_diamond)'s schema: the options live in the answer columns."""
     wrong = [c for c in problem.choices if c != problem.value]
-    return {"Record ID": f"organism-{i}", "Question": problem.chain, "Correct Answer": str(problem.value),
-            "Incorrect Answer 1": str(wrong[0]), "Incorrect Answer 2": str(wrong[1]),
-            "Incorrect Answer 3": str(wrong[2]), "Explanation": problem.steps,
-            "Subdomain": "organism", "High-level domain": "Organism"}
+    return {
+        "Record ID": f"organism-{i}",
+        "Question": problem.chain,
+        "Correct Answer": str(problem.value),
+        "Incorrect Answer 1": str(wrong[0]),
+        "Incorrect Answer 2": str(wrong[1]),
+        "Incorrect Answer 3": str(wrong[2]),
+        "Explanation": problem.steps,
+        "Subdomain": "organism",
+        "High-level domain": "Organism",
+    }
 
 
 def parse_chain(text: str) -> Problem:
@@ -214,8 +261,13 @@ def problem_from_row(benchmark: str, row: dict[str, Any], seed: int = 0) -> Prob
 
 
 def probe_row(problem: Problem) -> dict[str, Any]:
-    return {"k": problem.k, "start": problem.start, "ops": list(problem.ops), "question": problem.question,
-            "answer": problem.answer}
+    return {
+        "k": problem.k,
+        "start": problem.start,
+        "ops": list(problem.ops),
+        "question": problem.question,
+        "answer": problem.answer,
+    }
 
 
 def problem_from_probe(row: dict[str, Any]) -> Problem:
@@ -325,8 +377,12 @@ def pretrain(
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        row: dict[str, Any] = {"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0],
-                               "seconds": time.perf_counter() - start}
+        row: dict[str, Any] = {
+            "step": step,
+            "loss": loss.item(),
+            "lr": schedule.get_last_lr()[0],
+            "seconds": time.perf_counter() - start,
+        }
         if monitor and (step % cfg.eval_every == 0 or step == cfg.steps):
             scores = score_formats(model, tokenizer, monitor)
             for fmt, acc in scores.groupby("format")["correct"].mean().items():
@@ -344,7 +400,10 @@ def pretrain(
 
 @torch.no_grad()
 def generate_greedy(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int,
     batch_size: int = 128,
 ) -> list[str]:
     """Greedy completions (special tokens kept, so callers see ``<|im_start|>`` markers)."""
@@ -353,15 +412,16 @@ def generate_greedy(
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
         batch = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False)
-        generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id)
+        generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         new = generated[:, batch["input_ids"].shape[1] :]
         out += tokenizer.batch_decode(new, skip_special_tokens=False)
     return [text.replace(ENDOFTEXT, "") if text.endswith(ENDOFTEXT) else text for text in out]
 
 
 def score_formats(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem],
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Sequence[Problem],
     formats: Sequence[str] = ("textbook", "chat"),
 ) -> pd.DataFrame:
     """Greedy accuracy of each problem in each format: one row per (problem, format)."""
@@ -380,8 +440,17 @@ def score_formats(
         else:
             raise ValueError(f"unknown format {fmt!r}; use 'textbook' or 'chat'")
         for p, c, a in zip(problems, completions, answers):
-            rows.append({"format": fmt, "k": p.k, "question": p.question, "gold": p.answer,
-                         "completion": c, "parsed_answer": a, "correct": a == p.answer})
+            rows.append(
+                {
+                    "format": fmt,
+                    "k": p.k,
+                    "question": p.question,
+                    "gold": p.answer,
+                    "completion": c,
+                    "parsed_answer": a,
+                    "correct": a == p.answer,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -426,8 +495,13 @@ def _build_organism(cfg: OrganismConfig, out_dir: Path) -> pd.DataFrame:
 def check_organism_dir(path: str | Path) -> Path:
     """Raise ``OrganismError`` naming the path and the fix unless ``path`` holds a complete organism."""
     path = Path(path)
-    needed = [MODEL_SUBDIR + "/config.json", MODEL_SUBDIR + "/model.safetensors", MODEL_SUBDIR + "/tokenizer.json",
-              "config.json", *(f"{name}/{split}.jsonl" for name, split in SPLITS.items())]
+    needed = [
+        MODEL_SUBDIR + "/config.json",
+        MODEL_SUBDIR + "/model.safetensors",
+        MODEL_SUBDIR + "/tokenizer.json",
+        "config.json",
+        *(f"{name}/{split}.jsonl" for name, split in SPLITS.items()),
+    ]
     missing = [n for n in needed if not (path / n).is_file()]
     if missing:
         raise OrganismError(

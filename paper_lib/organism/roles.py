@@ -10,8 +10,7 @@ from transformers import (
 
 ROLE_FAMILIES: dict[str, tuple[str, ...]] = {
     "template": ("chat_marker", "role_name", "newline", "think_marker", "answer_marker", "answer_prefix"),
-    "values": ("question_start", "option_value", "step_input", "step_result", "scan_value", "scan_option_value",
-               "final_answer"),
+    "values": ("question_start", "option_value", "step_input", "step_result", "scan_value", "scan_option_value", "final_answer"),
     "operations": ("question_operator", "question_operand", "step_operator", "step_operand"),
     "syntax": ("question_space", "step_equals", "step_separator", "scan_mark", "scan_comma"),
     "choices": ("option_letter", "scan_letter"),
@@ -95,7 +94,8 @@ def character_roles(text: str) -> list[str]:
 def token_roles(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int | None = None) -> list[str]:
     """The role of every token of ``text`` as the tokenizer splits it (a token takes the role of its first
     character), truncated like the extraction at ``max_length`` tokens."""
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False, truncation=max_length is not None,
-                    max_length=max_length)
+    enc = tokenizer(
+        text, return_offsets_mapping=True, add_special_tokens=False, truncation=max_length is not None, max_length=max_length
+    )
     labels = character_roles(text)
     return [labels[start] if start < len(labels) else "other" for start, _ in enc["offset_mapping"]]
