@@ -294,37 +294,16 @@ if ROLE_SCORER:
         mannwhitney_p=test["precision_mannwhitney_p"],
     )
     first, last = steering.iloc[0], steering.iloc[-1]
-    record_headline(
-        SECTION,
-        "steering_role_rate_change",
-        last.role_rate - first.role_rate,
-        unit="fraction of generated tokens",
-        n=int(last.n),
-        latent=steer,
-        role=role,
-        strength=last.strength,
-        before=first.role_rate,
-    )
-    record_headline(
-        SECTION,
-        "steering_steps_change",
-        last.steps - first.steps,
-        unit="thinking steps per response",
-        n=int(last.n),
-        latent=steer,
-        strength=last.strength,
-        before=first.steps,
-    )
-    record_headline(
-        SECTION,
-        "steering_accuracy_change",
-        last.accuracy - first.accuracy,
-        unit="fraction",
-        n=int(last.n),
-        latent=steer,
-        strength=last.strength,
-        before=first.accuracy,
-    )
+    for key, column, unit in (
+        ("steering_role_rate_change", "role_rate", "fraction of generated tokens"),
+        ("steering_steps_change", "steps", "thinking steps per response"),
+        ("steering_accuracy_change", "accuracy", "fraction"),
+    ):
+        extra = {"role": role} if column == "role_rate" else {}
+        change = last[column] - first[column]
+        record_headline(
+            SECTION, key, change, unit=unit, n=int(last.n), latent=steer, **extra, strength=last.strength, before=first[column]
+        )
 
 # %% [markdown]
 # ## The LLM judge: SAE features vs raw adapters under one protocol, and the paper's seven categories

@@ -101,14 +101,7 @@ spec = GenerationSpec(
     answer_tokens=ANSWER_TOKENS,
     seed=GENERATION_SEED,
 )
-chat = GenerationSpec(
-    max_tokens=MAX_TOKENS,
-    thinking_budget=THINKING_BUDGET or None,
-    wait_count=WAIT_COUNT,
-    answer_tokens=ANSWER_TOKENS,
-    seed=GENERATION_SEED,
-    budget_forcing=False,
-)
+chat = dataclasses.replace(spec, budget_forcing=False)
 limits = {"aime24": 4 if SMOKE else None, "math500": 8 if SMOKE else (N_MATH or None)}
 benchmarks = {
     name: load_benchmark(name, f"{BENCHMARK_DIR}/{name}" if BENCHMARK_DIR else None, seed=GENERATION_SEED, limit=limit)

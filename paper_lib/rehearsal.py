@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+from transformers import Qwen2ForCausalLM, Qwen2Tokenizer
 
 from paper_lib.data import s1k_row
+from paper_lib.formats import ENDOFTEXT, IM_END
+from paper_lib.organism.tokenizer import chat_model
 from paper_lib.paths import environment, resolve
 
 log = logging.getLogger(__name__)
@@ -107,7 +109,7 @@ def build_qwen25_tokenizer() -> Qwen2Tokenizer:
     vocab, merges = _Converter(vocab_file="qwen.tiktoken").extract_vocab_merges_from_model("qwen.tiktoken")
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=131072)  # adds <|endoftext|> first
     tokenizer.add_tokens([AddedToken(t, special=not t.endswith("tool_call>"), normalized=False) for t in QWEN25_ADDED_TOKENS])
-    tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token = "<|im_end|>", "<|endoftext|>", None
+    tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token = IM_END, ENDOFTEXT, None
     ids = tokenizer.convert_tokens_to_ids(list(QWEN25_ADDED_TOKENS))
     if ids != list(range(QWEN25_FIRST_ADDED_ID, QWEN25_FIRST_ADDED_ID + len(QWEN25_ADDED_TOKENS))):
         raise RuntimeError(f"Qwen2.5's added tokens landed at {ids[:3]}..., not from {QWEN25_FIRST_ADDED_ID}")
@@ -121,8 +123,8 @@ def build_standin_model(
     """Random weights at the paper's depth and Qwen2.5-32B's vocabulary; head_dim 32 (a size vLLM's CPU
     attention supports)."""
     torch.manual_seed(seed)
-    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-    config = Qwen2Config(
+    return chat_model(
+        tokenizer,
         vocab_size=QWEN25_32B_VOCAB_ROWS,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -131,13 +133,7 @@ def build_standin_model(
         num_key_value_heads=1,
         max_position_embeddings=32768,
         tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
     )
-    model = Qwen2ForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, do_sample=False)
-    return model
 
 
 WORDS = (

@@ -21,17 +21,15 @@ from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    Qwen2Config,
     Qwen2ForCausalLM,
     get_cosine_schedule_with_warmup,
 )
 
 from paper_lib.config import Config, require, seed_everything
 from paper_lib.data import s1k_row
-from paper_lib.formats import ENDOFTEXT, IM_END, chat_prompt
+from paper_lib.formats import ENDOFTEXT, chat_prompt
 from paper_lib.organism.task import (
     OPS,
     Problem,
@@ -44,7 +42,7 @@ from paper_lib.organism.task import (
     textbook_document,
     textbook_prompt,
 )
-from paper_lib.organism.tokenizer import build_tokenizer
+from paper_lib.organism.tokenizer import build_tokenizer, chat_model
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +155,9 @@ class OrganismConfig(Config):
 
 
 def build_model(cfg: OrganismConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2ForCausalLM:
-    vocab_size = 64 * math.ceil(len(tokenizer) / 64)
-    eos = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
-    config = Qwen2Config(
-        vocab_size=vocab_size,
+    return chat_model(
+        tokenizer,
+        vocab_size=64 * math.ceil(len(tokenizer) / 64),
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers,
@@ -168,14 +165,7 @@ def build_model(cfg: OrganismConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen
         num_key_value_heads=cfg.num_key_value_heads,
         max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
     )
-    model = Qwen2ForCausalLM(config)
-    # Like Qwen2.5-Instruct: generation stops at <|im_end|> or <|endoftext|>; greedy by default.
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, do_sample=False)
-    return model
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import re
 
-from transformers import (
-    PreTrainedTokenizerBase,
-)
+from transformers import PreTrainedTokenizerBase
 
 ROLE_FAMILIES: dict[str, tuple[str, ...]] = {
     "template": ("chat_marker", "role_name", "newline", "think_marker", "answer_marker", "answer_prefix"),

@@ -8,9 +8,7 @@ import random
 import re
 from collections.abc import Sequence
 
-from transformers import (
-    PreTrainedTokenizerBase,
-)
+from transformers import PreTrainedTokenizerBase
 
 from paper_lib.formats import ENDOFTEXT, IM_END, IM_START, LETTERS, chat_messages
 

@@ -3,12 +3,12 @@ template."""
 
 from __future__ import annotations
 
-from transformers import (
-    Qwen2Tokenizer,
-)
+from typing import Any
+
+from transformers import GenerationConfig, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from paper_lib.formats import ENDOFTEXT, IM_END, IM_START
+from paper_lib.formats import END_MARKERS, ENDOFTEXT, IM_END, IM_START
 
 # ChatML as Qwen2.5 writes it, minus the default system prompt (it would triple the organism's sequence
 # length). The {% generation %} markers let TRL compute an assistant-only loss mask.
@@ -42,3 +42,13 @@ def build_tokenizer() -> Qwen2Tokenizer:
     tokenizer.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def chat_model(tokenizer: PreTrainedTokenizerBase, **shape: Any) -> Qwen2ForCausalLM:
+    """A randomly initialised ``Qwen2ForCausalLM`` of ``shape`` (Qwen2Config fields) that stops like
+    Qwen2.5-Instruct, at ``<|im_end|>`` or ``<|endoftext|>``, and generates greedily by default."""
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in END_MARKERS]
+    config = Qwen2Config(**shape, bos_token_id=None, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, do_sample=False)
+    return model
