@@ -52,6 +52,9 @@ ANSWER_TOKENS = 32  # tokens for the forced answer section (real scale: 2048, ro
 ENFORCE_EAGER = False  # vLLM: True turns CUDA graphs off on GPUs (the CPU backend always runs eagerly)
 WAIT_COUNT = 0  # s1's "Wait" extension count
 N_SAMPLES = 4  # pass@1 samples per question at temperature 0.6 (0: skip the sampled protocol)
+SCALING_BENCHMARK = "aime24"  # s1's test-time scaling sweeps run on this benchmark ("": skip them)
+SCALING_BUDGETS = "16,32,64,128"  # thinking budgets to sweep, no "Wait" (real scale: 512,1024,2048,4096,8192)
+SCALING_WAITS = "0,1,2,4"  # numbers of "Wait"s to sweep at the greedy protocol's budget (real scale: 0,1,2,4,6)
 N_BOOTSTRAP = 2000  # bootstrap resamples for intervals
 OUTPUT_DIR = "runs/02_evaluate"  # under data/: per-sample JSONL files per model x benchmark x protocol
 REUSE_FROM = ""  # an earlier run's OUTPUT_DIR: its base and full samples are reused where generated exactly alike
@@ -69,11 +72,11 @@ import numpy as np
 import pandas as pd
 
 from paper_lib.config import seed_everything
-from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
+from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark, scaling_specs
 from paper_lib.params import check_parameters
 from paper_lib.paths import artifact_dir
-from paper_lib.plotting import plot_benchmark_accuracy, save_figure
-from paper_lib.results import record_headline, say, start_run, verdict
+from paper_lib.plotting import plot_benchmark_accuracy, plot_test_time_scaling, save_figure
+from paper_lib.results import interval_verdict, record_headline, say, start_run, verdict
 from paper_lib.statistics import bootstrap_interval, recovery_table
 
 SECTION = "02_evaluate_reasoning"
@@ -81,7 +84,12 @@ SECTION = "02_evaluate_reasoning"
 parameters = check_parameters(
     globals(),
     SECTION,
-    choices={"CHOICE_STYLE": ("organism", "s1"), "BACKEND": ("vllm", "hf"), "DTYPE": ("float32", "bfloat16", "float16")},
+    choices={
+        "CHOICE_STYLE": ("organism", "s1"),
+        "BACKEND": ("vllm", "hf"),
+        "DTYPE": ("float32", "bfloat16", "float16"),
+        "SCALING_BENCHMARK": ("", "aime24", "math500", "gpqa_diamond"),
+    },
 )
 seed_everything(SEED)
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM inside a notebook kernel
@@ -112,12 +120,6 @@ from paper_lib.evaluation import adopt_samples  # noqa: E402
 from paper_lib.training import check_adapter  # noqa: E402
 
 # every input loaded and checked before anything earlier runs left is discarded
-check_adapter(adapter_dir, BASE_MODEL)
-resolve_model(full_model)
-if OVERWRITE and out_dir.exists():
-    shutil.rmtree(out_dir)
-start_run(SECTION, out_dir, parameters)  # run.json, figures, headline section
-
 forced = dict(
     max_tokens=MAX_TOKENS, thinking_budget=THINKING_BUDGET or None, wait_count=WAIT_COUNT, answer_tokens=ANSWER_TOKENS, seed=SEED
 )
@@ -126,6 +128,13 @@ if N_SAMPLES and not SMOKE:
     protocols["sampled"] = GenerationSpec(temperature=0.6, top_p=0.95, n=N_SAMPLES, **forced)
 # the base model's own chat protocol: no think section, the whole budget for the reply
 chat = {name: dataclasses.replace(spec, budget_forcing=False) for name, spec in protocols.items()}
+# s1's test-time scaling: the greedy protocol at other thinking budgets and numbers of "Wait"s (checked here)
+scaling = scaling_specs(protocols["greedy"], SCALING_BUDGETS, SCALING_WAITS) if SCALING_BENCHMARK else {}
+check_adapter(adapter_dir, BASE_MODEL)
+resolve_model(full_model)
+if OVERWRITE and out_dir.exists():
+    shutil.rmtree(out_dir)
+start_run(SECTION, out_dir, parameters)  # run.json, figures, headline section
 
 
 def make_engine(model, adapters=None):
@@ -150,7 +159,7 @@ runs = [
     ((BASE_MODEL, {lora: adapter_dir}), [("base_chat", None, chat), ("base", None, protocols), (lora, lora, protocols)]),
     ((full_model, None), [("full", None, protocols)]),
 ]
-samples, reused = [], []
+samples, reused, scaled = [], [], []
 for (model, adapters), evaluations in runs:
     with make_engine(model, adapters) as engine:  # released before the next one starts
         for label, adapter, specs in evaluations:
@@ -165,6 +174,14 @@ for (model, adapters), evaluations in runs:
                         reused.append(f"{label}/{path.name}")
                     df = evaluate(engine, items, spec, path, variant=adapter)
                     samples.append(df.assign(model=label, benchmark=name, protocol=protocol))
+            if label == "base_chat":  # budget forcing is what the sweeps vary
+                continue
+            for setting, spec in scaling.items():
+                # the greedy protocol's own setting is its samples, not a second run of them
+                protocol = "greedy" if spec == protocols["greedy"] else setting
+                path = out_dir / label / f"{SCALING_BENCHMARK}.{protocol}.jsonl"
+                df = evaluate(engine, benchmarks[SCALING_BENCHMARK], spec, path, variant=adapter)
+                scaled.append(df.assign(model=label, setting=setting))
 samples = pd.concat(samples, ignore_index=True)
 print(f"reused from {REUSE_FROM}: {reused}" if REUSE_FROM else "no earlier run reused")
 print(samples.groupby(["protocol", "benchmark", "model"])["correct"].mean().unstack().round(3))
@@ -212,7 +229,9 @@ print("base in its own chat protocol (headline):\n", recovery.round(3).to_string
 print("base budget-forced too:\n", forced_base.round(3).to_string())
 seen = []
 for _, r in recovery[recovery.protocol == "greedy"].iterrows():
-    overlaps = np.isfinite(r.gain_recovered) and r.gain_recovered_lo <= 0.90 and r.gain_recovered_hi >= 0.73
+    # testable only where the full fine-tune clearly gains and the interval is narrower than the scale itself
+    testable = r["full_minus_base_chat_lo"] > 0 and r.gain_recovered_hi - r.gain_recovered_lo <= 1.0
+    overlaps = (r.gain_recovered_lo <= 0.90 and r.gain_recovered_hi >= 0.73) if testable else None
     seen.append(
         f"on {r.benchmark} the adapter ({lora}) recovers {r.gain_recovered:.0%} of the full fine-tune's gain over the base "
         f"[{r.gain_recovered_lo:.0%}, {r.gain_recovered_hi:.0%}], n = {r.n} ({verdict(overlaps)}: 73-90%)"
@@ -220,6 +239,58 @@ for _, r in recovery[recovery.protocol == "greedy"].iterrows():
         else f"on {r.benchmark} the full fine-tune gains nothing over the base, so no share of its gain can be recovered"
     )
 say(SECTION, "**What we see.** Greedy decoding: " + "; ".join(seen) + ".")
+
+# %% [markdown]
+# ## s1's test-time scaling: accuracy vs thinking budget and vs "Wait"s
+# s1's headline: with budget forcing, accuracy rises with the thinking budget, and suppressing the end of
+# thinking with "Wait" lets the model re-check and extend its reasoning. Each point is the greedy protocol
+# on the same questions at one setting (budget sweep: no "Wait"; "Wait" sweep: the greedy protocol's
+# budget), with a 95% bootstrap interval over questions; the change from no "Wait" to the most is a
+# paired difference.
+
+# %%
+if scaled:
+    scaled = pd.concat(scaled, ignore_index=True)
+    curve = []
+    for (model, setting), group in scaled.groupby(["model", "setting"], sort=False):
+        x = group["correct"].to_numpy(dtype=float)
+        lo, hi = bootstrap_interval(x, n_resamples=N_BOOTSTRAP, seed=SEED)
+        sweep, value = ("budget", int(setting[6:])) if setting.startswith("budget") else ("wait", int(setting[4:]))
+        curve.append(dict(model=model, sweep=sweep, x=value, accuracy=x.mean(), lo=lo, hi=hi, n=len(x)))
+    curve = pd.DataFrame(curve)
+    save_figure(plot_test_time_scaling(curve), "test_time_scaling", curve)
+    print(curve.round(3).to_string())
+    wide = scaled.pivot_table(index=["model", "id"], columns="setting", values="correct").astype(float)
+    waits = sorted(int(s[4:]) for s in scaled["setting"].unique() if s.startswith("wait"))
+    seen, helped = [], None
+    if len(waits) > 1:
+        first, most = f"wait{waits[0]}", f"wait{waits[-1]}"
+        for model in dict.fromkeys(scaled["model"]):
+            a, b = (wide.loc[model][c].to_numpy() for c in (first, most))
+            change = b.mean() - a.mean()
+            lo, hi = bootstrap_interval([a, b], lambda x, y: y.mean() - x.mean(), n_resamples=N_BOOTSTRAP, seed=SEED)
+            record_headline(
+                SECTION,
+                f"scaling_{model}_waits_change",
+                change,
+                unit="accuracy difference",
+                n=len(a),
+                ci95=[lo, hi],
+                waits=[waits[0], waits[-1]],
+            )
+            seen.append(f"{model} {a.mean():.2f} -> {b.mean():.2f} ({change:+.2f} [{lo:+.2f}, {hi:+.2f}], n = {len(a)})")
+            if model == lora:
+                helped = interval_verdict(lo, hi)
+        say(
+            SECTION,
+            f'**What we see (test-time scaling).** From {waits[0]} to {waits[-1]} "Wait"s on {SCALING_BENCHMARK}: '
+            + "; ".join(seen)
+            + f'. s1\'s claim that extending thinking with "Wait" raises accuracy, for the adapter: {verdict(helped)}.',
+        )
+    for _, r in curve.iterrows():
+        record_headline(
+            SECTION, f"scaling_{r.model}_{r.sweep}{r.x}_accuracy", r.accuracy, unit="fraction", n=r.n, ci95=[r.lo, r.hi]
+        )
 
 # %% [markdown]
 # ## Headline numbers

@@ -149,7 +149,10 @@ if ROLE_SCORER:
         mono=MONO,
         broad=BROAD,
         tops={"SAE feature": live_top, "LoRA": lora_top},
+        tokens=store.token_contexts(),  # the token-identity and bigram baselines
     )
+    # an adapter's two polarities are one unit: intervals resample adapters, not polarities
+    scored["unit"] = np.where(scored.population == "LoRA", scored.feature.str.rstrip("+-"), scored.feature)
     scored.to_csv(out_dir / "role_scores.csv", index=False)
     shares = class_shares(scored, n_resamples=N_BOOTSTRAP, seed=SEED)
     test = compare_populations(scored, "SAE feature", "LoRA", N_BOOTSTRAP, SEED)
@@ -157,12 +160,16 @@ if ROLE_SCORER:
     print({k: round(v, 4) for k, v in test.items()})
     save_figure(plot_interpretability(scored, shares), "interpretability_sae_vs_lora", shares)
     share = shares.set_index(["population", "class"])["share"]
+    lift = scored.groupby("population")[["lift", "bigram_lift"]].median()
     held = share[("SAE feature", "monosemantic")] > share[("LoRA", "monosemantic")] and test["chi2_p"] < 0.05
     say(
         SECTION,
         f"**What we see.** {share[('SAE feature', 'monosemantic')]:.0%} of the {len(live)} live SAE latents are "
         f"monosemantic against {share[('LoRA', 'monosemantic')]:.0%} of the raw adapter features (the paper: ~62% vs ~22%; "
-        f"chi-square p = {test['chi2_p']:.2g}): the SAE's features are finer and more often monosemantic: {verdict(held)}.",
+        f"chi-square p = {test['chi2_p']:.2g}): the SAE's features are finer and more often monosemantic: {verdict(held)}. "
+        f"Median lift over the token-identity reader: SAE {lift.loc['SAE feature', 'lift']:+.2f}, LoRA "
+        f"{lift.loc['LoRA', 'lift']:+.2f}; over the bigram reader: SAE {lift.loc['SAE feature', 'bigram_lift']:+.2f}, LoRA "
+        f"{lift.loc['LoRA', 'bigram_lift']:+.2f}.",
     )
     sae_scores = scored[scored.population == "SAE feature"].set_index("feature")
     for entry in examples:

@@ -618,6 +618,15 @@ class ActivationStore:
         """Every token id (int32; 4 bytes a token: at real scale prefer ``token_ids``)."""
         return np.concatenate([np.load(p["tokens"], mmap_mode="r") for p in self.shards])
 
+    def token_contexts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every token id and the id before it in its document (-1 at a document's start): what the
+        token-identity and bigram baselines of the role scorer condition on (small stores: 8 bytes a token)."""
+        ids = self.tokens().astype(np.int64)
+        previous = np.concatenate([[-1], ids[:-1]])
+        starts = np.concatenate([self._starts[s] + np.asarray(o[:-1]) for s, o in enumerate(self._offsets)]).astype(np.int64)
+        previous[starts] = -1
+        return ids, previous
+
     def activations(self) -> np.ndarray:
         """Every token's activations, ``[tokens, n_layers, n_modules]`` (loads all shards: small stores and
         tests only; a pass over a large one goes through ``blocks``)."""

@@ -164,6 +164,36 @@ class GenerationSpec(Config):
         require(self.thinking_budget is None or self.thinking_budget > 0, "thinking_budget", "must be positive")
 
 
+def scaling_specs(spec: GenerationSpec, budgets: str, waits: str) -> dict[str, GenerationSpec]:
+    """s1's test-time scaling sweeps around ``spec`` (a budget-forced greedy protocol): ``budget<B>`` caps
+    thinking at B tokens with no "Wait"; ``wait<W>`` suppresses the end of thinking W times at ``spec``'s
+    budget. ``budgets`` and ``waits`` are comma-separated integers (a notebook's string parameters); a
+    budget must leave room for the answer within ``max_tokens``."""
+    if not spec.budget_forcing:
+        raise ValueError("test-time scaling sweeps budget forcing: give a budget-forced spec")
+
+    def integers(text: str, name: str, least: int) -> list[int]:
+        try:
+            values = sorted({int(x) for x in text.split(",") if x.strip()})
+        except ValueError:
+            raise ValueError(f"{name}: expected comma-separated integers, got {text!r}") from None
+        if any(v < least for v in values):
+            raise ValueError(f"{name}: every value must be >= {least}, got {text!r}")
+        return values
+
+    room = spec.max_tokens - spec.answer_tokens
+    out = {}
+    for budget in integers(budgets, "budgets", 1):
+        if budget > room:
+            raise ValueError(
+                f"budgets: {budget} thinking tokens leave no room for the answer within max_tokens={spec.max_tokens}"
+            )
+        out[f"budget{budget}"] = dataclasses.replace(spec, thinking_budget=budget, wait_count=0)
+    for wait in integers(waits, "waits", 0):
+        out[f"wait{wait}"] = dataclasses.replace(spec, wait_count=wait)
+    return out
+
+
 class Response(NamedTuple):
     """One generated response: the assistant text and its generated tokens, and whether the context
     (``thinking_cut``: thinking stopped to leave room for the answer) or the answer limit

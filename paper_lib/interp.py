@@ -203,9 +203,20 @@ def score_against_roles(
     k: int = 50,
     histogram_bytes: int = 2**28,
     top: tuple[np.ndarray, np.ndarray] | None = None,
+    tokens: tuple[np.ndarray, np.ndarray] | None = None,
+    quantiles: int = 5,
+    quantile_top: float = 0.1,
 ) -> pd.DataFrame:
     """Per feature: the most common role among its top-k tokens (``role``, ``precision``), that role's
     AUROC over all tokens, and the same for role families (``family``, ``family_precision``).
+
+    ``tokens`` = (token ids, previous token ids; -1 at a document's start), one each per token: then
+    ``identity_precision`` and ``bigram_precision`` are what a reader of the token alone, or of it and the
+    token before, would score on the same top-k tokens (the mean of P(best role | token) over them), and
+    ``lift`` / ``bigram_lift`` what the feature adds beyond them. ``quantile_precision``: the best role's
+    share in each of ``quantiles`` equal-count bins of the feature's activating tokens (value > 0, at most
+    the top ``quantile_top`` of all tokens), lowest bin first, as EleutherAI's delphi scores detection
+    across activation quantiles rather than at the top alone.
 
     Streamed: one pass for the top-k, then the AUROCs from per-feature histograms over float16 values
     (exact for float16 stores; float32 features are ranked at float16 resolution), as many features per
@@ -238,6 +249,17 @@ def score_against_roles(
                 "family_precision": fam_counts.max() / top_i.shape[1],
             }
         )
+    if tokens is not None:
+        ids, previous = (np.asarray(a) for a in tokens)
+        if len(ids) != len(codes) or len(previous) != len(codes):
+            raise ValueError(f"{len(ids)} token ids and {len(previous)} previous ids for {len(codes)} roles")
+        for column, context in (("identity_precision", ids), ("bigram_precision", previous.astype(np.int64) * (2**32) + ids)):
+            which, rates = conditional_role_rates(context, codes, len(role_names))
+            for f in range(len(names)):
+                rows[f][column] = float(rates[which[top_i[f]], best[f]].mean())
+        for f in range(len(names)):
+            rows[f]["lift"] = rows[f]["precision"] - rows[f]["identity_precision"]
+            rows[f]["bigram_lift"] = rows[f]["precision"] - rows[f]["bigram_precision"]
     per_pass = max(1, histogram_bytes // (2 * 65536 * 8))
     for first in range(0, len(names), per_pass):
         group = np.arange(first, min(len(names), first + per_pass))
@@ -257,7 +279,36 @@ def score_against_roles(
             raise ValueError(f"{len(codes)} roles for {offset} tokens: roles must cover every token, in order")
         for j, f in enumerate(group):
             rows[f]["auroc"] = auroc_from_histograms(positive[j], total[j])
+            rows[f]["quantile_precision"] = quantile_precision(positive[j], total[j], quantiles, quantile_top)
     return pd.DataFrame(rows)
+
+
+def conditional_role_rates(context: np.ndarray, codes: np.ndarray, n_roles: int) -> tuple[np.ndarray, np.ndarray]:
+    """P(role | context): each token's context index ``[tokens]`` and the rates ``[contexts, n_roles]``; a
+    context is any integer per token (its id, or a pair of ids packed in one integer)."""
+    which, unique = pd.factorize(np.asarray(context), sort=False)
+    counts = np.bincount(which * n_roles + codes, minlength=len(unique) * n_roles).reshape(len(unique), n_roles)
+    return which, counts / counts.sum(1, keepdims=True)
+
+
+def quantile_precision(positive: np.ndarray, total: np.ndarray, quantiles: int = 5, top: float = 0.1) -> list[float]:
+    """The positive share in each of ``quantiles`` equal-count bins of the activating tokens (value > 0,
+    at most the top ``top`` share of all), lowest bin first, from histograms over ``ordered_keys`` (bins
+    meet at float16 resolution; a bin with no token is NaN)."""
+    zero = int(ordered_keys(np.zeros(1))[0])
+    rev_total, rev_positive = total[::-1][: 65535 - zero], positive[::-1][: 65535 - zero]  # keys above +0, highest first
+    m = min(int(rev_total.sum()), int(top * total.sum()))
+    if m == 0:
+        return [float("nan")] * quantiles
+    before = np.cumsum(rev_total) - rev_total
+    inside = before < m
+    bins = np.minimum(before * quantiles // m, quantiles - 1)
+    out = []
+    for q in range(quantiles - 1, -1, -1):
+        chosen = inside & (bins == q)
+        n = rev_total[chosen].sum()
+        out.append(float(rev_positive[chosen].sum() / n) if n else float("nan"))
+    return out
 
 
 def classify_features(scores: pd.DataFrame, mono: float = 0.9, broad: float = 0.9) -> pd.Series:
@@ -278,40 +329,81 @@ def score_populations(
     mono: float = 0.9,
     broad: float = 0.9,
     tops: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    tokens: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """``score_against_roles`` and ``classify_features`` for each population (name -> features), stacked
-    with a ``population`` column; ``tops``: their ``top_features`` where already computed."""
+    with a ``population`` column; ``tops``: their ``top_features`` where already computed; ``tokens``: the
+    token ids and previous ids, for the identity and bigram baselines."""
     tables = []
     for population, features in populations.items():
-        table = score_against_roles(features, roles, families, k=k, top=(tops or {}).get(population))
+        table = score_against_roles(features, roles, families, k=k, top=(tops or {}).get(population), tokens=tokens)
         table["class"] = classify_features(table, mono=mono, broad=broad)
         tables.append(table.assign(population=population))
     return pd.concat(tables, ignore_index=True)
 
 
 def class_shares(classes: pd.DataFrame, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Share of each class per population with percentile-bootstrap 95% intervals (features resampled).
-    ``classes``: columns population, class."""
+    """Share of each class per population with percentile-bootstrap 95% intervals. ``classes``: columns
+    population, class, and optionally ``unit``: features of one unit (an adapter's two polarities) are
+    not independent, so units are resampled whole (a cluster bootstrap); without it, features are."""
     rows = []
     for population, group in classes.groupby("population", sort=False):
         labels = group["class"].to_numpy()
+        units = group["unit"].to_numpy() if "unit" in group else np.arange(len(group))
+        which, unit_names = pd.factorize(units)
+        size = np.bincount(which).astype(float)
         for name in CLASSES:
-            hits = (labels == name).astype(float)
-            lo, hi = bootstrap_interval(hits, n_resamples=n_resamples, seed=seed)
-            rows.append({"population": population, "class": name, "share": hits.mean(), "n": len(labels), "lo": lo, "hi": hi})
+            hits = np.bincount(which, weights=(labels == name).astype(float), minlength=len(unit_names))
+            lo, hi = bootstrap_interval([hits, size], lambda h, s: h.sum() / s.sum(), n_resamples=n_resamples, seed=seed)
+            rows.append(
+                {
+                    "population": population,
+                    "class": name,
+                    "share": (labels == name).mean(),
+                    "n": len(labels),
+                    "units": len(unit_names),
+                    "lo": lo,
+                    "hi": hi,
+                }
+            )
     return pd.DataFrame(rows)
 
 
+def quantile_curves(scored: pd.DataFrame) -> pd.DataFrame:
+    """Per population and activation-quantile bin (1 = lowest): the median and quartiles over features of
+    the best role's share in that bin (``score_against_roles``' ``quantile_precision``)."""
+    rows = []
+    for population, group in scored.groupby("population", sort=False):
+        values = np.asarray(group["quantile_precision"].tolist(), dtype=float)  # [features, bins]
+        for q in range(values.shape[1]):
+            column = values[:, q][np.isfinite(values[:, q])]
+            if len(column):
+                q25, median, q75 = np.percentile(column, [25, 50, 75])
+                rows.append(dict(population=population, quantile=q + 1, median=median, q25=q25, q75=q75, n=len(column)))
+    return pd.DataFrame(rows)
+
+
+def adjusted_p_values(p_values: Mapping[str, float]) -> dict[str, float]:
+    """Benjamini-Hochberg adjusted p-values (``scipy.stats.false_discovery_control``) for a family of tests
+    reported together, so that their number is accounted for."""
+    from scipy.stats import false_discovery_control
+
+    names = list(p_values)
+    adjusted = false_discovery_control(np.asarray([p_values[n] for n in names], dtype=float)) if names else []
+    return {n: float(a) for n, a in zip(names, adjusted)}
+
+
 def compare_populations(scored: pd.DataFrame, a: str, b: str, n_resamples: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Population ``a`` vs ``b``: chi-square test of the class counts; for precision@k and AUROC, the
-    Mann-Whitney U test and the difference in means with a bootstrap 95% interval. ``scored``: columns
-    population, class, precision, auroc."""
+    """Population ``a`` vs ``b``: chi-square test of the class counts; for precision@k, AUROC and (where
+    scored) the lifts over the token-identity and bigram baselines, the Mann-Whitney U test and the
+    difference in means with a bootstrap 95% interval. ``scored``: columns population, class, precision,
+    auroc[, lift, bigram_lift]."""
     from scipy.stats import chi2_contingency, mannwhitneyu
 
     table = pd.crosstab(scored["population"], scored["class"]).reindex(index=[a, b], columns=list(CLASSES), fill_value=0)
     table = table.loc[:, table.sum() > 0]
     out = {"chi2_p": float(chi2_contingency(table.to_numpy())[1]) if table.shape[1] > 1 else 1.0}
-    for column in ("precision", "auroc"):
+    for column in [c for c in ("precision", "auroc", "lift", "bigram_lift") if c in scored]:
         va = scored.loc[scored["population"] == a, column].dropna().to_numpy()
         vb = scored.loc[scored["population"] == b, column].dropna().to_numpy()
         lo, hi = bootstrap_interval([va, vb], lambda x, y: x.mean() - y.mean(), n_resamples, seed=seed, paired=False)

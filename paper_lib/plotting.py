@@ -141,6 +141,27 @@ def plot_benchmark_accuracy(accuracy: pd.DataFrame, recovery: pd.DataFrame | Non
     return fig
 
 
+def plot_test_time_scaling(table: pd.DataFrame) -> plt.Figure:
+    """s1's test-time scaling: accuracy against the thinking budget (log scale) and against the number of
+    "Wait"s, one line per model with 95% bootstrap bands. ``table``: model, sweep ("budget" or "wait"), x,
+    accuracy, lo, hi."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, sweep, label in ((axes[0], "budget", "thinking budget (tokens)"), (axes[1], "wait", 'number of "Wait"s')):
+        sub = table[table["sweep"] == sweep].sort_values("x")
+        for model, group in sub.groupby("model", sort=False):
+            line = ax.plot(group["x"], group["accuracy"], marker="o", label=model)[0]
+            ax.fill_between(group["x"], group["lo"], group["hi"], color=line.get_color(), alpha=0.15)
+        if sweep == "budget" and len(sub):
+            ax.set_xscale("log", base=2)
+        ticks = sorted(sub["x"].unique())
+        ax.set_xticks(ticks, [str(int(x)) for x in ticks])
+        ax.set(xlabel=label, ylim=(0, 1.02), title=f"accuracy vs {label}")
+    axes[0].set_ylabel("accuracy (95% bootstrap CI)")
+    axes[1].legend(title="model")
+    fig.tight_layout()
+    return fig
+
+
 RECOVERY_AXIS = (-0.5, 1.5)  # gain recovered: a share of the full fine-tune's gain, shown where it means something
 
 
@@ -247,22 +268,50 @@ def plot_adapter_ablations(summary: pd.DataFrame, table: pd.DataFrame) -> plt.Fi
 
 
 def plot_interpretability(scored: pd.DataFrame, shares: pd.DataFrame) -> plt.Figure:
-    """Figure 2: (a) precision@k of each feature's best role, per population; (b) AUROC of that role;
-    (c) class shares per population with 95% bootstrap intervals. ``scored``: population, precision,
-    auroc; ``shares``: population, class, share, lo, hi."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), gridspec_kw={"width_ratios": [1, 1, 1.4]})
+    """Figure 2: (a) precision@k of each feature's best role, per population; (b) where scored, what that
+    precision adds over reading the token alone (identity) or with the token before (bigram); (c) AUROC of
+    the best role; (d) class shares per population with 95% bootstrap intervals. ``scored``: population,
+    precision, auroc[, lift, bigram_lift]; ``shares``: population, class, share, lo, hi."""
+    lifts = "lift" in scored
+    panels = 4 if lifts else 3
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), gridspec_kw={"width_ratios": [1] * (panels - 1) + [1.4]})
     order = list(dict.fromkeys(scored["population"]))
-    for ax, column, label in (
-        (axes[0], "precision", "precision@k of the best role"),
-        (axes[1], "auroc", "AUROC of the best role"),
-    ):
+    boxes = [(axes[0], "precision", "precision@k of the best role", "(a) top-k purity")]
+    boxes.append((axes[2 if lifts else 1], "auroc", "AUROC of the best role", f"({'c' if lifts else 'b'}) role detection"))
+    for ax, column, label, title in boxes:
         sns.boxplot(data=scored, x="population", y=column, order=order, ax=ax, color="lightgrey", fliersize=0)
         sns.stripplot(data=scored, x="population", y=column, order=order, ax=ax, size=3, alpha=0.6)
-        ax.set(xlabel="", ylabel=label, ylim=(0, 1.02))
-    axes[0].set_title("(a) top-k purity")
-    axes[1].set_title("(b) role detection")
-    _grouped_bars(axes[2], shares, "population", "class", "share", order)
-    axes[2].set(ylim=(0, 1.02), ylabel="share of features (95% bootstrap CI)", title="(c) classes")
+        ax.set(xlabel="", ylabel=label, ylim=(0, 1.02), title=title)
+    if lifts:
+        long = scored.melt(id_vars="population", value_vars=["lift", "bigram_lift"], var_name="over", value_name="gain")
+        long["over"] = long["over"].map({"lift": "token", "bigram_lift": "token + previous"})
+        sns.boxplot(data=long, x="population", y="gain", hue="over", order=order, ax=axes[1], fliersize=0)
+        axes[1].axhline(0, color="black", lw=0.8)
+        axes[1].set(
+            xlabel="", ylabel="precision@k minus the baseline's", ylim=(-1.02, 1.02), title="(b) lift over token identity"
+        )
+    _grouped_bars(axes[-1], shares, "population", "class", "share", order)
+    axes[-1].set(ylim=(0, 1.02), ylabel="share of features (95% bootstrap CI)", title=f"({'d' if lifts else 'c'}) classes")
+    fig.tight_layout()
+    return fig
+
+
+def plot_quantile_detection(curves: pd.DataFrame) -> plt.Figure:
+    """Detection across activation quantiles (as delphi scores it): the best role's share in each bin of a
+    feature's activating tokens, median and interquartile range over features, one line per population.
+    ``curves``: population, quantile (1 = lowest bin), median, q25, q75."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for population, group in curves.groupby("population", sort=False):
+        line = ax.plot(group["quantile"], group["median"], marker="o", label=population)[0]
+        ax.fill_between(group["quantile"], group["q25"], group["q75"], color=line.get_color(), alpha=0.15)
+    ax.set(
+        xlabel="activation quantile bin of the activating tokens (highest last)",
+        ylabel="best role's share (median, IQR)",
+        ylim=(0, 1.02),
+        title="detection across activation quantiles",
+    )
+    ax.set_xticks(sorted(curves["quantile"].unique()))
+    ax.legend()
     fig.tight_layout()
     return fig
 

@@ -78,9 +78,18 @@ def run_info(section: str) -> dict[str, Any]:
     return {"notebook": section, **(run["info"] if run else {"commit": git_commit(), "parameters": {}})}
 
 
-def verdict(held: bool) -> str:
-    """The words for whether a claim of the paper held on this run."""
+def verdict(held: bool | None) -> str:
+    """The words for whether a claim of the paper held on this run; None: the run cannot decide it (an
+    interval too wide, or a comparison without a difference to compare)."""
+    if held is None:
+        return "this run **cannot decide** the paper's claim"
     return "the paper's claim **holds** here" if held else "the paper's claim **does not hold** here"
+
+
+def interval_verdict(lo: float, hi: float) -> bool | None:
+    """A claim that a difference is positive: held when its interval lies above zero, not held when it lies
+    below, undecided when it contains zero."""
+    return True if lo > 0 else False if hi < 0 else None
 
 
 def say(section: str, text: str) -> str:

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import weakref
 
@@ -14,6 +15,7 @@ from paper_lib.evaluation import (
     format_choice_question,
     generate_responses,
     load_benchmark,
+    scaling_specs,
 )
 from paper_lib.formats import ANSWER, THINK, chat_prompt
 from paper_lib.organism import GPQA_SUBDIR, build_tokenizer, parse_chain, problem_from_row
@@ -104,6 +106,29 @@ def test_sampled_protocol_gives_n_samples_with_distinct_seeds():
     assert [len(o) for o in out] == [3, 3]
     with pytest.raises(ConfigError, match="^n:"):
         GenerationSpec(n=3)  # several greedy samples would be identical
+
+
+def test_scaling_sweeps_vary_one_thing_each_and_refuse_bad_settings():
+    """s1's test-time scaling: a budget sweep without "Wait"s, a "Wait" sweep at the protocol's budget; the
+    sweep's own no-Wait setting is the protocol itself (its samples are reused, not regenerated)."""
+    greedy = GenerationSpec(max_tokens=160, answer_tokens=32)
+    specs = scaling_specs(greedy, "64, 16,32", "2,0")
+    assert list(specs) == ["budget16", "budget32", "budget64", "wait0", "wait2"]
+    assert [s.thinking_budget for s in specs.values()] == [16, 32, 64, None, None]
+    assert [s.wait_count for s in specs.values()] == [0, 0, 0, 0, 2]
+    assert specs["wait0"] == greedy and specs["budget16"].answer_tokens == 32
+    # the sweep changes what the engine is asked for: the Wait setting extends thinking, the budget caps it
+    engine = FakeEngine(think_tokens=3)
+    [[(text, *_)]] = generate_responses(engine, ["q"], specs["wait2"])
+    assert text.count("Wait") == 2
+    with pytest.raises(ValueError, match="budgets: 129 thinking tokens leave no room"):
+        scaling_specs(greedy, "64,129", "0")
+    with pytest.raises(ValueError, match="waits: expected comma-separated integers, got '1,two'"):
+        scaling_specs(greedy, "64", "1,two")
+    with pytest.raises(ValueError, match="budgets: every value must be >= 1"):
+        scaling_specs(greedy, "0,8", "0")
+    with pytest.raises(ValueError, match="budget-forced"):
+        scaling_specs(dataclasses.replace(greedy, budget_forcing=False), "8", "0")
 
 
 def test_evaluate_appends_per_sample_and_resumes_after_a_crash(tmp_path):

@@ -27,6 +27,10 @@ EXPECTED = {
     ("02_evaluate_reasoning", "greedy_aime24_gain_recovered_vs_forced_base"): (0.78, 0.15),
     ("02_evaluate_reasoning", "greedy_math500_gain_recovered_vs_forced_base"): (0.86, 0.08),
     ("02_evaluate_reasoning", "greedy_aime24_base_chat_accuracy"): (0.167, 0.07),
+    # s1's test-time scaling on the organism: a larger budget helps, "Wait"s (never seen in its traces) hurt
+    ("02_evaluate_reasoning", "scaling_rank1_budget16_accuracy"): (0.07, 0.07),
+    ("02_evaluate_reasoning", "scaling_rank1_budget64_accuracy"): (0.70, 0.10),
+    ("02_evaluate_reasoning", "scaling_rank1_waits_change"): (-0.63, 0.15),
     ("03_ablate_adapters", "kl_all_adapters"): (2.67, 0.3),
     ("03_ablate_adapters", "kl_layer_0"): (0.83, 0.15),
     ("04_interpret_lora_activations", "lora_monosemantic_share"): (0.66, 0.10),
@@ -34,6 +38,11 @@ EXPECTED = {
     ("04_interpret_lora_activations", "random_monosemantic_share"): (0.68, 0.10),
     ("04_interpret_lora_activations", "lora_median_auroc"): (0.83, 0.08),
     ("04_interpret_lora_activations", "mlp_median_auroc"): (0.59, 0.08),
+    # figure 2's scorer on this organism: purity over the token reader, none over the bigram reader; the
+    # shuffled-roles control scores nothing
+    ("04_interpret_lora_activations", "lora_median_lift"): (0.37, 0.10),
+    ("04_interpret_lora_activations", "lora_median_bigram_lift"): (0.0, 0.05),
+    ("04_interpret_lora_activations", "shuffled_roles_monosemantic_share"): (0.0, 0.05),
     ("05_train_sae", "splice_kl_recovered"): (0.999, 0.01),
     ("05_train_sae", "heldout_fvu"): (0.03, 0.02),
     ("05_train_sae", "heldout_l0"): (3.93, 0.3),

@@ -152,3 +152,74 @@ def test_token_roles_of_an_organism_trace(organism):
     assert token_roles(tok, text, max_length=10) == roles[:10]
     forced = character_roles("<|im_start|>answer\nFinal Answer: 7")  # budget forcing's wording
     assert forced[-1] == "final_answer" and forced[-9] == "answer_prefix"
+
+
+def test_lift_over_token_identity_and_bigram_separates_role_readers_from_token_readers():
+    """Token 7 is a 'result' after '=' and an 'input' elsewhere: a feature that reads the token alone scores
+    pure on a role but lifts nothing over the token (or bigram) reader; one that reads the hidden role lifts
+    over the token reader, and nothing over the bigram reader once the previous token decides the role."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    ids = rng.integers(0, 5, n)
+    ids[::3] = 7
+    previous = np.concatenate([[-1], ids[:-1]])
+    roles = np.where(ids == 7, np.where(previous == 3, "result", "input"), "other")
+    token_reader = (ids == 7).astype(np.float32) + rng.normal(0, 0.01, n).astype(np.float32)
+    role_reader = (roles == "result").astype(np.float32) + rng.normal(0, 0.01, n).astype(np.float32)
+    features = ArrayFeatures(np.stack([token_reader, role_reader], 1), ["token", "role"], block=999)
+    families = {"result": "values", "input": "values", "other": "other"}
+    scored = score_against_roles(features, roles, families, k=50, tokens=(ids, previous), quantile_top=0.04)
+    scored = scored.set_index("feature")
+    assert scored.loc["token", "role"] == "input" and scored.loc["token", "lift"] == pytest.approx(0, abs=0.1)
+    assert scored.loc["role", "precision"] == 1.0 and scored.loc["role", "identity_precision"] < 0.4
+    assert scored.loc["role", "lift"] > 0.6 and scored.loc["role", "bigram_lift"] == pytest.approx(0, abs=1e-9)
+    # detection across quantiles: the role reader's top 4% (fewer than the role's ~4.5%) is the role in every
+    # bin; the token reader's mixes the two roles of token 7 in every bin
+    assert scored.loc["role", "quantile_precision"] == pytest.approx([1.0] * 5)
+    assert max(scored.loc["token", "quantile_precision"]) < 0.9
+    with pytest.raises(ValueError, match="token ids"):
+        score_against_roles(features, roles, families, tokens=(ids[:10], previous))
+
+
+def test_quantile_precision_bins_the_activating_tokens_by_count():
+    from paper_lib.interp import quantile_precision
+
+    values = np.arange(1, 101, dtype=np.float32)  # 100 activating tokens, 900 at zero
+    values = np.concatenate([values, np.zeros(900, np.float32)])
+    positive = values > 80  # the top fifth of the activating tokens is the role, nothing below
+    keys = ordered_keys(values)
+    total, pos = np.bincount(keys, minlength=65536), np.bincount(keys[positive], minlength=65536)
+    assert quantile_precision(pos, total, quantiles=5, top=0.1) == pytest.approx([0.0, 0.0, 0.0, 0.0, 1.0])
+    assert quantile_precision(pos, total, quantiles=2, top=0.04) == pytest.approx([0.0, 1.0])  # the top 40 only
+    assert np.isnan(quantile_precision(pos * 0, total * 0, quantiles=3)).all()
+
+
+def test_intervals_resample_an_adapters_two_polarities_together():
+    """Duplicating every feature (as a perfectly dependent second polarity) must not narrow the interval when
+    the copies are one unit; counted as independent features it would."""
+    rng = np.random.default_rng(1)
+    classes = rng.choice(["monosemantic", "broad", "polysemantic"], 60)
+    one = pd.DataFrame({"population": "LoRA", "class": classes})
+    doubled = pd.DataFrame({"population": "LoRA", "class": np.repeat(classes, 2), "unit": np.repeat(np.arange(60), 2)})
+    a = class_shares(one).set_index("class")
+    b = class_shares(doubled).set_index("class")
+    naive = class_shares(doubled.drop(columns="unit")).set_index("class")
+    assert np.allclose(a["share"], b["share"]) and (b["units"] == 60).all() and (b["n"] == 120).all()
+    assert np.allclose(a["hi"] - a["lo"], b["hi"] - b["lo"], atol=0.03)
+    assert ((naive["hi"] - naive["lo"]) < (b["hi"] - b["lo"]) - 0.02).all()
+
+
+def test_adjusted_p_values_are_benjamini_hochberg():
+    from paper_lib.interp import adjusted_p_values
+
+    adjusted = adjusted_p_values({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5})
+    assert adjusted == pytest.approx({"a": 0.04, "b": 0.16 / 3, "c": 0.16 / 3, "d": 0.5})
+
+
+def test_token_contexts_start_each_document_afresh(tmp_path):
+    from paper_lib.activations import ActivationStore
+
+    docs = [np.array([5, 6, 7]), np.array([8, 9]), np.array([4])]
+    write_activation_store(tmp_path / "s", [(d, np.zeros((len(d), 1, 1))) for d in docs], [0], ["q_proj"], docs_per_shard=2)
+    ids, previous = ActivationStore(tmp_path / "s").token_contexts()
+    assert ids.tolist() == [5, 6, 7, 8, 9, 4] and previous.tolist() == [-1, 5, 6, -1, 8, -1]
