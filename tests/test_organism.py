@@ -244,3 +244,13 @@ def test_committed_organism_has_the_latent_gap(organism_dir, organism):
 
 # Measured on the committed organism (greedy, CPU, 2026-11-27): textbook 164/164 at k=6, chat 5/30 on AIME-like.
 EXPECTED = {"textbook_aime_k": 1.0, "chat_aime": 5 / 30}
+
+
+def test_the_committed_organisms_datasets_are_what_its_config_builds(organism_dir):
+    """A lock on the builder: from the committed organism's config.json, build_datasets writes exactly the
+    committed files (organism 2's task went in beside organism 1's without moving a row)."""
+    cfg = OrganismConfig.load(organism_dir)
+    rows, _ = build_datasets(cfg)
+    for name, subset in rows.items():
+        lines = (organism_dir / name / f"{SPLITS[name]}.jsonl").read_text().splitlines()
+        assert [json.loads(line) for line in lines] == subset, name

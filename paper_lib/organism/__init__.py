@@ -18,7 +18,8 @@ Everything is saved the way hub artifacts are (``save_pretrained``; JSONL files 
 ``datasets.load_dataset(folder)`` reads), so later stages load the organism exactly as they load
 Qwen2.5 and s1K-1.1.
 
-The package: ``task`` (the chains, their formats and parsers), ``tokenizer``, ``build`` (config, model,
+The package: ``task`` (organism 1's chains, their formats and parsers), ``registers`` (organism 2's task:
+two registers, traces that doubt and repair), ``tokenizer``, ``build`` (config, model,
 datasets, pretraining, the folder on disk) and ``roles`` (ground-truth token roles); everything is
 imported here, so ``from paper_lib.organism import ...`` is the one way in.
 """
@@ -30,6 +31,7 @@ from paper_lib.organism.build import (
     MODEL_SUBDIR,
     PROBE_SUBDIR,
     SPLITS,
+    TASK_NAMES,
     TRACES_SUBDIR,
     OrganismConfig,
     OrganismError,
@@ -45,15 +47,21 @@ from paper_lib.organism.build import (
     load_organism,
     load_probe,
     math_row,
-    parse_chain,
     pretrain,
     probe_row,
     problem_from_probe,
     problem_from_row,
     sample_pretraining_documents,
     score_formats,
+    task_for,
     trace_row,
     write_jsonl,
+)
+from paper_lib.organism.registers import (
+    RegisterProblem,
+    RegisterTask,
+    parse_program,
+    sample_register_problem,
 )
 from paper_lib.organism.roles import (
     ROLE_FAMILIES,
@@ -64,12 +72,14 @@ from paper_lib.organism.roles import (
 )
 from paper_lib.organism.task import (
     OPS,
+    ChainTask,
     Problem,
     apply_op,
     chat_document,
     direct_answer,
     format_choices,
     n_distinct_chains,
+    parse_chain,
     parse_chat_answer,
     parse_textbook_answer,
     sample_distinct,
@@ -81,6 +91,7 @@ from paper_lib.organism.task import (
 from paper_lib.organism.tokenizer import (
     CHAT_TEMPLATE,
     build_tokenizer,
+    chat_model,
 )
 
 __all__ = [
@@ -91,8 +102,10 @@ __all__ = [
     "build_model",
     "build_organism",
     "build_tokenizer",
+    "ChainTask",
     "character_roles",
     "chat_document",
+    "chat_model",
     "CHAT_TEMPLATE",
     "check_organism_dir",
     "direct_answer",
@@ -113,6 +126,7 @@ __all__ = [
     "OrganismError",
     "parse_chain",
     "parse_chat_answer",
+    "parse_program",
     "parse_textbook_answer",
     "pretrain",
     "probe_row",
@@ -120,14 +134,19 @@ __all__ = [
     "Problem",
     "problem_from_probe",
     "problem_from_row",
+    "RegisterProblem",
+    "RegisterTask",
     "ROLE_FAMILIES",
     "ROLE_FAMILY",
     "ROLES",
     "sample_distinct",
     "sample_pretraining_documents",
     "sample_problem",
+    "sample_register_problem",
     "score_formats",
     "SPLITS",
+    "task_for",
+    "TASK_NAMES",
     "textbook_document",
     "textbook_prompt",
     "thinking_answer",

@@ -30,15 +30,13 @@ from transformers import (
 from paper_lib.config import Config, require, seed_everything
 from paper_lib.data import s1k_row
 from paper_lib.formats import ENDOFTEXT, chat_prompt
+from paper_lib.organism.registers import RegisterTask
 from paper_lib.organism.task import (
-    OPS,
+    ChainTask,
     Problem,
     chat_document,
-    n_distinct_chains,
     parse_chat_answer,
     parse_textbook_answer,
-    sample_distinct,
-    sample_problem,
     textbook_document,
     textbook_prompt,
 )
@@ -68,6 +66,9 @@ class OrganismConfig(Config):
     """Everything that determines the organism; saved as ``config.json`` in its folder."""
 
     seed: int = 0
+    task: str = "chains"  # chains (organism 1) or registers (organism 2: two registers, traces that doubt and repair)
+    trace_slip: float = 0.3  # registers: share of traces that slip on a step, write "Wait" and repair it
+    trace_check: float = 0.3  # registers: share of traces that re-derive a step after "Wait" and confirm it
     # model (a Qwen2ForCausalLM; ~1M parameters)
     hidden_size: int = 128
     intermediate_size: int = 512
@@ -98,6 +99,9 @@ class OrganismConfig(Config):
     n_probe_per_k: int = 100
 
     def validate(self) -> None:
+        require(self.task in TASK_NAMES, "task", f"must be one of {list(TASK_NAMES)}, got {self.task!r}")
+        for name in ("trace_slip", "trace_check"):
+            require(0.0 <= getattr(self, name) <= 1.0, name, "must lie in [0, 1]")
         for name in (
             "hidden_size",
             "intermediate_size",
@@ -142,12 +146,21 @@ class OrganismConfig(Config):
             "math_level_counts",
             "needs a positive count for each of levels 1-5",
         )
-        longest = 12 * self.max_steps + 80  # a multiple-choice textbook document, with room to spare
+        # a multiple-choice textbook document, with room to spare (a register step writes both registers)
+        longest = (24 if self.task == "registers" else 12) * self.max_steps + 80
         require(
             self.max_position_embeddings >= longest,
             "max_position_embeddings",
             f"must be >= {longest} for chains of {self.max_steps} steps",
         )
+
+
+TASK_NAMES = ("chains", "registers")
+
+
+def task_for(cfg: OrganismConfig) -> ChainTask | RegisterTask:
+    """The task an organism is built from (and read back with)."""
+    return ChainTask() if cfg.task == "chains" else RegisterTask(slip=cfg.trace_slip, check=cfg.trace_check)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -172,16 +185,19 @@ def build_model(cfg: OrganismConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen
 # Datasets in the hub schemas
 
 
-def trace_row(problem: Problem) -> dict[str, Any]:
-    """A row in s1K-1.1's schema."""
+def trace_row(problem: Any, task: Any = None, rng: random.Random | None = None) -> dict[str, Any]:
+    """A row in s1K-1.1's schema: the question, the task's thinking text (with ``rng``: a trace's slips and
+    checks, where the task has them), the answer."""
+    task = task or ChainTask()
+    kind = task.name.removesuffix("s")
     return s1k_row(
         problem.question,
-        problem.steps,
+        task.trajectory(problem, rng or random.Random(0)),
         problem.answer,
         solution=problem.answer,
         cot_type="science" if problem.choices else "math",
-        source_type="organism/chain_mc" if problem.choices else "organism/chain",
-        metadata=json.dumps({"k": problem.k, "start": problem.start, "ops": list(problem.ops), "choices": list(problem.choices)}),
+        source_type=f"organism/{kind}_mc" if problem.choices else f"organism/{kind}",
+        metadata=json.dumps(task.metadata(problem)),
     )
 
 
@@ -199,7 +215,7 @@ def aime_row(i: int, problem: Problem) -> dict[str, Any]:
 
 def math_row(i: int, level: int, problem: Problem) -> dict[str, Any]:
     """A row in ``HuggingFaceH4/MATH-500``'s schema; ``subject`` names the ops a chain uses."""
-    kinds = {op[0] for op in problem.ops}
+    kinds = {c for op in problem.ops for c in op if c in "+x<"}
     subject = {frozenset("+"): "Addition", frozenset("x"): "Multiplication"}.get(frozenset(kinds), "Mixed Operations")
     return {
         "problem": problem.question,
@@ -227,30 +243,22 @@ def gpqa_row(i: int, problem: Problem) -> dict[str, Any]:
     }
 
 
-def parse_chain(text: str) -> Problem:
-    """The problem written as ``7 +2 x2 +1`` (the first line of a question)."""
-    parts = text.split("\n")[0].split()
-    try:
-        problem = Problem(int(parts[0]), tuple(parts[1:]))
-    except (IndexError, ValueError) as err:
-        raise ValueError(f"not an organism chain: {text!r}") from err
-    return problem
-
-
-def problem_from_row(benchmark: str, row: dict[str, Any], seed: int = 0) -> Problem:
-    """The organism problem behind a benchmark row. GPQA-style options are shuffled with a per-question
-    seed, as the evaluation protocol does for the real GPQA-Diamond."""
+def problem_from_row(benchmark: str, row: dict[str, Any], seed: int = 0, task: Any = None) -> Any:
+    """The organism problem behind a benchmark row (``task``: the organism's; default organism 1's).
+    GPQA-style options are shuffled with a per-question seed, as the evaluation protocol does for the
+    real GPQA-Diamond."""
+    task = task or ChainTask()
     if benchmark == AIME_SUBDIR or benchmark == MATH_SUBDIR:
-        return parse_chain(row["problem"])
+        return task.parse(row["problem"])
     if benchmark == GPQA_SUBDIR:
-        problem = parse_chain(row["Question"])
+        problem = task.parse(row["Question"])
         options = [int(row["Correct Answer"])] + [int(row[f"Incorrect Answer {i}"]) for i in (1, 2, 3)]
         random.Random(f"{seed}-{row['Record ID']}").shuffle(options)
         return dataclasses.replace(problem, choices=tuple(options))
     raise ValueError(f"unknown benchmark {benchmark!r}; use {AIME_SUBDIR}, {MATH_SUBDIR} or {GPQA_SUBDIR}")
 
 
-def probe_row(problem: Problem) -> dict[str, Any]:
+def probe_row(problem: Any) -> dict[str, Any]:
     return {
         "k": problem.k,
         "start": problem.start,
@@ -260,8 +268,9 @@ def probe_row(problem: Problem) -> dict[str, Any]:
     }
 
 
-def problem_from_probe(row: dict[str, Any]) -> Problem:
-    return Problem(int(row["start"]), tuple(row["ops"]))
+def problem_from_probe(row: dict[str, Any], task: Any = None) -> Any:
+    """A probe problem, read back from its question (``task``: the organism's; default organism 1's)."""
+    return (task or ChainTask()).parse(row["question"])
 
 
 def build_datasets(cfg: OrganismConfig) -> tuple[dict[str, list[dict[str, Any]]], set[tuple[int, tuple[str, ...]]]]:
@@ -270,35 +279,38 @@ def build_datasets(cfg: OrganismConfig) -> tuple[dict[str, list[dict[str, Any]]]
     Benchmarks and probes are drawn first, from disjoint chains; traces avoid all of them.
     """
     rng = random.Random(cfg.seed + 1)
-    held_out: set[tuple[int, tuple[str, ...]]] = set()
-    aime = sample_distinct(rng, cfg.aime_steps, cfg.n_aime, held_out)
+    task = task_for(cfg)
+    held_out: set = set()
+    aime = task.sample_distinct(rng, cfg.aime_steps, cfg.n_aime, held_out)
     math_rows = []
     for level, (k, n) in enumerate(zip(cfg.math_level_steps, cfg.math_level_counts), start=1):
-        for problem in sample_distinct(rng, k, n, held_out):
+        for problem in task.sample_distinct(rng, k, n, held_out):
             math_rows.append(math_row(len(math_rows), level, problem))
     gpqa = []
     lo, hi = cfg.gpqa_steps
     for i in range(cfg.n_gpqa):
-        gpqa += sample_distinct(rng, lo + i % (hi - lo + 1), 1, held_out, multiple_choice=True)
-    probe: list[Problem] = []
+        gpqa += task.sample_distinct(rng, lo + i % (hi - lo + 1), 1, held_out, multiple_choice=True)
+    probe: list = []
     for k in range(1, cfg.max_steps + 1):
-        if k == 1:  # only 40 chains exist: probe all of them, none held out
-            probe += [Problem(s, (op,)) for s in range(10) for op in OPS]
-        else:  # hold out at most 1/8 of the chains of a length, so pretraining still sees most
-            probe += sample_distinct(rng, k, min(cfg.n_probe_per_k, n_distinct_chains(k) // 8), held_out)
+        every = task.all_problems(k)
+        if every is not None:  # few enough to probe all of them, none held out
+            probe += every
+        else:  # hold out at most 1/8 of the problems of a length, so pretraining still sees most
+            probe += task.sample_distinct(rng, k, min(cfg.n_probe_per_k, task.n_distinct(k) // 8), held_out)
     traces_used = set(held_out)
     traces = []
     lo, hi = cfg.trace_steps
     for i in range(cfg.n_traces):
         mc = rng.random() < cfg.trace_multiple_choice_fraction
-        traces += sample_distinct(rng, lo + i % (hi - lo + 1), 1, traces_used, multiple_choice=mc)
+        traces += task.sample_distinct(rng, lo + i % (hi - lo + 1), 1, traces_used, multiple_choice=mc)
     rng.shuffle(traces)
+    trace_rng = random.Random(cfg.seed + 4)  # the traces' slips and checks (organism 2)
     rows = {
         AIME_SUBDIR: [aime_row(i, p) for i, p in enumerate(aime)],
         MATH_SUBDIR: math_rows,
         GPQA_SUBDIR: [gpqa_row(i, p) for i, p in enumerate(gpqa)],
         PROBE_SUBDIR: [probe_row(p) for p in probe],
-        TRACES_SUBDIR: [trace_row(p) for p in traces],
+        TRACES_SUBDIR: [trace_row(p, task, trace_rng) for p in traces],
     }
     return rows, held_out
 
@@ -322,10 +334,10 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> Path:
 def sample_pretraining_documents(
     rng: random.Random, cfg: OrganismConfig, tokenizer: PreTrainedTokenizerBase, held_out: set, n: int
 ) -> list[str]:
-    docs = []
+    docs, task = [], task_for(cfg)
     while len(docs) < n:
         k = rng.randint(1, cfg.max_steps)
-        problem = sample_problem(rng, k, rng.random() < cfg.multiple_choice_fraction)
+        problem = task.sample(rng, k, rng.random() < cfg.multiple_choice_fraction)
         if problem.key in held_out:
             continue
         if rng.random() < cfg.textbook_fraction:
@@ -416,16 +428,18 @@ def score_formats(
 ) -> pd.DataFrame:
     """Greedy accuracy of each problem in each format: one row per (problem, format)."""
     rows = []
-    longest = max(p.k for p in problems)
+    budget = 8 * max(p.k for p in problems) + 40
+    if not all(isinstance(p, Problem) for p in problems):  # organism 2: both registers a step, and room to doubt
+        budget = 3 * max(len(p.steps) for p in problems) + 40
     for fmt in formats:
         if fmt == "textbook":
             prompts = [textbook_prompt(p) for p in problems]
-            completions = generate_greedy(model, tokenizer, prompts, max_new_tokens=8 * longest + 40)
+            completions = generate_greedy(model, tokenizer, prompts, max_new_tokens=budget)
             answers = [parse_textbook_answer(c) for c in completions]
         elif fmt == "chat":
             prompts = [chat_prompt(tokenizer, p.question) for p in problems]
             # room for a think section (fine-tuned models reason before answering)
-            completions = generate_greedy(model, tokenizer, prompts, max_new_tokens=8 * longest + 40)
+            completions = generate_greedy(model, tokenizer, prompts, max_new_tokens=budget)
             answers = [parse_chat_answer(c) for c in completions]
         else:
             raise ValueError(f"unknown format {fmt!r}; use 'textbook' or 'chat'")
@@ -469,7 +483,7 @@ def _build_organism(cfg: OrganismConfig, out_dir: Path) -> pd.DataFrame:
     tokenizer = build_tokenizer()
     model = build_model(cfg, tokenizer)
     monitor_rng = random.Random(cfg.seed + 3)
-    probe = [problem_from_probe(r) for r in rows[PROBE_SUBDIR] if r["k"] in (2, 4, cfg.aime_steps)]
+    probe = [problem_from_probe(r, task_for(cfg)) for r in rows[PROBE_SUBDIR] if r["k"] in (2, 4, cfg.aime_steps)]
     monitor = monitor_rng.sample(probe, min(96, len(probe)))
     history = pretrain(model, tokenizer, cfg, held_out, monitor)
     model_dir = out_dir / MODEL_SUBDIR
@@ -522,12 +536,17 @@ def load_organism(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenize
     return model, tokenizer, OrganismConfig.load(path)
 
 
-def load_probe(path: str | Path) -> list[Problem]:
-    path = check_organism_dir(path) / PROBE_SUBDIR / f"{SPLITS[PROBE_SUBDIR]}.jsonl"
-    return [problem_from_probe(json.loads(line)) for line in path.read_text().splitlines()]
+def load_probe(path: str | Path) -> list[Any]:
+    """The organism's probe problems (held out of pretraining), read with its own task."""
+    path = check_organism_dir(path)
+    task = task_for(OrganismConfig.load(path))
+    rows = (path / PROBE_SUBDIR / f"{SPLITS[PROBE_SUBDIR]}.jsonl").read_text().splitlines()
+    return [problem_from_probe(json.loads(line), task) for line in rows]
 
 
 def heldout_traces(path: str | Path, n: int, min_k: int = 3, seed: int = 0) -> list[dict[str, Any]]:
     """``n`` traces in s1K-1.1's schema for probe problems: held out of pretraining and of the SFT traces."""
+    task = task_for(OrganismConfig.load(check_organism_dir(path)))
     problems = [p for p in load_probe(path) if p.k >= min_k]
-    return [trace_row(p) for p in random.Random(seed).sample(problems, min(n, len(problems)))]
+    chosen = random.Random(seed).sample(problems, min(n, len(problems)))
+    return [trace_row(p, task, random.Random(seed + 1)) for p in chosen]

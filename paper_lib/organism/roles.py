@@ -13,8 +13,30 @@ ROLE_FAMILIES: dict[str, tuple[str, ...]] = {
     "syntax": ("question_space", "step_equals", "step_separator", "scan_mark", "scan_comma"),
     "choices": ("option_letter", "scan_letter"),
 }
-ROLES: tuple[str, ...] = tuple(r for family in ROLE_FAMILIES.values() for r in family) + ("other",)
-ROLE_FAMILY: dict[str, str] = {r: f for f, roles in ROLE_FAMILIES.items() for r in roles} | {"other": "other"}
+# Organism 2 (the registers task): roles that say what is going on, beyond which token it is, grouped by the
+# paper's seven SAE categories (figure 3's donut), plus the template. Names differ from organism 1's.
+REGISTER_ROLE_FAMILIES: dict[str, tuple[str, ...]] = {
+    "computational operations": ("computed_value", "wrapped_value", "step_operator", "step_fact"),
+    "symbolic manipulation": ("copied_value", "copy_source", "copy_mark"),
+    "variable/value tracking": ("carried_value", "start_value", "state_register", "step_register", "read_register"),
+    "reasoning flow control": ("wait_word", "before_wait", "confirm_word", "erroneous_value", "step_mark", "step_break"),
+    "domain-specific patterns": (
+        "program_register",
+        "program_value",
+        "program_operator",
+        "program_operand",
+        "program_space",
+        "program_target",
+    ),
+    "relational/logical operators": ("read_mark", "choice_letter", "choice_value", "eliminated_option", "scan_test"),
+    "result formulation": ("final_read_value", "chosen_option", "answer_intro", "answer_value"),
+}
+ROLES: tuple[str, ...] = tuple(
+    dict.fromkeys(r for families in (ROLE_FAMILIES, REGISTER_ROLE_FAMILIES) for f in families.values() for r in f)
+) + ("other",)
+ROLE_FAMILY: dict[str, str] = {
+    r: f for families in (ROLE_FAMILIES, REGISTER_ROLE_FAMILIES) for f, roles in families.items() for r in roles
+} | {"other": "other"}
 
 _SPECIAL = re.compile(r"<\|im_start\|>(\w+)|<\|im_end\|>|<\|endoftext\|>")
 _STEP = re.compile(r"(\d)([x+])(\d)(=)(\d)")
@@ -58,11 +80,114 @@ def _label_thinking(text: str, labels: list[str], start: int, end: int) -> None:
             labels[i] = "step_separator"
 
 
+_PROGRAM = re.compile(r"a\d b\d( [ab](?:[x+]\d|<[ab]))* \?[ab]")
+_STATE = re.compile(r"a(\d)b(\d)")
+_REGISTER_STEP = re.compile(r"([ab])([x+])(\d):|([ab])(<)([ab]):")
+_READ = re.compile(r"(\?)([ab]):(\d)")
+
+
+def _label_program(text: str, labels: list[str], start: int, end: int) -> None:
+    first, _, options = text[start:end].partition("\n")
+    pos = start
+    for part in re.split(r"( )", first):
+        if part == " ":
+            _label(labels, pos, pos + 1, "program_space")
+        elif part.startswith("?"):
+            _label(labels, pos, pos + len(part), "program_target")
+        elif len(part) == 2:  # a start value: a7
+            _label(labels, pos, pos + 1, "program_register")
+            _label(labels, pos + 1, pos + 2, "program_value")
+        elif part:
+            _label(labels, pos, pos + 1, "program_register")
+            _label(labels, pos + 1, pos + 2, "program_operator")
+            _label(labels, pos + 2, pos + 3, "program_operand")
+        pos += len(part)
+    pos += 1
+    for offset, char in enumerate(options):
+        role = "choice_value" if char.isdigit() else "program_space" if char == " " else "choice_letter"
+        _label(labels, pos + offset, pos + offset + 1, role)
+
+
+def _label_register_thinking(text: str, labels: list[str], start: int, end: int) -> None:
+    """Each state's digits by why they are there (the start, carried, computed, wrapped past 10, copied, or a
+    slip that the next line repairs), each step's parts, the final read, "Wait" and what surrounds it, and
+    the option scan (options eliminated, the one chosen)."""
+    lines, pos, committed = text[start:end].split("\n"), start, []  # the states the trace stands by
+    for n, line in enumerate(lines):
+        slipped = n + 1 < len(lines) and lines[n + 1].startswith("Wait") and not lines[n + 1].endswith(" ok")
+        check = line.startswith("Wait") and line.endswith(" ok")  # re-derives the step before: not a new state
+        body = line
+        if line.startswith("Wait"):
+            _label(labels, pos, pos + 5, "wait_word")  # "Wait "
+            if check:
+                _label(labels, pos + len(line) - 2, pos + len(line), "confirm_word")
+        if n + 1 < len(lines) and lines[n + 1].startswith("Wait"):
+            _label(labels, pos + len(line), pos + len(line) + 1, "before_wait")
+        steps = list(_REGISTER_STEP.finditer(body))
+        for m in _STATE.finditer(body):
+            s = pos + m.start()
+            _label(labels, s, s + 1, "state_register")
+            _label(labels, s + 2, s + 3, "state_register")
+            state = {"a": int(m.group(1)), "b": int(m.group(2))}
+            step = next((x for x in reversed(steps) if x.end() <= m.start()), None)
+            previous = committed[-2] if check and len(committed) > 1 else committed[-1] if committed else None
+            if previous is None or step is None:
+                roles = {"a": "start_value", "b": "start_value"}
+            else:
+                register = step.group(1) or step.group(4)
+                roles = {r: "carried_value" for r in "ab"}
+                if step.group(5):  # a copy
+                    roles[register] = "copied_value"
+                else:
+                    before, op, d = previous[register], step.group(2), int(step.group(3))
+                    raw = before + d if op == "+" else before * d
+                    roles[register] = "wrapped_value" if raw >= 10 else "computed_value"
+                    if slipped and step is steps[-1] and state[register] != raw % 10:
+                        roles[register] = "erroneous_value"
+            _label(labels, s + 1, s + 2, roles["a"])
+            _label(labels, s + 3, s + 4, roles["b"])
+            if not check and "erroneous_value" not in roles.values():
+                committed.append(state)
+        for m in steps:
+            s = pos + m.start()
+            if m.group(5):
+                _label(labels, s, s + 1, "step_register")
+                _label(labels, s + 1, s + 2, "copy_mark")
+                _label(labels, s + 2, s + 3, "copy_source")
+            else:
+                _label(labels, s, s + 1, "step_register")
+                _label(labels, s + 1, s + 2, "step_operator")
+                _label(labels, s + 2, s + 3, "step_fact")
+            _label(labels, s + len(m.group(0)) - 1, s + len(m.group(0)), "step_mark")
+        for m in _READ.finditer(body):
+            s = pos + m.start()
+            _label(labels, s, s + 1, "read_mark")
+            _label(labels, s + 1, s + 2, "read_register")
+            _label(labels, s + 2, s + 3, "step_mark")
+            _label(labels, s + 3, s + 4, "final_read_value")
+        for m in _SCAN.finditer(body):
+            s = pos + m.start()
+            _label(labels, s, s + 1, "final_read_value")
+            _label(labels, s + 1, s + 2, "scan_test")
+            options = m.group(3).split(",")
+            at = s + m.start(3) - m.start()
+            for i, option in enumerate(options):
+                _label(labels, at, at + len(option), "chosen_option" if i == len(options) - 1 else "eliminated_option")
+                if i + 1 < len(options):
+                    _label(labels, at + len(option), at + len(option) + 1, "scan_test")  # the comma: test the next
+                at += len(option) + 1
+        for i in range(pos, pos + len(body)):
+            if text[i] == ";" and labels[i] == "other":
+                labels[i] = "step_break"
+        pos += len(line) + 1
+
+
 def character_roles(text: str) -> list[str]:
     """The role (one of ``ROLES``) of every character of a ChatML trace of the organism: chat markers,
     the question's chain and options, each step's input/operator/operand/result, the option scan, the
     answer section. Characters outside any known part are "other"."""
     labels = ["other"] * len(text)
+    registers = False  # organism 2's traces, told by their question
     sections = list(_SPECIAL.finditer(text))
     for i, m in enumerate(sections):
         _label(labels, m.start(), m.start(1) if m.group(1) else m.end(), "chat_marker")
@@ -75,16 +200,17 @@ def character_roles(text: str) -> list[str]:
         body_end = sections[i + 1].start() if i + 1 < len(sections) else len(text)
         body_end -= text[body_start:body_end].endswith("\n")
         if name == "user":
-            _label_question(text, labels, body_start, body_end)
+            registers = bool(_PROGRAM.match(text, body_start))
+            (_label_program if registers else _label_question)(text, labels, body_start, body_end)
         elif name == "think":
-            _label_thinking(text, labels, body_start, body_end)
+            (_label_register_thinking if registers else _label_thinking)(text, labels, body_start, body_end)
         elif name == "answer":  # "Answer: x" in the traces; "Final Answer: x" when budget forcing wrote it
             prefix = next((p for p in ("Answer: ", "Final Answer: ") if text.startswith(p, body_start)), None)
             if prefix:
-                _label(labels, body_start, body_start + len(prefix), "answer_prefix")
-                _label(labels, body_start + len(prefix), body_end, "final_answer")
+                _label(labels, body_start, body_start + len(prefix), "answer_intro" if registers else "answer_prefix")
+                _label(labels, body_start + len(prefix), body_end, "answer_value" if registers else "final_answer")
     for i, char in enumerate(text):
-        if char == "\n":
+        if char == "\n" and labels[i] != "before_wait":
             labels[i] = "newline"
     return labels
 

@@ -176,3 +176,48 @@ def parse_chat_answer(completion: str) -> str | None:
         text = text.split(f"{IM_START}answer")[-1]
     matches = _CHAT_ANSWER.findall(text)
     return matches[-1] if matches else None
+
+
+def parse_chain(text: str) -> Problem:
+    """The problem written as ``7 +2 x2 +1`` (the first line of a question)."""
+    parts = text.split("\n")[0].split()
+    try:
+        problem = Problem(int(parts[0]), tuple(parts[1:]))
+    except (IndexError, ValueError) as err:
+        raise ValueError(f"not an organism chain: {text!r}") from err
+    return problem
+
+
+# ----------------------------------------------------------------------------------------------------
+# The task as the builder sees it (organism 2's registers task has the same methods)
+
+
+class ChainTask:
+    """Organism 1: one carried value, a chain of facts. What ``build`` needs of a task: sampling (distinct
+    problems of a length, and how many exist), parsing a question back, a trace's thinking text, and the
+    metadata a trace row carries."""
+
+    name = "chains"
+
+    def sample(self, rng: random.Random, k: int, multiple_choice: bool = False) -> Problem:
+        return sample_problem(rng, k, multiple_choice)
+
+    def sample_distinct(self, rng: random.Random, k: int, n: int, exclude: set, multiple_choice: bool = False) -> list[Problem]:
+        return sample_distinct(rng, k, n, exclude, multiple_choice)
+
+    def n_distinct(self, k: int) -> int:
+        return n_distinct_chains(k)
+
+    def all_problems(self, k: int) -> list[Problem] | None:
+        """Every problem of length ``k`` where there are few enough to probe them all (k = 1: 40)."""
+        return [Problem(s, (op,)) for s in range(10) for op in OPS] if k == 1 else None
+
+    def parse(self, text: str) -> Problem:
+        return parse_chain(text)
+
+    def trajectory(self, problem: Problem, rng: random.Random) -> str:
+        """The thinking text of a reasoning trace: the worked steps."""
+        return problem.steps
+
+    def metadata(self, problem: Problem) -> dict:
+        return {"k": problem.k, "start": problem.start, "ops": list(problem.ops), "choices": list(problem.choices)}
