@@ -24,8 +24,7 @@ import dataclasses
 import random
 import re
 
-from paper_lib.formats import LETTERS
-from paper_lib.organism.task import OPS, apply_op, format_choices
+from paper_lib.organism.task import OPS, Answered, apply_op
 
 REGISTERS = ("a", "b")
 COPY = "<"
@@ -39,7 +38,7 @@ def other(register: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class RegisterProblem:
+class RegisterProblem(Answered):
     """Start values of ``a`` and ``b``, a program of steps (``a+2``, ``bx3``, ``a<b``), the register asked
     for, and, for a multiple-choice variant, the four option values (A-D)."""
 
@@ -57,8 +56,7 @@ class RegisterProblem:
             match = _OP.match(op)
             if not match or (match.group(2) and match.group(2) not in OPS) or match.group(3) == match.group(1):
                 raise ValueError(f"unknown step {op!r}: a register then one of {OPS}, or <other register")
-        if self.choices and (len(set(self.choices)) != 4 or self.value not in self.choices):
-            raise ValueError(f"choices {self.choices} must be 4 distinct values including the answer {self.value}")
+        self.check_choices()
 
     @property
     def k(self) -> int:
@@ -84,22 +82,8 @@ class RegisterProblem:
         return self.states()[-1][self.target]
 
     @property
-    def letter(self) -> str:
-        return LETTERS[self.choices.index(self.value)]
-
-    @property
-    def answer(self) -> str:
-        return self.letter if self.choices else str(self.value)
-
-    @property
     def chain(self) -> str:
         return " ".join([f"a{self.start[0]}", f"b{self.start[1]}", *self.ops, f"?{self.target}"])
-
-    @property
-    def question(self) -> str:
-        if not self.choices:
-            return self.chain
-        return self.chain + "\n" + format_choices([str(c) for c in self.choices])
 
     def step_texts(self) -> list[str]:
         """The start state, then each step written out: the step as the question writes it, then the
@@ -109,10 +93,6 @@ class RegisterProblem:
 
     def read_text(self) -> str:
         return f"?{self.target}:{self.value}"
-
-    def scan_text(self) -> str:
-        scan = [f"{LETTERS[i]}{c}" for i, c in enumerate(self.choices[: self.choices.index(self.value) + 1])]
-        return f"{self.value}?" + ",".join(scan)
 
     @property
     def steps(self) -> str:

@@ -19,8 +19,40 @@ OPS: tuple[str, ...] = ("+1", "+2", "x2", "x3")
 # The task
 
 
+class Answered:
+    """What every organism problem derives from its ``value``, ``chain`` and ``choices``: the answer (the
+    option letter of a multiple-choice variant), the question text, and the scan that finds the option."""
+
+    value: int
+    chain: str
+    choices: tuple[int, ...]
+
+    def check_choices(self) -> None:
+        if self.choices and (len(set(self.choices)) != 4 or self.value not in self.choices):
+            raise ValueError(f"choices {self.choices} must be 4 distinct values including the answer {self.value}")
+
+    @property
+    def letter(self) -> str:
+        return LETTERS[self.choices.index(self.value)]
+
+    @property
+    def answer(self) -> str:
+        return self.letter if self.choices else str(self.value)
+
+    @property
+    def question(self) -> str:
+        if not self.choices:
+            return self.chain
+        return self.chain + "\n" + format_choices([str(c) for c in self.choices])
+
+    def scan_text(self) -> str:
+        """Scan the options in order until one equals the value; its letter is the answer (``9?A3,B9``)."""
+        scan = [f"{LETTERS[i]}{c}" for i, c in enumerate(self.choices[: self.choices.index(self.value) + 1])]
+        return f"{self.value}?" + ",".join(scan)
+
+
 @dataclasses.dataclass(frozen=True)
-class Problem:
+class Problem(Answered):
     """One chain problem. ``choices`` holds the four option values (A-D) of a multiple-choice variant."""
 
     start: int
@@ -32,8 +64,7 @@ class Problem:
             raise ValueError(f"start must be a digit, got {self.start}")
         for op in self.ops:
             apply_op(0, op)  # raises on an unknown op
-        if self.choices and (len(set(self.choices)) != 4 or self.value not in self.choices):
-            raise ValueError(f"choices {self.choices} must be 4 distinct values including the answer {self.value}")
+        self.check_choices()
 
     @property
     def k(self) -> int:
@@ -55,30 +86,15 @@ class Problem:
         return self.values()[-1]
 
     @property
-    def letter(self) -> str:
-        return LETTERS[self.choices.index(self.value)]
-
-    @property
-    def answer(self) -> str:
-        return self.letter if self.choices else str(self.value)
-
-    @property
     def chain(self) -> str:
         return " ".join([str(self.start), *self.ops])
-
-    @property
-    def question(self) -> str:
-        if not self.choices:
-            return self.chain
-        return self.chain + "\n" + format_choices([str(c) for c in self.choices])
 
     @property
     def steps(self) -> str:
         vals = self.values()
         parts = [f"{a}{op}={b}" for a, op, b in zip(vals[:-1], self.ops, vals[1:])]
-        if self.choices:  # scan the options in order until one equals the value; its letter is the answer
-            scan = [f"{LETTERS[i]}{c}" for i, c in enumerate(self.choices[: self.choices.index(self.value) + 1])]
-            parts.append(f"{self.value}?" + ",".join(scan))
+        if self.choices:
+            parts.append(self.scan_text())
         return ";".join(parts)
 
 
