@@ -29,6 +29,8 @@ ORGANISM_DIR = "data/organism"  # where the organism lives (relative to the repo
 OUTPUT_DIR = "runs/00_organism"  # under data/: this run's run.json and figures (the main command: figures/)
 REBUILD = False  # retrain from scratch (about 20 min on 2 CPU cores) even if ORGANISM_DIR exists
 PRETRAIN_STEPS = 4000  # pretraining steps when rebuilding
+TASK = "chains"  # the organism's task: chains (organism 1) or registers (organism 2: doubt and repair in its traces)
+LAYERS = 4  # transformer layers when rebuilding (organism 2: 8)
 SMOKE = False  # fast check for CI: small evaluation sets (and a tiny build if REBUILD)
 
 # %%
@@ -45,6 +47,7 @@ from paper_lib.organism import (
     TRACES_SUBDIR,
     OrganismConfig,
     Problem,
+    RegisterProblem,
     build_organism,
     chat_document,
     check_organism_dir,
@@ -52,6 +55,7 @@ from paper_lib.organism import (
     load_probe,
     problem_from_row,
     score_formats,
+    task_for,
     textbook_document,
     thinking_answer,
 )
@@ -63,7 +67,7 @@ from paper_lib.statistics import wilson_interval
 
 SECTION = "00_build_model_organism"
 # every parameter has its default's type (and an allowed value), checked before any work
-parameters = check_parameters(globals(), SECTION)
+parameters = check_parameters(globals(), SECTION, choices={"TASK": ("chains", "registers")})
 seed_everything(SEED)
 organism_dir = resolve(ORGANISM_DIR)
 # this run's run.json, figures and headline section (a smoke run never mixes with a full one)
@@ -78,9 +82,18 @@ start_run(SECTION, stage_dir(OUTPUT_DIR, SMOKE), parameters)
 # Multiple-choice variants add a lookup of the option letter. Pretraining shows worked steps only in
 # the plain textbook format; chat turns answer directly. The reasoning traces (s1K-1.1's schema) put
 # the same steps into s1's think/answer format.
+#
+# Organism 2 (`TASK registers`, built with `REBUILD True` into its own `ORGANISM_DIR`): two registers, a
+# program of steps on them and a question about one; each worked step writes both registers, so what a
+# digit is (carried, computed, wrapped, copied) is not visible in the token; its traces sometimes slip,
+# write "Wait" and repair the step, or re-derive one and confirm it.
 
 # %%
-example = Problem(7, ("+2", "x2", "+1", "x3"), choices=(3, 7, 0, 5))
+example = (
+    Problem(7, ("+2", "x2", "+1", "x3"), choices=(3, 7, 0, 5))
+    if TASK == "chains"
+    else RegisterProblem((7, 3), ("a+2", "bx2", "a<b", "a+1"), "b", choices=(3, 6, 0, 5))
+)
 print("textbook document:\n" + textbook_document(example), end="\n\n")
 
 # %% [markdown]
@@ -89,15 +102,26 @@ print("textbook document:\n" + textbook_document(example), end="\n\n")
 # %%
 if REBUILD or not (organism_dir / "config.json").exists():
     cfg = OrganismConfig(
-        seed=SEED, steps=40 if SMOKE else PRETRAIN_STEPS, warmup_steps=4 if SMOKE else 100, eval_every=20 if SMOKE else 500
+        seed=SEED,
+        task=TASK,
+        num_hidden_layers=LAYERS,
+        steps=40 if SMOKE else PRETRAIN_STEPS,
+        warmup_steps=4 if SMOKE else 100,
+        eval_every=20 if SMOKE else 500,
     )
     build_organism(cfg, organism_dir)
 check_organism_dir(organism_dir)
 model, tokenizer, cfg = load_organism(organism_dir)
+if cfg.task != TASK:
+    raise ValueError(
+        f"{organism_dir} holds a {cfg.task!r} organism; TASK is {TASK!r} (set REBUILD True, or another ORGANISM_DIR)"
+    )
+task = task_for(cfg)
 n_params = sum(p.numel() for p in model.parameters())
 print(f"{type(model).__name__}: {n_params:,} parameters, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}")
 print("chat document:\n" + chat_document(tokenizer, example))
 print("s1-format assistant turn:\n" + thinking_answer(example))
+print("a reasoning trace's thinking (organism 2's may slip, wait and repair):\n" + task.trajectory(example, random.Random(1)))
 assert type(model).__name__ == "Qwen2ForCausalLM" and cfg.num_hidden_layers >= 4
 record_headline(SECTION, "parameters", n_params, unit="parameters")
 
@@ -132,7 +156,7 @@ assert sorted(set(math500["level"])) == [1, 2, 3, 4, 5]
 
 # %% [markdown]
 # ## The latent gap: accuracy by difficulty in both formats
-# Greedy decoding on the held-out probe problems (k = 1 has only 40 chains; all are probed).
+# Greedy decoding on the held-out probe problems (organism 1: k = 1 has only 40 chains; all are probed).
 
 # %%
 rng = random.Random(SEED)
@@ -154,7 +178,7 @@ print(by_k.pivot(index="k", columns="format", values="accuracy").round(3))
 benchmarks = {"aime24": (aime, "aime24"), "math500": (math500, "math500"), "gpqa_diamond": (gpqa, "gpqa_diamond")}
 rows = []
 for name, (dataset, kind) in benchmarks.items():
-    items = [problem_from_row(kind, row, seed=SEED) for row in dataset]
+    items = [problem_from_row(kind, row, seed=SEED, task=task) for row in dataset]
     if SMOKE:
         items = rng.sample(items, 10)
     s = score_formats(model, tokenizer, items)

@@ -93,6 +93,12 @@ SECTION = "06_interpret_sae_features"
 parameters = check_parameters(globals(), SECTION, choices={"DTYPE": ("float32", "bfloat16", "float16")})
 seed_everything(SEED)
 judge_config = judge_config_from(parameters)  # checked now, not after the expensive work
+try:  # steering strengths, checked now too: the unsteered baseline first, then rising
+    strengths = [float(s) for s in STEER_STRENGTHS.split(",")]
+except ValueError:
+    raise ValueError(f"STEER_STRENGTHS: expected comma-separated numbers, got {STEER_STRENGTHS!r}") from None
+if strengths[0] != 0 or strengths != sorted(strengths) or len(strengths) < 2:
+    raise ValueError(f"STEER_STRENGTHS: start at 0 (the unsteered baseline) and rise, e.g. '0,1,2,4'; got {STEER_STRENGTHS!r}")
 interp_dir, out_dir = stage_dir(INTERPRET_DIR, SMOKE), stage_dir(OUTPUT_DIR, SMOKE)  # smoke pairs with smoke
 start_run(SECTION, out_dir, parameters)  # run.json, figures, headline section
 store = ActivationStore(interp_dir / "activations")  # its meta.json names the traces, model and adapter it read
@@ -228,7 +234,8 @@ if ROLE_SCORER:
 # The latent's decoder row (in adapter units) times a strength (multiples of its mean non-zero
 # activation) is added to every adapter scalar at every generated position. Measured on the AIME-like
 # questions: how often the feature's role appears among the generated tokens, the number of thinking
-# steps written, and accuracy.
+# steps written, and accuracy. The control: a random direction of the same norm, added at the same
+# strengths; what the latent does beyond it is the latent's own effect.
 
 # %%
 if ROLE_SCORER:
@@ -250,10 +257,11 @@ if ROLE_SCORER:
     role = sae_scores.loc[f"latent {steer}", "role"]
     unit = float(summary["mass"][steer] / summary["fired"][steer])  # mean non-zero activation
     direction = decoder_scalars(sae, scales, steer).reshape(len(store.layers), len(store.modules))
-    strengths = [float(s) for s in STEER_STRENGTHS.split(",")]
-    engine = ScalarEngine(
-        model, tokenizer, {f"x{s:g}": (lambda a, s=s: a + s * unit * direction) for s in strengths}, cache_tokens=CACHE_TOKENS
-    )
+    control = torch.randn(direction.shape, generator=torch.Generator().manual_seed(SEED), dtype=direction.dtype)
+    control *= direction.norm() / control.norm()  # equal norm: the same push in a direction chosen at random
+    transforms = {f"x{s:g}": (lambda a, s=s: a + s * unit * direction) for s in strengths}
+    transforms |= {f"random_x{s:g}": (lambda a, s=s: a + s * unit * control) for s in strengths if s}
+    engine = ScalarEngine(model, tokenizer, transforms, cache_tokens=CACHE_TOKENS)
     items = load_benchmark("aime24", f"{BENCHMARK_DIR}/aime24" if BENCHMARK_DIR else None)[: 4 if SMOKE else None]
     gen = GenerationSpec(max_tokens=MAX_TOKENS, answer_tokens=min(32, MAX_TOKENS // 4), seed=SEED)
     steering = []
@@ -267,7 +275,8 @@ if ROLE_SCORER:
             steps.append(sum(r == "step_result" for r in generated))
         steering.append(
             {
-                "strength": variant,
+                "direction": "random" if variant.startswith("random") else "latent",
+                "strength": variant.removeprefix("random_"),
                 "role_rate": float(np.mean(rates)),
                 "steps": float(np.mean(steps)),
                 "accuracy": float(df.correct.mean()),
@@ -278,8 +287,27 @@ if ROLE_SCORER:
     steering = pd.DataFrame(steering)
     print(f"steering latent {steer} (best role {role}, unit {unit:.3f})")
     print(steering.drop(columns="example").round(3).to_string())
-    print("before:", repr(steering.example.iloc[0][:120]))
-    print("after: ", repr(steering.example.iloc[-1][:120]))
+    latent_rows, random_rows = steering[steering.direction == "latent"], steering[steering.direction == "random"]
+    print("before:", repr(latent_rows.example.iloc[0][:120]))
+    print("after: ", repr(latent_rows.example.iloc[-1][:120]))
+    if len(random_rows):
+        first, last, rand = latent_rows.iloc[0], latent_rows.iloc[-1], random_rows.iloc[-1]
+        say(
+            SECTION,
+            f"**What we see (steering).** Latent {steer} (best role {role}) at {last.strength}: its role's rate "
+            f"{first.role_rate:.2f} -> {last.role_rate:.2f}, thinking steps {first.steps:.1f} -> {last.steps:.1f}, accuracy "
+            f"{first.accuracy:.2f} -> {last.accuracy:.2f}; a random direction of the same norm at the same strength: "
+            f"{rand.role_rate:.2f}, {rand.steps:.1f} steps, accuracy {rand.accuracy:.2f} (n = {int(last.n)} questions). "
+            + f"At the smallest strength, {latent_rows.iloc[1].strength}: the latent leaves {latent_rows.iloc[1].steps:.1f} "
+            f"thinking steps and accuracy {latent_rows.iloc[1].accuracy:.2f}, the control {random_rows.iloc[0].steps:.1f} and "
+            f"{random_rows.iloc[0].accuracy:.2f}. "
+            + f"Beyond the control, the latent changes its role's rate by {(last.role_rate - rand.role_rate):+.2f}; "
+            + (
+                "the thinking steps fall as far under the control, so that part is the size of the push, not the direction."
+                if rand.steps <= last.steps
+                else "the thinking steps fall further under the latent than under the control."
+            ),
+        )
 
 # %% [markdown]
 # ## Headline numbers
@@ -300,7 +328,8 @@ if ROLE_SCORER:
         ci95=[test["precision_diff_lo"], test["precision_diff_hi"]],
         mannwhitney_p=test["precision_mannwhitney_p"],
     )
-    first, last = steering.iloc[0], steering.iloc[-1]
+    latent_rows, random_rows = steering[steering.direction == "latent"], steering[steering.direction == "random"]
+    first, last = latent_rows.iloc[0], latent_rows.iloc[-1]
     for key, column, unit in (
         ("steering_role_rate_change", "role_rate", "fraction of generated tokens"),
         ("steering_steps_change", "steps", "thinking steps per response"),
@@ -311,6 +340,17 @@ if ROLE_SCORER:
         record_headline(
             SECTION, key, change, unit=unit, n=int(last.n), latent=steer, **extra, strength=last.strength, before=first[column]
         )
+        if len(random_rows):  # the equal-norm random direction at the same strength: the control
+            rand = random_rows.iloc[-1]
+            record_headline(
+                SECTION,
+                key.replace("steering_", "steering_random_"),
+                rand[column] - first[column],
+                unit=unit,
+                n=int(rand.n),
+                strength=rand.strength,
+                before=first[column],
+            )
 
 # %% [markdown]
 # ## The LLM judge: SAE features vs raw adapters under one protocol, and the paper's seven categories

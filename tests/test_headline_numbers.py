@@ -50,6 +50,8 @@ EXPECTED = {
     ("06_interpret_sae_features", "sae_monosemantic_share"): (0.90, 0.07),
     ("06_interpret_sae_features", "live_latents"): (143, 25),
     ("06_interpret_sae_features", "steering_steps_change"): (-6.0, 1.5),
+    # the control: an equal-norm random direction at the same strength removes the thinking steps as well
+    ("06_interpret_sae_features", "steering_random_steps_change"): (-6.0, 1.5),
     # the comparison: a second training seed, a higher rank and MLP-only adapters recover less on the organism
     ("07_compare_adapters", "aime24_rank1_gain_recovered"): (0.76, 0.15),
     ("07_compare_adapters", "aime24_rank1_seed43_gain_recovered"): (0.29, 0.15),

@@ -109,6 +109,26 @@ def test_notebook_03_handles_an_adapter_on_mlp_modules_only(tmp_path):
     assert "adapted kinds: ['mlp']" in printed and "attention_only" not in printed and "mlp_only" not in printed
 
 
+@pytest.mark.slow
+def test_notebook_00_builds_and_measures_organism_2_by_parameters_alone(tmp_path):
+    """Organism 2 through the same notebook: TASK registers, REBUILD True and an ORGANISM_DIR of its own build
+    a (smoke-sized) register organism, show a trace that may doubt, and measure its latent gap; a TASK that
+    does not match the folder's organism is refused by name."""
+    nb = next(p for p in NOTEBOOKS if p.stem.startswith("00"))
+    organism = tmp_path / "organism2"
+    params = {"SMOKE": True, "TASK": "registers", "REBUILD": True, "ORGANISM_DIR": str(organism), "OUTPUT_DIR": "runs/00_org2"}
+    executed, _ = run_notebook(nb, tmp_path / "run", params, timeout_s=900)
+    outputs = [o for c in jupytext.read(executed).cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert '"task": "registers"' in (organism / "config.json").read_text()
+    printed = "".join("".join(o.get("text", "")) for o in outputs if o.get("name") == "stdout")
+    assert "a7b3;a+2:a9b3" in printed  # the register example's worked steps
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError, match="holds a 'registers' organism; TASK is 'chains'"):
+        run_notebook(nb, tmp_path / "again", params | {"TASK": "chains", "REBUILD": False}, timeout_s=900)
+
+
 def test_run_notebooks_passes_parameters_as_papermill_does_and_a_variant_keeps_its_own_figures(tmp_path, monkeypatch):
     from paper_lib import run_notebooks
 

@@ -158,3 +158,14 @@ def test_an_organism_builds_from_the_registers_task_and_reads_back_with_it(tmp_p
         assert str(p.choices[ord(p.answer) - 65]) == row["Correct Answer"]
     with pytest.raises(Exception, match="task: must be one of"):
         OrganismConfig(task="queues")
+
+
+def test_the_two_organisms_roles_are_named_apart():
+    """One role, one family: a name shared by both organisms would move organism 1's role into organism 2's
+    category (and change organism 1's scores)."""
+    from paper_lib.organism.roles import REGISTER_ROLE_FAMILIES, ROLE_FAMILIES, ROLE_FAMILY
+
+    first = {r for roles in ROLE_FAMILIES.values() for r in roles}
+    second = {r for roles in REGISTER_ROLE_FAMILIES.values() for r in roles}
+    assert not first & second
+    assert all(ROLE_FAMILY[r] == f for f, roles in ROLE_FAMILIES.items() for r in roles)

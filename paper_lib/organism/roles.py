@@ -14,9 +14,10 @@ ROLE_FAMILIES: dict[str, tuple[str, ...]] = {
     "choices": ("option_letter", "scan_letter"),
 }
 # Organism 2 (the registers task): roles that say what is going on, beyond which token it is, grouped by the
-# paper's seven SAE categories (figure 3's donut), plus the template. Names differ from organism 1's.
+# paper's seven SAE categories (figure 3's donut), plus the template. Named apart from organism 1's roles, so
+# that each role has one family (tests/test_registers.py checks it).
 REGISTER_ROLE_FAMILIES: dict[str, tuple[str, ...]] = {
-    "computational operations": ("computed_value", "wrapped_value", "step_operator", "step_fact"),
+    "computational operations": ("computed_value", "wrapped_value", "step_op", "step_fact"),
     "symbolic manipulation": ("copied_value", "copy_source", "copy_mark"),
     "variable/value tracking": ("carried_value", "start_value", "state_register", "step_register", "read_register"),
     "reasoning flow control": ("wait_word", "before_wait", "confirm_word", "erroneous_value", "step_mark", "step_break"),
@@ -156,7 +157,7 @@ def _label_register_thinking(text: str, labels: list[str], start: int, end: int)
                 _label(labels, s + 2, s + 3, "copy_source")
             else:
                 _label(labels, s, s + 1, "step_register")
-                _label(labels, s + 1, s + 2, "step_operator")
+                _label(labels, s + 1, s + 2, "step_op")
                 _label(labels, s + 2, s + 3, "step_fact")
             _label(labels, s + len(m.group(0)) - 1, s + len(m.group(0)), "step_mark")
         for m in _READ.finditer(body):
