@@ -20,8 +20,8 @@ Qwen2.5 and s1K-1.1.
 
 The package: ``task`` (organism 1's chains, their formats and parsers), ``registers`` (organism 2's task:
 two registers, traces that doubt and repair), ``tokenizer``, ``build`` (config, model,
-datasets, pretraining, the folder on disk) and ``roles`` (ground-truth token roles); everything is
-imported here, so ``from paper_lib.organism import ...`` is the one way in.
+datasets, pretraining, the folder on disk) and ``roles`` (ground-truth token roles); the names the
+stages and notebooks use are imported here, so ``from paper_lib.organism import ...`` is their way in.
 """
 
 from paper_lib.organism.build import (
@@ -87,6 +87,7 @@ from paper_lib.organism.task import (
     textbook_document,
     textbook_prompt,
     thinking_answer,
+    with_choices,
 )
 from paper_lib.organism.tokenizer import (
     CHAT_TEMPLATE,
@@ -150,6 +151,7 @@ __all__ = [
     "textbook_document",
     "textbook_prompt",
     "thinking_answer",
+    "with_choices",
     "token_roles",
     "trace_row",
     "TRACES_SUBDIR",

@@ -24,7 +24,7 @@ import dataclasses
 import random
 import re
 
-from paper_lib.organism.task import OPS, Answered, apply_op
+from paper_lib.organism.task import OPS, Answered, apply_op, with_choices
 
 REGISTERS = ("a", "b")
 COPY = "<"
@@ -142,12 +142,7 @@ def sample_register_problem(rng: random.Random, k: int, multiple_choice: bool = 
         register = rng.choice(REGISTERS)
         ops.append(f"{register}{COPY}{other(register)}" if rng.random() < copy else register + rng.choice(OPS))
     problem = RegisterProblem((rng.randrange(10), rng.randrange(10)), tuple(ops), rng.choice(REGISTERS))
-    if not multiple_choice:
-        return problem
-    distractors = rng.sample([d for d in range(10) if d != problem.value], 3)
-    choices = [problem.value, *distractors]
-    rng.shuffle(choices)
-    return dataclasses.replace(problem, choices=tuple(choices))
+    return with_choices(rng, problem) if multiple_choice else problem
 
 
 def parse_program(text: str) -> RegisterProblem:

@@ -7,6 +7,7 @@ import dataclasses
 import random
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -111,15 +112,18 @@ def format_choices(options: Sequence[str]) -> str:
     return " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
 
 
-def sample_problem(rng: random.Random, k: int, multiple_choice: bool = False) -> Problem:
-    ops = tuple(rng.choice(OPS) for _ in range(k))
-    problem = Problem(rng.randrange(10), ops)
-    if not multiple_choice:
-        return problem
+def with_choices(rng: random.Random, problem: Any) -> Any:
+    """A multiple-choice variant of ``problem``: its value and three other digits, in random order."""
     distractors = rng.sample([d for d in range(10) if d != problem.value], 3)
     choices = [problem.value, *distractors]
     rng.shuffle(choices)
     return dataclasses.replace(problem, choices=tuple(choices))
+
+
+def sample_problem(rng: random.Random, k: int, multiple_choice: bool = False) -> Problem:
+    ops = tuple(rng.choice(OPS) for _ in range(k))
+    problem = Problem(rng.randrange(10), ops)
+    return with_choices(rng, problem) if multiple_choice else problem
 
 
 def n_distinct_chains(k: int) -> int:
