@@ -227,7 +227,7 @@ def scoring_traces(
     """``n`` traces in s1K-1.1's schema to score teacher-forced: ``"organism-probe"`` = held-out organism
     traces (in no training set), else a dataset path or hub id, shuffled with ``seed``; with ``among``,
     drawn only from those row indices (e.g. the documents an SAE was not trained on)."""
-    from paper_lib.organism import heldout_traces
+    from paper_lib.organism import heldout_traces  # here, not at the top: the organism imports this module
 
     if source == "organism-probe":
         return heldout_traces(resolve(organism_dir), n, seed=seed)
