@@ -8,7 +8,10 @@ Organism scorer: every token of an organism trace has a known role (``organism.t
 feature's best-matching role is the most common role among its top-k tokens; precision@k is that share,
 AUROC how well the feature's value separates that role from all other tokens. Classes (stated
 thresholds, parameters of ``classify_features``): monosemantic if one role holds >= ``mono`` of the top-k,
-broad if one *family* of roles (``ROLE_FAMILIES``) does, polysemantic otherwise.
+broad if one *family* of roles (``ROLE_FAMILIES``) does, polysemantic otherwise. So that purity is not
+mistaken for meaning, each feature is also scored against readers of the surface tokens (the token
+alone, the token and the one before: ``lift``, ``bigram_lift``) and across activation quantiles, and
+notebooks run a shuffled-roles control; intervals resample whole units (an adapter's two polarities).
 
 Everything streams: a population is a ``Features`` object (names, ``blocks()`` over all tokens in order,
 ``rows(start, end)``), e.g. ``ActivationStore.features``, so that no [tokens x features] array is ever
