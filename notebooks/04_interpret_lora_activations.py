@@ -158,9 +158,8 @@ if ROLE_SCORER:
     roles = np.concatenate([token_roles(tokenizer, t, MAX_LENGTH) for t in texts])  # one per token, store order
     assert len(roles) == store.n_tokens
     contexts = store.token_contexts()  # for the baselines: what the token alone, or with the one before, tells
+    # an adapter's two polarities are one unit (scored["unit"]): intervals resample adapters, not polarities
     scored = score_populations(populations, roles, ROLE_FAMILY, k=TOP_K, mono=MONO, broad=BROAD, tops=tops, tokens=contexts)
-    # an adapter's two polarities are one unit: intervals resample adapters, not polarities
-    scored["unit"] = np.where(scored.population == LORA, scored.feature.str.rstrip("+-"), scored.feature)
     scored.to_csv(out_dir / "role_scores.csv", index=False)
     shares = class_shares(scored, n_resamples=N_BOOTSTRAP, seed=SEED)
     print(shares.round(3).to_string())
@@ -283,7 +282,6 @@ if ROLE_SCORER:
             n=len(group),
         )
         record_headline(SECTION, f"{name.split(' ')[0].lower()}_median_auroc", group.auroc.median(), unit="AUROC", n=len(group))
-    for name, group in scored.groupby("population"):
         for column in ("lift", "bigram_lift"):
             record_headline(
                 SECTION, f"{name.split(' ')[0].lower()}_median_{column}", group[column].median(), unit="fraction", n=len(group)

@@ -97,7 +97,7 @@ try:  # steering strengths, checked now too: the unsteered baseline first, then 
     strengths = [float(s) for s in STEER_STRENGTHS.split(",")]
 except ValueError:
     raise ValueError(f"STEER_STRENGTHS: expected comma-separated numbers, got {STEER_STRENGTHS!r}") from None
-if strengths[0] != 0 or strengths != sorted(strengths) or len(strengths) < 2:
+if strengths[0] != 0 or strengths != sorted(set(strengths)) or len(strengths) < 2:
     raise ValueError(f"STEER_STRENGTHS: start at 0 (the unsteered baseline) and rise, e.g. '0,1,2,4'; got {STEER_STRENGTHS!r}")
 interp_dir, out_dir = stage_dir(INTERPRET_DIR, SMOKE), stage_dir(OUTPUT_DIR, SMOKE)  # smoke pairs with smoke
 start_run(SECTION, out_dir, parameters)  # run.json, figures, headline section
@@ -156,9 +156,7 @@ if ROLE_SCORER:
         broad=BROAD,
         tops={"SAE feature": live_top, "LoRA": lora_top},
         tokens=store.token_contexts(),  # the token-identity and bigram baselines
-    )
-    # an adapter's two polarities are one unit: intervals resample adapters, not polarities
-    scored["unit"] = np.where(scored.population == "LoRA", scored.feature.str.rstrip("+-"), scored.feature)
+    )  # an adapter's two polarities are one unit (scored["unit"]): intervals resample adapters, not polarities
     scored.to_csv(out_dir / "role_scores.csv", index=False)
     shares = class_shares(scored, n_resamples=N_BOOTSTRAP, seed=SEED)
     test = compare_populations(scored, "SAE feature", "LoRA", N_BOOTSTRAP, SEED)
@@ -287,27 +285,27 @@ if ROLE_SCORER:
     steering = pd.DataFrame(steering)
     print(f"steering latent {steer} (best role {role}, unit {unit:.3f})")
     print(steering.drop(columns="example").round(3).to_string())
+    # strengths start at 0 and rise (checked at the start), so both rows exist at every non-zero strength
     latent_rows, random_rows = steering[steering.direction == "latent"], steering[steering.direction == "random"]
-    print("before:", repr(latent_rows.example.iloc[0][:120]))
-    print("after: ", repr(latent_rows.example.iloc[-1][:120]))
-    if len(random_rows):
-        first, last, rand = latent_rows.iloc[0], latent_rows.iloc[-1], random_rows.iloc[-1]
-        say(
-            SECTION,
-            f"**What we see (steering).** Latent {steer} (best role {role}) at {last.strength}: its role's rate "
-            f"{first.role_rate:.2f} -> {last.role_rate:.2f}, thinking steps {first.steps:.1f} -> {last.steps:.1f}, accuracy "
-            f"{first.accuracy:.2f} -> {last.accuracy:.2f}; a random direction of the same norm at the same strength: "
-            f"{rand.role_rate:.2f}, {rand.steps:.1f} steps, accuracy {rand.accuracy:.2f} (n = {int(last.n)} questions). "
-            + f"At the smallest strength, {latent_rows.iloc[1].strength}: the latent leaves {latent_rows.iloc[1].steps:.1f} "
-            f"thinking steps and accuracy {latent_rows.iloc[1].accuracy:.2f}, the control {random_rows.iloc[0].steps:.1f} and "
-            f"{random_rows.iloc[0].accuracy:.2f}. "
-            + f"Beyond the control, the latent changes its role's rate by {(last.role_rate - rand.role_rate):+.2f}; "
-            + (
-                "the thinking steps fall as far under the control, so that part is the size of the push, not the direction."
-                if rand.steps <= last.steps
-                else "the thinking steps fall further under the latent than under the control."
-            ),
-        )
+    first, last, rand = latent_rows.iloc[0], latent_rows.iloc[-1], random_rows.iloc[-1]
+    print("before:", repr(first.example[:120]))
+    print("after: ", repr(last.example[:120]))
+    say(
+        SECTION,
+        f"**What we see (steering).** Latent {steer} (best role {role}) at {last.strength}: its role's rate "
+        f"{first.role_rate:.2f} -> {last.role_rate:.2f}, thinking steps {first.steps:.1f} -> {last.steps:.1f}, accuracy "
+        f"{first.accuracy:.2f} -> {last.accuracy:.2f}; a random direction of the same norm at the same strength: "
+        f"{rand.role_rate:.2f}, {rand.steps:.1f} steps, accuracy {rand.accuracy:.2f} (n = {int(last.n)} questions). "
+        + f"At the smallest strength, {latent_rows.iloc[1].strength}: the latent leaves {latent_rows.iloc[1].steps:.1f} "
+        f"thinking steps and accuracy {latent_rows.iloc[1].accuracy:.2f}, the control {random_rows.iloc[0].steps:.1f} and "
+        f"{random_rows.iloc[0].accuracy:.2f}. "
+        + f"Beyond the control, the latent changes its role's rate by {(last.role_rate - rand.role_rate):+.2f}; "
+        + (
+            "the thinking steps fall as far under the control, so that part is the size of the push, not the direction."
+            if rand.steps <= last.steps
+            else "the thinking steps fall further under the latent than under the control."
+        ),
+    )
 
 # %% [markdown]
 # ## Headline numbers
@@ -328,9 +326,7 @@ if ROLE_SCORER:
         ci95=[test["precision_diff_lo"], test["precision_diff_hi"]],
         mannwhitney_p=test["precision_mannwhitney_p"],
     )
-    latent_rows, random_rows = steering[steering.direction == "latent"], steering[steering.direction == "random"]
-    first, last = latent_rows.iloc[0], latent_rows.iloc[-1]
-    for key, column, unit in (
+    for key, column, measure in (
         ("steering_role_rate_change", "role_rate", "fraction of generated tokens"),
         ("steering_steps_change", "steps", "thinking steps per response"),
         ("steering_accuracy_change", "accuracy", "fraction"),
@@ -338,19 +334,17 @@ if ROLE_SCORER:
         extra = {"role": role} if column == "role_rate" else {}
         change = last[column] - first[column]
         record_headline(
-            SECTION, key, change, unit=unit, n=int(last.n), latent=steer, **extra, strength=last.strength, before=first[column]
+            SECTION, key, change, unit=measure, n=int(last.n), latent=steer, **extra, strength=last.strength, before=first[column]
         )
-        if len(random_rows):  # the equal-norm random direction at the same strength: the control
-            rand = random_rows.iloc[-1]
-            record_headline(
-                SECTION,
-                key.replace("steering_", "steering_random_"),
-                rand[column] - first[column],
-                unit=unit,
-                n=int(rand.n),
-                strength=rand.strength,
-                before=first[column],
-            )
+        record_headline(  # the equal-norm random direction at the same strength: the control
+            SECTION,
+            key.replace("steering_", "steering_random_"),
+            rand[column] - first[column],
+            unit=measure,
+            n=int(rand.n),
+            strength=rand.strength,
+            before=first[column],
+        )
 
 # %% [markdown]
 # ## The LLM judge: SAE features vs raw adapters under one protocol, and the paper's seven categories

@@ -336,11 +336,13 @@ def score_populations(
 ) -> pd.DataFrame:
     """``score_against_roles`` and ``classify_features`` for each population (name -> features), stacked
     with a ``population`` column; ``tops``: their ``top_features`` where already computed; ``tokens``: the
-    token ids and previous ids, for the identity and bigram baselines."""
+    token ids and previous ids, for the identity and bigram baselines. ``unit``: what ``class_shares``
+    resamples, the feature itself, or for ``SignedFeatures`` the read-out both polarities come from."""
     tables = []
     for population, features in populations.items():
         table = score_against_roles(features, roles, families, k=k, top=(tops or {}).get(population), tokens=tokens)
         table["class"] = classify_features(table, mono=mono, broad=broad)
+        table["unit"] = table["feature"].str[:-1] if isinstance(features, SignedFeatures) else table["feature"]
         tables.append(table.assign(population=population))
     return pd.concat(tables, ignore_index=True)
 

@@ -223,3 +223,16 @@ def test_token_contexts_start_each_document_afresh(tmp_path):
     write_activation_store(tmp_path / "s", [(d, np.zeros((len(d), 1, 1))) for d in docs], [0], ["q_proj"], docs_per_shard=2)
     ids, previous = ActivationStore(tmp_path / "s").token_contexts()
     assert ids.tolist() == [5, 6, 7, 8, 9, 4] and previous.tolist() == [-1, 5, 6, -1, 8, -1]
+
+
+def test_scored_units_pair_the_two_polarities_of_a_read_out():
+    """``class_shares`` resamples units: a signed population's two polarities share one, any other feature
+    is its own."""
+    from paper_lib.interp import score_populations
+
+    values = np.random.default_rng(0).normal(size=(300, 2)).astype(np.float32)
+    roles = np.where(np.arange(300) % 2 == 0, "even", "odd")
+    plain = ArrayFeatures(values, ["n1", "n2"])
+    scored = score_populations({"signed": SignedFeatures(plain), "plain": plain}, roles, {"even": "x", "odd": "x"}, k=10)
+    assert scored.set_index("feature").loc[["n1+", "n1-", "n2+", "n2-"], "unit"].tolist() == ["n1", "n1", "n2", "n2"]
+    assert scored[scored.population == "plain"]["unit"].tolist() == ["n1", "n2"]

@@ -185,14 +185,13 @@ def build_model(cfg: OrganismConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen
 # Datasets in the hub schemas
 
 
-def trace_row(problem: Any, task: Any = None, rng: random.Random | None = None) -> dict[str, Any]:
-    """A row in s1K-1.1's schema: the question, the task's thinking text (with ``rng``: a trace's slips and
+def trace_row(problem: Any, task: Any, rng: random.Random) -> dict[str, Any]:
+    """A row in s1K-1.1's schema: the question, the task's thinking text (``rng`` draws a trace's slips and
     checks, where the task has them), the answer."""
-    task = task or ChainTask()
     kind = task.name.removesuffix("s")
     return s1k_row(
         problem.question,
-        task.trajectory(problem, rng or random.Random(0)),
+        task.trajectory(problem, rng),
         problem.answer,
         solution=problem.answer,
         cot_type="science" if problem.choices else "math",
@@ -268,9 +267,9 @@ def probe_row(problem: Any) -> dict[str, Any]:
     }
 
 
-def problem_from_probe(row: dict[str, Any], task: Any = None) -> Any:
-    """A probe problem, read back from its question (``task``: the organism's; default organism 1's)."""
-    return (task or ChainTask()).parse(row["question"])
+def problem_from_probe(row: dict[str, Any], task: Any) -> Any:
+    """A probe problem, read back from its question with the organism's task."""
+    return task.parse(row["question"])
 
 
 def build_datasets(cfg: OrganismConfig) -> tuple[dict[str, list[dict[str, Any]]], set[tuple[int, tuple[str, ...]]]]:
@@ -428,9 +427,7 @@ def score_formats(
 ) -> pd.DataFrame:
     """Greedy accuracy of each problem in each format: one row per (problem, format)."""
     rows = []
-    budget = 8 * max(p.k for p in problems) + 40
-    if not all(isinstance(p, Problem) for p in problems):  # organism 2: both registers a step, and room to doubt
-        budget = 3 * max(len(p.steps) for p in problems) + 40
+    budget = max(p.completion_room for p in problems)
     for fmt in formats:
         if fmt == "textbook":
             prompts = [textbook_prompt(p) for p in problems]
@@ -483,7 +480,8 @@ def _build_organism(cfg: OrganismConfig, out_dir: Path) -> pd.DataFrame:
     tokenizer = build_tokenizer()
     model = build_model(cfg, tokenizer)
     monitor_rng = random.Random(cfg.seed + 3)
-    probe = [problem_from_probe(r, task_for(cfg)) for r in rows[PROBE_SUBDIR] if r["k"] in (2, 4, cfg.aime_steps)]
+    task = task_for(cfg)
+    probe = [problem_from_probe(r, task) for r in rows[PROBE_SUBDIR] if r["k"] in (2, 4, cfg.aime_steps)]
     monitor = monitor_rng.sample(probe, min(96, len(probe)))
     history = pretrain(model, tokenizer, cfg, held_out, monitor)
     model_dir = out_dir / MODEL_SUBDIR
@@ -536,17 +534,22 @@ def load_organism(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenize
     return model, tokenizer, OrganismConfig.load(path)
 
 
-def load_probe(path: str | Path) -> list[Any]:
-    """The organism's probe problems (held out of pretraining), read with its own task."""
-    path = check_organism_dir(path)
+def _probe(path: Path) -> tuple[list[Any], Any]:
+    """The probe problems of a checked organism folder and the task they are read with (its config's)."""
     task = task_for(OrganismConfig.load(path))
     rows = (path / PROBE_SUBDIR / f"{SPLITS[PROBE_SUBDIR]}.jsonl").read_text().splitlines()
-    return [problem_from_probe(json.loads(line), task) for line in rows]
+    return [problem_from_probe(json.loads(line), task) for line in rows], task
+
+
+def load_probe(path: str | Path) -> list[Any]:
+    """The organism's probe problems (held out of pretraining), read with its own task."""
+    return _probe(check_organism_dir(path))[0]
 
 
 def heldout_traces(path: str | Path, n: int, min_k: int = 3, seed: int = 0) -> list[dict[str, Any]]:
     """``n`` traces in s1K-1.1's schema for probe problems: held out of pretraining and of the SFT traces."""
-    task = task_for(OrganismConfig.load(check_organism_dir(path)))
-    problems = [p for p in load_probe(path) if p.k >= min_k]
+    probe, task = _probe(check_organism_dir(path))
+    problems = [p for p in probe if p.k >= min_k]
     chosen = random.Random(seed).sample(problems, min(n, len(problems)))
-    return [trace_row(p, task, random.Random(seed + 1)) for p in chosen]
+    rng = random.Random(seed + 1)  # one stream for all: each trace draws its own slips and checks
+    return [trace_row(p, task, rng) for p in chosen]

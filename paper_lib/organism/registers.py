@@ -63,6 +63,11 @@ class RegisterProblem(Answered):
         return len(self.ops)
 
     @property
+    def completion_room(self) -> int:
+        """Tokens a greedy completion gets when scored: both registers a step, and room to doubt and repair."""
+        return 3 * len(self.steps) + 40
+
+    @property
     def key(self) -> tuple:
         """Identity of the underlying program (a multiple-choice variant shares it)."""
         return (self.start, self.ops, self.target)

@@ -72,6 +72,11 @@ class Problem(Answered):
         return len(self.ops)
 
     @property
+    def completion_room(self) -> int:
+        """Tokens a greedy completion of this problem gets when the organism is scored (room for the steps)."""
+        return 8 * self.k + 40
+
+    @property
     def key(self) -> tuple[int, tuple[str, ...]]:
         """Identity of the underlying chain (a multiple-choice variant shares it)."""
         return (self.start, self.ops)
