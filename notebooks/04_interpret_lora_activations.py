@@ -48,6 +48,8 @@ ROLE_SCORER = True  # score against the organism's token roles (organism traces 
 MONO = 0.9  # monosemantic: the best role holds >= MONO of the top-k tokens
 BROAD = 0.9  # broad: the best role family holds >= BROAD of the top-k tokens
 N_BOOTSTRAP = 2000  # bootstrap resamples
+UNTRAINED_CONTROL = True  # the scorer's control: the same read-outs on an untrained model of the same shape
+CONTROL_TRACES = 0  # traces that control extracts (0: the same traces as above; real scale: e.g. 100)
 JUDGE_URL = ""  # OpenAI-compatible endpoint for the LLM scorer, e.g. http://127.0.0.1:8000/v1 (empty: skip)
 JUDGE_MODEL = ""  # the judge's model name at that endpoint
 JUDGE_KEY_ENV = "OPENAI_API_KEY"  # environment variable holding the judge's API key
@@ -69,7 +71,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from paper_lib.activations import LORA, adapter_keys, build_readout_model, control_populations, extract_activation_shards
+from paper_lib.activations import (
+    LORA,
+    adapter_keys,
+    build_readout_model,
+    control_populations,
+    extract_activation_shards,
+    randomize_weights,
+)
 from paper_lib.config import seed_everything
 from paper_lib.data import format_s1_text, load_traces
 from paper_lib.interp import (
@@ -265,6 +274,75 @@ if ROLE_SCORER:
     assert control_mono < 0.2, "features score as monosemantic against shuffled roles: the scorer is not measuring roles"
 
 # %% [markdown]
+# ## The same read-outs on an untrained model: what the scorer gives for nothing
+# The model's weights re-drawn in place as an untrained Qwen2 of the same shape (the fine-tuned weights are
+# not used after this), the same tokens extracted again, and its random directions and MLP neurons scored
+# as above. Whatever they score is what a read-out gets from the tokens and their positions alone; a
+# population of the trained model means something only as far as it scores above them.
+
+# %%
+if ROLE_SCORER and UNTRAINED_CONTROL:
+    control_texts = texts[: 20 if SMOKE else (CONTROL_TRACES or len(texts))]
+    control_dir = out_dir / "untrained_activations"
+    if OVERWRITE and control_dir.exists():
+        shutil.rmtree(control_dir)
+    untrained = randomize_weights(model, seed=SEED)  # in place: no second copy of the model
+    untrained_store = extract_activation_shards(
+        untrained,
+        tokenizer,
+        control_texts,
+        control_dir,
+        batch_size=BATCH_SIZE,
+        max_length=MAX_LENGTH,
+        provenance={**adapter_provenance(ADAPTER_RUN), "traces": TRACES, "weights": f"untrained, seed {SEED}"},
+        populations=control_populations(untrained, adapter_keys(untrained), seed=SEED),
+    )
+    untrained_roles = roles[: untrained_store.n_tokens]  # the first traces' tokens, in the same order
+    untrained_scored = score_populations(
+        {f"untrained {name}": SignedFeatures(untrained_store.features(name)) for name in ("MLP neuron", "random direction")},
+        untrained_roles,
+        ROLE_FAMILY,
+        k=TOP_K,
+        mono=MONO,
+        broad=BROAD,
+        tokens=untrained_store.token_contexts(),
+    )
+    untrained_scored.to_csv(out_dir / "untrained_role_scores.csv", index=False)
+    beside = pd.concat([scored, untrained_scored], ignore_index=True)
+    beside_shares = class_shares(beside, n_resamples=N_BOOTSTRAP, seed=SEED)
+    save_figure(plot_interpretability(beside, beside_shares), "interpretability_untrained_control", beside_shares)
+    untrained_lift = untrained_scored.groupby("population")[["precision", "lift", "bigram_lift"]].median()
+    untrained_tests = {
+        f"LoRA vs {name}": compare_populations(beside, "LoRA", name, N_BOOTSTRAP, SEED) for name in untrained_lift.index
+    }
+    print(untrained_lift.round(3).to_string())
+    print(pd.DataFrame(untrained_tests).T.round(4).to_string())
+    u_share = beside_shares.set_index(["population", "class"])["share"]
+    say(
+        SECTION,
+        f"**What we see (untrained control, {len(control_texts)} traces).** On an untrained model of the same shape, "
+        + ", ".join(
+            f"{name}s score {u_share[(name, 'monosemantic')]:.0%} monosemantic, median precision@{TOP_K} "
+            f"{untrained_lift.loc[name, 'precision']:.2f}, lift {untrained_lift.loc[name, 'lift']:+.2f} (bigram "
+            f"{untrained_lift.loc[name, 'bigram_lift']:+.2f})"
+            for name in untrained_lift.index
+        )
+        + f"; LoRA features {share[('LoRA', 'monosemantic')]:.0%}, lift {lift.loc['LoRA', 'lift']:+.2f} "
+        f"({lift.loc['LoRA', 'bigram_lift']:+.2f}). Mean lift over the token reader, LoRA minus untrained: "
+        + ", ".join(
+            f"{name.removeprefix('LoRA vs ')} {t['lift_diff']:+.2f} [{t['lift_diff_lo']:+.2f}, {t['lift_diff_hi']:+.2f}]"
+            for name, t in untrained_tests.items()
+        )
+        + "; over the bigram reader: "
+        + ", ".join(
+            f"{t['bigram_lift_diff']:+.3f} [{t['bigram_lift_diff_lo']:+.3f}, {t['bigram_lift_diff_hi']:+.3f}]"
+            for t in untrained_tests.values()
+        )
+        + ". What the trained features score beyond these is what training put there.",
+    )
+    assert np.isfinite(untrained_lift.to_numpy()).all()
+
+# %% [markdown]
 # ## Headline numbers
 
 # %%
@@ -287,6 +365,14 @@ if ROLE_SCORER:
                 SECTION, f"{name.split(' ')[0].lower()}_median_{column}", group[column].median(), unit="fraction", n=len(group)
             )
     record_headline(SECTION, "shuffled_roles_monosemantic_share", control_mono, unit="fraction of features", n=len(control))
+    if UNTRAINED_CONTROL:
+        for name, group in untrained_scored.groupby("population"):
+            slug = name.replace(" ", "_").lower()
+            record_headline(
+                SECTION, f"{slug}_monosemantic_share", u_share[(name, "monosemantic")], unit="fraction of features", n=len(group)
+            )
+            for column in ("lift", "bigram_lift"):
+                record_headline(SECTION, f"{slug}_median_{column}", group[column].median(), unit="fraction", n=len(group))
     for pair, t in tests.items():
         key = pair.replace(" vs ", "_vs_").replace(" ", "_").lower()
         record_headline(

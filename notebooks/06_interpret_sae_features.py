@@ -40,6 +40,7 @@ CONTEXT = 12  # tokens of context each side on the dashboard (paper: 48)
 ROLE_SCORER = True  # score against the organism's token roles (organism traces only)
 MONO = 0.9  # monosemantic threshold (as notebook 04)
 BROAD = 0.9  # broad threshold (as notebook 04)
+MIN_ACTIVE = 10  # a latent firing on fewer of its top-k tokens is "rare": unclassified, out of the shares and tests
 N_BOOTSTRAP = 2000  # bootstrap resamples
 STEER_FEATURE = -1  # latent to steer (-1: the most monosemantic live latent whose role occurs in the completions)
 STEER_STRENGTHS = "0,1,2,4"  # multiples of the latent's mean non-zero activation added during generation
@@ -73,13 +74,14 @@ from paper_lib.formats import chat_prompt
 from paper_lib.interp import (
     SignedFeatures,
     class_shares,
+    classified,
     compare_populations,
     feature_examples,
     score_populations,
     top_features,
 )
 from paper_lib.judge import judge_config_from
-from paper_lib.organism import ROLE_FAMILY, token_roles
+from paper_lib.organism import COMPLETION_ROLES, ROLE_FAMILY, STEP_ROLES, organism_of_roles, token_roles
 from paper_lib.pages import feature_page_html, save_html
 from paper_lib.params import check_parameters
 from paper_lib.paths import stage_dir
@@ -156,6 +158,7 @@ if ROLE_SCORER:
         broad=BROAD,
         tops={"SAE feature": live_top, "LoRA": lora_top},
         tokens=store.token_contexts(),  # the token-identity and bigram baselines
+        min_active=MIN_ACTIVE,  # a sparse latent is scored on the tokens where it fires
     )  # an adapter's two polarities are one unit (scored["unit"]): intervals resample adapters, not polarities
     scored.to_csv(out_dir / "role_scores.csv", index=False)
     shares = class_shares(scored, n_resamples=N_BOOTSTRAP, seed=SEED)
@@ -164,11 +167,13 @@ if ROLE_SCORER:
     print({k: round(v, 4) for k, v in test.items()})
     save_figure(plot_interpretability(scored, shares), "interpretability_sae_vs_lora", shares)
     share = shares.set_index(["population", "class"])["share"]
-    lift = scored.groupby("population")[["lift", "bigram_lift"]].median()
+    lift = classified(scored).groupby("population")[["lift", "bigram_lift"]].median()
+    counts = shares.groupby("population")[["n", "rare"]].first()
     held = share[("SAE feature", "monosemantic")] > share[("LoRA", "monosemantic")] and test["chi2_p"] < 0.05
     say(
         SECTION,
-        f"**What we see.** {share[('SAE feature', 'monosemantic')]:.0%} of the {len(live)} live SAE latents are "
+        f"**What we see.** {share[('SAE feature', 'monosemantic')]:.0%} of the {counts.loc['SAE feature', 'n']} classified "
+        f"SAE latents (of {len(live)} live; {counts.loc['SAE feature', 'rare']} fire on fewer than {MIN_ACTIVE} tokens) are "
         f"monosemantic against {share[('LoRA', 'monosemantic')]:.0%} of the raw adapter features (the paper: ~62% vs ~22%; "
         f"chi-square p = {test['chi2_p']:.2g}): the SAE's features are finer and more often monosemantic: {verdict(held)}. "
         f"Median lift over the token-identity reader: SAE {lift.loc['SAE feature', 'lift']:+.2f}, LoRA "
@@ -238,19 +243,9 @@ if ROLE_SCORER:
 # %%
 if ROLE_SCORER:
     # roles the AIME-like completions contain (no option scan there), so their rate can move either way
-    completion_roles = {
-        "step_input",
-        "step_operator",
-        "step_operand",
-        "step_equals",
-        "step_result",
-        "step_separator",
-        "final_answer",
-        "answer_prefix",
-        "answer_marker",
-        "think_marker",
-    }
-    candidates = sae_scores[sae_scores.role.isin(completion_roles)].sort_values(["precision", "auroc"], ascending=False)
+    organism = organism_of_roles(roles)
+    candidates = classified(sae_scores)
+    candidates = candidates[candidates.role.isin(COMPLETION_ROLES[organism])].sort_values(["precision", "auroc"], ascending=False)
     steer = latent_of[candidates.index[0]] if STEER_FEATURE < 0 else STEER_FEATURE
     role = sae_scores.loc[f"latent {steer}", "role"]
     unit = float(summary["mass"][steer] / summary["fired"][steer])  # mean non-zero activation
@@ -270,7 +265,7 @@ if ROLE_SCORER:
             prompt = chat_prompt(tokenizer, item.question)
             generated = token_roles(tokenizer, prompt + response)[len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) :]
             rates.append(np.mean([r == role for r in generated]) if generated else 0.0)
-            steps.append(sum(r == "step_result" for r in generated))
+            steps.append(sum(r == STEP_ROLES[organism] for r in generated))
         steering.append(
             {
                 "direction": "random" if variant.startswith("random") else "latent",

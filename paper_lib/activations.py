@@ -864,6 +864,31 @@ def random_directions(
     return out
 
 
+@torch.no_grad()
+def randomize_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Re-initialise every weight of ``model`` in place, as an untrained model of the same shape: linear and
+    embedding weights ~ N(0, ``initializer_range``), biases 0, norm weights 1 (Qwen2's own initialisation),
+    on whatever devices they live (no copy at 32B). The scorer's control: read-outs of an untrained model
+    know only what the tokens and their positions do. Written out because ``PreTrainedModel._init_weights``
+    skips every parameter flagged as loaded from a checkpoint, which is all of them here."""
+    config = getattr(model, "config", None)
+    std = getattr(config, "initializer_range", 0.02) or 0.02
+    torch.manual_seed(seed)
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, ReadoutLinear)):
+            weight.normal_(0.0, std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+            if getattr(module, "update", None) is not None:  # an untrained model's adapter: B = 0
+                module.update.zero_()
+        elif "RMSNorm" in type(module).__name__ or "LayerNorm" in type(module).__name__:
+            weight.fill_(1.0)
+    return model
+
+
 def main(argv: list[str] | None = None) -> None:
     """``accelerate launch -m paper_lib.activations --adapter-run RUN --traces DATASET --out DIR``: every
     process extracts its share of the shards on its own GPU (or run it plainly for one device): the

@@ -8,7 +8,9 @@ Organism scorer: every token of an organism trace has a known role (``organism.t
 feature's best-matching role is the most common role among its top-k tokens; precision@k is that share,
 AUROC how well the feature's value separates that role from all other tokens. Classes (stated
 thresholds, parameters of ``classify_features``): monosemantic if one role holds >= ``mono`` of the top-k,
-broad if one *family* of roles (``ROLE_FAMILIES``) does, polysemantic otherwise. So that purity is not
+broad if one *family* of roles (``ROLE_FAMILIES``) does, polysemantic otherwise. Only tokens where the
+feature fires (a non-zero value) count: a sparse SAE latent that fires on 5 tokens is scored on those 5,
+not on 45 zero-valued tokens that fill its top 50, and one that fires on too few is ``rare``, unclassified. So that purity is not
 mistaken for meaning, each feature is also scored against readers of the surface tokens (the token
 alone, the token and the one before: ``lift``, ``bigram_lift``) and across activation quantiles, and
 notebooks run a shuffled-roles control; intervals resample whole units (an adapter's two polarities).
@@ -29,6 +31,7 @@ import pandas as pd
 from paper_lib.statistics import bootstrap_interval
 
 CLASSES = ("monosemantic", "broad", "polysemantic")
+RARE = "rare"  # fires on too few tokens to classify: left out of the class shares and tests
 
 
 class Features(Protocol):
@@ -211,7 +214,9 @@ def score_against_roles(
     quantile_top: float = 0.1,
 ) -> pd.DataFrame:
     """Per feature: the most common role among its top-k tokens (``role``, ``precision``), that role's
-    AUROC over all tokens, and the same for role families (``family``, ``family_precision``).
+    AUROC over all tokens, and the same for role families (``family``, ``family_precision``). Of the top-k,
+    only the ``n_active`` tokens with a non-zero value count (zero means the feature did not fire; a sparse
+    feature's top-k is padded with such tokens when it fires fewer than k times); none: NaN scores.
 
     ``tokens`` = (token ids, previous token ids; -1 at a document's start), one each per token: then
     ``identity_precision`` and ``bigram_precision`` are what a reader of the token alone, or of it and the
@@ -237,19 +242,24 @@ def score_against_roles(
     if top_i.shape[1] and top_i.max() >= len(codes):
         raise ValueError(f"{len(codes)} roles for at least {top_i.max() + 1} tokens: roles must cover every token")
     rows, best = [], np.empty(len(names), np.int64)
+    active = [top_i[f][top_v[f] != 0] for f in range(len(names))]  # the top-k tokens where each fired
     for f, name in enumerate(names):
-        top_roles, counts = np.unique(role_names[codes[top_i[f]]], return_counts=True)
+        row: dict[str, Any] = {"feature": name, "n_active": len(active[f]), "auroc": float("nan")}
+        if len(active[f]) == 0:
+            best[f] = -1
+            rows.append(row | {"role": "", "precision": float("nan"), "family": "", "family_precision": float("nan")})
+            continue
+        top_roles, counts = np.unique(role_names[codes[active[f]]], return_counts=True)
         role = top_roles[np.argmax(counts)]
-        top_fams, fam_counts = np.unique(fams[codes[top_i[f]]], return_counts=True)
+        top_fams, fam_counts = np.unique(fams[codes[active[f]]], return_counts=True)
         best[f] = int(np.flatnonzero(role_names == role)[0])
         rows.append(
-            {
-                "feature": name,
+            row
+            | {
                 "role": str(role),
-                "precision": counts.max() / top_i.shape[1],
-                "auroc": float("nan"),
+                "precision": counts.max() / len(active[f]),
                 "family": str(top_fams[np.argmax(fam_counts)]),
-                "family_precision": fam_counts.max() / top_i.shape[1],
+                "family_precision": fam_counts.max() / len(active[f]),
             }
         )
     if tokens is not None:
@@ -259,7 +269,7 @@ def score_against_roles(
         for column, context in (("identity_precision", ids), ("bigram_precision", previous.astype(np.int64) * (2**32) + ids)):
             which, rates = conditional_role_rates(context, codes, len(role_names))
             for f in range(len(names)):
-                rows[f][column] = float(rates[which[top_i[f]], best[f]].mean())
+                rows[f][column] = float(rates[which[active[f]], best[f]].mean()) if best[f] >= 0 else float("nan")
         for f in range(len(names)):
             rows[f]["lift"] = rows[f]["precision"] - rows[f]["identity_precision"]
             rows[f]["bigram_lift"] = rows[f]["precision"] - rows[f]["bigram_precision"]
@@ -314,14 +324,21 @@ def quantile_precision(positive: np.ndarray, total: np.ndarray, quantiles: int =
     return out
 
 
-def classify_features(scores: pd.DataFrame, mono: float = 0.9, broad: float = 0.9) -> pd.Series:
+def classify_features(scores: pd.DataFrame, mono: float = 0.9, broad: float = 0.9, min_active: int = 1) -> pd.Series:
     """monosemantic if the best role holds >= ``mono`` of the top-k; else broad if the best family holds
-    >= ``broad``; else polysemantic."""
-    return pd.Series(
-        np.where(scores["precision"] >= mono, CLASSES[0], np.where(scores["family_precision"] >= broad, CLASSES[1], CLASSES[2])),
-        index=scores.index,
-        name="class",
+    >= ``broad``; else polysemantic; ``rare`` (unclassified) if it fired on fewer than ``min_active`` of its
+    top-k tokens (``n_active``, where scored)."""
+    classes = np.where(
+        scores["precision"] >= mono, CLASSES[0], np.where(scores["family_precision"] >= broad, CLASSES[1], CLASSES[2])
     )
+    if "n_active" in scores:
+        classes = np.where(scores["n_active"] < min_active, RARE, classes)
+    return pd.Series(classes, index=scores.index, name="class")
+
+
+def classified(scored: pd.DataFrame) -> pd.DataFrame:
+    """The features with a class (not ``rare``): what shares, tests and figures are computed over."""
+    return scored[scored["class"] != RARE] if "class" in scored else scored
 
 
 def score_populations(
@@ -333,15 +350,19 @@ def score_populations(
     broad: float = 0.9,
     tops: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
     tokens: tuple[np.ndarray, np.ndarray] | None = None,
+    min_active: int | None = None,
 ) -> pd.DataFrame:
     """``score_against_roles`` and ``classify_features`` for each population (name -> features), stacked
     with a ``population`` column; ``tops``: their ``top_features`` where already computed; ``tokens``: the
-    token ids and previous ids, for the identity and bigram baselines. ``unit``: what ``class_shares``
-    resamples, the feature itself, or for ``SignedFeatures`` the read-out both polarities come from."""
+    token ids and previous ids, for the identity and bigram baselines; ``min_active``: fewest firing tokens
+    among the top-k to be classified (default k/5: 10 of 50), else ``rare``. ``unit``: what
+    ``class_shares`` resamples, the feature itself, or for ``SignedFeatures`` the read-out both polarities
+    come from."""
+    min_active = max(1, k // 5) if min_active is None else min_active
     tables = []
     for population, features in populations.items():
         table = score_against_roles(features, roles, families, k=k, top=(tops or {}).get(population), tokens=tokens)
-        table["class"] = classify_features(table, mono=mono, broad=broad)
+        table["class"] = classify_features(table, mono=mono, broad=broad, min_active=min_active)
         table["unit"] = table["feature"].str[:-1] if isinstance(features, SignedFeatures) else table["feature"]
         tables.append(table.assign(population=population))
     return pd.concat(tables, ignore_index=True)
@@ -350,9 +371,11 @@ def score_populations(
 def class_shares(classes: pd.DataFrame, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
     """Share of each class per population with percentile-bootstrap 95% intervals. ``classes``: columns
     population, class, and optionally ``unit``: features of one unit (an adapter's two polarities) are
-    not independent, so units are resampled whole (a cluster bootstrap); without it, features are."""
+    not independent, so units are resampled whole (a cluster bootstrap); without it, features are. Shares
+    are of the classified features; ``rare``: how many were left out as firing too rarely."""
     rows = []
-    for population, group in classes.groupby("population", sort=False):
+    for population, everything in classes.groupby("population", sort=False):
+        group = classified(everything)
         labels = group["class"].to_numpy()
         units = group["unit"].to_numpy() if "unit" in group else np.arange(len(group))
         which, unit_names = pd.factorize(units)
@@ -366,6 +389,7 @@ def class_shares(classes: pd.DataFrame, n_resamples: int = 2000, seed: int = 0) 
                     "class": name,
                     "share": (labels == name).mean(),
                     "n": len(labels),
+                    "rare": len(everything) - len(group),
                     "units": len(unit_names),
                     "lo": lo,
                     "hi": hi,
@@ -378,7 +402,7 @@ def quantile_curves(scored: pd.DataFrame) -> pd.DataFrame:
     """Per population and activation-quantile bin (1 = lowest): the median and quartiles over features of
     the best role's share in that bin (``score_against_roles``' ``quantile_precision``)."""
     rows = []
-    for population, group in scored.groupby("population", sort=False):
+    for population, group in classified(scored).groupby("population", sort=False):
         values = np.asarray(group["quantile_precision"].tolist(), dtype=float)  # [features, bins]
         for q in range(values.shape[1]):
             column = values[:, q][np.isfinite(values[:, q])]
@@ -401,10 +425,11 @@ def adjusted_p_values(p_values: Mapping[str, float]) -> dict[str, float]:
 def compare_populations(scored: pd.DataFrame, a: str, b: str, n_resamples: int = 2000, seed: int = 0) -> dict[str, float]:
     """Population ``a`` vs ``b``: chi-square test of the class counts; for precision@k, AUROC and (where
     scored) the lifts over the token-identity and bigram baselines, the Mann-Whitney U test and the
-    difference in means with a bootstrap 95% interval. ``scored``: columns population, class, precision,
-    auroc[, lift, bigram_lift]."""
+    difference in means with a bootstrap 95% interval, over the classified (not ``rare``) features.
+    ``scored``: columns population, class, precision, auroc[, lift, bigram_lift]."""
     from scipy.stats import chi2_contingency, mannwhitneyu
 
+    scored = classified(scored)
     table = pd.crosstab(scored["population"], scored["class"]).reindex(index=[a, b], columns=list(CLASSES), fill_value=0)
     table = table.loc[:, table.sum() > 0]
     out = {"chi2_p": float(chi2_contingency(table.to_numpy())[1]) if table.shape[1] > 1 else 1.0}

@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from paper_lib.interp import classified  # noqa: E402
 from paper_lib.paths import figures_dir  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook")
@@ -272,6 +273,7 @@ def plot_interpretability(scored: pd.DataFrame, shares: pd.DataFrame) -> plt.Fig
     precision adds over reading the token alone (identity) or with the token before (bigram); (c) AUROC of
     the best role; (d) class shares per population with 95% bootstrap intervals. ``scored``: population,
     precision, auroc[, lift, bigram_lift]; ``shares``: population, class, share, lo, hi."""
+    scored = classified(scored)  # a feature too rare to classify has no place in its class's box
     lifts = "lift" in scored
     panels = 4 if lifts else 3
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), gridspec_kw={"width_ratios": [1] * (panels - 1) + [1.4]})

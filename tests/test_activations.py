@@ -261,3 +261,33 @@ def test_the_three_populations_come_from_one_forward_pass_and_equal_separate_rea
     (tmp_path / "acts" / "shard_00001.mlp_neuron.npy").write_bytes(b"")
     with pytest.raises(ValueError, match="mlp_neuron.npy has 0 bytes"):
         ActivationStore(tmp_path / "acts")
+
+
+def test_randomized_weights_are_an_untrained_model_of_the_same_shape(organism):
+    """The scorer's control model: every weight of the readout model re-drawn in place as Qwen2 initialises
+    it (linear and embedding ~ N(0, initializer_range), norms 1, the adapter's B = 0), the same for the
+    same seed; PEFT-free readouts still record a scalar per projection."""
+    import copy
+
+    from paper_lib.activations import build_readout_model, find_readouts, randomize_weights
+
+    model, tok = peft_organism(organism, LoraSpec())
+    trained = build_readout_model(copy.deepcopy(model), merged=False)
+    before = {n: p.clone() for n, p in trained.named_parameters()}
+    one = randomize_weights(copy.deepcopy(trained), seed=3)
+    two = randomize_weights(copy.deepcopy(trained), seed=3)
+    std = trained.config.initializer_range
+    for (name, p), (_, q) in zip(one.named_parameters(), two.named_parameters()):
+        assert torch.equal(p, q), name
+        if name.endswith("a_row"):
+            continue  # the read-out direction is kept: only what feeds it is untrained
+        if "norm" in name:
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif name.endswith(("update", "bias")):
+            assert not p.any(), name
+        else:
+            assert not torch.equal(p, before[name]), name
+            assert abs(p.std().item() - std) < 0.25 * std, name
+    batch = tok(["<|im_start|>user\n3 x3<|im_end|>\n"], return_tensors="pt")
+    got, layers, modules = lora_activations(one, batch["input_ids"])
+    assert len(find_readouts(one)) == 28 and torch.isfinite(got).all()

@@ -9,6 +9,7 @@ from conftest import ORGANISM_DIR
 
 from paper_lib.activations import write_activation_store
 from paper_lib.interp import (
+    RARE,
     ArrayFeatures,
     SignedFeatures,
     auroc,
@@ -19,6 +20,7 @@ from paper_lib.interp import (
     feature_examples,
     ordered_keys,
     score_against_roles,
+    score_populations,
     top_features,
     top_k_indices,
     top_k_streaming,
@@ -105,6 +107,25 @@ def test_auroc_and_role_scores():
     assert scores.loc[1, "precision"] < 0.9 and scores.loc[1, "family_precision"] == 1.0
     classes = classify_features(scores, mono=0.9, broad=0.9)
     assert classes.tolist()[:2] == ["monosemantic", "broad"] and classes[2] in ("broad", "polysemantic")
+
+
+def test_a_sparse_feature_is_scored_on_the_tokens_where_it_fires_and_a_rare_one_is_left_unclassified():
+    """A latent that fires on 6 "digit" tokens is pure there: its top 20 are not padded with 14 zero-valued
+    tokens (which made it look polysemantic); one that fires on 2 is ``rare``, out of the shares."""
+    roles = np.array(["digit", "op", "space", "op"] * 30)
+    sparse, rare, dense = np.zeros(len(roles)), np.zeros(len(roles)), np.linspace(1, 2, len(roles))
+    sparse[np.flatnonzero(roles == "digit")[:6]] = np.arange(1, 7)
+    rare[[0, 4]] = 1.0
+    features = ArrayFeatures(np.stack([sparse, rare, dense], 1), ["sparse", "rare", "dense"])
+    families = {"digit": "values", "op": "ops", "space": "syntax"}
+    scored = score_populations({"SAE": features}, roles, families, k=20, min_active=4)
+    assert scored["n_active"].tolist() == [6, 2, 20]
+    assert scored.loc[0, "precision"] == 1.0 and scored.loc[0, "class"] == "monosemantic"
+    assert scored.loc[1, "class"] == RARE and scored.loc[2, "class"] != RARE
+    shares = class_shares(scored, n_resamples=200)
+    assert shares["n"].eq(2).all() and shares["rare"].eq(1).all() and shares["share"].sum() == pytest.approx(1)
+    silent = score_against_roles(ArrayFeatures(np.zeros((len(roles), 1)), ["silent"]), roles, families, k=20)
+    assert silent.loc[0, "n_active"] == 0 and np.isnan(silent.loc[0, "precision"])
 
 
 def test_class_shares_and_population_tests():

@@ -20,14 +20,17 @@ from paper_lib.organism import (
     Problem,
     apply_op,
     build_datasets,
+    build_model,
     build_organism,
     build_tokenizer,
     chat_document,
     check_organism_dir,
     load_organism,
+    packed_batch,
     parse_chain,
     parse_chat_answer,
     parse_textbook_answer,
+    pretrain,
     problem_from_row,
     sample_problem,
     score_formats,
@@ -195,6 +198,38 @@ def test_build_is_deterministic_given_the_seed(tiny_organism, tmp_path):
     a, b = load_organism(out)[0], load_organism(tmp_path)[0]
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+def test_packed_rows_are_whole_documents_end_to_end_without_padding():
+    """Packed pretraining: every row is ``pack_length`` real tokens; rows laid end to end are documents of
+    both formats, each closed by <|endoftext|>; what one step leaves over starts the next."""
+    cfg = OrganismConfig(**{**TINY, "batch_size": 3, "pack_length": 64})
+    tok = build_tokenizer()
+    first, rest = packed_batch(random.Random(0), cfg, tok, set(), [])
+    assert first["input_ids"].shape == (3, 64) and bool(first["attention_mask"].all())
+    second, _ = packed_batch(random.Random(1), cfg, tok, set(), list(rest))
+    assert second["input_ids"].flatten()[: len(rest)].tolist() == rest[: 3 * 64]
+    text = tok.decode(first["input_ids"].flatten().tolist() + rest)
+    docs = text.split("<|endoftext|>")
+    assert len(docs) > 3 and docs[-1] == ""
+    for doc in docs[:-1]:
+        if doc.startswith("Q "):
+            question, steps = doc[2:].split("\nthink\n")
+            answer = parse_textbook_answer("\nthink\n" + steps)
+            assert answer == (parse_chain(question).answer if "\n" not in question else steps[-1])
+        else:
+            assert doc.startswith("<|im_start|>") and parse_chat_answer(doc.split("assistant")[-1]) is not None
+
+
+def test_packed_pretraining_trains_on_every_token_and_is_refused_past_the_context():
+    cfg = OrganismConfig(**{**TINY, "pack_length": 48})
+    tok = build_tokenizer()
+    model = build_model(cfg, tok)
+    history = pretrain(model, tok, cfg, set())
+    assert len(history) == cfg.steps and history["loss"].notna().all()
+    assert history["loss"].iloc[-1] < history["loss"].iloc[0]
+    with pytest.raises(Exception, match="pack_length: must lie in"):
+        OrganismConfig(**{**TINY, "pack_length": 1024})
 
 
 def test_missing_or_corrupt_organism_names_the_path_and_the_fix(tiny_organism, tmp_path):

@@ -79,7 +79,8 @@ class OrganismConfig(Config):
     # pretraining
     max_steps: int = 8  # longest chain in pretraining
     steps: int = 4000
-    batch_size: int = 32
+    batch_size: int = 32  # rows a step
+    pack_length: int = 0  # >0: each row is this many tokens of documents laid end to end; 0: one padded document a row
     lr: float = 3e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
@@ -125,6 +126,11 @@ class OrganismConfig(Config):
             self.num_attention_heads % self.num_key_value_heads == 0,
             "num_key_value_heads",
             f"must divide num_attention_heads={self.num_attention_heads}",
+        )
+        require(
+            0 <= self.pack_length <= self.max_position_embeddings,
+            "pack_length",
+            f"must lie in [0, max_position_embeddings={self.max_position_embeddings}], got {self.pack_length}",
         )
         require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
         require(0 <= self.warmup_steps < self.steps, "warmup_steps", "must lie in [0, steps)")
@@ -346,6 +352,22 @@ def sample_pretraining_documents(
     return docs
 
 
+def packed_batch(
+    rng: random.Random, cfg: OrganismConfig, tokenizer: PreTrainedTokenizerBase, held_out: set, stream: list[int]
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """``batch_size`` rows of ``pack_length`` tokens cut from a stream of documents laid end to end (each
+    ends in ``<|endoftext|>``), and the stream's unused rest. A row attends across its documents' borders,
+    as in GPT-style pretraining; every token is trained on, none is padding, so a step sees several times
+    the tokens of a padded batch of short documents for the same compute."""
+    need = cfg.batch_size * cfg.pack_length
+    while len(stream) < need:
+        docs = sample_pretraining_documents(rng, cfg, tokenizer, held_out, cfg.batch_size)
+        for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+            stream.extend(ids)
+    ids = torch.tensor(stream[:need]).view(cfg.batch_size, cfg.pack_length)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, stream[need:]
+
+
 def pretrain(
     model: Qwen2ForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
@@ -353,8 +375,9 @@ def pretrain(
     held_out: set,
     monitor: Sequence[Problem] = (),
 ) -> pd.DataFrame:
-    """Next-token pretraining on freshly sampled documents; returns the log (loss, and accuracy on
-    ``monitor`` problems in both formats every ``eval_every`` steps).
+    """Next-token pretraining on freshly sampled documents (one padded document a row, or packed rows of
+    ``pack_length`` tokens); returns the log (loss, and accuracy on ``monitor`` problems in both formats
+    every ``eval_every`` steps).
 
     A plain loop rather than ``transformers.Trainer``: the data is an infinite synthetic stream sampled
     per step, and building the organism is scaffolding, not one of the paper's experiments (those train
@@ -368,10 +391,15 @@ def pretrain(
     rows = []
     start = time.perf_counter()
     model.train()
+    stream: list[int] = []  # packed mode: tokens drawn but not yet trained on
     for step in tqdm(range(1, cfg.steps + 1), desc="pretraining", mininterval=10):
-        docs = sample_pretraining_documents(rng, cfg, tokenizer, held_out, cfg.batch_size)
-        batch = tokenizer(docs, padding=True, return_tensors="pt")
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        if cfg.pack_length:
+            batch, stream = packed_batch(rng, cfg, tokenizer, held_out, stream)
+            labels = batch["input_ids"]
+        else:
+            docs = sample_pretraining_documents(rng, cfg, tokenizer, held_out, cfg.batch_size)
+            batch = tokenizer(docs, padding=True, return_tensors="pt")
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

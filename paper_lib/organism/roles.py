@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from transformers import PreTrainedTokenizerBase
 
@@ -38,6 +39,31 @@ ROLES: tuple[str, ...] = tuple(
 ROLE_FAMILY: dict[str, str] = {
     r: f for families in (ROLE_FAMILIES, REGISTER_ROLE_FAMILIES) for f, roles in families.items() for r in roles
 } | {"other": "other"}
+
+# What a completion to an AIME-like question holds (thinking and answer, no options), and the role that
+# marks each written step, per organism (steering measures them on generated text).
+COMPLETION_ROLES: dict[str, frozenset[str]] = {
+    "chains": frozenset(
+        ("step_input", "step_operator", "step_operand", "step_equals", "step_result", "step_separator")
+        + ("final_answer", "answer_prefix", "answer_marker", "think_marker")
+    ),
+    "registers": frozenset(
+        r
+        for family, roles in REGISTER_ROLE_FAMILIES.items()
+        if family != "domain-specific patterns"  # the program: the question's, not the completion's
+        for r in roles
+        if r not in ("choice_letter", "choice_value", "eliminated_option", "chosen_option", "scan_test")
+    )
+    | {"answer_marker", "think_marker"},
+}
+STEP_ROLES = {"chains": "step_result", "registers": "step_mark"}
+
+
+def organism_of_roles(roles: Iterable[str]) -> str:
+    """Which organism's traces carry these roles: "registers" if any is organism 2's, else "chains"."""
+    register_roles = {r for family in REGISTER_ROLE_FAMILIES.values() for r in family}
+    return "registers" if any(r in register_roles for r in set(roles)) else "chains"
+
 
 _SPECIAL = re.compile(r"<\|im_start\|>(\w+)|<\|im_end\|>|<\|endoftext\|>")
 _STEP = re.compile(r"(\d)([x+])(\d)(=)(\d)")
