@@ -66,7 +66,7 @@ from paper_lib.config import seed_everything
 from paper_lib.data import format_s1_text, load_traces
 from paper_lib.engines import release_memory
 from paper_lib.params import check_parameters
-from paper_lib.paths import artifact_dir
+from paper_lib.paths import artifact_dir, run_name
 from paper_lib.plotting import plot_training_losses, save_figure
 from paper_lib.results import record_headline, say, start_run
 from paper_lib.training import (
@@ -84,7 +84,8 @@ SECTION = "01_train_rank1_lora"
 # every parameter has its default's type (and an allowed value), checked before any work
 parameters = check_parameters(globals(), SECTION, choices={"LORA_MODULES": ("all", "attention", "mlp")})
 seed_everything(SEED)
-start_run(SECTION, artifact_dir(OUTPUT_DIR), parameters)  # run.json, figures, headline section
+out_name = run_name(OUTPUT_DIR, SMOKE)  # a smoke run never clashes with (or reuses) a full one
+start_run(SECTION, artifact_dir(out_name), parameters)  # run.json, figures, headline section
 epochs = 0.05 if SMOKE else EPOCHS
 common = dict(
     model=MODEL,
@@ -102,8 +103,8 @@ common = dict(
 num_layers = AutoConfig.from_pretrained(MODEL).num_hidden_layers
 lora_spec = lora_spec_for(LORA_MODULES, r=LORA_RANK, **layer_subset(LORA_LAYERS, num_layers))
 label = lora_run_label(lora_spec, LORA_MODULES)  # rank1 for the paper's adapter; e.g. rank4, rank1_mlp, rank1_L8-12
-lora_cfg = TrainConfig(output_dir=f"{OUTPUT_DIR}/{label}", lora=lora_spec, learning_rate=LORA_LR, **common)
-full_cfg = TrainConfig(output_dir=f"{OUTPUT_DIR}/full", lora=None, learning_rate=FULL_LR, **common)
+lora_cfg = TrainConfig(output_dir=f"{out_name}/{label}", lora=lora_spec, learning_rate=LORA_LR, **common)
+full_cfg = TrainConfig(output_dir=f"{out_name}/full", lora=None, learning_rate=FULL_LR, **common)
 
 # %% [markdown]
 # ## The training text: s1's format through the model's chat template

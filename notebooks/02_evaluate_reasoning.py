@@ -74,7 +74,7 @@ import pandas as pd
 from paper_lib.config import seed_everything
 from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark, scaling_specs
 from paper_lib.params import check_parameters
-from paper_lib.paths import artifact_dir
+from paper_lib.paths import artifact_dir, stage_dir, train_run_name
 from paper_lib.plotting import plot_benchmark_accuracy, plot_test_time_scaling, save_figure
 from paper_lib.results import interval_verdict, record_headline, say, start_run, verdict
 from paper_lib.statistics import bootstrap_interval, recovery_table
@@ -94,9 +94,9 @@ parameters = check_parameters(
 seed_everything(SEED)
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM inside a notebook kernel
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's start-up log would flood the notebook
-out_dir = artifact_dir(OUTPUT_DIR)
-adapter_dir = str(artifact_dir(ADAPTER_RUN) / "final")
-full_model = FULL_MODEL or str(artifact_dir(FULL_RUN) / "final")
+out_dir = stage_dir(OUTPUT_DIR, SMOKE)  # smoke pairs with smoke: never mixed with a full run
+adapter_dir = str(artifact_dir(train_run_name(ADAPTER_RUN, SMOKE)) / "final")
+full_model = FULL_MODEL or str(artifact_dir(train_run_name(FULL_RUN, SMOKE)) / "final")
 
 # %% [markdown]
 # ## Benchmarks
@@ -169,7 +169,7 @@ for (model, adapters), evaluations in runs:
                     if (
                         REUSE_FROM
                         and label != lora
-                        and adopt_samples(artifact_dir(REUSE_FROM) / label / path.name, path, engine, spec, adapter)
+                        and adopt_samples(stage_dir(REUSE_FROM, SMOKE) / label / path.name, path, engine, spec, adapter)
                     ):
                         reused.append(f"{label}/{path.name}")
                     df = evaluate(engine, items, spec, path, variant=adapter)

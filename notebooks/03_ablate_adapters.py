@@ -67,7 +67,7 @@ from paper_lib.data import scoring_traces, trace_batches
 from paper_lib.engines import release_memory
 from paper_lib.formats import ATTENTION_MODULES, MLP_MODULES
 from paper_lib.params import check_parameters
-from paper_lib.paths import artifact_dir
+from paper_lib.paths import artifact_dir, stage_dir, train_run_name
 from paper_lib.plotting import plot_adapter_ablations, save_figure
 from paper_lib.results import record_headline, say, start_run, verdict
 from paper_lib.training import load_trained
@@ -78,8 +78,9 @@ parameters = check_parameters(
     globals(), SECTION, choices={"BACKEND": ("vllm", "hf"), "DTYPE": ("float32", "bfloat16", "float16")}
 )
 seed_everything(SEED)
-out_dir = start_run(SECTION, artifact_dir(OUTPUT_DIR), parameters)  # run.json, figures, headline section
-model, tokenizer, train_cfg = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE), device=DEVICE)
+out_dir = start_run(SECTION, stage_dir(OUTPUT_DIR, SMOKE), parameters)  # run.json, figures, headline section
+adapter_run = train_run_name(ADAPTER_RUN, SMOKE)  # smoke pairs with smoke
+model, tokenizer, train_cfg = load_trained(adapter_run, dtype=getattr(torch, DTYPE), device=DEVICE)
 n_traces = 8 if SMOKE else N_TRACES
 
 # %% [markdown]
@@ -173,7 +174,7 @@ from paper_lib.statistics import wilson_interval  # noqa: E402
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's start-up log would flood the notebook
-full_adapter = artifact_dir(ADAPTER_RUN) / "final"
+full_adapter = artifact_dir(adapter_run) / "final"
 variants = {"rank1": str(full_adapter)}
 for kind, keep in (("attention", ATTENTION_MODULES), ("mlp", MLP_MODULES)):
     if kind in families["kind"] and len(families["kind"]) > 1:  # a variant only where it differs from the adapter

@@ -95,7 +95,7 @@ from paper_lib.judge import judge_config_from
 from paper_lib.organism import ROLE_FAMILY, token_roles
 from paper_lib.pages import feature_page_html, save_html
 from paper_lib.params import check_parameters
-from paper_lib.paths import stage_dir
+from paper_lib.paths import stage_dir, train_run_name
 from paper_lib.plotting import plot_interpretability, plot_quantile_detection, save_figure
 from paper_lib.results import record_headline, run_info, say, start_run, verdict
 from paper_lib.training import adapter_provenance, load_trained
@@ -106,8 +106,9 @@ parameters = check_parameters(globals(), SECTION, choices={"DTYPE": ("float32", 
 seed_everything(SEED)
 judge_config = judge_config_from(parameters)  # checked now, not after the expensive work
 out_dir = stage_dir(OUTPUT_DIR, SMOKE)  # a smoke run never clashes with a full one
+adapter_run = train_run_name(ADAPTER_RUN, SMOKE)  # and reads notebook 01's smoke run
 # straight to the device in the model's dtype: no full host copy of a 32B model
-peft_model, tokenizer, train_cfg = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE), device=DEVICE)
+peft_model, tokenizer, train_cfg = load_trained(adapter_run, dtype=getattr(torch, DTYPE), device=DEVICE)
 model = build_readout_model(peft_model, merged=MERGED)  # consumes the PEFT model: no copy at 32B
 traces = load_traces(TRACES)
 n_traces = 40 if SMOKE else (N_TRACES or len(traces))
@@ -134,7 +135,7 @@ store = extract_activation_shards(
     store_dir,
     batch_size=BATCH_SIZE,
     max_length=MAX_LENGTH,
-    provenance={**adapter_provenance(ADAPTER_RUN), "traces": TRACES},
+    provenance={**adapter_provenance(adapter_run), "traces": TRACES},
     populations=controls,
 )
 seconds = time.perf_counter() - start
@@ -294,7 +295,7 @@ if ROLE_SCORER and UNTRAINED_CONTROL:
         control_dir,
         batch_size=BATCH_SIZE,
         max_length=MAX_LENGTH,
-        provenance={**adapter_provenance(ADAPTER_RUN), "traces": TRACES, "weights": f"untrained, seed {SEED}"},
+        provenance={**adapter_provenance(adapter_run), "traces": TRACES, "weights": f"untrained, seed {SEED}"},
         populations=control_populations(untrained, adapter_keys(untrained), seed=SEED),
     )
     untrained_roles = roles[: untrained_store.n_tokens]  # the first traces' tokens, in the same order

@@ -66,7 +66,7 @@ from paper_lib.data import scoring_traces, trace_batches
 from paper_lib.engines import ScalarEngine
 from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
 from paper_lib.params import check_parameters
-from paper_lib.paths import stage_dir
+from paper_lib.paths import stage_dir, train_run_name
 from paper_lib.plotting import plot_sae_training, plot_splice, save_figure
 from paper_lib.results import record_headline, say, start_run, verdict
 from paper_lib.sae import SAESpec, load_sae, sae_metrics, splice_kl, state_transform, train_or_reuse_sae
@@ -122,7 +122,9 @@ assert metrics["l0"] > 0 and (not CHECK_CLAIMS or 0 <= metrics["fvu"] < 1)
 # ## The splice, teacher-forced: how much of the adapter's effect the reconstruction keeps
 
 # %%
-model, tokenizer, _ = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE), device=DEVICE)  # model, batches, caches: DEVICE
+model, tokenizer, _ = load_trained(
+    train_run_name(ADAPTER_RUN, SMOKE), dtype=getattr(torch, DTYPE), device=DEVICE
+)  # model, batches, caches: DEVICE
 n_traces = 8 if SMOKE else N_SPLICE_TRACES
 # held out of the SAE: organism probe traces (in no training set at all), or, for a dataset, only the
 # store's held-out documents (document i of notebook 04's store is row i of the same TRACES)

@@ -84,7 +84,7 @@ from paper_lib.judge import judge_config_from
 from paper_lib.organism import COMPLETION_ROLES, ROLE_FAMILY, STEP_ROLES, organism_of_roles, token_roles
 from paper_lib.pages import feature_page_html, save_html
 from paper_lib.params import check_parameters
-from paper_lib.paths import stage_dir
+from paper_lib.paths import stage_dir, train_run_name
 from paper_lib.plotting import plot_feature_donut, plot_interpretability, save_figure
 from paper_lib.results import record_headline, run_info, say, start_run, verdict
 from paper_lib.sae import LatentFeatures, decoder_logit_effects, decoder_scalars, latent_summary, load_sae
@@ -105,7 +105,9 @@ interp_dir, out_dir = stage_dir(INTERPRET_DIR, SMOKE), stage_dir(OUTPUT_DIR, SMO
 start_run(SECTION, out_dir, parameters)  # run.json, figures, headline section
 store = ActivationStore(interp_dir / "activations")  # its meta.json names the traces, model and adapter it read
 sae, scales = load_sae(stage_dir(SAE_DIR, SMOKE))
-model, tokenizer, _ = load_trained(ADAPTER_RUN, dtype=getattr(torch, DTYPE), device=DEVICE)  # straight to the GPUs
+model, tokenizer, _ = load_trained(
+    train_run_name(ADAPTER_RUN, SMOKE), dtype=getattr(torch, DTYPE), device=DEVICE
+)  # straight to the GPUs
 adapter_state = store.features()  # [tokens, d_in] read shard by shard, never loaded whole
 summary = latent_summary(sae, scales, adapter_state, k=max(TOP_K, PAGE_EXAMPLES))  # streamed: no [tokens, d_sae] array
 fired, d_sae = summary["fired"], sae.cfg.d_sae

@@ -58,7 +58,7 @@ from paper_lib.config import seed_everything
 from paper_lib.engines import HFEngine, VLLMEngine
 from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark, read_evaluation
 from paper_lib.params import check_parameters
-from paper_lib.paths import artifact_dir, run_name, stage_dir
+from paper_lib.paths import artifact_dir, run_name, stage_dir, train_run_name
 from paper_lib.plotting import plot_variant_recovery, save_figure
 from paper_lib.results import record_headline, say, start_run, verdict
 from paper_lib.statistics import recovery_table
@@ -73,7 +73,7 @@ seed_everything(SEED)
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 out_dir = start_run(SECTION, stage_dir(OUTPUT_DIR, SMOKE), parameters)
-reference = TrainConfig.load(artifact_dir(TRAIN_RUN))
+reference = TrainConfig.load(artifact_dir(train_run_name(TRAIN_RUN, SMOKE)))  # smoke pairs with smoke
 variants = adapter_variants(reference, f"{run_name(OUTPUT_DIR, SMOKE)}/adapters", RANKS, LAYERS, MODULES, SEEDS)
 print({label: kind for label, (kind, _) in variants.items()})
 
@@ -121,7 +121,7 @@ with engine:
             rows.append(df.assign(model=label, benchmark=name))
 for name, items in benchmarks.items():  # the same questions, generated alike in notebook 02 (checked)
     for model, model_spec in (("base_chat", chat), ("full", spec)):
-        df = read_evaluation(artifact_dir(EVALUATION_DIR) / model / f"{name}.greedy.jsonl", model_spec, items)
+        df = read_evaluation(stage_dir(EVALUATION_DIR, SMOKE) / model / f"{name}.greedy.jsonl", model_spec, items)
         rows.append(df.assign(model=model, benchmark=name))
 samples = pd.concat(rows, ignore_index=True).assign(protocol="greedy")
 per_question = samples.groupby(["protocol", "benchmark", "model", "id"])["correct"].mean().reset_index()

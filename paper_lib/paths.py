@@ -59,6 +59,15 @@ def run_name(output_dir: str, smoke: bool = False) -> str:
     return f"{output_dir}_smoke" if smoke else output_dir
 
 
+def train_run_name(run: str, smoke: bool = False) -> str:
+    """Notebook 01's run folder ``<its OUTPUT_DIR>/<label>`` (an ``ADAPTER_RUN``), as a smoke run of notebook 01
+    named it: ``runs/01_train/rank1`` -> ``runs/01_train_smoke/rank1``, so smoke pairs with smoke downstream."""
+    if not smoke:
+        return run
+    path = Path(run)
+    return str(Path(run_name(str(path.parent), smoke)) / path.name)
+
+
 def stage_dir(output_dir: str, smoke: bool = False) -> Path:
     """``artifact_dir`` of ``run_name``: where a stage's run (smoke or not) keeps its artifacts."""
     return artifact_dir(run_name(output_dir, smoke))

@@ -62,8 +62,8 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
 
     # Later notebooks read earlier ones' artifacts: produce them first when this test runs on its own.
     needs = {
-        "01": artifact_dir("runs/01_train/rank1") / "final",
-        "02": artifact_dir("runs/02_evaluate/full/math500.greedy.jsonl"),
+        "01": artifact_dir("runs/01_train_smoke/rank1") / "final",
+        "02": artifact_dir("runs/02_evaluate_smoke/full/math500.greedy.jsonl"),
         "04": artifact_dir("runs/04_interpret_smoke/activations"),
         "05": artifact_dir("runs/05_sae_smoke/sae"),
     }
@@ -84,6 +84,8 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
         assert said and all("What we see" in text for text in said), said
         assert "{" not in "".join(said)  # formatted, not a template
     assert minutes < 10
+    if path.stem.startswith("01"):  # a smoke run keeps out of the full run's folder (a full run there is refused)
+        assert (artifact_dir("runs/01_train_smoke/rank1") / "final").is_dir() and not artifact_dir("runs/01_train").exists()
 
 
 @pytest.mark.slow
