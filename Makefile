@@ -32,8 +32,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m ipykernel install --prefix $(abspath $(VENV)) --name $(KERNEL) --display-name "paper-lib" >/dev/null
 	touch $(STAMP)
 
+# The main command runs alone, so it takes both cores: organism 2 (8 layers) trains and serves ~1.8x faster
+# on two torch threads than on one. Override with `make all NOTEBOOK_THREADS=1` beside other jobs.
+NOTEBOOK_THREADS ?= 2
 notebooks: $(STAMP)
-	$(PY) -m paper_lib.run_notebooks --out $(BUILD)
+	OMP_NUM_THREADS=$(NOTEBOOK_THREADS) $(PY) -m paper_lib.run_notebooks --out $(BUILD)
 
 smoke: $(STAMP)
 	$(PY) -m paper_lib.run_notebooks --out build/smoke --smoke

@@ -14,9 +14,9 @@
 # %% [markdown]
 # # 00 · Build the model organism
 #
-# **Claim:** a ~1M-parameter `Qwen2ForCausalLM`, pretrained in-repo, can compose a chain of table
-# lookups when it writes the steps out (textbook format) but not when a chat question asks for the
-# answer directly, so it holds a latent step-by-step skill that it does not use in chat: the
+# **Claim:** a 2M-parameter, 8-layer `Qwen2ForCausalLM`, pretrained in-repo, can run a short program on
+# two registers when it writes every state out (textbook format) but not when a chat question asks for
+# the answer directly, so it holds a latent step-by-step skill that it does not use in chat: the
 # situation of Qwen2.5-32B-Instruct before s1's reasoning fine-tune.
 #
 # Every later notebook runs on this organism by default, through the same code path it runs on
@@ -27,10 +27,10 @@
 SEED = 0  # seeds the organism's data, initialisation and pretraining stream
 ORGANISM_DIR = "data/organism"  # where the organism lives (relative to the repository root)
 OUTPUT_DIR = "runs/00_organism"  # under data/: this run's run.json and figures (the main command: figures/)
-REBUILD = False  # retrain from scratch (about 20 min on 2 CPU cores) even if ORGANISM_DIR exists
+REBUILD = False  # retrain from scratch (about 33 min on 2 CPU cores) even if ORGANISM_DIR exists
 PRETRAIN_STEPS = 4000  # pretraining steps when rebuilding
-TASK = "chains"  # the organism's task: chains (organism 1) or registers (organism 2: doubt and repair in its traces)
-LAYERS = 4  # transformer layers when rebuilding (organism 2: 8)
+TASK = "registers"  # the organism's task: registers (organism 2: doubt and repair in its traces) or chains (organism 1)
+LAYERS = 8  # transformer layers when rebuilding (organism 1: 4)
 SMOKE = False  # fast check for CI: small evaluation sets (and a tiny build if REBUILD)
 
 # %%
@@ -45,7 +45,6 @@ from paper_lib.organism import (
     GPQA_SUBDIR,
     MATH_SUBDIR,
     TRACES_SUBDIR,
-    OrganismConfig,
     Problem,
     RegisterProblem,
     build_organism,
@@ -53,6 +52,7 @@ from paper_lib.organism import (
     check_organism_dir,
     load_organism,
     load_probe,
+    organism_config,
     problem_from_row,
     score_formats,
     task_for,
@@ -74,19 +74,22 @@ organism_dir = resolve(ORGANISM_DIR)
 start_run(SECTION, stage_dir(OUTPUT_DIR, SMOKE), parameters)
 
 # %% [markdown]
-# ## The task: chains of table lookups, written out or answered directly
+# ## The task: a program on two registers, written out or answered directly
 #
-# A problem is a start digit and k operations mod 10 from a 40-fact table (`+1`, `+2`, `x2`, `x3`).
-# Written out, every step is easy: copy the carried value, look up the next operation in the
-# question, apply it. Answered directly, the model must compose k lookups in one forward pass.
-# Multiple-choice variants add a lookup of the option letter. Pretraining shows worked steps only in
-# the plain textbook format; chat turns answer directly. The reasoning traces (s1K-1.1's schema) put
-# the same steps into s1's think/answer format.
+# A problem (organism 2, the default) is two start values, a program of k steps and a question about
+# one register: `a7 b3 a+2 bx2 a<b a+1 ?b`. A step applies one of 40 facts mod 10 (`+1`, `+2`, `x2`,
+# `x3`) to one register, or copies the other register into it (`a<b`). Written out, every step writes
+# both registers (`a+2:a9b3`), so what a digit is (carried over, computed, wrapped past 10, copied) is
+# not visible in the token itself. Answered directly, the model must run the whole program in one
+# forward pass. Multiple-choice variants scan the options and eliminate them in turn. Pretraining shows
+# worked steps only in the plain textbook format; chat turns answer directly. The reasoning traces
+# (s1K-1.1's schema) put the steps into s1's think/answer format and add what R1 traces do and the
+# textbook never shows: sometimes a step slips, the trace writes "Wait" and repairs it; sometimes it
+# re-derives a step and confirms it.
 #
-# Organism 2 (`TASK registers`, built with `REBUILD True` into its own `ORGANISM_DIR`): two registers, a
-# program of steps on them and a question about one; each worked step writes both registers, so what a
-# digit is (carried, computed, wrapped, copied) is not visible in the token; its traces sometimes slip,
-# write "Wait" and repair the step, or re-derive one and confirm it.
+# Organism 1 (`-p TASK chains -p LAYERS 4`, built with `REBUILD True` into its own `ORGANISM_DIR`): chains
+# of table lookups on one value (`7 +2 x2 +1 x3`), whose traces never doubt; the first default, whose
+# roles the surface tokens carry (see the README).
 
 # %%
 example = (
@@ -101,14 +104,8 @@ print("textbook document:\n" + textbook_document(example), end="\n\n")
 
 # %%
 if REBUILD or not (organism_dir / "config.json").exists():
-    cfg = OrganismConfig(
-        seed=SEED,
-        task=TASK,
-        num_hidden_layers=LAYERS,
-        steps=40 if SMOKE else PRETRAIN_STEPS,
-        warmup_steps=4 if SMOKE else 100,
-        eval_every=20 if SMOKE else 500,
-    )
+    smoke = {"steps": 40, "warmup_steps": 4, "eval_every": 20} if SMOKE else {"steps": PRETRAIN_STEPS}
+    cfg = organism_config(TASK, seed=SEED, num_hidden_layers=LAYERS, **smoke)  # the task's preset, then these
     build_organism(cfg, organism_dir)
 check_organism_dir(organism_dir)
 model, tokenizer, cfg = load_organism(organism_dir)

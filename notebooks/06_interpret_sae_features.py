@@ -298,7 +298,10 @@ if ROLE_SCORER:
         f"{random_rows.iloc[0].accuracy:.2f}. "
         + f"Beyond the control, the latent changes its role's rate by {(last.role_rate - rand.role_rate):+.2f}; "
         + (
-            "the thinking steps fall as far under the control, so that part is the size of the push, not the direction."
+            "the latent leaves the thinking steps in place (it changes what they say, not how many there are), "
+            "while the control's push removes them."
+            if last.steps >= first.steps - 0.5 and rand.steps < first.steps - 0.5
+            else "the thinking steps fall as far under the control, so that part is the size of the push, not the direction."
             if rand.steps <= last.steps
             else "the thinking steps fall further under the latent than under the control."
         ),

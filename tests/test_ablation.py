@@ -33,8 +33,9 @@ def test_ablating_every_adapter_gives_the_base_model_and_is_undone(peft_model):
 
 def test_groups_cover_the_paper_families(peft_model):
     groups = ablation_groups(peft_model[0])
-    assert len(groups["layer"]) == 4 and len(groups["single"]) == 28
-    assert len(groups["kind"]["attention"]) == 16 and len(groups["kind"]["mlp"]) == 12
+    n = peft_model[0].config.num_hidden_layers
+    assert len(groups["layer"]) == n and len(groups["single"]) == 7 * n
+    assert len(groups["kind"]["attention"]) == 4 * n and len(groups["kind"]["mlp"]) == 3 * n
 
 
 def test_kl_is_zero_for_identical_and_positive_otherwise():

@@ -18,7 +18,9 @@ def test_lora_activations_equal_A_dot_module_input(organism):
     docs = [textbook_document(Problem(7, ("+2", "x2", "+1"))), "<|im_start|>user\n3 x3 +1<|im_end|>\n"]
     batch = tok(docs, return_tensors="pt", padding=True)
     acts, layers, modules = lora_activations(model, batch["input_ids"], batch["attention_mask"])
-    assert acts.shape == (2, batch["input_ids"].shape[1], 4, 7) and modules == list(ADAPTER_MODULES) and layers == [0, 1, 2, 3]
+    n_layers = organism[0].config.num_hidden_layers
+    assert acts.shape == (2, batch["input_ids"].shape[1], n_layers, 7)
+    assert modules == list(ADAPTER_MODULES) and layers == list(range(n_layers))
     inputs = {}
     handles = [
         m.register_forward_pre_hook(lambda mod, args, key=k: inputs.__setitem__(key, args[0].detach()))
@@ -67,7 +69,9 @@ def test_extraction_shards_read_back_and_resume_bit_for_bit(organism, tmp_path, 
     direct, _, _ = lora_activations(model, tok([texts[5]], return_tensors="pt")["input_ids"])
     assert ids.tolist() == tok(texts[5])["input_ids"]
     assert np.allclose(values, direct[0].numpy(), rtol=2e-3, atol=1e-3)  # float16 storage
-    assert clean.activations().shape == (len(clean.tokens()), 4, 7) and clean.document_ids()[-1] == 19
+    assert (
+        clean.activations().shape == (len(clean.tokens()), model.config.num_hidden_layers, 7) and clean.document_ids()[-1] == 19
+    )
 
     calls = {"n": 0}
     real = acts_mod.lora_activations
@@ -131,7 +135,9 @@ def test_readout_model_gives_the_same_scalars_and_logits(organism, merged):
     with torch.no_grad():
         ref_logits = model(**batch).logits
     readout = build_readout_model(copy.deepcopy(model), merged=merged)
-    assert len(find_readouts(readout)) == 28 and not any("lora" in n for n, _ in readout.named_parameters())
+    assert len(find_readouts(readout)) == 7 * model.config.num_hidden_layers and not any(
+        "lora" in n for n, _ in readout.named_parameters()
+    )
     got, got_layers, got_modules = lora_activations(readout, batch["input_ids"], batch["attention_mask"])
     assert (got_layers, got_modules) == (layers, modules)
     scale = ref.abs().max().item()
@@ -176,12 +182,12 @@ def test_projections_with_A_rows_are_the_adapter_activations_and_controls_sample
     for j, (layer, module) in enumerate(keys):
         assert torch.allclose(got[0, :, j], acts[0, :, layers.index(layer), modules.index(module)], atol=1e-5)
     neurons = sample_mlp_neurons(model, 50, seed=1)
-    assert len(set(neurons)) == 50 and all(0 <= l < 4 and 0 <= i < 512 for l, i in neurons)
+    assert len(set(neurons)) == 50 and all(0 <= l < model.config.num_hidden_layers and 0 <= i < 512 for l, i in neurons)
     assert neurons == sample_mlp_neurons(model, 50, seed=1) != sample_mlp_neurons(model, 50, seed=2)
     dirs = random_directions(model, keys, seed=0)
     assert dirs[(3, "down_proj")].shape == (1, 512) and torch.isclose(dirs[(1, "q_proj")].norm(), torch.tensor(1.0))
     with pytest.raises(ValueError, match="no projection"):
-        projected_activations(model, batch["input_ids"], {(7, "q_proj"): rows[(1, "q_proj")]})
+        projected_activations(model, batch["input_ids"], {(model.config.num_hidden_layers, "q_proj"): rows[(1, "q_proj")]})
 
 
 def test_mlp_neurons_are_read_by_index_without_an_identity_of_the_mlp_width(organism, monkeypatch):
@@ -218,9 +224,10 @@ def test_the_three_populations_come_from_one_forward_pass_and_equal_separate_rea
     model = build_readout_model(model)
     texts = [textbook_document(Problem(s, ("x2", "+1", "x3"))) for s in range(7)]
     keys = adapter_keys(model)
-    assert keys == [(layer, module) for layer in range(4) for module in ADAPTER_MODULES]
+    n_layers = model.config.num_hidden_layers
+    assert keys == [(layer, module) for layer in range(n_layers) for module in ADAPTER_MODULES]
     controls = control_populations(model, keys, seed=3)
-    assert [len(p.names) for p in controls.values()] == [28, 28]
+    assert [len(p.names) for p in controls.values()] == [7 * n_layers, 7 * n_layers]
     forwards = {"n": 0}
     real_forward = model.forward
     monkeypatch.setattr(model, "forward", lambda *a, **k: forwards.__setitem__("n", forwards["n"] + 1) or real_forward(*a, **k))
@@ -290,4 +297,4 @@ def test_randomized_weights_are_an_untrained_model_of_the_same_shape(organism):
             assert abs(p.std().item() - std) < 0.25 * std, name
     batch = tok(["<|im_start|>user\n3 x3<|im_end|>\n"], return_tensors="pt")
     got, layers, modules = lora_activations(one, batch["input_ids"])
-    assert len(find_readouts(one)) == 28 and torch.isfinite(got).all()
+    assert len(find_readouts(one)) == 7 * one.config.num_hidden_layers and torch.isfinite(got).all()

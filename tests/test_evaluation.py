@@ -18,7 +18,7 @@ from paper_lib.evaluation import (
     scaling_specs,
 )
 from paper_lib.formats import ANSWER, THINK, chat_prompt
-from paper_lib.organism import GPQA_SUBDIR, build_tokenizer, parse_chain, problem_from_row
+from paper_lib.organism import GPQA_SUBDIR, OrganismConfig, build_tokenizer, problem_from_row, task_for
 from paper_lib.statistics import recovery_table
 
 
@@ -153,10 +153,11 @@ def test_organism_benchmarks_load_by_path_and_gpqa_gold_matches(organism_dir):
     assert (len(aime), len(math), len(gpqa)) == (30, 500, 198)
     assert {it.meta["level"] for it in math} == {1, 2, 3, 4, 5}
     rows = [json.loads(line) for line in (organism_dir / GPQA_SUBDIR / "train.jsonl").read_text().splitlines()]
+    task = task_for(OrganismConfig.load(organism_dir))
     for item, row in zip(gpqa, rows):
-        problem = problem_from_row(GPQA_SUBDIR, row, seed=0)
+        problem = problem_from_row(GPQA_SUBDIR, row, seed=0, task=task)
         assert item.question == problem.question and item.gold == problem.answer  # same shuffle as the organism
-    assert parse_chain(aime[0].question).answer == aime[0].gold
+    assert task.parse(aime[0].question).answer == aime[0].gold
 
 
 def test_unloadable_benchmarks_fail_clearly(tmp_path):

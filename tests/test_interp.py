@@ -1,11 +1,10 @@
 """Top-k, context windows, token roles and the role scorer."""
 
-import json
+import random
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ORGANISM_DIR
 
 from paper_lib.activations import write_activation_store
 from paper_lib.interp import (
@@ -147,10 +146,10 @@ def test_class_shares_and_population_tests():
 
 def test_token_roles_of_an_organism_trace(organism):
     from paper_lib.data import format_s1_text
-    from paper_lib.organism import ROLES, character_roles, token_roles
+    from paper_lib.organism import ROLES, ChainTask, character_roles, sample_problem, token_roles, trace_row
 
     _, tok, _ = organism
-    row = json.loads((ORGANISM_DIR / "s1K-1.1" / "train.jsonl").read_text().splitlines()[0])
+    row = trace_row(sample_problem(random.Random(0), 7), ChainTask(), random.Random(0))  # organism 1's trace
     text = format_s1_text(tok, row)
     roles = token_roles(tok, text)
     ids = tok(text, add_special_tokens=False)["input_ids"]

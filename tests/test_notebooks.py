@@ -1,6 +1,7 @@
 """Every notebook follows the skeleton and runs end to end under papermill in smoke mode."""
 
 import ast
+import json
 import os
 import subprocess
 
@@ -112,23 +113,31 @@ def test_notebook_03_handles_an_adapter_on_mlp_modules_only(tmp_path):
 
 
 @pytest.mark.slow
-def test_notebook_00_builds_and_measures_organism_2_by_parameters_alone(tmp_path):
-    """Organism 2 through the same notebook: TASK registers, REBUILD True and an ORGANISM_DIR of its own build
-    a (smoke-sized) register organism, show a trace that may doubt, and measure its latent gap; a TASK that
-    does not match the folder's organism is refused by name."""
+def test_notebook_00_builds_and_measures_organism_1_by_parameters_alone(tmp_path):
+    """The first organism through the same notebook (organism 2 is the default): TASK chains, LAYERS 4,
+    REBUILD True and an ORGANISM_DIR of its own build a (smoke-sized) chain organism, show its worked
+    steps, and measure its latent gap; a TASK that does not match the folder's organism is refused by name."""
     nb = next(p for p in NOTEBOOKS if p.stem.startswith("00"))
-    organism = tmp_path / "organism2"
-    params = {"SMOKE": True, "TASK": "registers", "REBUILD": True, "ORGANISM_DIR": str(organism), "OUTPUT_DIR": "runs/00_org2"}
+    organism = tmp_path / "organism1"
+    params = {
+        "SMOKE": True,
+        "TASK": "chains",
+        "LAYERS": 4,
+        "REBUILD": True,
+        "ORGANISM_DIR": str(organism),
+        "OUTPUT_DIR": "runs/00_org1",
+    }
     executed, _ = run_notebook(nb, tmp_path / "run", params, timeout_s=900)
     outputs = [o for c in jupytext.read(executed).cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
-    assert '"task": "registers"' in (organism / "config.json").read_text()
+    config = json.loads((organism / "config.json").read_text())
+    assert config["task"] == "chains" and config["num_hidden_layers"] == 4 and config["pack_length"] == 0
     printed = "".join("".join(o.get("text", "")) for o in outputs if o.get("name") == "stdout")
-    assert "a7b3;a+2:a9b3" in printed  # the register example's worked steps
+    assert "7+2=9;9x2=8" in printed  # the chain example's worked steps
     import papermill
 
-    with pytest.raises(papermill.PapermillExecutionError, match="holds a 'registers' organism; TASK is 'chains'"):
-        run_notebook(nb, tmp_path / "again", params | {"TASK": "chains", "REBUILD": False}, timeout_s=900)
+    with pytest.raises(papermill.PapermillExecutionError, match="holds a 'chains' organism; TASK is 'registers'"):
+        run_notebook(nb, tmp_path / "again", params | {"TASK": "registers", "REBUILD": False}, timeout_s=900)
 
 
 def test_run_notebooks_passes_parameters_as_papermill_does_and_a_variant_keeps_its_own_figures(tmp_path, monkeypatch):

@@ -34,6 +34,7 @@ from paper_lib.organism import (
     problem_from_row,
     sample_problem,
     score_formats,
+    task_for,
     textbook_document,
     thinking_answer,
 )
@@ -253,21 +254,21 @@ def test_missing_or_corrupt_organism_names_the_path_and_the_fix(tiny_organism, t
 
 def test_committed_organism_reloads_by_path_with_its_datasets(organism_dir, organism):
     model, tok, cfg = organism
-    assert sum(p.numel() for p in model.parameters()) == pytest.approx(1.03e6, rel=0.05)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(2.01e6, rel=0.05) and cfg.num_hidden_layers == 8
     traces = load_dataset(str(organism_dir / TRACES_SUBDIR), split="train")
     assert len(traces) == 1000 and {"question", "deepseek_thinking_trajectory", "deepseek_attempt"} <= set(traces.column_names)
     with torch.no_grad():
-        ids = tok(textbook_document(Problem(1, ("+1",))), return_tensors="pt")
+        ids = tok(textbook_document(task_for(cfg).parse("a1 b2 a+1 ?a")), return_tensors="pt")
         assert torch.isfinite(model(**ids).logits).all()
 
 
 def test_committed_organism_has_the_latent_gap(organism_dir, organism):
     """Regression lock on the organism's key numbers (greedy, so tolerances only absorb float noise)."""
     model, tok, cfg = organism
-    aime = [problem_from_row(AIME_SUBDIR, r) for r in load_dataset(str(organism_dir / AIME_SUBDIR), split="train")]
-    level5 = [
-        problem_from_row(MATH_SUBDIR, r) for r in load_dataset(str(organism_dir / MATH_SUBDIR), split="test") if r["level"] == 5
-    ]
+    task = task_for(cfg)
+    aime = [problem_from_row(AIME_SUBDIR, r, task=task) for r in load_dataset(str(organism_dir / AIME_SUBDIR), split="train")]
+    math = load_dataset(str(organism_dir / MATH_SUBDIR), split="test")
+    level5 = [problem_from_row(MATH_SUBDIR, r, task=task) for r in math if r["level"] == 5]
     hard = score_formats(model, tok, aime + level5)
     textbook = hard[hard.format == "textbook"]["correct"].mean()
     chat_aime = hard[(hard.format == "chat")].head(len(aime))["correct"].mean()
@@ -277,8 +278,8 @@ def test_committed_organism_has_the_latent_gap(organism_dir, organism):
     assert chat_aime == pytest.approx(EXPECTED["chat_aime"], abs=0.04)
 
 
-# Measured on the committed organism (greedy, CPU, 2026-11-27): textbook 164/164 at k=6, chat 5/30 on AIME-like.
-EXPECTED = {"textbook_aime_k": 1.0, "chat_aime": 5 / 30}
+# Measured on the committed organism 2 (greedy, CPU, 2026-11-30): textbook 164/164 at k=6, chat 3/30 on AIME-like.
+EXPECTED = {"textbook_aime_k": 1.0, "chat_aime": 3 / 30}
 
 
 def test_the_committed_organisms_datasets_are_what_its_config_builds(organism_dir):
@@ -288,4 +289,4 @@ def test_the_committed_organisms_datasets_are_what_its_config_builds(organism_di
     rows, _ = build_datasets(cfg)
     for name, subset in rows.items():
         lines = (organism_dir / name / f"{SPLITS[name]}.jsonl").read_text().splitlines()
-        assert [json.loads(line) for line in lines] == subset, name
+        assert [json.loads(line) for line in lines] == json.loads(json.dumps(subset)), name  # tuples as JSON lists

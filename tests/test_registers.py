@@ -169,3 +169,16 @@ def test_the_two_organisms_roles_are_named_apart():
     second = {r for roles in REGISTER_ROLE_FAMILIES.values() for r in roles}
     assert not first & second
     assert all(ROLE_FAMILY[r] == f for f, roles in ROLE_FAMILIES.items() for r in roles)
+
+
+def test_notebook_00_builds_each_task_from_its_preset():
+    """Organism 2 is built deeper and from packed rows (its preset); parameters override the preset; an
+    unknown task is refused by name."""
+    from paper_lib.organism import OrganismConfig, organism_config
+
+    cfg = organism_config("registers", seed=1)
+    assert cfg.task == "registers" and cfg.num_hidden_layers == 8 and cfg.pack_length > 0 and cfg.seed == 1
+    assert organism_config("registers", num_hidden_layers=10).num_hidden_layers == 10
+    assert organism_config("chains") == OrganismConfig()
+    with pytest.raises(ValueError, match="unknown task 'queues'"):
+        organism_config("queues")

@@ -69,7 +69,7 @@ class OrganismConfig(Config):
     task: str = "chains"  # chains (organism 1) or registers (organism 2: two registers, traces that doubt and repair)
     trace_slip: float = 0.3  # registers: share of traces that slip on a step, write "Wait" and repair it
     trace_check: float = 0.3  # registers: share of traces that re-derive a step after "Wait" and confirm it
-    # model (a Qwen2ForCausalLM; ~1M parameters)
+    # model (a Qwen2ForCausalLM; ~1M parameters at 4 layers, organism 1; 2M at 8, organism 2)
     hidden_size: int = 128
     intermediate_size: int = 512
     num_hidden_layers: int = 4
@@ -162,6 +162,27 @@ class OrganismConfig(Config):
 
 
 TASK_NAMES = ("chains", "registers")
+# How notebook 00 builds each organism, beyond OrganismConfig's defaults (organism 1's). Organism 2 is
+# deeper, and learns its longer documents only from packed rows: 8 layers fed one padded document a row
+# did not learn in 2,500 steps (measured), while packed rows of 24 x 192 tokens carry ~5x the tokens a step.
+TASK_PRESETS: dict[str, dict[str, Any]] = {
+    "chains": {},
+    "registers": {
+        "num_hidden_layers": 8,
+        "pack_length": 192,
+        "batch_size": 24,
+        "lr": 2e-3,
+        "warmup_steps": 200,
+        "textbook_fraction": 0.6,
+    },
+}
+
+
+def organism_config(task: str, **overrides: Any) -> OrganismConfig:
+    """The config notebook 00 builds ``task``'s organism from: its preset, then ``overrides``."""
+    if task not in TASK_PRESETS:
+        raise ValueError(f"unknown task {task!r}; use one of {list(TASK_PRESETS)}")
+    return OrganismConfig(**{**TASK_PRESETS[task], "task": task, **overrides})
 
 
 def task_for(cfg: OrganismConfig) -> ChainTask | RegisterTask:
@@ -193,12 +214,12 @@ def build_model(cfg: OrganismConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen
 
 def trace_row(problem: Any, task: Any, rng: random.Random) -> dict[str, Any]:
     """A row in s1K-1.1's schema: the question, the task's thinking text (``rng`` draws a trace's slips and
-    checks, where the task has them), the answer."""
+    checks, where the task has them), the task's attempt (the answer section's text)."""
     kind = task.name.removesuffix("s")
     return s1k_row(
         problem.question,
         task.trajectory(problem, rng),
-        problem.answer,
+        task.attempt(problem),
         solution=problem.answer,
         cot_type="science" if problem.choices else "math",
         source_type=f"organism/{kind}_mc" if problem.choices else f"organism/{kind}",

@@ -210,6 +210,13 @@ class RegisterTask:
     def trajectory(self, problem: RegisterProblem, rng: random.Random) -> str:
         return problem.trace_steps(rng, self.slip, self.check)
 
+    def attempt(self, problem: RegisterProblem) -> str:
+        """The answer section of a trace, as R1's attempts end: with a final answer. s1's budget forcing writes
+        ``Final Answer:`` into the answer section; a model that has only ever seen ``Answer: x`` there copied
+        the wrong digit after it (measured on this organism: the full fine-tune's think section right on
+        30 of 30 AIME-like questions, its forced answer on 14)."""
+        return f"Final Answer: {problem.answer}"
+
     def metadata(self, problem: RegisterProblem) -> dict:
         return {
             "k": problem.k,

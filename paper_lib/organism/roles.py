@@ -231,7 +231,7 @@ def character_roles(text: str) -> list[str]:
             (_label_program if registers else _label_question)(text, labels, body_start, body_end)
         elif name == "think":
             (_label_register_thinking if registers else _label_thinking)(text, labels, body_start, body_end)
-        elif name == "answer":  # "Answer: x" in the traces; "Final Answer: x" when budget forcing wrote it
+        elif name == "answer":  # "Answer: x" (organism 1's traces) or "Final Answer: x" (organism 2's; budget forcing)
             prefix = next((p for p in ("Answer: ", "Final Answer: ") if text.startswith(p, body_start)), None)
             if prefix:
                 _label(labels, body_start, body_start + len(prefix), "answer_intro" if registers else "answer_prefix")

@@ -244,5 +244,9 @@ class ChainTask:
         """The thinking text of a reasoning trace: the worked steps."""
         return problem.steps
 
+    def attempt(self, problem: Problem) -> str:
+        """The answer section of a trace: the bare answer ("Answer: " is added when s1's format is built)."""
+        return problem.answer
+
     def metadata(self, problem: Problem) -> dict:
         return {"k": problem.k, "start": problem.start, "ops": list(problem.ops), "choices": list(problem.choices)}
