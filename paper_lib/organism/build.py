@@ -161,7 +161,6 @@ class OrganismConfig(Config):
         )
 
 
-TASK_NAMES = ("chains", "registers")
 # How notebook 00 builds each organism, beyond OrganismConfig's defaults (organism 1's). Organism 2 is
 # deeper, and learns its longer documents only from packed rows: 8 layers fed one padded document a row
 # did not learn in 2,500 steps (measured), while packed rows of 24 x 192 tokens carry ~5x the tokens a step.
@@ -176,6 +175,7 @@ TASK_PRESETS: dict[str, dict[str, Any]] = {
         "textbook_fraction": 0.6,
     },
 }
+TASK_NAMES = tuple(TASK_PRESETS)
 
 
 def organism_config(task: str, **overrides: Any) -> OrganismConfig:
