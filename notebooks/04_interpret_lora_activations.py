@@ -127,6 +127,7 @@ if OVERWRITE and store_dir.exists():
     shutil.rmtree(store_dir)
 start_run(SECTION, out_dir, parameters)  # run.json, figures, headlines
 controls = control_populations(model, adapter_keys(model), seed=SEED)  # as many MLP neurons and random directions as adapters
+provenance = {**adapter_provenance(adapter_run), "traces": TRACES}  # what produced the scalars (hashes the adapter)
 start = time.perf_counter()
 store = extract_activation_shards(
     model,
@@ -135,7 +136,7 @@ store = extract_activation_shards(
     store_dir,
     batch_size=BATCH_SIZE,
     max_length=MAX_LENGTH,
-    provenance={**adapter_provenance(adapter_run), "traces": TRACES},
+    provenance=provenance,
     populations=controls,
 )
 seconds = time.perf_counter() - start
@@ -295,7 +296,7 @@ if ROLE_SCORER and UNTRAINED_CONTROL:
         control_dir,
         batch_size=BATCH_SIZE,
         max_length=MAX_LENGTH,
-        provenance={**adapter_provenance(adapter_run), "traces": TRACES, "weights": f"untrained, seed {SEED}"},
+        provenance=provenance | {"weights": f"untrained, seed {SEED}"},
         populations=control_populations(untrained, adapter_keys(untrained), seed=SEED),
     )
     untrained_roles = roles[: untrained_store.n_tokens]  # the first traces' tokens, in the same order

@@ -10,8 +10,8 @@ AUROC how well the feature's value separates that role from all other tokens. Cl
 thresholds, parameters of ``classify_features``): monosemantic if one role holds >= ``mono`` of the top-k,
 broad if one *family* of roles (``ROLE_FAMILIES``) does, polysemantic otherwise. Only tokens where the
 feature fires (a non-zero value) count: a sparse SAE latent that fires on 5 tokens is scored on those 5,
-not on 45 zero-valued tokens that fill its top 50, and one that fires on too few is ``rare``, unclassified. So that purity is not
-mistaken for meaning, each feature is also scored against readers of the surface tokens (the token
+not on 45 zero-valued tokens that fill its top 50, and one that fires on too few is ``rare``,
+unclassified. So that purity is not mistaken for meaning, each feature is also scored against readers of the surface tokens (the token
 alone, the token and the one before: ``lift``, ``bigram_lift``) and across activation quantiles, and
 notebooks run a shuffled-roles control; intervals resample whole units (an adapter's two polarities).
 
