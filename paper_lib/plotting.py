@@ -294,6 +294,8 @@ def plot_interpretability(scored: pd.DataFrame, shares: pd.DataFrame) -> plt.Fig
         )
     _grouped_bars(axes[-1], shares, "population", "class", "share", order)
     axes[-1].set(ylim=(0, 1.02), ylabel="share of features (95% bootstrap CI)", title=f"({'d' if lifts else 'c'}) classes")
+    for ax in axes:  # one word a line: five populations' names overlap on one
+        ax.set_xticks(ax.get_xticks(), [label.get_text().replace(" ", "\n") for label in ax.get_xticklabels()])
     fig.tight_layout()
     return fig
 
