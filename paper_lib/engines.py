@@ -90,6 +90,25 @@ def resolve_model(model: str) -> str:
     return model
 
 
+def check_cpu_head_size(model: str) -> None:
+    """Raise ``EvaluationError`` naming the model, its head size and the sizes vLLM's CPU attention kernels
+    take, before vLLM would fail on it deep in its engine start (a local folder only; hub models are
+    Qwen2.5's, head size 128)."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    local = Path(model)
+    if not (local / "config.json").is_file():
+        return
+    config = json.loads((local / "config.json").read_text())
+    head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head not in supported:
+        raise EvaluationError(
+            f"{model}: head size {head} (hidden_size {config['hidden_size']} / {config['num_attention_heads']} heads) "
+            f"is not one vLLM's CPU backend serves ({supported}); use BACKEND hf, or a model whose head size is one of them"
+        )
+
+
 def vllm_lora_rank(adapter_dirs: Sequence[str | Path]) -> int:
     """The largest rank among the adapters, rounded up to a ``max_lora_rank`` vLLM accepts."""
     from typing import get_args
@@ -161,6 +180,8 @@ class VLLMEngine(ServingEngine):
         self.model = resolve_model(model)
         self._serve(model, adapters)
         on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            check_cpu_head_size(self.model)
         # CUDA graphs on GPUs unless asked otherwise; the CPU backend runs eagerly
         kwargs: dict[str, Any] = dict(
             model=self.model,

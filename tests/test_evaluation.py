@@ -279,3 +279,18 @@ def test_adapter_of_another_base_model_is_refused_before_generation(organism_dir
         HFEngine(str(organism_dir / "model"), {"rank1": str(wrong)})
     with pytest.raises(EvaluationError, match="no model at"):
         HFEngine(str(tmp_path / "no_model"))
+
+
+def test_a_head_size_the_vllm_cpu_backend_lacks_is_named_before_the_engine_starts(organism_dir, tmp_path):
+    from paper_lib.engines import VLLMEngine, check_cpu_head_size
+
+    check_cpu_head_size(str(organism_dir / "model"))  # the organism's 32 is served
+    config = json.loads((organism_dir / "model" / "config.json").read_text())
+    odd = tmp_path / "model"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({**config, "hidden_size": 96, "num_attention_heads": 4, "head_dim": 24}))
+    with pytest.raises(EvaluationError, match=r"head size 24 .* not one vLLM's CPU backend serves .* BACKEND hf"):
+        check_cpu_head_size(str(odd))
+    if not torch.cuda.is_available():
+        with pytest.raises(EvaluationError, match="head size 24"):
+            VLLMEngine(str(odd), dtype="float32")
