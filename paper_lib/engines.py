@@ -94,18 +94,21 @@ def check_cpu_head_size(model: str) -> None:
     """Raise ``EvaluationError`` naming the model, its head size and the sizes vLLM's CPU attention kernels
     take, before vLLM would fail on it deep in its engine start (a local folder only; hub models are
     Qwen2.5's, head size 128)."""
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:  # another vLLM's layout: its own check stands
+        return
     local = Path(model)
     if not (local / "config.json").is_file():
         return
     config = json.loads((local / "config.json").read_text())
-    head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    head = config.get("head_dim") or (hidden // heads if hidden and heads else None)
     supported = CPUAttentionBackend.get_supported_head_sizes()
-    if head not in supported:
+    if head is not None and head not in supported:
         raise EvaluationError(
-            f"{model}: head size {head} (hidden_size {config['hidden_size']} / {config['num_attention_heads']} heads) "
-            f"is not one vLLM's CPU backend serves ({supported}); use BACKEND hf, or a model whose head size is one of them"
+            f"{model}: head size {head} (hidden_size {hidden} / {heads} heads) is not one vLLM's CPU backend "
+            f"serves ({supported}); use BACKEND hf, or a model whose head size is one of them"
         )
 
 

@@ -94,8 +94,11 @@ def run_all(
 ) -> dict[str, float]:
     """Run every notebook (or those whose name starts with one of ``only``); returns minutes per notebook.
     ``parameters`` go to every notebook run (each notebook checks those it has)."""
-    if "PAPER_FIGURES_DIR" not in os.environ:  # the main command writes the committed figures
-        with environment(PAPER_FIGURES_DIR=str(resolve("figures"))):
+    if "PAPER_FIGURES_DIR" not in os.environ:
+        # the main command writes the committed figures; a smoke run (its numbers are not results) writes
+        # its figures and headline numbers beside its executed notebooks, never over the committed ones
+        figures = resolve("figures") if not smoke else Path(out_dir) / "figures"
+        with environment(PAPER_FIGURES_DIR=str(figures)):
             return run_all(out_dir, smoke, only, parameters)
     minutes = {}
     for source in list_notebooks():

@@ -163,6 +163,12 @@ def test_run_notebooks_passes_parameters_as_papermill_does_and_a_variant_keeps_i
     assert figures == str(tmp_path / "build/variants" / "long" / "figures") and out == tmp_path / "build/variants/long/notebooks"
     with pytest.raises(SystemExit):
         run_notebooks.main(["--only", "02", "-p", "MAX_TOKENS", "256"])  # parameters without a tag
+    # the main command writes the committed figures; `make smoke` writes its own, beside its notebooks
+    monkeypatch.delenv("PAPER_FIGURES_DIR", raising=False)
+    run_notebooks.main(["--only", "02"])
+    run_notebooks.main(["--only", "02", "--smoke", "--out", "build/smoke"])
+    assert [c[3] for c in calls[1:]] == [str(tmp_path / "figures"), str(tmp_path / "build/smoke/figures")]
+    assert calls[2][2] == {"SMOKE": True}
 
 
 @pytest.mark.slow
