@@ -27,7 +27,7 @@
 SEED = 0  # seeds the organism's data, initialisation and pretraining stream
 ORGANISM_DIR = "data/organism"  # where the organism lives (relative to the repository root)
 OUTPUT_DIR = "runs/00_organism"  # under data/: this run's run.json and figures (the main command: figures/)
-REBUILD = False  # retrain from scratch (about 33 min on 2 CPU cores) even if ORGANISM_DIR exists
+REBUILD = False  # retrain from scratch (32 min on 2 CPU cores, measured) even if ORGANISM_DIR exists
 PRETRAIN_STEPS = 4000  # pretraining steps when rebuilding
 TASK = "registers"  # the organism's task: registers (organism 2: doubt and repair in its traces) or chains (organism 1)
 LAYERS = 8  # transformer layers when rebuilding (organism 1: 4)

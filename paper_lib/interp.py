@@ -11,9 +11,10 @@ thresholds, parameters of ``classify_features``): monosemantic if one role holds
 broad if one *family* of roles (``ROLE_FAMILIES``) does, polysemantic otherwise. Only tokens where the
 feature fires (a non-zero value) count: a sparse SAE latent that fires on 5 tokens is scored on those 5,
 not on 45 zero-valued tokens that fill its top 50, and one that fires on too few is ``rare``,
-unclassified. So that purity is not mistaken for meaning, each feature is also scored against readers of the surface tokens (the token
-alone, the token and the one before: ``lift``, ``bigram_lift``) and across activation quantiles, and
-notebooks run a shuffled-roles control; intervals resample whole units (an adapter's two polarities).
+unclassified. So that purity is not mistaken for meaning, each feature is also scored against readers
+of the surface tokens (the token alone, the token and the one before: ``lift``, ``bigram_lift``) and
+across activation quantiles, and notebooks run a shuffled-roles control; intervals resample whole units
+(an adapter's two polarities).
 
 Everything streams: a population is a ``Features`` object (names, ``blocks()`` over all tokens in order,
 ``rows(start, end)``), e.g. ``ActivationStore.features``, so that no [tokens x features] array is ever
