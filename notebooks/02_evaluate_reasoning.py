@@ -65,7 +65,6 @@ SMOKE = False  # fast check for CI: a few questions per benchmark, HF backend al
 # %%
 import dataclasses
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -73,10 +72,10 @@ import pandas as pd
 
 from paper_lib.config import seed_everything
 from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark, scaling_specs
-from paper_lib.params import check_parameters
-from paper_lib.paths import artifact_dir, stage_dir, train_run_name
+from paper_lib.params import check_context_room, check_parameters
+from paper_lib.paths import artifact_dir, clear_run_dir, stage_dir, train_run_name
 from paper_lib.plotting import plot_benchmark_accuracy, plot_test_time_scaling, save_figure
-from paper_lib.results import interval_verdict, record_headline, say, start_run, verdict
+from paper_lib.results import CANNOT_DECIDE, PAPER_RECOVERED, claim_verdict, record_headline, say, start_run, verdict_words
 from paper_lib.statistics import bootstrap_interval, recovery_table
 
 SECTION = "02_evaluate_reasoning"
@@ -91,6 +90,7 @@ parameters = check_parameters(
         "SCALING_BENCHMARK": ("", "aime24", "math500", "gpqa_diamond"),
     },
 )
+check_context_room(MAX_MODEL_LEN, ANSWER_TOKENS)  # every response would be cut: refused before any work
 seed_everything(SEED)
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM inside a notebook kernel
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's start-up log would flood the notebook
@@ -132,8 +132,8 @@ chat = {name: dataclasses.replace(spec, budget_forcing=False) for name, spec in 
 scaling = scaling_specs(protocols["greedy"], SCALING_BUDGETS, SCALING_WAITS) if SCALING_BENCHMARK else {}
 check_adapter(adapter_dir, BASE_MODEL)
 resolve_model(full_model)
-if OVERWRITE and out_dir.exists():
-    shutil.rmtree(out_dir)
+if OVERWRITE:
+    clear_run_dir(out_dir)  # only a run folder of its own: never data/, the organism or another run
 start_run(SECTION, out_dir, parameters)  # run.json, figures, headline section
 
 
@@ -227,17 +227,23 @@ forced_base = recovery_table(per_question, n_resamples=N_BOOTSTRAP, seed=SEED, m
 save_figure(plot_benchmark_accuracy(accuracy, recovery=recovery), "benchmark_recovery", recovery)
 print("base in its own chat protocol (headline):\n", recovery.round(3).to_string())
 print("base budget-forced too:\n", forced_base.round(3).to_string())
-seen = []
-for _, r in recovery[recovery.protocol == "greedy"].iterrows():
-    # testable only where the full fine-tune clearly gains and the interval is narrower than the scale itself
-    testable = r["full_minus_base_chat_lo"] > 0 and r.gain_recovered_hi - r.gain_recovered_lo <= 1.0
-    overlaps = (r.gain_recovered_lo <= 0.90 and r.gain_recovered_hi >= 0.73) if testable else None
-    seen.append(
-        f"on {r.benchmark} the adapter ({lora}) recovers {r.gain_recovered:.0%} of the full fine-tune's gain over the base "
-        f"[{r.gain_recovered_lo:.0%}, {r.gain_recovered_hi:.0%}], n = {r.n} ({verdict(overlaps)}: 73-90%)"
-        if np.isfinite(r.gain_recovered)
-        else f"on {r.benchmark} the full fine-tune gains nothing over the base, so no share of its gain can be recovered"
+seen, verdicts = [], {}
+for _, r in recovery.iterrows():
+    # judged only where the full fine-tune clearly gains (else no share of its gain exists to recover)
+    gains = r["full_minus_base_chat_lo"] > 0 and np.isfinite(r.gain_recovered)
+    word = (
+        claim_verdict(r.gain_recovered_lo, r.gain_recovered_hi, PAPER_RECOVERED[0], PAPER_RECOVERED[1])
+        if gains
+        else CANNOT_DECIDE
     )
+    verdicts[(r.protocol, r.benchmark)] = word
+    if r.protocol == "greedy":
+        seen.append(
+            f"on {r.benchmark} the adapter ({lora}) recovers {r.gain_recovered:.0%} of the full fine-tune's gain over the base "
+            f"[{r.gain_recovered_lo:.0%}, {r.gain_recovered_hi:.0%}], n = {r.n}: {verdict_words(word)} (the paper: 73-90%)"
+            if gains
+            else f"on {r.benchmark} the full fine-tune gains nothing clear over the base: {verdict_words(word)}"
+        )
 say(SECTION, "**What we see.** Greedy decoding: " + "; ".join(seen) + ".")
 
 # %% [markdown]
@@ -277,15 +283,16 @@ if scaled:
                 n=len(a),
                 ci95=[lo, hi],
                 waits=[waits[0], waits[-1]],
+                **({"verdict": claim_verdict(lo, hi, low=0.0)} if model == lora else {}),
             )
             seen.append(f"{model} {a.mean():.2f} -> {b.mean():.2f} ({change:+.2f} [{lo:+.2f}, {hi:+.2f}], n = {len(a)})")
             if model == lora:
-                helped = interval_verdict(lo, hi)
+                helped = claim_verdict(lo, hi, low=0.0)  # s1: more "Wait"s raise accuracy
         say(
             SECTION,
             f'**What we see (test-time scaling).** From {waits[0]} to {waits[-1]} "Wait"s on {SCALING_BENCHMARK}: '
             + "; ".join(seen)
-            + f'. s1\'s claim that extending thinking with "Wait" raises accuracy, for the adapter: {verdict(helped)}.',
+            + f'. s1\'s claim that extending thinking with "Wait" raises accuracy, for the adapter: {verdict_words(helped)}.',
         )
     for _, r in curve.iterrows():
         record_headline(
@@ -311,6 +318,7 @@ for table, suffix in ((recovery, ""), (forced_base, "_vs_forced_base")):
                     unit="fraction",
                     n=r.n,
                     ci95=[r[f"{measure}_lo"], r[f"{measure}_hi"]],
+                    **({"verdict": verdicts[(r.protocol, r.benchmark)]} if measure == "gain_recovered" and not suffix else {}),
                 )
 for (protocol, bench, model), r in cuts.iterrows():
     for kind in ("thinking_cut", "answer_cut"):

@@ -51,32 +51,38 @@ OUTPUT_DIR = "runs/03_ablate"  # under data/: adapter variants and per-sample JS
 SMOKE = False  # fast check for CI: a few traces
 
 # %%
-import numpy as np
 import pandas as pd
 import torch
 
 from paper_lib.ablation import (
     ablation_groups,
     ablation_kl,
+    later_layers_margin,
     module_layer_table,
+    module_margin,
     save_adapter_subset,
+    single_adapter_ratio,
     summarize_kl,
+    trace_statistic,
 )
 from paper_lib.config import seed_everything
 from paper_lib.data import scoring_traces, trace_batches
 from paper_lib.engines import release_memory
 from paper_lib.formats import ATTENTION_MODULES, MLP_MODULES
-from paper_lib.params import check_parameters
+from paper_lib.params import check_context_room, check_parameters
 from paper_lib.paths import artifact_dir, stage_dir, train_run_name
 from paper_lib.plotting import plot_adapter_ablations, save_figure
-from paper_lib.results import record_headline, say, start_run, verdict
+from paper_lib.results import claim_verdict, claims_sentence, record_headline, say, start_run
 from paper_lib.training import load_trained
 
 SECTION = "03_ablate_adapters"
 # every parameter has its default's type (and an allowed value), checked before any work
 parameters = check_parameters(
-    globals(), SECTION, choices={"BACKEND": ("vllm", "hf"), "DTYPE": ("float32", "bfloat16", "float16")}
+    globals(),
+    SECTION,
+    choices={"BACKEND": ("vllm", "hf"), "DTYPE": ("float32", "bfloat16", "float16")},
 )
+check_context_room(MAX_MODEL_LEN, ANSWER_TOKENS)  # every response would be cut: refused before any work
 seed_everything(SEED)
 out_dir = start_run(SECTION, stage_dir(OUTPUT_DIR, SMOKE), parameters)  # run.json, figures, headline section
 adapter_run = train_run_name(ADAPTER_RUN, SMOKE)  # smoke pairs with smoke
@@ -136,24 +142,25 @@ if {"mlp", "attention"} <= set(kinds.index):  # an adapter on one kind of module
         f"{single_mlp / single_attn:.2f}x"
     )
 print(f"whole adapter KL {kinds['all adapters']:.3f}; adapted kinds: {sorted(families['kind'])}")
-layer_kl = kinds[[g for g in kinds.index if g.startswith("layer ")]]
-layer_kl.index = [int(g.split(" ")[1]) for g in layer_kl.index]
-thirds = np.array_split(np.sort(layer_kl.index.to_numpy()), 3)
-third_kl = [float(layer_kl.loc[t].mean()) for t in thirds if len(t)]
-later = len(third_kl) == 3 and third_kl[2] == max(third_kl)
-seen = (
-    f"**What we see.** Removing every adapter costs {kinds['all adapters']:.3f} nats/token. By layer third (early, "
-    f"middle, late) a layer's adapters cost {', '.join(f'{k:.4f}' for k in third_kl)} on average: the paper's "
-    f"'later layers matter most': {verdict(later)}."
-)
+# each claim: a statistic of the per-trace KLs with a paired bootstrap interval over traces, judged by one rule
+claims = {"later_layers_margin": (later_layers_margin, 0.0)}  # late third's mean KL minus the larger other third's
 if {"mlp", "attention"} <= set(kinds.index):
-    ratio = kinds["mlp"] / kinds["attention"]
-    top_module = table.mean(axis=1).idxmax()
-    seen += (
-        f" All MLP adapters vs all attention adapters: {ratio:.2f}x (the paper ~2.4x: {verdict(ratio > 1)}); the "
-        f"module whose single adapters matter most on average is {top_module} (the paper: the MLP gates, "
-        f"{verdict(top_module == 'gate_proj')})."
-    )
+    claims["single_adapter_mlp_over_attention"] = (single_adapter_ratio, 1.0)  # like with like: the paper's ~2.4x
+    claims["gate_proj_margin"] = (module_margin("gate_proj"), 0.0)  # gate's mean KL minus the largest other module's
+judged = {}
+for key, (statistic, bound) in claims.items():
+    value, lo, hi = trace_statistic(per_trace, statistic, N_BOOTSTRAP, SEED)
+    judged[key] = (value, lo, hi, claim_verdict(lo, hi, low=bound))
+    record_headline(SECTION, f"claim_{key}", value, unit="nats/token or ratio", n=n_traces, ci95=[lo, hi], verdict=judged[key][3])
+seen = f"**What we see.** Removing every adapter costs {kinds['all adapters']:.3f} nats/token. " + claims_sentence(
+    judged,
+    {
+        "later_layers_margin": "later layers matter most (late third minus the larger other third, nats/token)",
+        "single_adapter_mlp_over_attention": "MLP adapters matter more than attention adapters (single-adapter "
+        "means, the paper ~2.4x)",
+        "gate_proj_margin": "the MLP gates matter most (gate_proj minus the largest other module, nats/token)",
+    },
+)
 say(SECTION, seen)
 if CHECK_CLAIMS:
     assert kinds["all adapters"] >= kinds[[g for g in kinds.index if g.startswith("layer ")]].max() - 1e-6

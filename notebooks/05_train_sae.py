@@ -68,19 +68,32 @@ from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
 from paper_lib.params import check_parameters
 from paper_lib.paths import stage_dir, train_run_name
 from paper_lib.plotting import plot_sae_training, plot_splice, save_figure
-from paper_lib.results import record_headline, say, start_run, verdict
-from paper_lib.sae import SAESpec, load_sae, sae_metrics, splice_kl, state_transform, train_or_reuse_sae
+from paper_lib.results import claim_verdict, record_headline, say, start_run, verdict_words
+from paper_lib.sae import (
+    SAESpec,
+    check_sae_adapter,
+    load_sae,
+    sae_fingerprint,
+    sae_metrics,
+    splice_kl,
+    state_transform,
+    train_or_reuse_sae,
+)
 from paper_lib.statistics import bootstrap_interval, wilson_interval
-from paper_lib.training import load_trained
+from paper_lib.training import adapter_provenance, load_trained
 
 SECTION = "05_train_sae"
 # every parameter has its default's type (and an allowed value), checked before any work
 parameters = check_parameters(
-    globals(), SECTION, choices={"NORMALIZE": ("per_adapter", "none"), "DTYPE": ("float32", "bfloat16", "float16")}
+    globals(),
+    SECTION,
+    choices={"NORMALIZE": ("per_adapter", "none"), "DTYPE": ("float32", "bfloat16", "float16")},
 )
 seed_everything(SEED)
 store = ActivationStore(stage_dir(INTERPRET_DIR, SMOKE) / "activations")
 out_dir = start_run(SECTION, stage_dir(OUTPUT_DIR, SMOKE), parameters)  # run.json, figures, headlines
+adapter = adapter_provenance(train_run_name(ADAPTER_RUN, SMOKE))
+check_sae_adapter(store.meta.get("provenance", {}), adapter)  # the adapter whose activations the SAE learns
 n_docs = len(store)
 train_docs = range(0, int(round(n_docs * (1 - HELDOUT_FRACTION))))
 heldout_docs = range(train_docs.stop, n_docs)
@@ -155,7 +168,7 @@ say(
     f"{metrics['fvu']:.1%} of the held-out variance unexplained ({metrics['dead_fraction']:.0%} of latents dead). Spliced "
     f"into the forward pass in place of the adapter scalars it keeps {recovered:.0%} [{rec_lo:.0%}, {rec_hi:.0%}] of the "
     f"adapter's effect (KL recovered, n = {len(per_trace)} held-out traces): the SAE is a faithful stand-in for the "
-    f"adapter state: {verdict(recovered > 0.9)}.",
+    f"adapter state (interval above 90%): {verdict_words(claim_verdict(rec_lo, rec_hi, low=0.9))}.",
 )
 if CHECK_CLAIMS:
     assert per_trace.kl_spliced.mean() < per_trace.kl_no_adapter.mean()
@@ -177,6 +190,7 @@ engine = ScalarEngine(
     tokenizer,
     {"rank1": lambda s: s, "sae_spliced": state_transform(sae, scales), "no_adapter": torch.zeros_like},
     cache_tokens=CACHE_TOKENS,
+    provenance={**adapter, "sae": sae_fingerprint(out_dir)},  # samples of another SAE or adapter are not reused
 )
 gen = GenerationSpec(max_tokens=MAX_TOKENS, answer_tokens=min(32, MAX_TOKENS // 4), seed=SEED)
 accuracy = []

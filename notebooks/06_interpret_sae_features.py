@@ -34,13 +34,16 @@ SAE_DIR = "runs/05_sae"  # notebook 05's output folder (the trained SAE)
 ADAPTER_RUN = "runs/01_train/rank1"  # notebook 01's rank-1 run folder (logit effects, steering)
 DTYPE = "float32"  # model dtype (real scale: bfloat16)
 DEVICE = "auto"  # auto (every GPU, else the CPU), cpu, cuda:0 ...
-TOP_K = 50  # top tokens per feature for the role scorer (as notebook 04)
+TOP_K = 50  # tokens scored per feature for the role scorer (as notebook 04)
+SAMPLE_FRACTION = 0.01  # scored tokens drawn from each feature's top 1% (0: its top TOP_K), as notebook 04
+CONTEXT_WIDTH = 2  # tokens of surface context the beyond-surface score looks past (as notebook 04)
+BEYOND_AUROC = 0.6  # monosemantic also needs this AUROC within contexts (as notebook 04)
 PAGE_EXAMPLES = 12  # examples per feature on the dashboard (paper: 32)
 CONTEXT = 12  # tokens of context each side on the dashboard (paper: 48)
 ROLE_SCORER = True  # score against the organism's token roles (organism traces only)
 MONO = 0.9  # monosemantic threshold (as notebook 04)
 BROAD = 0.9  # broad threshold (as notebook 04)
-MIN_ACTIVE = 10  # a latent firing on fewer of its top-k tokens is "rare": unclassified, out of the shares and tests
+MIN_ACTIVE = 10  # a latent firing on fewer of its scored tokens is "rare": unclassified, out of the shares and tests
 N_BOOTSTRAP = 2000  # bootstrap resamples
 STEER_FEATURE = -1  # latent to steer (-1: the most monosemantic live latent whose role occurs in the completions)
 STEER_STRENGTHS = "0,1,2,4"  # multiples of the latent's mean non-zero activation added during generation
@@ -77,7 +80,10 @@ from paper_lib.interp import (
     classified,
     compare_populations,
     feature_examples,
+    record_scores,
+    sae_comparison,
     score_populations,
+    scored_depth,
     top_features,
 )
 from paper_lib.judge import judge_config_from
@@ -86,9 +92,17 @@ from paper_lib.pages import feature_page_html, save_html
 from paper_lib.params import check_parameters
 from paper_lib.paths import stage_dir, train_run_name
 from paper_lib.plotting import plot_feature_donut, plot_interpretability, save_figure
-from paper_lib.results import record_headline, run_info, say, start_run, verdict
-from paper_lib.sae import LatentFeatures, decoder_logit_effects, decoder_scalars, latent_summary, load_sae
-from paper_lib.training import load_trained
+from paper_lib.results import claim_verdict, record_headline, run_info, say, start_run, steering_steps_sentence
+from paper_lib.sae import (
+    LatentFeatures,
+    check_sae_adapter,
+    decoder_logit_effects,
+    decoder_scalars,
+    latent_summary,
+    load_sae,
+    sae_fingerprint,
+)
+from paper_lib.training import adapter_provenance, load_trained
 
 SECTION = "06_interpret_sae_features"
 # every parameter has its default's type (and an allowed value), checked before any work
@@ -105,11 +119,13 @@ interp_dir, out_dir = stage_dir(INTERPRET_DIR, SMOKE), stage_dir(OUTPUT_DIR, SMO
 start_run(SECTION, out_dir, parameters)  # run.json, figures, headline section
 store = ActivationStore(interp_dir / "activations")  # its meta.json names the traces, model and adapter it read
 sae, scales = load_sae(stage_dir(SAE_DIR, SMOKE))
+check_sae_adapter(store.meta.get("provenance", {}), adapter_provenance(train_run_name(ADAPTER_RUN, SMOKE)))
 model, tokenizer, _ = load_trained(
     train_run_name(ADAPTER_RUN, SMOKE), dtype=getattr(torch, DTYPE), device=DEVICE
 )  # straight to the GPUs
 adapter_state = store.features()  # [tokens, d_in] read shard by shard, never loaded whole
-summary = latent_summary(sae, scales, adapter_state, k=max(TOP_K, PAGE_EXAMPLES))  # streamed: no [tokens, d_sae] array
+depth = scored_depth(store.n_tokens, TOP_K, SAMPLE_FRACTION) if ROLE_SCORER else TOP_K  # top tokens the scorer samples
+summary = latent_summary(sae, scales, adapter_state, k=max(depth, PAGE_EXAMPLES))  # streamed: no [tokens, d_sae] array
 fired, d_sae = summary["fired"], sae.cfg.d_sae
 live = np.flatnonzero(fired)
 sae_features = LatentFeatures(sae, scales, adapter_state, columns=live)  # the live latents, encoded block by block
@@ -117,7 +133,7 @@ names = sae_features.names
 latent_of = dict(zip(names, live.tolist()))  # feature name -> latent index
 lora_signed = SignedFeatures(adapter_state)  # the raw adapter features, both polarities
 # their top-k, one streamed pass for the role scorer and the judge alike (each reads the first k it needs)
-lora_top = top_features(lora_signed, max(TOP_K, 15)) if ROLE_SCORER or JUDGE_URL else None
+lora_top = top_features(lora_signed, max(depth, 15)) if ROLE_SCORER or JUDGE_URL else None
 print(f"{store.n_tokens:,} tokens; {len(live)} of {d_sae} latents fire at least once")
 assert len(live) > 0 and fired.sum() > 0
 
@@ -151,43 +167,29 @@ if ROLE_SCORER:
     roles = np.concatenate([token_roles(tokenizer, t, store.meta["max_length"]) for t in texts])  # store order
     assert store.meta["texts"] == fingerprint(texts), "the traces read differently now than when they were extracted"
     assert len(roles) == store.n_tokens
+    design = dict(k=TOP_K, mono=MONO, broad=BROAD, sample_fraction=SAMPLE_FRACTION or None, beyond=BEYOND_AUROC)
+    design |= dict(context_width=CONTEXT_WIDTH, seed=SEED, min_active=MIN_ACTIVE)  # a sparse latent: where it fires
     scored = score_populations(
         {"SAE feature": sae_features, "LoRA": lora_signed},
         roles,
         ROLE_FAMILY,
-        k=TOP_K,
-        mono=MONO,
-        broad=BROAD,
         tops={"SAE feature": live_top, "LoRA": lora_top},
-        tokens=store.token_contexts(),  # the token-identity and bigram baselines
-        min_active=MIN_ACTIVE,  # a sparse latent is scored on the tokens where it fires
+        tokens=store.token_contexts(),  # the surface the beyond-surface score must see past
+        **design,
     )  # an adapter's two polarities are one unit (scored["unit"]): intervals resample adapters, not polarities
     scored.to_csv(out_dir / "role_scores.csv", index=False)
     shares = class_shares(scored, n_resamples=N_BOOTSTRAP, seed=SEED)
     test = compare_populations(scored, "SAE feature", "LoRA", N_BOOTSTRAP, SEED)
-    print(shares.round(3).to_string())
-    print({k: round(v, 4) for k, v in test.items()})
+    print(shares.pivot(index="population", columns="class", values="share").round(3).to_string())
     save_figure(plot_interpretability(scored, shares), "interpretability_sae_vs_lora", shares)
-    share = shares.set_index(["population", "class"])["share"]
-    lift = classified(scored).groupby("population")[["lift", "bigram_lift"]].median()
-    counts = shares.groupby("population")[["n", "rare"]].first()
-    held = share[("SAE feature", "monosemantic")] > share[("LoRA", "monosemantic")] and test["chi2_p"] < 0.05
-    say(
-        SECTION,
-        f"**What we see.** {share[('SAE feature', 'monosemantic')]:.0%} of the {counts.loc['SAE feature', 'n']} classified "
-        f"SAE latents (of {len(live)} live; {counts.loc['SAE feature', 'rare']} fire on fewer than {MIN_ACTIVE} tokens) are "
-        f"monosemantic against {share[('LoRA', 'monosemantic')]:.0%} of the raw adapter features (the paper: ~62% vs ~22%; "
-        f"chi-square p = {test['chi2_p']:.2g}): the SAE's features are finer and more often monosemantic: {verdict(held)}. "
-        f"Median lift over the token-identity reader: SAE {lift.loc['SAE feature', 'lift']:+.2f}, LoRA "
-        f"{lift.loc['LoRA', 'lift']:+.2f}; over the bigram reader: SAE {lift.loc['SAE feature', 'bigram_lift']:+.2f}, LoRA "
-        f"{lift.loc['LoRA', 'bigram_lift']:+.2f}.",
-    )
+    finer = claim_verdict(test["monosemantic_share_diff_lo"], test["monosemantic_share_diff_hi"], low=0.0)
+    say(SECTION, sae_comparison(shares, test, finer, len(live), MIN_ACTIVE))
     sae_scores = scored[scored.population == "SAE feature"].set_index("feature")
     for entry in examples:
         r = sae_scores.loc[entry["name"]]
         entry["summary"] += (
-            f"; {r['class']}: best role {r['role']} (precision@{TOP_K} {r['precision']:.2f}, "
-            f"AUROC {r['auroc']:.2f}), family {r['family']}"
+            f"; {r['class']}: best role {r['role']} (purity {r['precision']:.2f}, AUROC {r['auroc']:.2f}, "
+            f"within its contexts {r['context_auroc']:.2f}), family {r['family']}"
         )
         entry["tags"].update(
             {
@@ -196,6 +198,7 @@ if ROLE_SCORER:
                 "family": r["family"],
                 "precision": round(float(r["precision"]), 3),
                 "auroc": round(float(r["auroc"]), 3),
+                "beyond": round(float(r["context_auroc"]), 3),
             }
         )
 
@@ -256,7 +259,8 @@ if ROLE_SCORER:
     control *= direction.norm() / control.norm()  # equal norm: the same push in a direction chosen at random
     transforms = {f"x{s:g}": (lambda a, s=s: a + s * unit * direction) for s in strengths}
     transforms |= {f"random_x{s:g}": (lambda a, s=s: a + s * unit * control) for s in strengths if s}
-    engine = ScalarEngine(model, tokenizer, transforms, cache_tokens=CACHE_TOKENS)
+    steered = {"sae": sae_fingerprint(stage_dir(SAE_DIR, SMOKE)), "latent": int(steer), "unit": unit}  # what steers
+    engine = ScalarEngine(model, tokenizer, transforms, cache_tokens=CACHE_TOKENS, provenance=steered)
     items = load_benchmark("aime24", f"{BENCHMARK_DIR}/aime24" if BENCHMARK_DIR else None)[: 4 if SMOKE else None]
     gen = GenerationSpec(max_tokens=MAX_TOKENS, answer_tokens=min(32, MAX_TOKENS // 4), seed=SEED)
     steering = []
@@ -267,13 +271,15 @@ if ROLE_SCORER:
             prompt = chat_prompt(tokenizer, item.question)
             generated = token_roles(tokenizer, prompt + response)[len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) :]
             rates.append(np.mean([r == role for r in generated]) if generated else 0.0)
-            steps.append(sum(r == STEP_ROLES[organism] for r in generated))
+            if generated and "other" not in generated:  # steps counted only in text that parses as a trace
+                steps.append(sum(r == STEP_ROLES[organism] for r in generated))
         steering.append(
             {
                 "direction": "random" if variant.startswith("random") else "latent",
                 "strength": variant.removeprefix("random_"),
                 "role_rate": float(np.mean(rates)),
-                "steps": float(np.mean(steps)),
+                "steps": float(np.mean(steps)) if steps else float("nan"),
+                "parsed": len(steps),
                 "accuracy": float(df.correct.mean()),
                 "n": len(df),
                 "example": df.response.iloc[0],
@@ -290,21 +296,15 @@ if ROLE_SCORER:
     say(
         SECTION,
         f"**What we see (steering).** Latent {steer} (best role {role}) at {last.strength}: its role's rate "
-        f"{first.role_rate:.2f} -> {last.role_rate:.2f}, thinking steps {first.steps:.1f} -> {last.steps:.1f}, accuracy "
+        f"{first.role_rate:.2f} -> {last.role_rate:.2f}, thinking steps {first.steps:.1f} -> {last.steps:.1f} (in the "
+        f"{first.parsed} -> {last.parsed} of {int(last.n)} responses that parse as a trace), accuracy "
         f"{first.accuracy:.2f} -> {last.accuracy:.2f}; a random direction of the same norm at the same strength: "
-        f"{rand.role_rate:.2f}, {rand.steps:.1f} steps, accuracy {rand.accuracy:.2f} (n = {int(last.n)} questions). "
+        f"{rand.role_rate:.2f}, {rand.steps:.1f} steps ({rand.parsed} parse), accuracy {rand.accuracy:.2f}. "
         + f"At the smallest strength, {latent_rows.iloc[1].strength}: the latent leaves {latent_rows.iloc[1].steps:.1f} "
         f"thinking steps and accuracy {latent_rows.iloc[1].accuracy:.2f}, the control {random_rows.iloc[0].steps:.1f} and "
         f"{random_rows.iloc[0].accuracy:.2f}. "
         + f"Beyond the control, the latent changes its role's rate by {(last.role_rate - rand.role_rate):+.2f}; "
-        + (
-            "the latent leaves the thinking steps in place (it changes what they say, not how many there are), "
-            "while the control's push removes them."
-            if last.steps >= first.steps - 0.5 and rand.steps < first.steps - 0.5
-            else "the thinking steps fall as far under the control, so that part is the size of the push, not the direction."
-            if rand.steps <= last.steps
-            else "the thinking steps fall further under the latent than under the control."
-        ),
+        + steering_steps_sentence(first.steps, last.steps, rand.steps, rand.parsed),
     )
 
 # %% [markdown]
@@ -313,18 +313,15 @@ if ROLE_SCORER:
 # %%
 record_headline(SECTION, "live_latents", float(len(live)), unit="latents", n=int(d_sae))
 if ROLE_SCORER:
-    for _, r in shares.iterrows():
-        key = f"{'sae' if r.population.startswith('SAE') else 'lora'}_{r['class']}_share"
-        record_headline(SECTION, key, r.share, unit="fraction of features", n=r.n, ci95=[r.lo, r.hi])
-    record_headline(SECTION, "sae_vs_lora_chi2_p", test["chi2_p"], unit="p-value", n=len(scored))
+    record_scores(SECTION, scored, shares, {"SAE feature vs LoRA": test})
     record_headline(
         SECTION,
-        "sae_vs_lora_precision_diff",
-        test["precision_diff"],
-        unit="difference of means",
+        "sae_finer_than_lora",
+        test["monosemantic_share_diff"],
+        unit="difference of monosemantic shares",
         n=len(scored),
-        ci95=[test["precision_diff_lo"], test["precision_diff_hi"]],
-        mannwhitney_p=test["precision_mannwhitney_p"],
+        ci95=[test["monosemantic_share_diff_lo"], test["monosemantic_share_diff_hi"]],
+        verdict=finer,
     )
     for key, column, measure in (
         ("steering_role_rate_change", "role_rate", "fraction of generated tokens"),
@@ -333,9 +330,11 @@ if ROLE_SCORER:
     ):
         extra = {"role": role} if column == "role_rate" else {}
         change = last[column] - first[column]
+        if not (np.isfinite(change) and np.isfinite(rand[column] - first[column])):
+            continue  # no response parsed as a trace at one end: no step count to compare
         record_headline(
             SECTION, key, change, unit=measure, n=int(last.n), latent=steer, **extra, strength=last.strength, before=first[column]
-        )
+        )  # steps: over the responses that parse as a trace (steering.csv has how many)
         record_headline(  # the equal-norm random direction at the same strength: the control
             SECTION,
             key.replace("steering_", "steering_random_"),
@@ -367,13 +366,13 @@ if JUDGE_URL:
         requests = judge_requests(features, store, decode, top, chosen, SEED)
         scores = score_features(judge, requests, out_dir / "judge" / f"{population.split(' ')[0].lower()}.jsonl", rate=True)
         judged.append(
-            pd.DataFrame(scores, columns=["feature", "explanation", "n", "unparsed", "accuracy", "f1", "rating"]).assign(
-                population=population
-            )
+            pd.DataFrame(
+                scores, columns=["feature", "explanation", "n", "unparsed", "accuracy", "hard_accuracy", "f1", "rating"]
+            ).assign(population=population)
         )
     judged = pd.concat(judged, ignore_index=True)
     ratings = rating_shares(judged)
-    print(judged.groupby("population")[["accuracy", "f1"]].mean().round(3))
+    print(judged.groupby("population")[["accuracy", "hard_accuracy", "f1"]].mean().round(3))
     print(ratings.round(3).to_string())
     sae_judged = judged[judged.population == "SAE feature"]
     categories = pd.DataFrame(
@@ -397,7 +396,14 @@ if JUDGE_URL:
         )
     for population, group in judged.groupby("population"):
         slug = "sae" if population.startswith("SAE") else "lora"
-        record_headline(SECTION, f"{slug}_judge_detection_accuracy", group.accuracy.mean(), unit="fraction", n=len(group))
+        record_headline(
+            SECTION,
+            f"{slug}_judge_detection_accuracy",
+            group.accuracy.mean(),
+            unit="fraction",
+            n=len(group),
+            hard_negative_accuracy=float(group.hard_accuracy.mean()),  # same tokens, feature at rest
+        )
     for _, r in ratings[ratings["class"] != "unrated"].iterrows():
         slug = "sae" if r.population.startswith("SAE") else "lora"
         record_headline(

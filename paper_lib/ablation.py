@@ -8,7 +8,7 @@ zeroing A and B) and is restored afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -163,3 +163,45 @@ def save_adapter_subset(adapter_dir: str | Path, out_dir: str | Path, keep: Sequ
     save_file(tensors, str(out_dir / "adapter_model.safetensors"))
     shutil.copy(adapter_dir / "adapter_config.json", out_dir / "adapter_config.json")
     return out_dir
+
+
+def trace_statistic(
+    per_trace: pd.DataFrame, statistic: Callable[[pd.DataFrame], float], n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """A statistic of the per-trace KLs (``statistic(wide)``, ``wide``: traces x groups) with a 95% bootstrap
+    interval that resamples traces, every group of a trace together (paired): e.g. the late layers' mean KL
+    minus the other thirds', or the single MLP adapters' mean over the single attention adapters'."""
+    wide = per_trace.pivot(index="trace", columns="group", values="kl")
+    rows = np.arange(len(wide))
+    lo, hi = bootstrap_interval(rows, lambda r: statistic(wide.iloc[r]), n_resamples=n_resamples, seed=seed)
+    return float(statistic(wide)), lo, hi
+
+
+def later_layers_margin(wide: pd.DataFrame) -> float:
+    """The last third of the layers' mean single-layer KL minus the larger of the other two thirds' (the
+    paper: later layers matter most, so > 0)."""
+    layers = sorted(int(g.split(" ")[1]) for g in wide.columns if g.startswith("layer "))
+    thirds = [wide[[f"layer {i}" for i in t]].to_numpy().mean() for t in np.array_split(layers, 3)]
+    return float(thirds[2] - max(thirds[0], thirds[1]))
+
+
+def single_adapter_ratio(wide: pd.DataFrame) -> float:
+    """Mean KL of removing one MLP adapter over that of removing one attention adapter (single-adapter means:
+    how the paper's ~2.4x was computed)."""
+    single = [g for g in wide.columns if "/" in g]
+    mlp = [g for g in single if g.split("/")[1] in MLP_MODULES]
+    attention = [g for g in single if g.split("/")[1] in ATTENTION_MODULES]
+    return float(wide[mlp].to_numpy().mean() / wide[attention].to_numpy().mean())
+
+
+def module_margin(module: str) -> Callable[[pd.DataFrame], float]:
+    """``module``'s mean single-adapter KL minus the largest other module's (the paper: the MLP gates matter
+    most, so ``module_margin('gate_proj') > 0``)."""
+
+    def margin(wide: pd.DataFrame) -> float:
+        single = [g for g in wide.columns if "/" in g]
+        means = pd.Series({m: wide[[g for g in single if g.split("/")[1] == m]].to_numpy().mean() for m in ADAPTER_MODULES})
+        means = means.dropna()
+        return float(means[module] - means.drop(module).max())
+
+    return margin

@@ -83,7 +83,25 @@ def fingerprint(value: Any) -> str:
     its inputs, so that a rerun with other inputs is refused instead of silently reusing it."""
     import hashlib
 
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=_whole).encode()).hexdigest()[:16]
+
+
+def _whole(value: Any) -> Any:
+    """A value json cannot write, as all of its content: arrays and columns (a ``datasets`` column's repr
+    shows five rows) as lists, sets sorted, paths as text; only what has no content beyond its name (a
+    dtype) falls back to ``str``."""
+    from collections.abc import Iterable
+    from pathlib import PurePath
+
+    if isinstance(value, PurePath):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        return list(value)
+    return str(value)
 
 
 def differences(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:

@@ -350,12 +350,20 @@ class ScalarEngine:
         batch_size: int = 64,
         adapter: str = "default",
         cache_tokens: int = 1 << 20,
+        provenance: dict[str, Any] | None = None,
     ) -> None:
         """``cache_tokens``: the most (padded prompt + generated) tokens a batch may hold in each of the two KV
         caches; batches shrink to fit, so memory is bounded whatever the budget (at 32B a cached token is
-        256 KiB per cache: 131,072 tokens are 2 x 32 GiB)."""
+        256 KiB per cache: 131,072 tokens are 2 x 32 GiB). ``provenance``: what the transforms are made of
+        (the adapter's and the SAE's hashes, the steered latent...), recorded with every file of samples
+        so that samples of other transforms are never reused."""
         self.model, self.tokenizer, self.transforms = model, tokenizer, transforms
         self.batch_size, self.adapter, self.cache_tokens = batch_size, adapter, cache_tokens
+        self.provenance = dict(provenance or {})
+
+    def identity(self, variant: str | None) -> dict[str, Any]:
+        """What generated a file of samples: this engine, the transform's name and what it is made of."""
+        return {"engine": type(self).__name__, "variant": variant, **self.provenance}
 
     def batches(self, prompts: Sequence[str], max_tokens: Sequence[int]) -> list[range]:
         """Consecutive prompt ranges of at most ``batch_size`` prompts whose padded length plus the largest

@@ -413,6 +413,11 @@ def evaluate(
                 f"{out_path} holds samples generated with other settings ({describe_differences(diff)});"
                 " pass overwrite (OVERWRITE True) or choose another OUTPUT_DIR"
             )
+    if not overwrite and not meta_path.is_file() and out_path.is_file() and out_path.stat().st_size:
+        raise EvaluationError(
+            f"{out_path} holds samples but its {meta_path.name} is missing, so what generated them cannot be "
+            "checked; they are kept: restore the meta file, pass overwrite (OVERWRITE True), or choose another OUTPUT_DIR"
+        )
     if overwrite or not meta_path.is_file():
         out_path.unlink(missing_ok=True)
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")

@@ -4,18 +4,26 @@ Only the text after the think section is graded (s1's ``<|im_start|>answer`` sec
 ``</think>``). A response with no extractable answer is wrong, never an exception.
 
 math-verify's own timeout uses ``signal.alarm``, which fails outside the main thread (vLLM, notebooks
-and thread pools call from others). We disable it and impose our own: each grading call runs in a
-daemon thread that the caller waits on for at most ``timeout_s``; an overrunning call (sympy can hang on
-adversarial input) is counted wrong and left to finish in the background. A thread rather than a
-worker process, because spawned processes re-import the caller's ``__main__`` (a script without a
-``__main__`` guard, a notebook kernel) and forked ones inherit vLLM's and torch's threads mid-state.
+and thread pools call from others), and a thread cannot be stopped once sympy is inside an exact power
+or factorial. So every grading runs in one child process (``python -m paper_lib.grading --worker``, a
+fresh interpreter: nothing of the caller's ``__main__``, vLLM's or torch's threads is inherited, as
+multiprocessing's spawn and fork would) that the caller waits on for at most ``timeout_s``; one that
+overruns is counted wrong and the child is killed and replaced, so nothing keeps computing. Answers and
+gold are NFKC-normalised first (a full-width ``５`` is a 5).
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
+import os
 import re
+import select
+import subprocess
+import sys
 import threading
+import unicodedata
 
 from paper_lib.formats import ANSWER, END_MARKERS, LETTERS
 
@@ -83,10 +91,97 @@ def pathological(text: str) -> str | None:
     return None
 
 
+class GradingWorker:
+    """One child process that grades with math-verify, fed one JSON line a request; a request that overruns
+    its limit kills the child (a fresh one starts on the next request), so no hung sympy keeps a core."""
+
+    START_TIMEOUT_S = 120.0  # importing math-verify and sympy, once per child
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.lock = threading.Lock()  # one request at a time: callers in several threads take turns
+        self.restarts = 0
+
+    def _start(self) -> subprocess.Popen:
+        from paper_lib.paths import REPO_ROOT
+
+        process = subprocess.Popen(
+            [sys.executable, "-m", "paper_lib.grading", "--worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            cwd=REPO_ROOT,
+            text=True,
+            bufsize=1,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        if self._read(process, self.START_TIMEOUT_S) != "ready":
+            self._kill(process)
+            raise RuntimeError("the grading worker did not start (python -m paper_lib.grading --worker)")
+        return process
+
+    @staticmethod
+    def _read(process: subprocess.Popen, timeout_s: float) -> str | None:
+        ready, _, _ = select.select([process.stdout], [], [], timeout_s)
+        return process.stdout.readline().strip() if ready else None
+
+    @staticmethod
+    def _kill(process: subprocess.Popen) -> None:
+        process.kill()
+        process.wait()
+
+    def grade(self, text: str, gold: str, timeout_s: float) -> bool | str:
+        """True/False, or why it could not be graded (a timeout, an error): counted wrong by the caller."""
+        with self.lock:
+            if self.process is None or self.process.poll() is not None:
+                self.process = self._start()
+            try:
+                self.process.stdin.write(json.dumps([text, gold]) + "\n")
+                self.process.stdin.flush()
+            except BrokenPipeError:
+                self.process = None
+                return "the grading worker died"
+            line = self._read(self.process, timeout_s)
+            if line is None or not line:
+                self._kill(self.process)
+                self.process, self.restarts = None, self.restarts + 1
+                return f"timed out after {timeout_s:.0f} s (worker killed)" if line is None else "the grading worker died"
+            reply = json.loads(line)
+            return reply["value"] if "value" in reply else reply["error"]
+
+    def close(self) -> None:
+        with self.lock:
+            if self.process is not None and self.process.poll() is None:
+                self._kill(self.process)
+            self.process = None
+
+
+WORKER = GradingWorker()
+atexit.register(WORKER.close)
+
+
+def serve() -> None:
+    """The worker's loop: a JSON ``[text, gold]`` a line in, ``{"value": bool}`` or ``{"error": ...}`` out.
+    math-verify's own output goes to stderr, so stdout carries only replies."""
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    sys.stdout = sys.stderr
+    import math_verify  # noqa: F401  (imported before "ready": the caller's limit is for grading alone)
+
+    out.write("ready\n")
+    for line in sys.stdin:
+        text, gold = json.loads(line)
+        try:
+            out.write(json.dumps({"value": _verify(text, gold)}) + "\n")
+        except Exception as err:  # math-verify/sympy errors on odd input count as wrong
+            out.write(json.dumps({"error": f"{type(err).__name__}: {err}"[:300]}) + "\n")
+
+
 def is_correct_math(response: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
-    """Whether the final answer of ``response`` equals ``gold`` (math-verify); False on no answer or timeout."""
-    text = final_section(response)
-    if not text or not str(gold).strip():
+    """Whether the final answer of ``response`` equals ``gold`` (math-verify, in the grading worker); False
+    on no answer, an error or a timeout (the worker is then killed)."""
+    text = unicodedata.normalize("NFKC", final_section(response))
+    gold = unicodedata.normalize("NFKC", str(gold))
+    if not text or not gold.strip():
         return False
     if "\\boxed" in text:  # several boxed answers: the last one counts (math-verify would take the first)
         text = text[text.rindex("\\boxed") :]
@@ -94,24 +189,11 @@ def is_correct_math(response: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT
     if why:
         log.warning("not graded (counted wrong): %s", why)
         return False
-    result: dict[str, object] = {}
-
-    def work() -> None:
-        try:
-            result["value"] = _verify(text, str(gold))
-        except Exception as err:  # math-verify/sympy errors on odd input count as wrong, never crash a run
-            result["error"] = err
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        log.warning("grading timed out after %.0f s; counted wrong: %r", timeout_s, text[:200])
+    result = WORKER.grade(text, gold, timeout_s)
+    if not isinstance(result, bool):
+        log.warning("grading %s; counted wrong: %r", result, text[:200])
         return False
-    if "error" in result:
-        log.warning("grading failed (%s); counted wrong: %r", result["error"], text[:200])
-        return False
-    return bool(result.get("value", False))
+    return result
 
 
 # "Answer: B", "answer is (B)", "\boxed{B}", "**B**", "(B)" and "B." alone on a line, most explicit first.
@@ -125,7 +207,7 @@ _CHOICE_PATTERNS = [
 
 def extract_choice(response: str) -> str | None:
     """The chosen letter A-D in the final section (the last match of the most explicit pattern), or None."""
-    text = final_section(response)
+    text = unicodedata.normalize("NFKC", final_section(response))
     for pattern in _CHOICE_PATTERNS:
         matches = pattern.findall(text)
         if matches:
@@ -138,3 +220,7 @@ def is_correct_choice(response: str, gold_letter: str) -> bool:
     if gold_letter.upper() not in LETTERS or len(gold_letter) != 1:
         raise ValueError(f"gold_letter must be one of A-D, got {gold_letter!r}")
     return extract_choice(response) == gold_letter.upper()
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
+    serve()

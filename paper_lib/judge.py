@@ -38,6 +38,9 @@ from paper_lib.results import read_jsonl
 log = logging.getLogger(__name__)
 
 
+PROMPT_VERSION = 2  # bump when a prompt changes: records judged with the old prompts are then asked again
+
+
 class JudgeError(RuntimeError):
     """The judge endpoint could not be reached or answered with an error."""
 
@@ -118,11 +121,20 @@ class Judge:
         self.requests = 0  # answers fetched from the endpoint (not from the cache)
         self._lock = threading.Lock()
 
+    def identity(self) -> str:
+        """What a judged record was judged by: the endpoint, model, sampling settings and prompt version."""
+        from paper_lib.config import fingerprint
+
+        cfg = self.cfg
+        return fingerprint([cfg.base_url, cfg.model, cfg.temperature, cfg.max_tokens, cfg.token_param, PROMPT_VERSION])
+
     def ask(self, prompt: str) -> str:
         import openai
 
         params = self.cfg.request_parameters()
-        key = hashlib.sha256(json.dumps([self.cfg.model, prompt, self.cfg.temperature, self.cfg.max_tokens]).encode()).hexdigest()
+        key = hashlib.sha256(
+            json.dumps([self.cfg.base_url, self.cfg.model, prompt, self.cfg.temperature, self.cfg.max_tokens]).encode()
+        ).hexdigest()
         if key in self.cache:
             return self.cache[key]
         try:
@@ -282,6 +294,37 @@ def non_activating_examples(
     return examples
 
 
+def similar_context_examples(
+    features: Any,
+    feature: int,
+    tokens: Any,
+    decode: Any,
+    token_ids: set[int],
+    n: int,
+    width: int,
+    seed: int = 0,
+    max_draws: int = 50_000,
+) -> list[dict[str, Any]]:
+    """Hard negatives (delphi's similar-context negatives): ``n`` contexts centred on tokens with one of the
+    ``token_ids`` the feature's top examples sit on, where the feature is <= 0. An explanation that only
+    names the token says yes to these too, so detection on them is at chance for it. Drawn token by token
+    (at most ``max_draws``); fewer than ``n`` where those tokens rarely occur without the feature."""
+    from paper_lib.interp import context_example
+
+    rng = np.random.default_rng(seed + 1)
+    total, seen, examples = tokens.n_tokens, set(), []
+    for index in rng.integers(0, total, size=min(max_draws, 20 * total)) if total and token_ids else []:
+        index = int(index)
+        if len(examples) == n:
+            break
+        if index in seen:
+            continue
+        seen.add(index)
+        if int(tokens.token_ids(index, index + 1)[0]) in token_ids and features.rows(index, index + 1)[0, feature] <= 0:
+            examples.append(context_example(features, tokens, decode, feature, index, width))
+    return examples
+
+
 def rating_prompt(examples: list[dict[str, Any]]) -> str:
     """The paper's interpretability rating of a feature from its top examples."""
     lines = "\n".join(format_example(e["tokens"], e["values"], e["center"]) for e in examples)
@@ -306,16 +349,23 @@ def score_feature(
     activating: list[dict[str, Any]],
     non_activating: list[dict[str, Any]],
     rate: bool = False,
+    hard_negatives: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Explain from ``explain_with``, then detection accuracy / F1 on ``activating`` + ``non_activating``;
-    with ``rate``, also the paper's 0/1/2 rating from ``explain_with`` (None when unparsable). A judge
-    failure is raised as a ``JudgeError`` naming the feature."""
+    with ``hard_negatives`` (``similar_context_examples``), also ``hard_accuracy`` on ``activating`` + them:
+    an explanation that only names the token scores at chance there (``nan`` when there are none); with
+    ``rate``, the paper's 0/1/2 rating from ``explain_with`` (None when unparsable). A judge failure is
+    raised as a ``JudgeError`` naming the feature."""
+    hard_negatives = hard_negatives or []
     try:
         explanation = parse_explanation(judge.ask(explanation_prompt(explain_with)))
         said = [parse_yes_no(judge.ask(detection_prompt(explanation, e))) for e in activating + non_activating]
+        hard = [parse_yes_no(judge.ask(detection_prompt(explanation, e))) for e in hard_negatives]
         rating = parse_rating(judge.ask(rating_prompt(explain_with))) if rate else None
     except JudgeError as err:
         raise JudgeError(f"feature {name}: {err}") from err
+    on_activating = said[: len(activating)]
+    hard_correct = sum(s is True for s in on_activating) + sum(s is False for s in hard)
     truth = [True] * len(activating) + [False] * len(non_activating)
     tp = sum(s is True and t for s, t in zip(said, truth))
     fp = sum(s is True and not t for s, t in zip(said, truth))
@@ -328,6 +378,8 @@ def score_feature(
         "unparsed": sum(s is None for s in said),
         "accuracy": correct / len(truth) if truth else float("nan"),
         "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
+        "hard_accuracy": hard_correct / (len(activating) + len(hard)) if hard else float("nan"),
+        "n_hard": len(hard),
     }
     return {**record, "rating": rating} if rate else record
 
@@ -339,7 +391,8 @@ def judge_each(judge: Judge, items: list[dict[str, Any]], out_path: str | Path, 
     line in place (the first error is raised once the running items are done)."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = {r["feature"]: r for r in read_jsonl(out_path)}
+    judge_id = judge.identity()  # records of another judge (URL, model, settings, prompts) are not this one's
+    done = {r["feature"]: r for r in read_jsonl(out_path) if r.get("judge") == judge_id}
     todo = [f for f in items if f["name"] not in done]
     lock, errors = threading.Lock(), []
     with (
@@ -348,8 +401,10 @@ def judge_each(judge: Judge, items: list[dict[str, Any]], out_path: str | Path, 
     ):
         futures = [pool.submit(work, f) for f in todo]
         for future in as_completed(futures):
+            if future.cancelled():  # stopped after an earlier failure: that JudgeError is the one to raise
+                continue
             try:
-                record = future.result()
+                record = future.result() | {"judge": judge_id}
             except JudgeError as err:
                 errors.append(err)
                 for other in futures:  # stop asking: the endpoint is failing
@@ -374,7 +429,9 @@ def score_features(
         judge,
         features,
         out_path,
-        lambda f: score_feature(judge, f["name"], f["explain_with"], f["activating"], f["non_activating"], rate),
+        lambda f: score_feature(
+            judge, f["name"], f["explain_with"], f["activating"], f["non_activating"], rate, f.get("hard_negatives")
+        ),
     )
 
 
@@ -400,6 +457,9 @@ def judge_requests(
             "explain_with": t["examples"][:10],
             "activating": t["examples"][10:15],
             "non_activating": non_activating_examples(features, int(i), tokens, decode, 5, width, seed),
+            "hard_negatives": similar_context_examples(
+                features, int(i), tokens, decode, {int(tokens.token_ids(j, j + 1)[0]) for j in top[1][i][:15]}, 5, width, seed
+            ),
         }
         for t, i in zip(tops, columns)
         if len(t["examples"]) >= 15

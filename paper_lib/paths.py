@@ -68,9 +68,66 @@ def train_run_name(run: str, smoke: bool = False) -> str:
     return str(Path(run_name(str(path.parent), smoke)) / path.name)
 
 
-def stage_dir(output_dir: str, smoke: bool = False) -> Path:
-    """``artifact_dir`` of ``run_name``: where a stage's run (smoke or not) keeps its artifacts."""
+class RunDirError(ValueError):
+    """A run folder parameter that names no run folder of its own (empty, the data folder, outside it)."""
+
+
+def check_run_name(output_dir: str, parameter: str = "OUTPUT_DIR") -> None:
+    """Refuse a run folder name that is empty, absolute, climbs out (``..``), or names the data folder
+    itself or the organism: a run's folder is a named folder under the data folder, so that nothing a run
+    deletes or overwrites can be anything else."""
+    text = str(output_dir).strip()
+    parts = Path(text).parts
+    why = (
+        "is empty"
+        if not text or text in (".", "./")
+        else "is absolute"
+        if Path(text).is_absolute()
+        else "climbs out of the data folder (..)"
+        if ".." in parts
+        else "is the organism's folder"
+        if parts and parts[0] == "organism"
+        else None
+    )
+    if why:
+        raise RunDirError(
+            f"{parameter}={output_dir!r} {why}: name a run folder under the data folder ({data_dir()}), e.g. 'runs/my_run'"
+        )
+
+
+def stage_dir(output_dir: str, smoke: bool = False, parameter: str = "OUTPUT_DIR") -> Path:
+    """``artifact_dir`` of ``run_name``: where a stage's run (smoke or not) keeps its artifacts; the name is
+    checked first (``check_run_name``)."""
+    check_run_name(output_dir, parameter)
     return artifact_dir(run_name(output_dir, smoke))
+
+
+RUN_MARKER = "run.json"  # what results.start_run writes into every run folder
+
+
+def clear_run_dir(path: str | Path) -> None:
+    """Delete a run folder's contents (``OVERWRITE True``), only when it is one: strictly inside the data
+    folder, marked by its own ``run.json``, and holding no other run's folder or the organism. Anything else
+    is refused, naming the folder, and nothing is deleted."""
+    import shutil
+
+    path, root = Path(path).resolve(), data_dir().resolve()
+    if not path.exists():
+        return
+    problem = (
+        "is not inside the data folder"
+        if root not in path.parents
+        else f"has no {RUN_MARKER} (not a folder a run made)"
+        if not (path / RUN_MARKER).is_file()
+        else "holds another run's folder"
+        if any(p.parent != path for p in path.rglob(RUN_MARKER))
+        else "holds a model's weights"
+        if any(path.rglob("model.safetensors")) and (path / "model").is_dir()
+        else None
+    )
+    if problem:
+        raise RunDirError(f"OVERWRITE: refusing to delete {path}: it {problem}; delete it by hand if you mean to")
+    shutil.rmtree(path)
 
 
 @contextmanager

@@ -269,22 +269,31 @@ def plot_adapter_ablations(summary: pd.DataFrame, table: pd.DataFrame) -> plt.Fi
 
 
 def plot_interpretability(scored: pd.DataFrame, shares: pd.DataFrame) -> plt.Figure:
-    """Figure 2: (a) precision@k of each feature's best role, per population; (b) where scored, what that
-    precision adds over reading the token alone (identity) or with the token before (bigram); (c) AUROC of
-    the best role; (d) class shares per population with 95% bootstrap intervals. ``scored``: population,
-    precision, auroc[, lift, bigram_lift]; ``shares``: population, class, share, lo, hi."""
+    """Figure 2: (a) purity (precision of each feature's best role on its scored tokens), per population;
+    (b) where scored, the beyond-surface view: how well the feature ranks that role among tokens that
+    share its context (0.5: no better than the tokens under it), else the lift over the token and bigram
+    readers; (c) AUROC of the best role; (d) class shares with 95% bootstrap intervals: monosemantic
+    (pure and beyond the surface) and surface (pure, but not beyond) side by side, so both views show.
+    ``scored``: population, precision, auroc[, context_auroc | lift, bigram_lift]; ``shares``:
+    population, class, share, lo, hi."""
     scored = classified(scored)  # a feature too rare to classify has no place in its class's box
-    lifts = "lift" in scored
-    panels = 4 if lifts else 3
+    beyond, lifts = "context_auroc" in scored, "lift" in scored
+    panels = 4 if beyond or lifts else 3
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), gridspec_kw={"width_ratios": [1] * (panels - 1) + [1.4]})
     order = list(dict.fromkeys(scored["population"]))
-    boxes = [(axes[0], "precision", "precision@k of the best role", "(a) top-k purity")]
-    boxes.append((axes[2 if lifts else 1], "auroc", "AUROC of the best role", f"({'c' if lifts else 'b'}) role detection"))
+    boxes = [(axes[0], "precision", "purity of the best role", "(a) purity")]
+    boxes.append(
+        (axes[2 if panels == 4 else 1], "auroc", "AUROC of the best role", f"({'c' if panels == 4 else 'b'}) role detection")
+    )
+    if beyond:
+        boxes.append((axes[1], "context_auroc", "AUROC within the token context", "(b) beyond the surface"))
     for ax, column, label, title in boxes:
         sns.boxplot(data=scored, x="population", y=column, order=order, ax=ax, color="lightgrey", fliersize=0)
         sns.stripplot(data=scored, x="population", y=column, order=order, ax=ax, size=3, alpha=0.6)
         ax.set(xlabel="", ylabel=label, ylim=(0, 1.02), title=title)
-    if lifts:
+    if beyond:
+        axes[1].axhline(0.5, color="black", lw=0.8)
+    elif lifts:
         long = scored.melt(id_vars="population", value_vars=["lift", "bigram_lift"], var_name="over", value_name="gain")
         long["over"] = long["over"].map({"lift": "token", "bigram_lift": "token + previous"})
         sns.boxplot(data=long, x="population", y="gain", hue="over", order=order, ax=axes[1], fliersize=0)
@@ -293,7 +302,7 @@ def plot_interpretability(scored: pd.DataFrame, shares: pd.DataFrame) -> plt.Fig
             xlabel="", ylabel="precision@k minus the baseline's", ylim=(-1.02, 1.02), title="(b) lift over token identity"
         )
     _grouped_bars(axes[-1], shares, "population", "class", "share", order)
-    axes[-1].set(ylim=(0, 1.02), ylabel="share of features (95% bootstrap CI)", title=f"({'d' if lifts else 'c'}) classes")
+    axes[-1].set(ylim=(0, 1.02), ylabel="share of features (95% bootstrap CI)", title=f"({'d' if panels == 4 else 'c'}) classes")
     for ax in axes:  # one word a line: five populations' names overlap on one
         ax.set_xticks(ax.get_xticks(), [label.get_text().replace(" ", "\n") for label in ax.get_xticklabels()])
     fig.tight_layout()
@@ -384,4 +393,31 @@ def plot_feature_donut(mass: pd.DataFrame, title: str = "SAE features: activatio
         textprops=dict(fontsize=7),
     )
     ax.set(aspect="equal", title=title)
+    return fig
+
+
+def plot_shares_by_size(by_size: pd.DataFrame) -> plt.Figure:
+    """Each class's share (95% interval) against the number of documents scored: a share that moves with
+    the corpus cannot be compared with one measured on another. ``by_size``: documents, class, share, lo, hi."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, group in by_size.groupby("class", sort=False):
+        group = group.sort_values("documents")
+        ax.errorbar(
+            group["documents"],
+            group["share"],
+            yerr=error_bars(group["share"], group["lo"], group["hi"]),
+            marker="o",
+            capsize=3,
+            label=name,
+        )
+    ax.set(
+        xscale="log",
+        xlabel="traces scored (log scale)",
+        ylabel="share of features (95% CI)",
+        ylim=(0, 1.02),
+        title="class shares by corpus size",
+    )
+    ax.set_xticks(sorted(by_size["documents"].unique()), [f"{n:,}" for n in sorted(by_size["documents"].unique())])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     return fig

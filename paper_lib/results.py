@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from paper_lib.paths import figures_dir
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ def start_run(section: str, out_dir: str | Path, parameters: dict[str, Any]) -> 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    hold_run_lock(out_dir)
     info = {"notebook": section, "commit": git_commit(), "parameters": parameters}
     (out_dir / RUN_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
     set_default_figures_dir(out_dir / "figures")
@@ -70,6 +73,46 @@ def start_run(section: str, out_dir: str | Path, parameters: dict[str, Any]) -> 
 
 
 SAID_FILE = "what_we_see.md"
+LOCK_FILE = ".writer.lock"
+
+
+def hold_run_lock(out_dir: Path) -> None:
+    """Make this process the one writer of ``out_dir`` until it exits: a second run into the same folder is
+    refused, naming the holder's process id and start time; a lock left by a process that no longer runs
+    (killed, say) is taken over."""
+    import atexit
+    import socket
+    import time
+
+    lock = out_dir / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if lock.is_file():
+        try:
+            holder = json.loads(lock.read_text())
+        except (OSError, json.JSONDecodeError):
+            holder = {}
+        alive = holder.get("host") == me["host"] and _running(holder.get("pid", -1))
+        if alive and holder.get("pid") != me["pid"]:
+            raise RuntimeError(
+                f"{out_dir} is being written by another run (process {holder['pid']} on {holder['host']}, started "
+                f"{holder.get('started')}): wait for it, or give this run another OUTPUT_DIR"
+            )
+        if holder and not alive:
+            log.warning("%s: taking over the lock of process %s, which no longer runs", out_dir, holder.get("pid"))
+    lock.write_text(json.dumps(me) + "\n")
+    atexit.register(
+        lambda: lock.unlink(missing_ok=True) if lock.is_file() and json.loads(lock.read_text()).get("pid") == me["pid"] else None
+    )
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return pid > 0
 
 
 def run_info(section: str) -> dict[str, Any]:
@@ -78,18 +121,63 @@ def run_info(section: str) -> dict[str, Any]:
     return {"notebook": section, **(run["info"] if run else {"commit": git_commit(), "parameters": {}})}
 
 
-def verdict(held: bool | None) -> str:
-    """The words for whether a claim of the paper held on this run; None: the run cannot decide it (an
-    interval too wide, or a comparison without a difference to compare)."""
-    if held is None:
-        return "this run **cannot decide** the paper's claim"
-    return "the paper's claim **holds** here" if held else "the paper's claim **does not hold** here"
+REPRODUCED, NOT_REPRODUCED, CANNOT_DECIDE = "reproduced", "not reproduced", "cannot decide"
+VERDICTS = (REPRODUCED, NOT_REPRODUCED, CANNOT_DECIDE)
+PAPER_RECOVERED = (0.73, 0.90)  # the paper: rank-1 recovers 73-90% of the full fine-tune's gain
+NO_CLAIM = "no claim"  # a number the paper made no claim on (a variant, a control): reported, never judged
 
 
-def interval_verdict(lo: float, hi: float) -> bool | None:
-    """A claim that a difference is positive: held when its interval lies above zero, not held when it lies
-    below, undecided when it contains zero."""
-    return True if lo > 0 else False if hi < 0 else None
+def claim_verdict(lo: float, hi: float, low: float | None = None, high: float | None = None) -> str:
+    """The one rule for every verdict in this repository, from a 95% interval [lo, hi] and the paper's
+    range [low, high] (one-sided claims leave a bound out: ``low`` only for "above", ``high`` only for
+    "below"): **reproduced** when the whole interval lies inside the range, **not reproduced** when it lies
+    wholly outside it, **cannot decide** otherwise (it straddles a bound, or is not finite). So "no
+    difference found" never reads as a claim that held, and an interval that only touches a range is
+    undecided. Bounds are inclusive for "inside" and strict for "outside"."""
+    if low is None and high is None:
+        raise ValueError("a claim needs a lower or an upper bound")
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo > hi:
+        return CANNOT_DECIDE
+    low = -np.inf if low is None else low
+    high = np.inf if high is None else high
+    if low <= lo and hi <= high:
+        return REPRODUCED
+    if hi < low or lo > high:
+        return NOT_REPRODUCED
+    return CANNOT_DECIDE
+
+
+def verdict_words(word: str) -> str:
+    """A verdict (``claim_verdict``'s word, or ``NO_CLAIM``) as notebooks and the README write it."""
+    if word not in VERDICTS + (NO_CLAIM,):
+        raise ValueError(f"{word!r} is not a verdict: one of {VERDICTS + (NO_CLAIM,)}")
+    return "the paper made no claim on this" if word == NO_CLAIM else f"**{word}**"
+
+
+def claims_sentence(judged: dict[str, tuple[float, float, float, str]], claims: dict[str, str]) -> str:
+    """The paper's claims as one sentence, each with its number, 95% interval and verdict:
+    ``judged``: key -> (value, lo, hi, verdict); ``claims``: key -> what the claim says (keys not judged
+    are left out)."""
+    parts = [
+        f"{text}: {judged[key][0]:.3g} [{judged[key][1]:.3g}, {judged[key][2]:.3g}], {verdict_words(judged[key][3])}"
+        for key, text in claims.items()
+        if key in judged
+    ]
+    return "The paper's claims on this run: " + "; ".join(parts) + "."
+
+
+def steering_steps_sentence(before: float, latent: float, control: float, control_parsed: int) -> str:
+    """What steering did to the number of thinking steps (counted only in responses that parse as a
+    trace), the latent against the equal-norm random direction at the same strength."""
+    if control_parsed == 0 or not np.isfinite(control):
+        return "under the control no response parses as a trace any more, so its steps cannot be counted."
+    if not np.isfinite(latent):
+        return "under the latent no response parses as a trace any more, so its steps cannot be counted."
+    if latent >= before - 0.5 and control < before - 0.5:
+        return "the latent leaves the thinking steps in place (it changes what they say), while the control's push removes them."
+    if control <= latent:
+        return "the thinking steps fall as far under the control, so that part is the size of the push, not the direction."
+    return "the thinking steps fall further under the latent than under the control."
 
 
 def say(section: str, text: str) -> str:

@@ -138,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    unmatched = [o for o in args.only if not any(source.stem.startswith(o) for source in list_notebooks())]
+    if unmatched:
+        parser.error(f"--only {' '.join(unmatched)} matches no notebook: give name prefixes such as 02 or 02_evaluate")
     parameters = parse_parameters(args.parameter)
     if parameters and not args.tag:
         parser.error("a run with -p parameters is a variant: name it with --tag, so it keeps its own figures")

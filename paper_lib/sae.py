@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,14 @@ def _history_row(trainer: Any, out: Any) -> dict[str, float]:
         }
 
 
+def write_csv_atomically(frame: pd.DataFrame, path: Path) -> None:
+    """``frame`` to ``path`` whole or not at all (a temporary name, then a rename): a checkpoint's curves mark
+    it complete, and a run killed while writing them must not leave a torn file that a resume would read."""
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
 def _latest_checkpoint(checkpoints: Path) -> Path | None:
     """The checkpoint with the most training samples whose trainer state and curves were written in full."""
     done = (
@@ -213,7 +222,7 @@ def train_sae(
         data_provider=batches,
         # sae-lens's checkpoint hook: the curves so far go beside each checkpoint, written last (marks it whole)
         save_checkpoint_fn=lambda checkpoint_path: (
-            checkpoint_path is not None and pd.DataFrame(trainer.history).to_csv(checkpoint_path / HISTORY_FILE, index=False)
+            checkpoint_path is not None and write_csv_atomically(pd.DataFrame(trainer.history), checkpoint_path / HISTORY_FILE)
         ),
     )
     trainer.history = []
@@ -324,6 +333,32 @@ def load_sae(out_dir: str | Path, device: str = "cpu") -> tuple[Any, torch.Tenso
     if sae.cfg.metadata.get("input_scaling") == FOLDED:
         fold_input_scales(sae, scales, unfold=True)
     return sae.eval(), scales
+
+
+def sae_fingerprint(out_dir: str | Path) -> str:
+    """A content hash of a trained SAE (its saved weights, config and input scales): spliced and steered
+    samples record it, so another SAE in the same folder never reuses them."""
+    import hashlib
+
+    out_dir = Path(out_dir)
+    digest = hashlib.sha256()
+    for path in sorted((out_dir / SAE_SUBDIR).glob("*")) + [out_dir / SCALES_FILE]:
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def check_sae_adapter(store_provenance: dict[str, Any], adapter: dict[str, Any]) -> None:
+    """Refuse to splice or steer an SAE into an adapter other than the one whose activations it was
+    trained on (the store's provenance names the adapter's weights), naming both."""
+    from paper_lib.config import ConfigError
+
+    trained_on, given = store_provenance.get("adapter_weights"), adapter.get("adapter_weights")
+    if trained_on is not None and trained_on != given:
+        raise ConfigError(
+            f"the SAE was trained on the activations of adapter {trained_on}, but ADAPTER_RUN holds adapter {given}: "
+            "splicing it there measures nothing; give the ADAPTER_RUN whose activations notebook 04 extracted"
+        )
 
 
 @torch.no_grad()

@@ -360,8 +360,13 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
 
     checkpoints = out / CHECKPOINT_SUBDIR
     resume_from = get_last_checkpoint(str(checkpoints)) if cfg.resume and checkpoints.is_dir() else None
+    settings = {**cfg.to_dict(), "traces": data_fingerprint}
     if resume_from:
+        check_resume_settings(checkpoints, settings)
         log.info("resuming from %s", resume_from)
+    elif trainer.is_world_process_zero():  # what the checkpoints about to be written were made with
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (checkpoints / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, default=str) + "\n")
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
@@ -390,6 +395,26 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
         (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         return stats
     return {}
+
+
+SETTINGS_FILE = "settings.json"  # beside the checkpoints: the config and traces they were trained with
+
+
+def check_resume_settings(checkpoints: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume from checkpoints trained with other settings or traces (a resumed run would go on
+    with the old schedule and record the new values), naming what differs."""
+    path = checkpoints / SETTINGS_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"{checkpoints} holds checkpoints without their {SETTINGS_FILE}, so what they were trained with cannot be "
+            "checked: resume is refused; retrain (OVERWRITE True) or choose another OUTPUT_DIR"
+        )
+    diff = differences(json.loads(path.read_text()), json.loads(json.dumps(settings, default=str)), ignore=("resume",))
+    if diff:
+        raise ConfigError(
+            f"RESUME: the checkpoints in {checkpoints} were trained with other settings ({describe_differences(diff)}); "
+            "resume with the same settings, or retrain (OVERWRITE True) or choose another OUTPUT_DIR"
+        )
 
 
 def traces_fingerprint(traces: Any) -> str:

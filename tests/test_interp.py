@@ -226,7 +226,8 @@ def test_intervals_resample_an_adapters_two_polarities_together():
     naive = class_shares(doubled.drop(columns="unit")).set_index("class")
     assert np.allclose(a["share"], b["share"]) and (b["units"] == 60).all() and (b["n"] == 120).all()
     assert np.allclose(a["hi"] - a["lo"], b["hi"] - b["lo"], atol=0.03)
-    assert ((naive["hi"] - naive["lo"]) < (b["hi"] - b["lo"]) - 0.02).all()
+    present = b["share"] > 0  # (no feature of this test is "surface")
+    assert ((naive["hi"] - naive["lo"]) < (b["hi"] - b["lo"]) - 0.02)[present].all()
 
 
 def test_adjusted_p_values_are_benjamini_hochberg():

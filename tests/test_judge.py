@@ -331,3 +331,57 @@ def test_notebook_judge_settings_come_from_the_checked_parameters():
     assert cfg.request_parameters() == {} and cfg.model == "m" and cfg.concurrency == 8
     with pytest.raises(ConfigError, match="token_param"):
         judge_config_from(params | {"JUDGE_URL": "http://x/v1", "JUDGE_MODEL": "m", "JUDGE_TOKEN_PARAM": "tokens"})
+
+
+def test_another_judge_does_not_reuse_the_first_judges_records_and_a_failure_stays_a_judge_error(fake_server, tmp_path):
+    fake_server["answer"] = lambda p: "Explanation: digits" if "what does" in p else "yes"
+    quiet = dict(EXAMPLE, center=1)
+    features = [{"name": n, "explain_with": [EXAMPLE], "activating": [EXAMPLE], "non_activating": [quiet]} for n in "abcdefgh"]
+    first = Judge(JudgeConfig(fake_server["url"], "model-a", max_retries=0, concurrency=1), tmp_path / "c.jsonl")
+    score_features(first, features[:1], tmp_path / "s.jsonl")
+    fake_server["answer"] = lambda p: "Explanation: letters" if "what does" in p else "no"
+    other = Judge(JudgeConfig(fake_server["url"], "model-b", max_retries=0, concurrency=1), tmp_path / "c.jsonl")
+    again = score_features(other, features[:1], tmp_path / "s.jsonl")
+    assert again[0]["explanation"] == "letters"  # asked anew, not model-a's answer
+    assert score_features(first, features[:1], tmp_path / "s.jsonl")[0]["explanation"] == "digits"  # both kept
+    fake_server["fail"] = 1000  # fails mid-run with several requests in flight: the JudgeError, not a CancelledError
+    busy = Judge(JudgeConfig(fake_server["url"], "model-c", max_retries=0, concurrency=4), tmp_path / "c.jsonl")
+    with pytest.raises(JudgeError):
+        score_features(busy, features, tmp_path / "s.jsonl")
+
+
+def test_an_explanation_that_only_names_the_token_is_at_chance_on_similar_context_negatives(fake_server, tmp_path):
+    """Token 7 recurs; the feature fires on it only where the token before is 3 (a hidden condition). A judge
+    whose explanation names the token detects perfectly against random resting contexts and at chance
+    against contexts on the same token where the feature rests: the hard negatives show what it misses."""
+    import re
+
+    from paper_lib.activations import write_activation_store
+    from paper_lib.interp import ArrayFeatures, top_features
+    from paper_lib.judge import judge_requests
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(10, 60, 2000)
+    ids[::5] = 7
+    ids[1::10] = 3
+    ids[5::10] = 7
+    ids[4::10] = 3
+    previous = np.r_[-1, ids[:-1]]
+    values = np.where((ids == 7) & (previous == 3), 1.0 + rng.random(2000), -1.0)[:, None]
+    docs = [(ids[i : i + 200], np.zeros((200, 1, 1))) for i in range(0, 2000, 200)]
+    store = write_activation_store(tmp_path / "s", docs, [0], ["q_proj"], docs_per_shard=4)
+    features = ArrayFeatures(values, ["after 3"])
+    requests = judge_requests(features, store, str, top_features(features, 15), [0], seed=1)
+    assert len(requests[0]["hard_negatives"]) == 5
+    assert all(e["tokens"][e["center"]] == "7" and e["values"][e["center"]] <= 0 for e in requests[0]["hard_negatives"])
+
+    def token_namer(prompt):
+        if "what does this feature" in prompt:
+            return "Explanation: the token 7"
+        marked = re.findall(r"<<(.*?)>>", prompt)
+        return "yes" if marked and marked[-1] == "7" else "no"
+
+    fake_server["answer"] = token_namer
+    judge = Judge(JudgeConfig(fake_server["url"], "m", max_retries=0), tmp_path / "c.jsonl")
+    record = score_features(judge, requests, tmp_path / "scores.jsonl")[0]
+    assert record["accuracy"] >= 0.8 and record["hard_accuracy"] == 0.5 and record["n_hard"] == 5

@@ -42,14 +42,14 @@ def test_every_notebook_checks_its_parameters_before_any_work_and_deletes_only_a
     for path in list_notebooks():
         source = path.read_text()
         call = re.search(r"check_parameters\(\s*globals\(\),\s*SECTION", source).start()
-        for work in ("artifact_dir(", "load_trained(", "shutil.rmtree(", "build_organism("):
+        for work in ("artifact_dir(", "load_trained(", "shutil.rmtree(", "clear_run_dir(", "build_organism("):
             if work in source:
                 assert call < source.index(work), f"{path.name}: {work} before the parameters are checked"
     evaluate_nb = (path.parent / "02_evaluate_reasoning.py").read_text()
     assert (
         evaluate_nb.index("load_benchmark(")
         < evaluate_nb.index("check_adapter(adapter_dir")
-        < evaluate_nb.index("shutil.rmtree(")
+        < evaluate_nb.index("clear_run_dir(out_dir)")
     )
 
 

@@ -240,14 +240,13 @@ def test_what_we_see_is_written_from_the_run_and_kept_with_it(tmp_path, monkeypa
     monkeypatch.setenv("PAPER_FIGURES_DIR", str(tmp_path / "figures"))
     monkeypatch.setattr(results, "_RUNS", {})
     results.start_run("05_x", tmp_path / "run", {})
-    ratio = 0.42
-    results.say("05_x", f"kept {ratio:.0%}: {results.verdict(ratio > 0.9)}")
+    results.say("05_x", f"kept 42% [38%, 46%]: {results.verdict_words(results.claim_verdict(0.38, 0.46, low=0.9))}")
     text = (tmp_path / "run" / "what_we_see.md").read_text()
-    assert "kept 42%: the paper's claim **does not hold** here" in text and text.startswith("# What 05_x saw")
+    assert "kept 42% [38%, 46%]: **not reproduced**" in text and text.startswith("# What 05_x saw")
     results.start_run("05_x", tmp_path / "run", {})
-    results.say("05_x", f"kept 95%: {results.verdict(True)}")
+    results.say("05_x", f"kept 95% [92%, 97%]: {results.verdict_words(results.claim_verdict(0.92, 0.97, low=0.9))}")
     text = (tmp_path / "run" / "what_we_see.md").read_text()
-    assert "42%" not in text and "**holds**" in text
+    assert "42%" not in text and "**reproduced**" in text
 
 
 def test_the_recovery_plot_keeps_its_axis_when_a_ratio_is_wild_or_undefined():

@@ -243,3 +243,23 @@ def test_scalar_engine_batches_fit_the_cache_budget(organism):
         assert len(b) == 1 or len(b) * (max(lengths[i] for i in b) + 40) <= engine.cache_tokens
     engine.cache_tokens = 1  # one prompt always forms a batch
     assert [len(b) for b in engine.batches(prompts, [40] * 5)] == [1] * 5
+
+
+def test_a_checkpoint_killed_while_its_curves_are_written_is_not_resumed_from(tmp_path, monkeypatch):
+    """The curves mark a checkpoint whole; a torn file (114 of 3,247 rows) made a resume skip the wrong
+    number of batches. Written to a temporary name and renamed, it is whole or absent."""
+    from paper_lib.sae import HISTORY_FILE, _latest_checkpoint, write_csv_atomically
+
+    for name in ("100", "200"):
+        (tmp_path / name).mkdir()
+    write_csv_atomically(pd.DataFrame({"step": range(100)}), tmp_path / "100" / HISTORY_FILE)
+    real = pd.DataFrame.to_csv
+
+    def torn(self, path, **kwargs):
+        real(self.head(10), path, **kwargs)
+        raise OSError("killed while writing")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", torn)
+    with pytest.raises(OSError):
+        write_csv_atomically(pd.DataFrame({"step": range(200)}), tmp_path / "200" / HISTORY_FILE)
+    assert not (tmp_path / "200" / HISTORY_FILE).exists() and _latest_checkpoint(tmp_path).name == "100"

@@ -248,8 +248,12 @@ def test_resume_training_continues_from_the_last_checkpoint(tiny_setup):
     first = train(cfg)
     assert first["optimizer_steps"] == 12
     assert first["resumed_from"] is None
-    again = train(dataclasses_replace(cfg, resume=True, epochs=3.0), overwrite=True)
-    assert again["resumed_from"] == "checkpoint-12" and again["optimizer_steps"] == 18
+    from paper_lib.config import ConfigError
+
+    with pytest.raises(ConfigError, match="epochs: 2.0 -> 3.0"):  # another schedule: not a resume of this run
+        train(dataclasses_replace(cfg, resume=True, epochs=3.0), overwrite=True)
+    again = train(dataclasses_replace(cfg, resume=True), overwrite=True)
+    assert again["resumed_from"] == "checkpoint-12" and again["optimizer_steps"] == 12
 
 
 def test_full_fine_tune_trains_every_parameter_and_saves_a_full_model(tiny_setup):
@@ -397,3 +401,22 @@ def test_layer_subsets_and_run_labels_say_what_the_adapter_is():
     assert lora_run_label(LoraSpec(**layer_subset("late", 64))) == "rank1_L43-64"
     assert lora_run_label(LoraSpec(**layer_subset("0:64:4", 64))) == "rank1_L0-64s4"
     assert lora_run_label(LoraSpec(**layer_subset("3,7", 8))) == "rank1_L3,7"
+
+
+def test_a_resume_with_other_settings_is_refused_naming_them(tiny_setup):
+    """Killed after a checkpoint and resumed with another learning rate, a run went on with the old schedule
+    and recorded the new value; now the resume is refused, naming the difference."""
+    import shutil
+
+    from paper_lib.config import ConfigError
+    from paper_lib.training import FINAL_SUBDIR, train
+
+    cfg = tiny_config(tiny_setup, "resume_check", save_steps=3)
+    train(cfg)
+    out = artifact_dir(cfg.output_dir)
+    assert (out / "checkpoints" / "settings.json").is_file() and (out / "checkpoints" / "checkpoint-3").is_dir()
+    shutil.rmtree(out / FINAL_SUBDIR)  # as if killed after the checkpoint
+    (out / "stats.json").unlink()
+    with pytest.raises(ConfigError, match="learning_rate"):
+        train(tiny_config(tiny_setup, "resume_check", save_steps=3, resume=True, learning_rate=3e-2))
+    assert train(tiny_config(tiny_setup, "resume_check", save_steps=3, resume=True))["resumed_from"] == "checkpoint-6"

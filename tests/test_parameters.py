@@ -1,0 +1,113 @@
+"""Parameters checked before any work: unknown names, ranges, run folders, and what OVERWRITE may delete."""
+
+import pytest
+
+from paper_lib.config import ConfigError
+from paper_lib.params import check_parameters, notebook_defaults
+
+
+def namespace(section, **given):
+    """A notebook's globals as papermill leaves them: its defaults, then the injected ``-p`` values, then the
+    names its own code bound before the check."""
+    return {**notebook_defaults(section), **given, "SECTION": section, "In": [], "Out": {}}
+
+
+def test_a_misspelt_parameter_is_refused_naming_the_one_meant():
+    with pytest.raises(ConfigError, match=r"no parameter REBUIL \(did you mean REBUILD\?\)"):
+        check_parameters(namespace("00_build_model_organism", REBUIL=True), "00_build_model_organism")
+    # the notebook's own upper-case names are not parameters, and not refused
+    check_parameters(namespace("04_interpret_lora_activations", LORA="LoRA"), "04_interpret_lora_activations")
+
+
+@pytest.mark.parametrize(
+    "section, name, value",
+    [
+        ("03_ablate_adapters", "N_TRACES", 0),
+        ("03_ablate_adapters", "BATCH_SIZE", 0),
+        ("05_train_sae", "HELDOUT_FRACTION", 1.5),
+        ("04_interpret_lora_activations", "SAMPLE_FRACTION", 2.0),
+    ],
+)
+def test_values_out_of_range_are_refused_before_any_work(section, name, value):
+    with pytest.raises(ConfigError, match=f"{name}: .* out of range"):
+        check_parameters(namespace(section, **{name: value}), section)
+
+
+@pytest.mark.parametrize("value", ["", ".", "/tmp/elsewhere", "../outside", "organism", "organism/model"])
+def test_a_run_folder_that_is_not_one_is_refused(value):
+    from paper_lib.paths import RunDirError, stage_dir
+
+    with pytest.raises(RunDirError, match="OUTPUT_DIR"):
+        stage_dir(value)
+
+
+def test_overwrite_deletes_only_a_run_folder_of_its_own(tmp_path, monkeypatch):
+    from paper_lib.paths import RunDirError, clear_run_dir
+
+    monkeypatch.setenv("PAPER_DATA_DIR", str(tmp_path / "data"))
+    data = tmp_path / "data"
+    (data / "organism" / "model").mkdir(parents=True)
+    (data / "organism" / "model" / "model.safetensors").write_text("weights")
+    (data / "runs" / "a").mkdir(parents=True)
+    (data / "runs" / "a" / "run.json").write_text("{}")
+    (data / "runs" / "a" / "samples.jsonl").write_text("x")
+    (data / "runs" / "bare").mkdir()
+    (data / "runs" / "bare" / "keep.txt").write_text("x")
+    (data / "runs" / "outer" / "inner").mkdir(parents=True)
+    (data / "runs" / "outer" / "run.json").write_text("{}")
+    (data / "runs" / "outer" / "inner" / "run.json").write_text("{}")
+    for refused in (data, data / "organism", data / "runs" / "bare", data / "runs" / "outer", tmp_path):
+        with pytest.raises(RunDirError, match="refusing to delete"):
+            clear_run_dir(refused)
+    clear_run_dir(data / "runs" / "a")
+    assert not (data / "runs" / "a").exists()
+    assert (data / "organism" / "model" / "model.safetensors").is_file() and (data / "runs" / "bare" / "keep.txt").is_file()
+
+
+def test_a_traces_fingerprint_sees_every_row():
+    """Row 6 edited: a hash of a column's repr (its first five rows) missed it and training was skipped."""
+    from datasets import Dataset
+
+    from paper_lib.training import TRACE_FIELDS, traces_fingerprint
+
+    rows = {field: [f"{field} {i}" for i in range(10)] for field in TRACE_FIELDS}
+    edited = {field: list(values) for field, values in rows.items()}
+    edited[TRACE_FIELDS[0]][6] = "changed"
+    assert traces_fingerprint(Dataset.from_dict(rows)) != traces_fingerprint(Dataset.from_dict(edited))
+    assert traces_fingerprint(Dataset.from_dict(rows)) == traces_fingerprint(Dataset.from_dict(rows))
+
+
+def test_run_notebooks_refuses_a_name_that_matches_no_notebook():
+    from paper_lib.run_notebooks import main
+
+    with pytest.raises(SystemExit):
+        main(["--only", "2", "--out", "build/never"])
+
+
+def test_a_second_writer_of_a_run_folder_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from paper_lib.results import LOCK_FILE, start_run
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        import socket
+
+        (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": "then"}))
+        with pytest.raises(RuntimeError, match=f"process {holder.pid}"):
+            start_run("00_x", tmp_path, {})
+    finally:
+        holder.kill()
+        holder.wait()
+    start_run("00_x", tmp_path, {})  # its holder is gone: taken over
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] != holder.pid
+
+
+def test_a_context_with_no_room_for_an_answer_is_refused():
+    from paper_lib.params import check_context_room
+
+    with pytest.raises(ConfigError, match="MAX_MODEL_LEN=48"):
+        check_context_room(48, 32)
+    check_context_room(512, 32)
