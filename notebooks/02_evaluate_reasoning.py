@@ -71,11 +71,21 @@ import numpy as np
 import pandas as pd
 
 from paper_lib.config import seed_everything
-from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark, scaling_specs
+from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark, scaling_specs, sweep_changes
 from paper_lib.params import check_context_room, check_parameters
 from paper_lib.paths import artifact_dir, clear_run_dir, stage_dir, train_run_name
 from paper_lib.plotting import plot_benchmark_accuracy, plot_test_time_scaling, save_figure
-from paper_lib.results import CANNOT_DECIDE, PAPER_RECOVERED, claim_verdict, record_headline, say, start_run, verdict_words
+from paper_lib.results import (
+    CANNOT_DECIDE,
+    NO_CLAIM,
+    PAPER_RECOVERED,
+    claim_verdict,
+    record_headline,
+    say,
+    scaling_sentence,
+    start_run,
+    verdict_words,
+)
 from paper_lib.statistics import bootstrap_interval, recovery_table
 
 SECTION = "02_evaluate_reasoning"
@@ -266,34 +276,21 @@ if scaled:
     curve = pd.DataFrame(curve)
     save_figure(plot_test_time_scaling(curve), "test_time_scaling", curve)
     print(curve.round(3).to_string())
-    wide = scaled.pivot_table(index=["model", "id"], columns="setting", values="correct").astype(float)
-    waits = sorted(int(s[4:]) for s in scaled["setting"].unique() if s.startswith("wait"))
-    seen, helped = [], None
-    if len(waits) > 1:
-        first, most = f"wait{waits[0]}", f"wait{waits[-1]}"
-        for model in dict.fromkeys(scaled["model"]):
-            a, b = (wide.loc[model][c].to_numpy() for c in (first, most))
-            change = b.mean() - a.mean()
-            lo, hi = bootstrap_interval([a, b], lambda x, y: y.mean() - x.mean(), n_resamples=N_BOOTSTRAP, seed=SEED)
-            record_headline(
-                SECTION,
-                f"scaling_{model}_waits_change",
-                change,
-                unit="accuracy difference",
-                n=len(a),
-                ci95=[lo, hi],
-                waits=[waits[0], waits[-1]],
-                **({"verdict": claim_verdict(lo, hi, low=0.0)} if model == lora else {}),
-            )
-            seen.append(f"{model} {a.mean():.2f} -> {b.mean():.2f} ({change:+.2f} [{lo:+.2f}, {hi:+.2f}], n = {len(a)})")
-            if model == lora:
-                helped = claim_verdict(lo, hi, low=0.0)  # s1: more "Wait"s raise accuracy
-        say(
+    # s1's two claims, judged for the adapter: a larger budget, and more "Wait"s, raise accuracy (paired, last - first)
+    changes = pd.concat([sweep_changes(scaled, sweep, N_BOOTSTRAP, SEED) for sweep in ("budget", "wait")], ignore_index=True)
+    changes["verdict"] = [claim_verdict(r.lo, r.hi, low=0.0) if r.model == lora else NO_CLAIM for r in changes.itertuples()]
+    for r in changes.itertuples():
+        record_headline(
             SECTION,
-            f'**What we see (test-time scaling).** From {waits[0]} to {waits[-1]} "Wait"s on {SCALING_BENCHMARK}: '
-            + "; ".join(seen)
-            + f'. s1\'s claim that extending thinking with "Wait" raises accuracy, for the adapter: {verdict_words(helped)}.',
+            f"scaling_{r.model}_{'waits' if r.sweep == 'wait' else 'budget'}_change",
+            r.change,
+            unit="accuracy difference",
+            n=r.n,
+            ci95=[r.lo, r.hi],
+            settings=[r.first, r.last],
+            **({"verdict": r.verdict} if r.verdict != NO_CLAIM else {}),
         )
+    say(SECTION, scaling_sentence(changes, SCALING_BENCHMARK))
     for _, r in curve.iterrows():
         record_headline(
             SECTION, f"scaling_{r.model}_{r.sweep}{r.x}_accuracy", r.accuracy, unit="fraction", n=r.n, ci95=[r.lo, r.hi]

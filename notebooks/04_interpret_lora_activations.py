@@ -97,6 +97,7 @@ from paper_lib.interp import (
     population_comparison,
     quantile_curves,
     record_scores,
+    record_share_claim,
     score_populations,
     scored_depth,
     shares_by_corpus_size,
@@ -379,16 +380,7 @@ if ROLE_SCORER and UNTRAINED_CONTROL:
 record_headline(SECTION, "tokens_extracted", float(store.n_tokens), unit="tokens", n=len(texts))
 if ROLE_SCORER:
     record_scores(SECTION, scored, shares, tests)
-    record_headline(
-        SECTION,
-        "lora_vs_mlp_as_interpretable",
-        versus["monosemantic_share_diff"],
-        unit="difference of monosemantic shares",
-        n=len(scored),
-        ci95=[versus["monosemantic_share_diff_lo"], versus["monosemantic_share_diff_hi"]],
-        margin=EQUIVALENCE_MARGIN,
-        verdict=as_interpretable,
-    )
+    record_share_claim(SECTION, "lora_vs_mlp_as_interpretable", versus, as_interpretable, len(scored), margin=EQUIVALENCE_MARGIN)
     for name, row in controls.iterrows():  # the real roles and the two shuffles
         slug = name.replace(" ", "_")
         for column in ("monosemantic", "surface", "median_context_auroc", "mean_context_lift"):
@@ -412,7 +404,7 @@ if ROLE_SCORER:
 
 # %%
 if JUDGE_URL:
-    from paper_lib.judge import Judge, judge_requests, rating_shares, score_features
+    from paper_lib.judge import Judge, judge_requests, rating_shares, record_judge_detection, score_features
 
     judge = Judge(judge_config, out_dir / "judge" / "cache.jsonl")
     judged = []
@@ -430,15 +422,7 @@ if JUDGE_URL:
     ratings = rating_shares(judged)  # the paper's measure beside detection, with Wilson intervals
     print(judged.groupby("population")[["accuracy", "hard_accuracy", "f1"]].mean().round(3))
     print(ratings.round(3).to_string())
-    for name, group in judged.groupby("population"):
-        record_headline(
-            SECTION,
-            f"{name.split(' ')[0].lower()}_judge_detection_accuracy",
-            group.accuracy.mean(),
-            unit="fraction",
-            n=len(group),
-            hard_negative_accuracy=float(group.hard_accuracy.mean()),  # same tokens, feature at rest: chance for a token reader
-        )
+    record_judge_detection(SECTION, judged)
     for _, r in ratings[ratings["class"] != "unrated"].iterrows():
         record_headline(
             SECTION,

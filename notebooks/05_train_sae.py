@@ -198,7 +198,7 @@ for name, limit in (("aime24", 4 if SMOKE else None), ("math500", 8 if SMOKE els
     items = load_benchmark(name, f"{BENCHMARK_DIR}/{name}" if BENCHMARK_DIR else None)
     items = items[:limit] if limit else items
     for slug, label in variants.items():
-        df = evaluate(engine, items, gen, out_dir / slug / f"{name}.greedy.jsonl", variant=slug)
+        df = evaluate(engine, items, gen, out_dir / slug / f"{name}.greedy.jsonl", variant=slug, overwrite=OVERWRITE)
         k, n = int(df.correct.sum()), len(df)
         accuracy.append(
             {

@@ -81,6 +81,7 @@ from paper_lib.interp import (
     compare_populations,
     feature_examples,
     record_scores,
+    record_share_claim,
     sae_comparison,
     score_populations,
     scored_depth,
@@ -314,15 +315,7 @@ if ROLE_SCORER:
 record_headline(SECTION, "live_latents", float(len(live)), unit="latents", n=int(d_sae))
 if ROLE_SCORER:
     record_scores(SECTION, scored, shares, {"SAE feature vs LoRA": test})
-    record_headline(
-        SECTION,
-        "sae_finer_than_lora",
-        test["monosemantic_share_diff"],
-        unit="difference of monosemantic shares",
-        n=len(scored),
-        ci95=[test["monosemantic_share_diff_lo"], test["monosemantic_share_diff_hi"]],
-        verdict=finer,
-    )
+    record_share_claim(SECTION, "sae_finer_than_lora", test, finer, len(scored))
     for key, column, measure in (
         ("steering_role_rate_change", "role_rate", "fraction of generated tokens"),
         ("steering_steps_change", "steps", "thinking steps per response"),
@@ -356,7 +349,7 @@ if ROLE_SCORER:
 
 # %%
 if JUDGE_URL:
-    from paper_lib.judge import Judge, categorise_features, judge_requests, rating_shares, score_features
+    from paper_lib.judge import Judge, categorise_features, judge_requests, rating_shares, record_judge_detection, score_features
     from paper_lib.statistics import wilson_interval
 
     judge = Judge(judge_config, out_dir / "judge" / "cache.jsonl")
@@ -394,16 +387,7 @@ if JUDGE_URL:
         save_figure(
             plot_feature_donut(mass_llm, "SAE features: activation mass by LLM category"), "sae_feature_categories_llm", mass_llm
         )
-    for population, group in judged.groupby("population"):
-        slug = "sae" if population.startswith("SAE") else "lora"
-        record_headline(
-            SECTION,
-            f"{slug}_judge_detection_accuracy",
-            group.accuracy.mean(),
-            unit="fraction",
-            n=len(group),
-            hard_negative_accuracy=float(group.hard_accuracy.mean()),  # same tokens, feature at rest
-        )
+    record_judge_detection(SECTION, judged)
     for _, r in ratings[ratings["class"] != "unrated"].iterrows():
         slug = "sae" if r.population.startswith("SAE") else "lora"
         record_headline(

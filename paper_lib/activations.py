@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from paper_lib.config import describe_differences, differences, fingerprint
 from paper_lib.formats import ADAPTER_MODULES
+from paper_lib.paths import explained_disk_errors
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -464,10 +465,11 @@ def extract_activation_shards(
                         rows[name].append(value[row, :n].numpy().astype(dtype))
                     offsets.append(offsets[-1] + n)
                 progress.update(len(enc["input_ids"]))
-            for name, parts in rows.items():
-                np.save(paths[name], np.concatenate(parts))
-            np.save(paths["offsets"], np.asarray(offsets, dtype=np.int64))
-            finish_shard(paths)
+            with explained_disk_errors(out_dir):  # a full disk names the folder; the rerun resumes at this shard
+                for name, parts in rows.items():
+                    np.save(paths[name], np.concatenate(parts))
+                np.save(paths["offsets"], np.asarray(offsets, dtype=np.int64))
+                finish_shard(paths)
     progress.close()
     if all(_shard_paths(out_dir, shard)["done"].is_file() for shard in range(n_shards)):
         return ActivationStore(out_dir)

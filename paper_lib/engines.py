@@ -25,7 +25,7 @@ import torch
 from paper_lib.activations import transformed_forward
 from paper_lib.formats import END_MARKERS, IM_START
 from paper_lib.paths import resolve
-from paper_lib.training import adapter_weights_hash, check_adapter, input_device
+from paper_lib.training import adapter_weights_hash, check_adapter, data_relative, input_device, model_fingerprint
 
 if TYPE_CHECKING:
     from paper_lib.evaluation import GenerationSpec
@@ -138,14 +138,16 @@ class ServingEngine:
         self.adapters = {name: str(resolve(path)) for name, path in (adapters or {}).items()}
         for path in self.adapters.values():
             check_adapter(path, model)
-        # hashed once: a retrained adapter in the same folder is another adapter
+        # hashed once: a retrained adapter in the same folder is another adapter, new base weights another base
         self.adapter_hashes = {name: adapter_weights_hash(path) for name, path in self.adapters.items()}
+        self.model_weights = model_fingerprint(model)
 
     def identity(self, adapter: str | None) -> dict[str, Any]:
         """What generated a file of samples: the model as named, the adapter by its weights' hash, and the
         serving settings that change outputs."""
         return {
-            "model": self.model_arg,
+            "model": data_relative(self.model_arg),  # a copied or moved data/runs still recognises its samples
+            "model_weights": self.model_weights,
             "adapter": adapter,
             "adapter_weights": None if adapter is None else self.adapter_hashes[adapter],
             "max_model_len": self.max_model_len,

@@ -23,6 +23,7 @@ from paper_lib.data import DataError, load_table
 from paper_lib.engines import Engine, EvaluationError
 from paper_lib.formats import ANSWER, LETTERS, THINK, chat_prompt
 from paper_lib.grading import extract_choice, final_section, is_correct_choice, is_correct_math
+from paper_lib.paths import explained_disk_errors
 from paper_lib.results import read_jsonl
 
 BENCHMARKS: dict[str, dict[str, Any]] = {
@@ -436,7 +437,7 @@ def evaluate(
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
             responses = generate_responses(engine, [it.question for it in part], spec, variant)
-            with out_path.open("a") as handle:
+            with explained_disk_errors(out_path.parent), out_path.open("a") as handle:
                 for item, samples in zip(part, responses):
                     for s, response in enumerate(samples):
                         if (item.id, s) in finished:
@@ -464,3 +465,36 @@ def evaluate(
     wanted = {it.id for it in items}
     results = results[results["id"].astype(str).isin(wanted) & (results["sample"].astype(int) < spec.n)]
     return results.reset_index(drop=True)
+
+
+def sweep_changes(scaled: Any, sweep: str, n_resamples: int = 2000, seed: int = 0) -> Any:
+    """Per model, accuracy at the sweep's last setting minus its first (``sweep``: ``budget`` or ``wait``;
+    settings named ``budget16``, ``wait2``...), paired over questions, with a 95% bootstrap interval.
+    ``scaled``: columns model, setting, id, correct. Empty when the sweep has fewer than two settings."""
+    import pandas as pd
+
+    from paper_lib.statistics import bootstrap_interval
+
+    values = sorted(int(s[len(sweep) :]) for s in scaled["setting"].unique() if s.startswith(sweep))
+    if len(values) < 2:
+        return pd.DataFrame()
+    wide = scaled.pivot_table(index=["model", "id"], columns="setting", values="correct").astype(float)
+    rows = []
+    for model in dict.fromkeys(scaled["model"]):
+        a, b = (wide.loc[model][f"{sweep}{v}"].to_numpy() for v in (values[0], values[-1]))
+        lo, hi = bootstrap_interval([a, b], lambda x, y: y.mean() - x.mean(), n_resamples=n_resamples, seed=seed)
+        rows.append(
+            dict(
+                model=model,
+                sweep=sweep,
+                first=values[0],
+                last=values[-1],
+                before=a.mean(),
+                after=b.mean(),
+                change=b.mean() - a.mean(),
+                lo=lo,
+                hi=hi,
+                n=len(a),
+            )
+        )
+    return pd.DataFrame(rows)

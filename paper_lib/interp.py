@@ -869,3 +869,19 @@ def sae_comparison(shares: pd.DataFrame, test: Mapping[str, float], word: str, n
         f"Beside it, AUROC {test['auroc_diff']:+.3f} [{test['auroc_diff_lo']:+.3f}, {test['auroc_diff_hi']:+.3f}] and within "
         f"contexts {test['context_auroc_diff']:+.3f} [{test['context_auroc_diff_lo']:+.3f}, {test['context_auroc_diff_hi']:+.3f}]."
     )
+
+
+def record_share_claim(section: str, key: str, test: Mapping[str, float], word: str, n: int, **extra: Any) -> None:
+    """A claim about two populations' monosemantic shares, recorded with its clustered interval and verdict."""
+    from paper_lib.results import record_headline
+
+    record_headline(
+        section,
+        key,
+        test["monosemantic_share_diff"],
+        unit="difference of monosemantic shares",
+        n=n,
+        ci95=[test["monosemantic_share_diff_lo"], test["monosemantic_share_diff_hi"]],
+        verdict=word,
+        **extra,
+    )

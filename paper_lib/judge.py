@@ -547,3 +547,22 @@ def rating_shares(judged: Any) -> Any:
                 }
             )
     return pd.DataFrame(rows)
+
+
+def record_judge_detection(section: str, judged: Any) -> None:
+    """Each population's mean detection accuracy against random resting contexts, with the accuracy against
+    similar-context negatives (the same tokens, the feature at rest: chance for an explanation that only
+    names the token) beside it. ``judged``: columns population, accuracy, hard_accuracy."""
+    from paper_lib.interp import population_slug
+    from paper_lib.results import record_headline
+
+    for population, group in judged.groupby("population"):
+        hard = float(group["hard_accuracy"].mean())
+        record_headline(
+            section,
+            f"{population_slug(population)}_judge_detection_accuracy",
+            group["accuracy"].mean(),
+            unit="fraction",
+            n=len(group),
+            **({"hard_negative_accuracy": hard} if np.isfinite(hard) else {}),
+        )

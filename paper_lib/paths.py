@@ -43,8 +43,30 @@ def figures_dir() -> Path:
         path = resolve(os.environ["PAPER_FIGURES_DIR"])
     else:
         path = _figures_default or resolve("figures")
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(
+            f"{path} is a file, where figures and headline numbers go: move it away (or set PAPER_FIGURES_DIR)"
+        )
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextmanager
+def explained_disk_errors(path: str | Path) -> Iterator[None]:
+    """Turn a full disk (or quota) while writing under ``path`` into an error that says which folder and what
+    to do; every stage resumes from what it wrote completely."""
+    import errno
+
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(
+                err.errno,
+                f"no space left while writing under {path} ({err}): free space there (df -h {Path(path).parent}), "
+                "or move the artifacts with PAPER_DATA_DIR, and rerun: the run resumes from what it wrote completely",
+            ) from err
+        raise
 
 
 def artifact_dir(path: str | Path) -> Path:

@@ -67,6 +67,7 @@ def start_run(section: str, out_dir: str | Path, parameters: dict[str, Any]) -> 
     info = {"notebook": section, "commit": git_commit(), "parameters": parameters}
     (out_dir / RUN_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
     set_default_figures_dir(out_dir / "figures")
+    figures_dir()  # a file where the figures go is refused now, not after the expensive work
     _RUNS[section] = {"info": {"commit": info["commit"], "parameters": parameters}, "written": False, "dir": out_dir}
     (out_dir / SAID_FILE).write_text(f"# What {section} saw (commit {info['commit']})\n")
     return out_dir
@@ -164,6 +165,24 @@ def claims_sentence(judged: dict[str, tuple[float, float, float, str]], claims: 
         if key in judged
     ]
     return "The paper's claims on this run: " + "; ".join(parts) + "."
+
+
+def scaling_sentence(changes: Any, benchmark: str) -> str:
+    """What the test-time scaling sweeps did, per sweep and model, with the adapter's verdicts."""
+    names = {"budget": "From a thinking budget of {first} to {last} tokens", "wait": 'From {first} to {last} "Wait"s'}
+    parts = []
+    for sweep, group in changes.groupby("sweep", sort=False):
+        first = group.iloc[0]
+        parts.append(
+            names[sweep].format(first=first["first"], last=first["last"])
+            + f" on {benchmark}: "
+            + "; ".join(
+                f"{r.model} {r.before:.2f} -> {r.after:.2f} ({r.change:+.2f} [{r.lo:+.2f}, {r.hi:+.2f}], n = {r.n})"
+                + (f", s1's claim that it raises accuracy: {verdict_words(r.verdict)}" if r.verdict != NO_CLAIM else "")
+                for r in group.itertuples()
+            )
+        )
+    return "**What we see (test-time scaling).** " + ". ".join(parts) + "."
 
 
 def steering_steps_sentence(before: float, latent: float, control: float, control_parsed: int) -> str:

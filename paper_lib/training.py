@@ -44,7 +44,7 @@ from paper_lib.config import (
 )
 from paper_lib.data import TRACE_FIELDS, build_sft_dataset, load_traces
 from paper_lib.formats import ALL_MODULES, MODULE_SETS
-from paper_lib.paths import artifact_dir, resolve
+from paper_lib.paths import artifact_dir, data_dir, resolve
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
 
     checkpoints = out / CHECKPOINT_SUBDIR
     resume_from = get_last_checkpoint(str(checkpoints)) if cfg.resume and checkpoints.is_dir() else None
-    settings = {**cfg.to_dict(), "traces": data_fingerprint}
+    settings = {**cfg.to_dict(), "traces": data_fingerprint, "base_weights": model_fingerprint(cfg.model)}
     if resume_from:
         check_resume_settings(checkpoints, settings)
         log.info("resuming from %s", resume_from)
@@ -386,6 +386,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
             "train_loss": float(result.training_loss),
             "resumed_from": Path(resume_from).name if resume_from else None,
             "data_fingerprint": data_fingerprint,
+            "base_weights": model_fingerprint(cfg.model),
             "world_size": trainer.accelerator.num_processes,
             "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
             **{f"data_{k}": v for k, v in data_stats.items()},
@@ -440,6 +441,8 @@ def finished_run(cfg: TrainConfig, data_fingerprint: str, overwrite: bool = Fals
     diff = differences(saved, cfg.to_dict(), ignore=("resume",))
     if stats.get("data_fingerprint") != data_fingerprint:
         diff["traces"] = (stats.get("data_fingerprint"), data_fingerprint)
+    if stats.get("base_weights") != (base := model_fingerprint(cfg.model)):  # the base's weights changed in place
+        diff["base model weights"] = (stats.get("base_weights"), base)
     if diff:
         raise ConfigError(
             f"{out} holds a run trained with other inputs ({describe_differences(diff)}); pass "
@@ -611,6 +614,62 @@ def adapter_weights_hash(adapter_dir: str | Path) -> str:
     import hashlib
 
     return hashlib.sha256((Path(adapter_dir) / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+
+
+DIGEST_FILE = ".weights_digest.json"  # beside a model's weights: their hash, computed once
+
+
+def model_fingerprint(model: str | Path) -> str:
+    """A content hash of a model's weights (every ``*.safetensors`` / ``*.bin`` file of a local folder, or of
+    a hub id's cached snapshot): artifacts made from a model record it, so weights changed in place are
+    another model. Cached beside the weights, keyed by each file's size and modification time, so a
+    65 GB model is read once. A model not found locally (to be downloaded) is named by its id."""
+    import hashlib
+
+    folder = resolve(model) if resolve(model).is_dir() else _hub_snapshot(str(model))
+    if folder is None:
+        return f"id:{model}"
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    cache = folder / DIGEST_FILE
+    if cache.is_file():
+        try:
+            saved = json.loads(cache.read_text())
+            if saved.get("files") == stamp:
+                return saved["digest"]
+        except (OSError, json.JSONDecodeError, KeyError):
+            pass
+    digest = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+    value = digest.hexdigest()[:16]
+    try:
+        cache.write_text(json.dumps({"files": stamp, "digest": value}) + "\n")
+    except OSError:  # a read-only model folder: hashed again next time
+        pass
+    return value
+
+
+def _hub_snapshot(model_id: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except Exception:  # not cached here: the id is all there is to record
+        return None
+
+
+def data_relative(path: str | Path) -> str:
+    """A path as recorded in meta files: relative to the data folder when inside it (so a copied or moved
+    ``data/runs`` still recognises its own artifacts), else as given."""
+    resolved = resolve(path)
+    root = data_dir().resolve()
+    try:
+        return "data:" + str(resolved.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def adapter_provenance(run_dir: str | Path) -> dict[str, Any]:

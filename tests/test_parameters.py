@@ -111,3 +111,48 @@ def test_a_context_with_no_room_for_an_answer_is_refused():
     with pytest.raises(ConfigError, match="MAX_MODEL_LEN=48"):
         check_context_room(48, 32)
     check_context_room(512, 32)
+
+
+def test_a_models_fingerprint_sees_its_weights_change_in_place_and_is_cached(tmp_path):
+    import os
+
+    from paper_lib.training import DIGEST_FILE, data_relative, model_fingerprint
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"weights one")
+    first = model_fingerprint(tmp_path / "m")
+    assert (tmp_path / "m" / DIGEST_FILE).is_file() and model_fingerprint(tmp_path / "m") == first
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"weights two")  # a REBUILD into the same folder
+    os.utime(tmp_path / "m" / "model.safetensors", ns=(1, 1))
+    assert model_fingerprint(tmp_path / "m") != first
+    assert model_fingerprint("no-such/model-id") == "id:no-such/model-id"
+    from paper_lib.paths import data_dir
+
+    assert data_relative(data_dir() / "runs" / "x" / "final") == "data:runs/x/final"
+
+
+def test_a_full_disk_and_a_file_for_the_figures_folder_say_where_and_what_to_do(tmp_path, monkeypatch):
+    import errno
+
+    from paper_lib.evaluation import GenerationSpec, Item, evaluate
+    from paper_lib.organism import build_tokenizer
+    from paper_lib.results import start_run
+
+    (tmp_path / "run" / "figures").parent.mkdir()
+    (tmp_path / "run" / "figures").write_text("not a folder")
+    monkeypatch.delenv("PAPER_FIGURES_DIR")
+    with pytest.raises(NotADirectoryError, match="is a file, where figures"):
+        start_run("00_x", tmp_path / "run", {})
+
+    class Engine:
+        tokenizer = build_tokenizer()
+
+        def complete(self, prompts, max_tokens, spec, seeds, stop_at_im_start, adapter):
+            return [("s", 1) if stop_at_im_start else (" 4<|im_end|>", 2) for _ in prompts]
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("paper_lib.evaluation.grade", full)
+    with pytest.raises(OSError, match=r"no space left while writing under .*base.*rerun: the run resumes"):
+        evaluate(Engine(), [Item("1", "1 +1", "2", "math")], GenerationSpec(max_tokens=64, answer_tokens=8), tmp_path / "base" / "a.jsonl")

@@ -80,6 +80,21 @@ def test_evaluation_files_refuse_other_settings_and_changed_questions(tmp_path):
     assert len(fresh) == 3 and json.loads(path.with_name("aime24.greedy.meta.json").read_text())["spec"]["max_tokens"] == 96
 
 
+def test_samples_whose_meta_file_is_missing_are_kept_and_the_run_stops(tmp_path):
+    """Deleting ``*.meta.json`` used to delete and regenerate its samples silently."""
+    from paper_lib.organism import build_tokenizer
+
+    engine = FakeEngine(build_tokenizer())
+    items = [Item(str(i), f"{i} +1", "4", "math") for i in range(3)]
+    path = tmp_path / "base" / "aime24.greedy.jsonl"
+    evaluate(engine, items, GenerationSpec(max_tokens=64, answer_tokens=8), path)
+    kept = path.read_text()
+    path.with_name("aime24.greedy.meta.json").unlink()
+    with pytest.raises(EvaluationError, match="meta.json is missing"):
+        evaluate(engine, items, GenerationSpec(max_tokens=64, answer_tokens=8), path)
+    assert path.read_text() == kept
+
+
 def test_a_variant_run_adopts_earlier_base_samples_only_when_generated_alike(tmp_path):
     """Notebook 02's REUSE_FROM: the base's samples from an earlier run are copied when spec and engine
     match, so only missing questions are generated; other settings are never adopted."""

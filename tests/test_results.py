@@ -289,3 +289,23 @@ def test_the_recovery_plot_keeps_its_axis_when_a_ratio_is_wild_or_undefined():
     heights = [p.get_height() for p in next(c for c in ax.containers if isinstance(c, BarContainer))]
     assert heights == [0.8, 0, 0]  # b (full - base not above 0) and c (undefined) draw no bar
     assert sum("undefined" in t.get_text() for t in ax.texts) == 2
+
+
+def test_scaling_sweeps_are_judged_for_the_adapter_by_the_one_rule():
+    import pandas as pd
+
+    from paper_lib.evaluation import sweep_changes
+    from paper_lib.results import NO_CLAIM, claim_verdict, scaling_sentence
+
+    rows = []
+    for model, rises in (("rank1", True), ("full", False)):
+        for q in range(30):
+            for setting, value in (("budget16", 0), ("budget64", int(rises or q % 2)), ("wait0", 1), ("wait4", int(q % 3 == 0))):
+                rows.append({"model": model, "id": str(q), "setting": setting, "correct": value})
+    changes = pd.concat([sweep_changes(pd.DataFrame(rows), s, 500, 0) for s in ("budget", "wait")], ignore_index=True)
+    changes["verdict"] = [claim_verdict(r.lo, r.hi, low=0.0) if r.model == "rank1" else NO_CLAIM for r in changes.itertuples()]
+    judged = changes.set_index(["model", "sweep"])["verdict"]
+    assert judged[("rank1", "budget")] == "reproduced" and judged[("rank1", "wait")] == "not reproduced"
+    assert judged[("full", "budget")] == NO_CLAIM
+    text = scaling_sentence(changes, "aime24")
+    assert "rank1 0.00 -> 1.00" in text and text.count("s1's claim") == 2

@@ -420,3 +420,24 @@ def test_a_resume_with_other_settings_is_refused_naming_them(tiny_setup):
     with pytest.raises(ConfigError, match="learning_rate"):
         train(tiny_config(tiny_setup, "resume_check", save_steps=3, resume=True, learning_rate=3e-2))
     assert train(tiny_config(tiny_setup, "resume_check", save_steps=3, resume=True))["resumed_from"] == "checkpoint-6"
+
+
+def test_a_finished_run_on_base_weights_changed_in_place_is_refused(tiny_setup, tmp_path):
+    """A REBUILD into the organism's own folder changed its weights; training was skipped as if nothing had."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from paper_lib.config import ConfigError
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_setup / "model", base)
+    cfg = tiny_config(tiny_setup, "base_weights", model=str(base))
+    train(cfg)
+    assert train(cfg)["base_weights"]  # unchanged: the finished run is reused
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.01)
+    model.save_pretrained(base)
+    with pytest.raises(ConfigError, match="base model weights"):
+        train(cfg)
