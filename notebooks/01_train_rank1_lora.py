@@ -67,6 +67,7 @@ from paper_lib.data import format_s1_text, load_traces
 from paper_lib.engines import release_memory
 from paper_lib.params import check_parameters
 from paper_lib.paths import artifact_dir, run_name
+from paper_lib.plan import check_plan
 from paper_lib.plotting import plot_training_losses, save_figure
 from paper_lib.results import record_headline, say, start_run
 from paper_lib.training import (
@@ -83,6 +84,7 @@ from paper_lib.training import (
 SECTION = "01_train_rank1_lora"
 # every parameter has its default's type (and an allowed value), checked before any work
 parameters = check_parameters(globals(), SECTION, choices={"LORA_MODULES": ("all", "attention", "mlp")})
+check_plan(SECTION, parameters, SMOKE)  # on a GPU box: the plan printed, and what will not fit refused, first
 seed_everything(SEED)
 out_name = run_name(OUTPUT_DIR, SMOKE)  # a smoke run never clashes with (or reuses) a full one
 start_run(SECTION, artifact_dir(out_name), parameters)  # run.json, figures, headline section

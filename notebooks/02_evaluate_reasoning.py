@@ -74,6 +74,7 @@ from paper_lib.config import seed_everything
 from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark, scaling_specs, sweep_changes
 from paper_lib.params import check_context_room, check_parameters
 from paper_lib.paths import artifact_dir, clear_run_dir, stage_dir, train_run_name
+from paper_lib.plan import check_plan
 from paper_lib.plotting import plot_benchmark_accuracy, plot_test_time_scaling, save_figure
 from paper_lib.results import (
     CANNOT_DECIDE,
@@ -100,6 +101,7 @@ parameters = check_parameters(
         "SCALING_BENCHMARK": ("", "aime24", "math500", "gpqa_diamond"),
     },
 )
+check_plan(SECTION, parameters, SMOKE)  # on a GPU box: the plan printed, and what will not fit refused, first
 check_context_room(MAX_MODEL_LEN, ANSWER_TOKENS)  # every response would be cut: refused before any work
 seed_everything(SEED)
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM inside a notebook kernel

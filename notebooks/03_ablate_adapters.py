@@ -71,6 +71,7 @@ from paper_lib.engines import release_memory
 from paper_lib.formats import ATTENTION_MODULES, MLP_MODULES
 from paper_lib.params import check_context_room, check_parameters
 from paper_lib.paths import artifact_dir, stage_dir, train_run_name
+from paper_lib.plan import check_plan
 from paper_lib.plotting import plot_adapter_ablations, save_figure
 from paper_lib.results import claim_verdict, claims_sentence, record_headline, say, start_run
 from paper_lib.training import load_trained
@@ -82,6 +83,7 @@ parameters = check_parameters(
     SECTION,
     choices={"BACKEND": ("vllm", "hf"), "DTYPE": ("float32", "bfloat16", "float16")},
 )
+check_plan(SECTION, parameters, SMOKE)  # on a GPU box: the plan printed, and what will not fit refused, first
 check_context_room(MAX_MODEL_LEN, ANSWER_TOKENS)  # every response would be cut: refused before any work
 seed_everything(SEED)
 out_dir = start_run(SECTION, stage_dir(OUTPUT_DIR, SMOKE), parameters)  # run.json, figures, headline section

@@ -110,6 +110,7 @@ from paper_lib.organism import ROLE_FAMILY, token_roles
 from paper_lib.pages import feature_page_html, save_html
 from paper_lib.params import check_parameters
 from paper_lib.paths import stage_dir, train_run_name
+from paper_lib.plan import check_plan
 from paper_lib.plotting import plot_interpretability, plot_quantile_detection, plot_shares_by_size, save_figure
 from paper_lib.results import claim_verdict, record_headline, run_info, say, start_run
 from paper_lib.training import adapter_provenance, load_trained
@@ -117,6 +118,7 @@ from paper_lib.training import adapter_provenance, load_trained
 SECTION = "04_interpret_lora_activations"
 # every parameter has its default's type (and an allowed value), checked before any work
 parameters = check_parameters(globals(), SECTION, choices={"DTYPE": ("float32", "bfloat16", "float16")})
+check_plan(SECTION, parameters, SMOKE)  # on a GPU box: the plan printed, and what will not fit refused, first
 seed_everything(SEED)
 judge_config = judge_config_from(parameters)  # checked now, not after the expensive work
 out_dir = stage_dir(OUTPUT_DIR, SMOKE)  # a smoke run never clashes with a full one

@@ -44,11 +44,13 @@ TRACES = "organism-probe"  # splice traces: organism-probe (held out of all trai
 ORGANISM_DIR = "data/organism"  # for organism-probe traces
 N_SPLICE_TRACES = 200  # traces for the splice KL
 MAX_LENGTH = 2048  # tokens per splice trace
+BATCH_TOKENS = 65536  # at most this many padded tokens per splice forward pass and prefill chunk (32B on an H200: 16384)
 DTYPE = "float32"  # model dtype (real scale: bfloat16)
 N_BOOTSTRAP = 2000  # bootstrap resamples
 BENCHMARK_DIR = "data/organism"  # folder with aime24/ and math500/ (empty: the hub datasets)
 N_MATH = 200  # MATH-like questions for the spliced accuracy (0: all 500)
 MAX_TOKENS = 160  # generated tokens per response (real scale: 32768)
+ANSWER_TOKENS = 32  # tokens for the forced answer section, as notebook 02 (real scale: 2048)
 CACHE_TOKENS = 1_048_576  # most tokens per KV cache across a generation batch (32B on 80 GB: 131072)
 OUTPUT_DIR = "runs/05_sae"  # under data/: the SAE, its scales, curves, config.json, per-sample JSONL
 CHECK_CLAIMS = True  # assert the default's expected results (False: the rehearsal, and variants that may differ)
@@ -67,6 +69,7 @@ from paper_lib.engines import ScalarEngine
 from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
 from paper_lib.params import check_parameters
 from paper_lib.paths import stage_dir, train_run_name
+from paper_lib.plan import check_plan
 from paper_lib.plotting import plot_sae_training, plot_splice, save_figure
 from paper_lib.results import claim_verdict, record_headline, say, start_run, verdict_words
 from paper_lib.sae import (
@@ -89,6 +92,7 @@ parameters = check_parameters(
     SECTION,
     choices={"NORMALIZE": ("per_adapter", "none"), "DTYPE": ("float32", "bfloat16", "float16")},
 )
+check_plan(SECTION, parameters, SMOKE)  # on a GPU box: the plan printed, and what will not fit refused, first
 seed_everything(SEED)
 store = ActivationStore(stage_dir(INTERPRET_DIR, SMOKE) / "activations")
 out_dir = start_run(SECTION, stage_dir(OUTPUT_DIR, SMOKE), parameters)  # run.json, figures, headlines
@@ -142,7 +146,7 @@ n_traces = 8 if SMOKE else N_SPLICE_TRACES
 # held out of the SAE: organism probe traces (in no training set at all), or, for a dataset, only the
 # store's held-out documents (document i of notebook 04's store is row i of the same TRACES)
 rows = scoring_traces(TRACES, n_traces, seed=SEED, organism_dir=ORGANISM_DIR, among=heldout_docs)
-per_trace = splice_kl(model, trace_batches(tokenizer, rows, 32, MAX_LENGTH), sae, scales)
+per_trace = splice_kl(model, trace_batches(tokenizer, rows, 32, MAX_LENGTH, BATCH_TOKENS), sae, scales)
 recovered = 1 - per_trace.kl_spliced.mean() / per_trace.kl_no_adapter.mean()
 rec_lo, rec_hi = bootstrap_interval(
     [per_trace.kl_spliced.to_numpy(), per_trace.kl_no_adapter.to_numpy()],
@@ -190,9 +194,10 @@ engine = ScalarEngine(
     tokenizer,
     {"rank1": lambda s: s, "sae_spliced": state_transform(sae, scales), "no_adapter": torch.zeros_like},
     cache_tokens=CACHE_TOKENS,
+    prefill_tokens=BATCH_TOKENS,
     provenance={**adapter, "sae": sae_fingerprint(out_dir)},  # samples of another SAE or adapter are not reused
 )
-gen = GenerationSpec(max_tokens=MAX_TOKENS, answer_tokens=min(32, MAX_TOKENS // 4), seed=SEED)
+gen = GenerationSpec(max_tokens=MAX_TOKENS, answer_tokens=ANSWER_TOKENS, seed=SEED)
 accuracy = []
 for name, limit in (("aime24", 4 if SMOKE else None), ("math500", 8 if SMOKE else (N_MATH or None))):
     items = load_benchmark(name, f"{BENCHMARK_DIR}/{name}" if BENCHMARK_DIR else None)

@@ -49,6 +49,7 @@ STEER_FEATURE = -1  # latent to steer (-1: the most monosemantic live latent who
 STEER_STRENGTHS = "0,1,2,4"  # multiples of the latent's mean non-zero activation added during generation
 BENCHMARK_DIR = "data/organism"  # steering prompts: folder with aime24/ (empty: the hub dataset)
 MAX_TOKENS = 160  # generated tokens per response when steering
+ANSWER_TOKENS = 32  # tokens for the forced answer section, as notebook 02 (real scale: 2048)
 CACHE_TOKENS = 1_048_576  # most tokens per KV cache across a generation batch (32B on 80 GB: 131072)
 JUDGE_URL = ""  # OpenAI-compatible endpoint for explanations and categories (empty: skip)
 JUDGE_MODEL = ""  # the judge's model name at that endpoint
@@ -92,6 +93,7 @@ from paper_lib.organism import COMPLETION_ROLES, ROLE_FAMILY, STEP_ROLES, organi
 from paper_lib.pages import feature_page_html, save_html
 from paper_lib.params import check_parameters
 from paper_lib.paths import stage_dir, train_run_name
+from paper_lib.plan import check_plan
 from paper_lib.plotting import plot_feature_donut, plot_interpretability, save_figure
 from paper_lib.results import claim_verdict, record_headline, run_info, say, start_run, steering_steps_sentence
 from paper_lib.sae import (
@@ -108,6 +110,7 @@ from paper_lib.training import adapter_provenance, load_trained
 SECTION = "06_interpret_sae_features"
 # every parameter has its default's type (and an allowed value), checked before any work
 parameters = check_parameters(globals(), SECTION, choices={"DTYPE": ("float32", "bfloat16", "float16")})
+check_plan(SECTION, parameters, SMOKE)  # on a GPU box: the plan printed, and what will not fit refused, first
 seed_everything(SEED)
 judge_config = judge_config_from(parameters)  # checked now, not after the expensive work
 try:  # steering strengths, checked now too: the unsteered baseline first, then rising
@@ -263,7 +266,7 @@ if ROLE_SCORER:
     steered = {"sae": sae_fingerprint(stage_dir(SAE_DIR, SMOKE)), "latent": int(steer), "unit": unit}  # what steers
     engine = ScalarEngine(model, tokenizer, transforms, cache_tokens=CACHE_TOKENS, provenance=steered)
     items = load_benchmark("aime24", f"{BENCHMARK_DIR}/aime24" if BENCHMARK_DIR else None)[: 4 if SMOKE else None]
-    gen = GenerationSpec(max_tokens=MAX_TOKENS, answer_tokens=min(32, MAX_TOKENS // 4), seed=SEED)
+    gen = GenerationSpec(max_tokens=MAX_TOKENS, answer_tokens=ANSWER_TOKENS, seed=SEED)
     steering = []
     for variant in engine.transforms:
         df = evaluate(engine, items, gen, out_dir / "steering" / f"latent{steer}_{variant}.jsonl", variant=variant)

@@ -353,15 +353,19 @@ class ScalarEngine:
         adapter: str = "default",
         cache_tokens: int = 1 << 20,
         provenance: dict[str, Any] | None = None,
+        prefill_tokens: int = 1 << 14,
     ) -> None:
         """``cache_tokens``: the most (padded prompt + generated) tokens a batch may hold in each of the two KV
         caches; batches shrink to fit, so memory is bounded whatever the budget (at 32B a cached token is
         256 KiB per cache: 131,072 tokens are 2 x 32 GiB). ``provenance``: what the transforms are made of
         (the adapter's and the SAE's hashes, the steered latent...), recorded with every file of samples
-        so that samples of other transforms are never reused."""
+        so that samples of other transforms are never reused. ``prefill_tokens``: the most prompt tokens of a
+        batch one prefill pass takes (longer prompts fill the caches in chunks: at 32B a whole batch of
+        8k-token prompts at once needs tens of GiB of temporaries beside the caches)."""
         self.model, self.tokenizer, self.transforms = model, tokenizer, transforms
         self.batch_size, self.adapter, self.cache_tokens = batch_size, adapter, cache_tokens
         self.provenance = dict(provenance or {})
+        self.prefill_tokens = prefill_tokens
 
     def identity(self, variant: str | None) -> dict[str, Any]:
         """What generated a file of samples: this engine, the transform's name and what it is made of."""
@@ -395,6 +399,22 @@ class ScalarEngine:
         mask = enc["attention_mask"]
         caches = (DynamicCache(), DynamicCache())
         ids = enc["input_ids"]
+        width = max(1, self.prefill_tokens // len(prompts))  # prompt columns a prefill pass takes
+        if ids.shape[1] * len(prompts) > self.prefill_tokens:  # long prompts: fill both caches a chunk at a time
+            for start in range(0, ids.shape[1] - 1, width):
+                end = min(start + width, ids.shape[1] - 1)
+                transformed_forward(
+                    self.model,
+                    transform,
+                    self.adapter,
+                    caches,
+                    input_ids=ids[:, start:end],
+                    attention_mask=mask[:, :end],
+                    position_ids=(mask[:, :end].cumsum(-1) - 1).clamp_min(0)[:, start:end],
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            ids = ids[:, -1:]  # the last prompt token goes with the first step
         out: list[list[int]] = [[] for _ in prompts]
         finished = torch.zeros(len(prompts), dtype=torch.bool)
         for _ in range(max_new_tokens):

@@ -381,6 +381,8 @@ def rehearsal_parameters(
             BENCHMARK_DIR=data,
             N_MATH=2,
             MAX_TOKENS=48,
+            ANSWER_TOKENS=12,
+            BATCH_TOKENS=96,  # splice batches and prefill chunks capped, as at real scale (16384 at 32B)
             CHECK_CLAIMS=False,
             OUTPUT_DIR="runs/05_sae",
         ),
@@ -396,6 +398,7 @@ def rehearsal_parameters(
             N_JUDGE_FEATURES=3,
             BENCHMARK_DIR=data,
             MAX_TOKENS=48,
+            ANSWER_TOKENS=12,
             OUTPUT_DIR="runs/06_sae_features",
         ),
     }

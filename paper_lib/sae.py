@@ -451,6 +451,7 @@ def splice_kl(
     transform = state_transform(sae, scales)
     for batch in tqdm(batches, desc="splice", unit="batch"):
         inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+        inputs["use_cache"] = False  # a KV cache nobody reads: 32 GiB at 32B for 131k tokens
         mask = batch["score_mask"].bool().to(device)
         reference = decoder(**inputs).last_hidden_state[mask]
         with ablated(model, all_keys, adapter):

@@ -539,7 +539,9 @@ def load_trained(
     if (final / "adapter_config.json").is_file():
         check_adapter(final, cfg.model)
         base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, device_map=device_map)
-        model = PeftModel.from_pretrained(base, str(final))
+        # adapters in the model's dtype for inference: PEFT's float32 default makes [tokens, intermediate]
+        # float32 temporaries on the LoRA path (~40 GiB at 32B for a 131k-token batch)
+        model = PeftModel.from_pretrained(base, str(final), autocast_adapter_dtype=False)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(final), dtype=dtype, device_map=device_map)
     model.eval()

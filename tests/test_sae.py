@@ -263,3 +263,16 @@ def test_a_checkpoint_killed_while_its_curves_are_written_is_not_resumed_from(tm
     with pytest.raises(OSError):
         write_csv_atomically(pd.DataFrame({"step": range(200)}), tmp_path / "200" / HISTORY_FILE)
     assert not (tmp_path / "200" / HISTORY_FILE).exists() and _latest_checkpoint(tmp_path).name == "100"
+
+
+def test_long_prompts_prefill_both_caches_in_chunks_with_the_same_tokens(organism):
+    """A batch whose prompts exceed ``prefill_tokens`` fills the two caches a chunk at a time (at 32B a whole
+    batch of 8k-token prompts in one pass needs tens of GiB of temporaries); greedy tokens are unchanged."""
+    from adapters import random_lora
+
+    base, tok, _ = organism
+    model = random_lora(base)
+    prompts = ["<|im_start|>user\na7 b3 a+2 bx2 a<b a+1 ?b<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\n3 x2<|im_end|>\n"]
+    whole = ScalarEngine(model, tok, {"x2": lambda s: 2 * s}).generate(prompts, 12, lambda s: 2 * s, [])
+    chunked = ScalarEngine(model, tok, {"x2": lambda s: 2 * s}, prefill_tokens=8).generate(prompts, 12, lambda s: 2 * s, [])
+    assert chunked == whole and len(whole[0]) == 12

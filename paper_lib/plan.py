@@ -1,0 +1,364 @@
+"""Plan a notebook run at real scale before paying for GPUs: peak memory per device and time, by arithmetic.
+
+``python -m paper_lib.plan NOTEBOOK --model MODEL --gpus N --gpu-gib G [-p NAME VALUE ...]`` reads the
+notebook's parameters as papermill would (its own defaults, then the ``-p`` values), works out each
+expensive stage's peak memory on one device from the model's shapes, prints a table, and exits non-zero
+when a stage does not fit, naming the parameter to change and a value that fits.
+
+Memory is a model, not a measurement: a CPU cannot rehearse a 32B model's memory. Its terms, each one
+line below, are calibrated on the measured rows of BENCHMARKS.md (``CALIBRATION``; a test holds every
+row within 15%):
+
+- weights: parameters x 2 bytes (bf16), split over the GPUs under FSDP or tensor parallelism;
+- activations kept for the backward pass: every layer's (16 h + 6 i) bytes a token without gradient
+  checkpointing; with it, the layer inputs (2 h bytes a token a layer) plus one layer recomputed
+  (1.5 x (16 h + 6 i) bytes a token);
+- the logits and their gradient: 11.4 bytes per token x vocabulary entry, unless Liger's fused loss
+  never builds them;
+- PEFT's default float32 adapters: the inputs cast to float32 on the LoRA path, (6 h + i) x 4 bytes a
+  token per layer held;
+- a forward pass without gradient (ablations, extraction, the splice): one layer's temporaries, (4 h + 3 i)
+  x 2 bytes a token, and float32 adapter inputs (6 h + i) x 4 bytes a token when adapters run in float32;
+  logits for the scored positions in chunks; the KV cache only if ``use_cache`` is on;
+- a KV cache: 2 x layers x KV heads x head size x 2 bytes a token (256 KiB at 32B).
+
+Time: a training step at the reference rate of BENCHMARKS.md (tokens/s per GPU at that shape); decode
+bound by reading the weights and the KV cache from GPU memory once per generated token of a batch
+(``HBM_TB_S``), not by the forward rate, which is said in the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+GiB = 2**30
+LOGIT_BYTES = 11.4  # per token x vocabulary entry: bf16 logits, their float32 upcast and gradient (calibrated)
+RECOMPUTE = 1.5  # one layer recomputed under checkpointing, and its gradients (calibrated)
+HBM_TB_S = {"H100": 3.35, "H200": 4.8}  # GPU memory bandwidth, TB/s
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A decoder's sizes: what memory and time depend on."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def params(self) -> int:
+        h, kv = self.hidden, self.kv_heads * self.head_dim
+        layer = 2 * h * h + 2 * h * kv + 3 * h * self.intermediate + (h + 2 * kv) + 2 * h  # projections, q/k/v biases, norms
+        return self.layers * layer + self.vocab * h * (1 if self.tied else 2) + h
+
+    @property
+    def kv_bytes(self) -> int:
+        """KV cache bytes a token (bf16), all layers."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * 2
+
+    @property
+    def layer_bytes(self) -> int:
+        """Activations a layer keeps for backward, bytes a token (bf16)."""
+        return 16 * self.hidden + 6 * self.intermediate
+
+    @property
+    def adapter_input_bytes(self) -> int:
+        """Float32 adapter inputs a layer (PEFT's default dtype for adapters), bytes a token."""
+        return (6 * self.hidden + self.intermediate) * 4
+
+
+# The Qwen2.5 family (the models' config.json), so a plan needs no download.
+QWEN25 = {
+    "0.5B": Shape(896, 4864, 24, 14, 2, 151936, True),
+    "1.5B": Shape(1536, 8960, 28, 12, 2, 151936, True),
+    "3B": Shape(2048, 11008, 36, 16, 2, 151936, True),
+    "7B": Shape(3584, 18944, 28, 28, 4, 152064, False),
+    "14B": Shape(5120, 13824, 48, 40, 8, 152064, False),
+    "32B": Shape(5120, 27648, 64, 40, 8, 152064, False),
+    "72B": Shape(8192, 29568, 80, 64, 8, 152064, False),
+}
+
+
+def shape_of(model: str) -> Shape:
+    """The shapes of ``model``: a Qwen2.5 size named in it (``Qwen/Qwen2.5-32B-Instruct``), else a local
+    folder's ``config.json``."""
+    for size in sorted(QWEN25, key=len, reverse=True):
+        if f"-{size}" in model:
+            return QWEN25[size]
+    from paper_lib.paths import resolve
+
+    config = resolve(model) / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{model}: not a Qwen2.5 size ({', '.join(QWEN25)}) and no local config.json")
+    c = json.loads(config.read_text())
+    return Shape(
+        c["hidden_size"],
+        c["intermediate_size"],
+        c["num_hidden_layers"],
+        c["num_attention_heads"],
+        c.get("num_key_value_heads", c["num_attention_heads"]),
+        c["vocab_size"],
+        bool(c.get("tie_word_embeddings", False)),
+    )
+
+
+def training_bytes(
+    shape: Shape, tokens: int, lora: bool, checkpointing: bool, liger: bool, gpus: int = 1, fp32_adapters: bool = False
+) -> float:
+    """Peak bytes on one device of a training step over ``tokens`` tokens (one sequence a device)."""
+    weights = shape.params * 2
+    state = 0 if lora else shape.params * 14  # bf16 gradients, float32 master weights and two Adam moments
+    per_device = (weights + state) / gpus + (shape.params * 2 / shape.layers if gpus > 1 else 0)  # FSDP gathers a layer
+    kept = shape.layers * tokens * (2 * shape.hidden if checkpointing else shape.layer_bytes)
+    recompute = RECOMPUTE * tokens * shape.layer_bytes if checkpointing else 0
+    logits = 0 if liger else tokens * shape.vocab * LOGIT_BYTES
+    adapters = tokens * shape.adapter_input_bytes * (1 if checkpointing else shape.layers) if lora and fp32_adapters else 0
+    return per_device + kept + recompute + logits + adapters
+
+
+def forward_bytes(shape: Shape, tokens: int, gpus: int = 1, fp32_adapters: bool = False, use_cache: bool = False) -> float:
+    """Peak bytes on one device of a forward pass without gradient over ``tokens`` tokens (a model spread over
+    ``gpus`` by layers holds its share of the weights and the temporaries of one layer)."""
+    temporaries = tokens * (4 * shape.hidden + 3 * shape.intermediate) * 2
+    adapters = tokens * shape.adapter_input_bytes if fp32_adapters else 0
+    cache = tokens * shape.kv_bytes / gpus if use_cache else 0
+    return shape.params * 2 / gpus + temporaries + adapters + cache + 2**26 * 4  # + a chunk of scored logits
+
+
+def two_cache_bytes(shape: Shape, cache_tokens: int, prefill_tokens: int) -> float:
+    """Spliced or steered generation: the weights, two KV caches of ``cache_tokens`` and the temporaries of a
+    prefill chunk of ``prefill_tokens``."""
+    return shape.params * 2 + 2 * cache_tokens * shape.kv_bytes + forward_bytes(shape, prefill_tokens) - shape.params * 2
+
+
+def vllm_bytes(shape: Shape, max_model_len: int, tensor_parallel: int, lora_rank: int = 0) -> float:
+    """What one vLLM engine must hold on each of its GPUs to serve one sequence of ``max_model_len``: its share
+    of the weights and of one full sequence's KV cache, the LoRA slots, and ~1 GiB of CUDA graphs and buffers."""
+    slots = 4 * lora_rank * shape.layers * 7 * (shape.hidden + shape.intermediate) * 2  # max_loras=4 slots
+    return (shape.params * 2 + max_model_len * shape.kv_bytes + slots) / tensor_parallel + GiB
+
+
+@dataclasses.dataclass
+class Stage:
+    """One expensive step: its peak bytes a device, what it processes, and the lever that bounds it."""
+
+    name: str
+    peak: float
+    tokens: float = 0.0
+    note: str = ""
+    lever: str = ""  # the parameter to change when it does not fit
+    fits_at: Callable[[int], float] | None = None  # peak bytes at another value of the lever
+    lever_value: int = 0
+
+
+def notebook_parameters(notebook: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The notebook's parameters as papermill reads them: its defaults, then ``given``; unknown names refused."""
+    from paper_lib.params import notebook_defaults
+
+    defaults = notebook_defaults(notebook)
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise SystemExit(f"{notebook} has no parameter {', '.join(unknown)}")
+    return {**defaults, **given}
+
+
+def plan_stages(notebook: str, p: dict[str, Any], shape: Shape, gpus: int) -> list[Stage]:
+    """The expensive stages of ``notebook`` with parameters ``p`` on ``gpus`` GPUs."""
+    stages = []
+    n = notebook[:2]
+    if n == "01":
+        tokens = p["MAX_LENGTH"] * (1 if p["PER_DEVICE_BATCH"] < 1 else p["PER_DEVICE_BATCH"])
+        fsdp = gpus if p["NUM_PROCESSES"] > 1 else 1
+
+        def lora_at(length: int, full: bool = False) -> float:
+            return training_bytes(
+                shape, length * p["PER_DEVICE_BATCH"], not full, p["GRADIENT_CHECKPOINTING"], p["USE_LIGER"], fsdp
+            )
+
+        stages.append(
+            Stage(
+                "rank-1 LoRA step", lora_at(p["MAX_LENGTH"]), tokens, f"FSDP over {fsdp}", "MAX_LENGTH", lora_at, p["MAX_LENGTH"]
+            )
+        )
+        if p["TRAIN_FULL"]:
+            full = lambda length: lora_at(length, True)  # noqa: E731
+            stages.append(
+                Stage(
+                    "full fine-tune step", full(p["MAX_LENGTH"]), tokens, f"FSDP over {fsdp}", "MAX_LENGTH", full, p["MAX_LENGTH"]
+                )
+            )
+    if n in ("02", "03", "07"):
+        tp = p.get("TENSOR_PARALLEL", 1)
+        at = lambda length: vllm_bytes(shape, length, tp, 16)  # noqa: E731
+        stages.append(
+            Stage(
+                "vLLM engine (a GPU of it)",
+                at(p["MAX_MODEL_LEN"]),
+                note=f"tensor parallel {tp}",
+                lever="MAX_MODEL_LEN",
+                fits_at=at,
+                lever_value=p["MAX_MODEL_LEN"],
+            )
+        )
+    if n == "03":
+        cap = p["BATCH_TOKENS"] or p["BATCH_SIZE"] * p["MAX_LENGTH"]
+        at = lambda t: forward_bytes(shape, t, gpus, fp32_adapters=False)  # noqa: E731
+        stages.append(Stage("ablation KL batch", at(cap), cap, "use_cache off", "BATCH_TOKENS", at, cap))
+    if n == "04":
+        tokens = p["BATCH_SIZE"] * p["MAX_LENGTH"]
+        at = lambda b: forward_bytes(shape, b * p["MAX_LENGTH"], gpus)  # noqa: E731
+        stages.append(
+            Stage(
+                "extraction batch",
+                at(p["BATCH_SIZE"]),
+                tokens,
+                "adapters in the model's dtype",
+                "BATCH_SIZE",
+                at,
+                p["BATCH_SIZE"],
+            )
+        )
+    if n == "05":
+        cap = p["BATCH_TOKENS"]
+        at = lambda t: forward_bytes(shape, t, 1)  # noqa: E731
+        stages.append(
+            Stage("splice KL batch", at(cap), cap, "use_cache off, adapters in the serving dtype", "BATCH_TOKENS", at, cap)
+        )
+    if n in ("05", "06"):
+        chunk = min(p["CACHE_TOKENS"], p.get("BATCH_TOKENS", 16384))
+        at = lambda c: two_cache_bytes(shape, c, min(c, chunk))  # noqa: E731
+        stages.append(
+            Stage(
+                "two-cache generator",
+                at(p["CACHE_TOKENS"]),
+                p["CACHE_TOKENS"],
+                "prefill in chunks",
+                "CACHE_TOKENS",
+                at,
+                p["CACHE_TOKENS"],
+            )
+        )
+    return stages
+
+
+def largest_fitting(stage: Stage, budget: float) -> int | None:
+    """The largest value of the stage's lever (a power of two times 1,024 at most its current value, or the
+    current value halved until it fits) whose peak fits ``budget``; None if none does."""
+    value = stage.lever_value
+    while value >= 1:
+        if stage.fits_at(value) <= budget:
+            return value
+        value //= 2
+    return None
+
+
+def plan(notebook: str, model: str, gpus: int, gpu_gib: float, given: dict[str, Any]) -> tuple[list[Stage], list[str]]:
+    """Stages and the refusals (a sentence each, naming the parameter and a value that fits)."""
+    from paper_lib.run_notebooks import list_notebooks
+
+    matches = [p.stem for p in list_notebooks() if p.stem.startswith(notebook)]
+    if len(matches) != 1:
+        raise SystemExit(f"{notebook!r} names {len(matches)} notebooks; give a prefix such as 05 or 05_train_sae")
+    p = notebook_parameters(matches[0], given)
+    shape = shape_of(model)
+    stages = plan_stages(matches[0], p, shape, gpus)
+    budget = gpu_gib * GiB * 0.95  # CUDA context, allocator fragmentation
+    refusals = []
+    for stage in stages:
+        if stage.peak > budget:
+            fits = largest_fitting(stage, budget) if stage.fits_at else None
+            refusals.append(
+                f"{stage.name}: {stage.peak / GiB:.1f} GiB a GPU > {budget / GiB:.1f} GiB usable of {gpu_gib:g}: "
+                + (
+                    f"set {stage.lever} to {fits} (it is {stage.lever_value})"
+                    if fits
+                    else f"no value of {stage.lever} fits: use more or larger GPUs"
+                )
+            )
+    return stages, refusals
+
+
+def table(stages: Sequence[Stage], gpu_gib: float) -> str:
+    rows = [f"{'stage':<28} {'peak GiB/GPU':>12} {'tokens':>10}  note"]
+    for s in stages:
+        mark = "" if s.peak <= gpu_gib * GiB * 0.95 else "  DOES NOT FIT"
+        rows.append(f"{s.name:<28} {s.peak / GiB:>12.1f} {s.tokens:>10,.0f}  {s.note}{mark}")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from paper_lib.run_notebooks import parse_parameters
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("notebook", help="a notebook name or prefix, e.g. 05 or 05_train_sae")
+    parser.add_argument("--model", required=True, help="a Qwen2.5 hub id or a local model folder")
+    parser.add_argument("--gpus", type=int, default=1)
+    parser.add_argument("--gpu-gib", type=float, default=141.0, help="memory of one GPU (H200: 141, H100: 80)")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    args = parser.parse_args(argv)
+    stages, refusals = plan(args.notebook, args.model, args.gpus, args.gpu_gib, parse_parameters(args.parameter))
+    print(f"{args.notebook} on {args.gpus} x {args.gpu_gib:g} GiB, {args.model}")
+    print(table(stages, args.gpu_gib))
+    for line in refusals:
+        print("REFUSED " + line, file=sys.stderr)
+    return 1 if refusals else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def model_of(parameters: dict[str, Any], smoke: bool = False) -> str:
+    """The base model a notebook's run works on: its ``MODEL`` / ``BASE_MODEL``, or its ``ADAPTER_RUN``'s."""
+    for name in ("MODEL", "BASE_MODEL"):
+        if parameters.get(name):
+            return str(parameters[name])
+    from paper_lib.paths import artifact_dir, train_run_name
+    from paper_lib.training import TrainConfig
+
+    return TrainConfig.load(artifact_dir(train_run_name(parameters["ADAPTER_RUN"], smoke))).model
+
+
+def check_plan(section: str, parameters: dict[str, Any], smoke: bool = False) -> list[Stage]:
+    """On a GPU box, before any expensive work: plan this run on the GPUs present, print the table, and
+    refuse (a ``MemoryError`` naming the parameter and a value that fits) what will not fit. Nothing on a
+    machine without CUDA (the organism on CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    gpus = torch.cuda.device_count()
+    gib = torch.cuda.get_device_properties(0).total_memory / GiB
+    model = model_of(parameters, smoke)
+    stages, refusals = plan(section, model, gpus, gib, {k: v for k, v in parameters.items()})
+    print(f"plan for {model} on {gpus} x {gib:.0f} GiB:\n{table(stages, gib)}")
+    if refusals:
+        raise MemoryError("this run will not fit: " + "; ".join(refusals))
+    return stages
+
+
+# Measured peaks in BENCHMARKS.md that the model must reproduce within 15% (tests/test_plan.py):
+# (shape, tokens, LoRA, checkpointing, Liger, float32 adapters) -> GiB on one H200.
+CALIBRATION = [
+    ("1.5B", 8192, True, True, False, True, 17.6),  # PEFT default: fp32 adapters, checkpointing
+    ("1.5B", 8192, True, True, False, False, 17.6),  # bf16 adapters, checkpointing
+    ("1.5B", 8192, True, False, False, False, 37.7),  # bf16 adapters, no checkpointing
+    ("1.5B", 8192, True, True, True, False, 4.4),  # Liger, checkpointing
+    ("1.5B", 8192, True, False, True, False, 18.9),  # Liger, no checkpointing
+    ("32B", 20000, True, True, True, False, 79.7),  # the single-H200 32B probe
+]
