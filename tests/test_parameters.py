@@ -155,4 +155,9 @@ def test_a_full_disk_and_a_file_for_the_figures_folder_say_where_and_what_to_do(
 
     monkeypatch.setattr("paper_lib.evaluation.grade", full)
     with pytest.raises(OSError, match=r"no space left while writing under .*base.*rerun: the run resumes"):
-        evaluate(Engine(), [Item("1", "1 +1", "2", "math")], GenerationSpec(max_tokens=64, answer_tokens=8), tmp_path / "base" / "a.jsonl")
+        evaluate(
+            Engine(),
+            [Item("1", "1 +1", "2", "math")],
+            GenerationSpec(max_tokens=64, answer_tokens=8),
+            tmp_path / "base" / "a.jsonl",
+        )

@@ -7,7 +7,7 @@ import shlex
 import pytest
 
 from paper_lib.paths import REPO_ROOT
-from paper_lib.plan import CALIBRATION, GiB, QWEN25, main, plan, training_bytes
+from paper_lib.plan import CALIBRATION, QWEN25, GiB, main, plan, training_bytes
 
 README = (REPO_ROOT / "README.md").read_text()
 BENCHMARKS = (REPO_ROOT / "BENCHMARKS.md").read_text()
@@ -56,7 +56,9 @@ def test_a_command_changed_to_what_cannot_fit_is_refused_naming_the_parameter(ca
     args = ["05_train_sae", "--model", "Qwen/Qwen2.5-32B-Instruct", "--gpus", "1", "--gpu-gib", "141"]
     assert main(args + ["-p", "CACHE_TOKENS", "1048576"]) == 1  # the case: two caches of 256 GiB
     assert "CACHE_TOKENS" in capsys.readouterr().err
-    readme_05 = [x for k, v in next(g for nb, g, _, _ in readme_commands() if nb == "05_train_sae").items() for x in ("-p", k, str(v))]
+    readme_05 = [
+        x for k, v in next(g for nb, g, _, _ in readme_commands() if nb == "05_train_sae").items() for x in ("-p", k, str(v))
+    ]
     assert main(args + readme_05) == 0
     assert main(args + readme_05 + ["-p", "CACHE_TOKENS", "1048576"]) == 1
     assert "set CACHE_TOKENS to 131072" in capsys.readouterr().err

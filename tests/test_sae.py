@@ -272,7 +272,10 @@ def test_long_prompts_prefill_both_caches_in_chunks_with_the_same_tokens(organis
 
     base, tok, _ = organism
     model = random_lora(base)
-    prompts = ["<|im_start|>user\na7 b3 a+2 bx2 a<b a+1 ?b<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\n3 x2<|im_end|>\n"]
+    prompts = [
+        "<|im_start|>user\na7 b3 a+2 bx2 a<b a+1 ?b<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>user\n3 x2<|im_end|>\n",
+    ]
     whole = ScalarEngine(model, tok, {"x2": lambda s: 2 * s}).generate(prompts, 12, lambda s: 2 * s, [])
     chunked = ScalarEngine(model, tok, {"x2": lambda s: 2 * s}, prefill_tokens=8).generate(prompts, 12, lambda s: 2 * s, [])
     assert chunked == whole and len(whole[0]) == 12
