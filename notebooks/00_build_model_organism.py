@@ -71,7 +71,7 @@ parameters = check_parameters(globals(), SECTION, choices={"TASK": ("chains", "r
 seed_everything(SEED)
 organism_dir = resolve(ORGANISM_DIR)
 # this run's run.json, figures and headline section (a smoke run never mixes with a full one)
-start_run(SECTION, stage_dir(OUTPUT_DIR, SMOKE), parameters)
+run_dir = start_run(SECTION, stage_dir(OUTPUT_DIR, SMOKE), parameters)  # run.json, figures, headline section
 
 # %% [markdown]
 # ## The task: a program on two registers, written out or answered directly

@@ -18,6 +18,7 @@ import seaborn as sns  # noqa: E402
 
 from paper_lib.interp import classified  # noqa: E402
 from paper_lib.paths import figures_dir  # noqa: E402
+from paper_lib.results import QuietDict  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -34,7 +35,7 @@ def save_figure(fig: plt.Figure, name: str, data: pd.DataFrame) -> dict[str, Pat
     data.to_csv(paths["csv"], index=False)
     show_inline(paths["png"])
     plt.close(fig)  # shown and saved: free it (a long notebook would otherwise keep every figure)
-    return paths
+    return QuietDict(paths)  # the figure is shown inline; its paths are not echoed
 
 
 def show_inline(png: Path) -> None:
@@ -366,34 +367,56 @@ def plot_splice(kl: pd.DataFrame, accuracy: pd.DataFrame) -> plt.Figure:
 
 def plot_feature_donut(mass: pd.DataFrame, title: str = "SAE features: activation mass by category") -> plt.Figure:
     """Figure 3: a two-ring donut, inner ring = category, outer ring = subcategory, sized by activation
-    mass. ``mass``: columns category, subcategory, mass."""
+    mass, as the paper draws it. Categories are named in a legend with their shares (inner-ring labels of
+    small slices piled on each other); a subcategory is labelled on the ring, with its share, when it holds
+    at least 4% of the mass. ``mass``: columns category, subcategory, mass."""
     mass = mass[mass["mass"] > 0].sort_values(["category", "mass"], ascending=[True, False])
     inner = mass.groupby("category", sort=False)["mass"].sum()
+    total = mass["mass"].sum()
     cmap = plt.get_cmap("tab10")
     colors = {c: cmap(i % 10) for i, c in enumerate(inner.index)}
-    fig, ax = plt.subplots(figsize=(7, 7))
-    ax.pie(
-        inner.values,
-        radius=0.7,
-        colors=[colors[c] for c in inner.index],
-        labels=inner.index,
-        labeldistance=0.35,
-        wedgeprops=dict(width=0.35, edgecolor="white"),
-        textprops=dict(fontsize=8),
+    fig, ax = plt.subplots(figsize=(9, 7))
+    wedges, _ = ax.pie(
+        inner.values, radius=0.7, colors=[colors[c] for c in inner.index], wedgeprops=dict(width=0.35, edgecolor="white")
     )
-    total = mass["mass"].sum()
-    outer_labels = [s if m / total > 0.02 else "" for s, m in zip(mass["subcategory"], mass["mass"])]
+    outer_labels = [f"{s} {m / total:.0%}" if m / total >= 0.04 else "" for s, m in zip(mass["subcategory"], mass["mass"])]
     ax.pie(
         mass["mass"],
         radius=1.0,
         colors=[(*colors[c][:3], 0.55) for c in mass["category"]],
         labels=outer_labels,
-        labeldistance=1.05,
+        labeldistance=1.06,
+        rotatelabels=True,
         wedgeprops=dict(width=0.3, edgecolor="white"),
         textprops=dict(fontsize=7),
     )
-    ax.set(aspect="equal", title=title)
+    ax.legend(
+        wedges,
+        [f"{c} ({m / total:.0%})" for c, m in inner.items()],
+        loc="center left",
+        bbox_to_anchor=(1.12, 0.5),
+        fontsize=8,
+        title="category (inner ring)",
+    )
+    ax.set(aspect="equal")
+    ax.set_title(title, pad=40)
+    fig.tight_layout()
     return fig
+
+
+def overlapping_labels(fig: plt.Figure) -> list[tuple[str, str]]:
+    """Pairs of visible, non-empty texts of ``fig`` (tick labels, titles, legend entries, slice labels)
+    whose drawn extents overlap, from matplotlib's own text extents after a draw."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [t for t in fig.findobj(plt.Text) if t.get_visible() and t.get_text().strip()]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    return [
+        (a, b)
+        for i, (a, box_a) in enumerate(boxes)
+        for b, box_b in boxes[i + 1 :]
+        if box_a.overlaps(box_b) and box_a.width > 0 and box_b.width > 0
+    ]
 
 
 def plot_shares_by_size(by_size: pd.DataFrame) -> plt.Figure:

@@ -28,6 +28,70 @@ def load_headlines(path: Path | None = None) -> dict[str, dict[str, Any]]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+class Quiet:
+    """A return value a notebook cell does not echo (IPython shows nothing for it), so that a call that
+    ends a cell (``say``, ``record_headline``, ``save_figure``) leaves only what it displays itself."""
+
+    def _ipython_display_(self) -> None:
+        pass
+
+
+class QuietText(Quiet, str):
+    pass
+
+
+class QuietDict(Quiet, dict):
+    pass
+
+
+def in_kernel() -> bool:
+    """Whether this runs inside a Jupyter kernel (a notebook, papermill)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+LOG_FILE = "run.log"
+
+
+def quiet_logs(out_dir: Path) -> Path:
+    """In a notebook: library logs, warnings and progress bars go to ``out_dir/run.log``, not the page (one
+    line on the page says where). transformers', datasets' and vLLM's own stderr handlers are removed and
+    their records passed to the root logger's file handler; tqdm bars are off (``TQDM_DISABLE``)."""
+    import warnings
+
+    path = out_dir / LOG_FILE
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM's records then reach the root logger
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")  # each warning once a place, into the log
+    for library in ("transformers", "datasets", "vllm", "sae_lens", "trl", "peft"):
+        logger = logging.getLogger(library)
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+        logger.propagate = True
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    print(f"logs, warnings and progress: {path}")
+    return path
+
+
 RUN_FILE = "run.json"  # beside a stage's own config.json (a TrainConfig, an SAESpec), never over it
 _RUNS: dict[str, dict[str, Any]] = {}  # sections this process writes whole: {"info": ..., "written": bool}
 
@@ -70,6 +134,8 @@ def start_run(section: str, out_dir: str | Path, parameters: dict[str, Any]) -> 
     figures_dir()  # a file where the figures go is refused now, not after the expensive work
     _RUNS[section] = {"info": {"commit": info["commit"], "parameters": parameters}, "written": False, "dir": out_dir}
     (out_dir / SAID_FILE).write_text(f"# What {section} saw (commit {info['commit']})\n")
+    if in_kernel():
+        quiet_logs(out_dir)
     return out_dir
 
 
@@ -207,15 +273,11 @@ def say(section: str, text: str) -> str:
     if run is not None:
         with (run["dir"] / SAID_FILE).open("a") as handle:
             handle.write("\n" + text.strip() + "\n")
-    try:
-        from IPython import get_ipython
+    if in_kernel():
         from IPython.display import Markdown, display
-    except ImportError:
-        return text
-    shell = get_ipython()
-    if shell is not None and getattr(shell, "kernel", None) is not None:
+
         display(Markdown(text))
-    return text
+    return QuietText(text)  # shown once, as markdown: not echoed again as a string
 
 
 def record_headline(
@@ -249,7 +311,7 @@ def record_headline(
         json.dump(data, handle, indent=2)
         handle.write("\n")
     os.replace(tmp, path)
-    return entry
+    return QuietDict(entry)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

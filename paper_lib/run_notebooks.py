@@ -52,15 +52,18 @@ def run_notebook(
     jupytext.write(notebook, unexecuted)
     executed = out_dir / f"{source.stem}.ipynb"
     start = time.perf_counter()
-    papermill.execute_notebook(
-        str(unexecuted),
-        str(executed),
-        parameters=parameters or {},
-        kernel_name=name,
-        cwd=str(REPO_ROOT),
-        execution_timeout=timeout_s,
-        progress_bar=False,
-    )
+    # progress bars off from the kernel's first import (logs go to the run's file), and tqdm's warning that
+    # ipywidgets is absent (it is, in papermill's kernels) not printed on the page
+    with environment(TQDM_DISABLE="1", PYTHONWARNINGS="ignore:IProgress not found"):
+        papermill.execute_notebook(
+            str(unexecuted),
+            str(executed),
+            parameters=parameters or {},
+            kernel_name=name,
+            cwd=str(REPO_ROOT),
+            execution_timeout=timeout_s,
+            progress_bar=False,
+        )
     unexecuted.unlink()
     return executed, (time.perf_counter() - start) / 60
 

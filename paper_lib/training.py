@@ -311,7 +311,7 @@ def build_sft_config(cfg: TrainConfig, n_processes: int | None = None):
         save_total_limit=2,
         report_to="none",
         dataloader_num_workers=0,
-        disable_tqdm=False,
+        disable_tqdm=os.environ.get("TQDM_DISABLE") == "1",  # a notebook's run: progress to its log, not the page
         use_cpu=not torch.cuda.is_available(),  # also lets transformers accept bf16 (autocast) on a CPU
     )
 
@@ -355,6 +355,10 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
     dataset, data_stats = build_sft_dataset(traces, tokenizer, cfg.max_length)
     args = build_sft_config(cfg)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    if args.disable_tqdm:  # without a bar, transformers prints every log row instead: they are in log_history.csv
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     from transformers.trainer_utils import get_last_checkpoint
 

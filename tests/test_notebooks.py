@@ -56,6 +56,10 @@ def test_notebook_follows_the_skeleton(path):
     ]
 
 
+STDERR_LINES = 0  # an executed notebook's page: no stderr at all ...
+STDOUT_LINES = 120  # ... and at most this many printed lines (tables and a line per stage)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_in_smoke_mode(path, tmp_path):
@@ -75,6 +79,14 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
     nb = jupytext.read(executed)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
+    # quiet by default: library logs, warnings and progress bars go to the run's log file, return values
+    # are not echoed, and what is printed fits a few screens
+    streams = [o for o in outputs if o.get("output_type") == "stream"]
+    stderr = "".join(o["text"] for o in streams if o["name"] == "stderr")
+    stdout = "".join(o["text"] for o in streams if o["name"] == "stdout")
+    assert stderr.count("\n") <= STDERR_LINES, stderr[:2000]
+    assert stdout.count("\n") <= STDOUT_LINES, stdout[:2000]
+    assert not [o for o in outputs if o.get("output_type") == "execute_result"], "a return value echoed on the page"
     code = [line for c in jupytext.read(path).cells if c.cell_type == "code" for line in c.source.splitlines()]
     always = sum(line.startswith("save_figure(") for line in code)  # saved unconditionally
     shown = sum("image/png" in o.get("data", {}) for o in outputs)

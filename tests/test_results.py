@@ -309,3 +309,21 @@ def test_scaling_sweeps_are_judged_for_the_adapter_by_the_one_rule():
     assert judged[("full", "budget")] == NO_CLAIM
     text = scaling_sentence(changes, "aime24")
     assert "rank1 0.00 -> 1.00" in text and text.count("s1's claim") == 2
+
+
+def test_the_donut_labels_do_not_overlap():
+    """Figure 3 of a run: seven categories, some small, and 34 subcategories (the organism's roles). Its
+    inner-ring labels piled on each other; the categories are now in a legend with their shares."""
+    import numpy as np
+    import pandas as pd
+
+    from paper_lib.organism import ROLE_FAMILY
+    from paper_lib.plotting import overlapping_labels, plot_feature_donut
+
+    rng = np.random.default_rng(0)
+    mass = pd.DataFrame(
+        [{"category": family, "subcategory": role, "mass": float(rng.pareto(1.0) * 1000)} for role, family in ROLE_FAMILY.items()]
+    )
+    fig = plot_feature_donut(mass)
+    assert overlapping_labels(fig) == []
+    assert any("%" in t.get_text() for t in fig.findobj(plt.Text))  # shares, as the paper's donut
