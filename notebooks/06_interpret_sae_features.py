@@ -58,6 +58,7 @@ JUDGE_MAX_TOKENS = 48  # answer tokens per request (0: not sent; reasoning model
 JUDGE_TOKEN_PARAM = "max_tokens"  # or max_completion_tokens (APIs whose reasoning models refuse max_tokens)
 JUDGE_TEMPERATURE = 0.0  # sampling temperature (-1: not sent, for models that refuse one)
 JUDGE_CONCURRENCY = 8  # judge requests in flight at once
+JUDGE_TIMEOUT = 60.0  # seconds a judge request may take (a reasoning judge writing thousands of tokens: 600)
 N_JUDGE_FEATURES = 100  # live latents sent to the judge (0: all)
 OUTPUT_DIR = "runs/06_sae_features"  # under data/: scores, steering samples, judge cache
 SMOKE = False  # fast check for CI

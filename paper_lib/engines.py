@@ -25,6 +25,7 @@ import torch
 from paper_lib.activations import transformed_forward
 from paper_lib.formats import END_MARKERS, IM_START
 from paper_lib.paths import resolve
+from paper_lib.results import progress_enabled
 from paper_lib.training import adapter_weights_hash, check_adapter, data_relative, input_device, model_fingerprint
 
 if TYPE_CHECKING:
@@ -201,6 +202,7 @@ class VLLMEngine(ServingEngine):
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:  # CPU backend: a fixed KV-cache size instead of a fraction of the machine's memory
             kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
+        kwargs["use_tqdm_on_load"] = progress_enabled()  # its weight-loading bar would reach a notebook's page
         if self.adapters:
             kwargs.update(
                 enable_lora=True, max_lora_rank=vllm_lora_rank(list(self.adapters.values())), max_loras=len(self.adapters)
@@ -209,7 +211,7 @@ class VLLMEngine(ServingEngine):
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self.dtype_name = str(self.llm.model_config.dtype)
-        self.progress = on_gpu  # vLLM's own bar per call: hours at real scale, seconds on the organism
+        self.progress = on_gpu and progress_enabled()  # vLLM's own bar per call: hours at real scale, seconds on the organism
         self._lora_ids = {name: i + 1 for i, name in enumerate(self.adapters)}
 
     def close(self) -> None:

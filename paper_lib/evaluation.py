@@ -24,7 +24,7 @@ from paper_lib.engines import Engine, EvaluationError
 from paper_lib.formats import ANSWER, LETTERS, THINK, chat_prompt
 from paper_lib.grading import extract_choice, final_section, is_correct_choice, is_correct_math
 from paper_lib.paths import explained_disk_errors
-from paper_lib.results import read_jsonl
+from paper_lib.results import progress_enabled, read_jsonl
 
 BENCHMARKS: dict[str, dict[str, Any]] = {
     "aime24": {"source": "HuggingFaceH4/aime_2024", "split": "train", "config": None},
@@ -433,7 +433,13 @@ def evaluate(
             )
     finished = set(zip(done["id"].astype(str), done["sample"].astype(int))) if len(done) else set()
     todo = [it for it in items if any((it.id, s) not in finished for s in range(spec.n))]
-    with tqdm(total=len(items), initial=len(items) - len(todo), desc=out_path.stem, unit="question", disable=not todo) as bar:
+    with tqdm(
+        total=len(items),
+        initial=len(items) - len(todo),
+        desc=out_path.stem,
+        unit="question",
+        disable=not todo or not progress_enabled(),
+    ) as bar:
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
             responses = generate_responses(engine, [it.question for it in part], spec, variant)

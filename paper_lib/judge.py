@@ -33,7 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from paper_lib.config import Config, require
-from paper_lib.results import read_jsonl
+from paper_lib.results import progress_enabled, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,21 @@ class JudgeConfig(Config):
         return params
 
 
+def strip_reasoning(text: str) -> str:
+    """A reasoning model's answer without its thinking: a vLLM server started without a reasoning parser
+    returns ``<think>...</think>`` inside ``content``, which would otherwise become the explanation (or the
+    yes/no) parsed from it. An unclosed think section leaves no answer."""
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    elif "<think>" in text:
+        text = text.split("<think>", 1)[0]
+    return text.strip()
+
+
 def judge_config_from(parameters: dict[str, Any]) -> JudgeConfig | None:
     """A notebook's judge settings from its checked parameters (``JUDGE_URL``, ``JUDGE_MODEL``,
     ``JUDGE_KEY_ENV``, ``JUDGE_MAX_TOKENS`` (0: not sent), ``JUDGE_TOKEN_PARAM``, ``JUDGE_TEMPERATURE``
-    (-1: not sent), ``JUDGE_CONCURRENCY``), validated at once; None when no ``JUDGE_URL`` is set."""
+    (-1: not sent), ``JUDGE_CONCURRENCY``, ``JUDGE_TIMEOUT``), validated at once; None when no ``JUDGE_URL`` is set."""
     if not parameters["JUDGE_URL"]:
         return None
     temperature = parameters["JUDGE_TEMPERATURE"]
@@ -97,6 +108,7 @@ def judge_config_from(parameters: dict[str, Any]) -> JudgeConfig | None:
         token_param=parameters["JUDGE_TOKEN_PARAM"],
         temperature=None if temperature < 0 else temperature,
         concurrency=parameters["JUDGE_CONCURRENCY"],
+        timeout_s=parameters["JUDGE_TIMEOUT"],
     )
 
 
@@ -148,7 +160,7 @@ class Judge:
         except (openai.APIResponseValidationError, json.JSONDecodeError) as err:
             raise JudgeError(f"the judge at {self.cfg.base_url} sent a reply that is not a chat completion: {err}") from err
         try:
-            answer = response.choices[0].message.content or ""
+            answer = strip_reasoning(response.choices[0].message.content or "")
         except (IndexError, AttributeError, TypeError) as err:
             raise JudgeError(
                 f"the judge at {self.cfg.base_url} sent a malformed chat completion ({err}): {str(response)[:200]}"
@@ -353,7 +365,7 @@ def score_feature(
 ) -> dict[str, Any]:
     """Explain from ``explain_with``, then detection accuracy / F1 on ``activating`` + ``non_activating``;
     with ``hard_negatives`` (``similar_context_examples``), also ``hard_accuracy`` on ``activating`` + them:
-    an explanation that only names the token scores at chance there (``nan`` when there are none); with
+    an explanation that only names the token scores at chance there (NaN when there are none); with
     ``rate``, the paper's 0/1/2 rating from ``explain_with`` (None when unparsable). A judge failure is
     raised as a ``JudgeError`` naming the feature."""
     hard_negatives = hard_negatives or []
@@ -397,7 +409,13 @@ def judge_each(judge: Judge, items: list[dict[str, Any]], out_path: str | Path, 
     lock, errors = threading.Lock(), []
     with (
         ThreadPoolExecutor(max_workers=judge.cfg.concurrency) as pool,
-        tqdm(total=len(items), initial=len(items) - len(todo), desc=out_path.stem, unit="feature", disable=not todo) as bar,
+        tqdm(
+            total=len(items),
+            initial=len(items) - len(todo),
+            desc=out_path.stem,
+            unit="feature",
+            disable=not todo or not progress_enabled(),
+        ) as bar,
     ):
         futures = [pool.submit(work, f) for f in todo]
         for future in as_completed(futures):
@@ -557,7 +575,8 @@ def record_judge_detection(section: str, judged: Any) -> None:
     from paper_lib.results import record_headline
 
     for population, group in judged.groupby("population"):
-        hard = float(group["hard_accuracy"].mean())
+        values = [v for v in group["hard_accuracy"] if v == v]  # NaN: a feature without similar-context negatives
+        hard = float(np.mean(values)) if values else float("nan")
         record_headline(
             section,
             f"{population_slug(population)}_judge_detection_accuracy",

@@ -57,6 +57,12 @@ def in_kernel() -> bool:
 LOG_FILE = "run.log"
 
 
+def progress_enabled() -> bool:
+    """Whether progress bars are shown: not in a notebook run (``TQDM_DISABLE``: they go nowhere, the log
+    has the stages). tqdm reads the variable only for bars created without an explicit ``disable``."""
+    return os.environ.get("TQDM_DISABLE") != "1"
+
+
 def quiet_logs(out_dir: Path) -> Path:
     """In a notebook: library logs, warnings and progress bars go to ``out_dir/run.log``, not the page (one
     line on the page says where). transformers', datasets' and vLLM's own stderr handlers are removed and
@@ -127,6 +133,8 @@ def start_run(section: str, out_dir: str | Path, parameters: dict[str, Any]) -> 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if in_kernel():
+        quiet_logs(out_dir)
     hold_run_lock(out_dir)
     info = {"notebook": section, "commit": git_commit(), "parameters": parameters}
     (out_dir / RUN_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
@@ -134,8 +142,6 @@ def start_run(section: str, out_dir: str | Path, parameters: dict[str, Any]) -> 
     figures_dir()  # a file where the figures go is refused now, not after the expensive work
     _RUNS[section] = {"info": {"commit": info["commit"], "parameters": parameters}, "written": False, "dir": out_dir}
     (out_dir / SAID_FILE).write_text(f"# What {section} saw (commit {info['commit']})\n")
-    if in_kernel():
-        quiet_logs(out_dir)
     return out_dir
 
 
@@ -165,7 +171,7 @@ def hold_run_lock(out_dir: Path) -> None:
                 f"{holder.get('started')}): wait for it, or give this run another OUTPUT_DIR"
             )
         if holder and not alive:
-            log.warning("%s: taking over the lock of process %s, which no longer runs", out_dir, holder.get("pid"))
+            log.info("%s: taking over the lock of process %s, which no longer runs", out_dir, holder.get("pid"))
     lock.write_text(json.dumps(me) + "\n")
     atexit.register(
         lambda: lock.unlink(missing_ok=True) if lock.is_file() and json.loads(lock.read_text()).get("pid") == me["pid"] else None

@@ -180,9 +180,15 @@ def test_end_to_end_against_vllms_openai_server_on_loopback(tmp_path):
         quiet = dict(EXAMPLE, center=1)
         record = score_feature(judge, "f", [EXAMPLE], [EXAMPLE], [quiet])
         # the organism is no judge: the plumbing is what is checked (a parsed record, every answer cached)
-        assert set(record) == {"feature", "explanation", "n", "unparsed", "accuracy", "f1"} and record["n"] == 2
+        assert set(record) == {"feature", "explanation", "n", "unparsed", "accuracy", "f1", "hard_accuracy", "n_hard"}
+        assert record["n"] == 2 and record["n_hard"] == 0
         asked = judge.requests
-        assert asked == 4 and score_feature(judge, "f", [EXAMPLE], [EXAMPLE], [quiet]) == record
+        again = score_feature(judge, "f", [EXAMPLE], [EXAMPLE], [quiet])
+        assert (
+            asked == 4
+            and np.isnan(again.pop("hard_accuracy"))
+            and again == {k: v for k, v in record.items() if k != "hard_accuracy"}
+        )
         assert judge.requests == asked
     finally:
         server.terminate()
@@ -316,6 +322,7 @@ def test_notebook_judge_settings_come_from_the_checked_parameters():
         "JUDGE_TOKEN_PARAM": "max_tokens",
         "JUDGE_TEMPERATURE": 0.0,
         "JUDGE_CONCURRENCY": 8,
+        "JUDGE_TIMEOUT": 600.0,
     }
     assert judge_config_from(params) is None  # no judge: nothing to check
     cfg = judge_config_from(
@@ -328,7 +335,7 @@ def test_notebook_judge_settings_come_from_the_checked_parameters():
             "JUDGE_TOKEN_PARAM": "max_completion_tokens",
         }
     )
-    assert cfg.request_parameters() == {} and cfg.model == "m" and cfg.concurrency == 8
+    assert cfg.request_parameters() == {} and cfg.model == "m" and cfg.concurrency == 8 and cfg.timeout_s == 600.0
     with pytest.raises(ConfigError, match="token_param"):
         judge_config_from(params | {"JUDGE_URL": "http://x/v1", "JUDGE_MODEL": "m", "JUDGE_TOKEN_PARAM": "tokens"})
 
@@ -385,3 +392,14 @@ def test_an_explanation_that_only_names_the_token_is_at_chance_on_similar_contex
     judge = Judge(JudgeConfig(fake_server["url"], "m", max_retries=0), tmp_path / "c.jsonl")
     record = score_features(judge, requests, tmp_path / "scores.jsonl")[0]
     assert record["accuracy"] >= 0.8 and record["hard_accuracy"] == 0.5 and record["n_hard"] == 5
+
+
+def test_a_reasoning_judges_thinking_never_becomes_the_answer(fake_server, tmp_path):
+    """A vLLM server without a reasoning parser returns the think section in ``content``."""
+    from paper_lib.judge import strip_reasoning
+
+    assert strip_reasoning("<think>it is about 7, yes</think>\nExplanation: digits") == "Explanation: digits"
+    assert strip_reasoning("the model thinks... </think> no") == "no" and strip_reasoning("<think>cut off mid-way") == ""
+    fake_server["answer"] = lambda p: "<think>Explanation: wrong, and yes</think>Explanation: the token 7"
+    judge = Judge(JudgeConfig(fake_server["url"], "m", max_retries=0), tmp_path / "c.jsonl")
+    assert parse_explanation(judge.ask("what does this feature do?")) == "the token 7"

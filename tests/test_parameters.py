@@ -161,3 +161,17 @@ def test_a_full_disk_and_a_file_for_the_figures_folder_say_where_and_what_to_do(
             GenerationSpec(max_tokens=64, answer_tokens=8),
             tmp_path / "base" / "a.jsonl",
         )
+
+
+def test_spliced_and_steered_samples_name_the_sae_and_an_sae_is_refused_on_another_adapter():
+    """Notebook 05 retrained with K 8 reported the K 4 SAE's spliced samples (their meta named only the engine
+    and the variant), and spliced an SAE into another adapter without a word."""
+    from paper_lib.engines import ScalarEngine
+    from paper_lib.sae import check_sae_adapter
+
+    a = ScalarEngine(None, None, {}, provenance={"sae": "k4", "adapter_weights": "w"}).identity("sae_spliced")
+    b = ScalarEngine(None, None, {}, provenance={"sae": "k8", "adapter_weights": "w"}).identity("sae_spliced")
+    assert a != b and a["sae"] == "k4" and a["variant"] == "sae_spliced"
+    check_sae_adapter({"adapter_weights": "w"}, {"adapter_weights": "w"})
+    with pytest.raises(ConfigError, match="trained on the activations of adapter w"):
+        check_sae_adapter({"adapter_weights": "w"}, {"adapter_weights": "other"})
