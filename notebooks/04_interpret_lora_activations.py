@@ -285,12 +285,12 @@ if ROLE_SCORER:
 # %%
 if ROLE_SCORER:
     shuffles = {
-        "roles": roles,
         "shuffled globally": np.random.default_rng(SEED).permutation(roles),
         "shuffled within contexts": shuffle_within_contexts(roles, context_keys(*contexts, CONTEXT_WIDTH), SEED),
     }
     control = pd.concat(
-        [
+        [scored[scored.population == LORA].assign(roles="roles")]  # the real roles: the scores above
+        + [
             score_populations({LORA: populations[LORA]}, r, ROLE_FAMILY, tops=tops, **design).assign(roles=name)
             for name, r in shuffles.items()
         ]
@@ -308,7 +308,7 @@ if ROLE_SCORER:
 
 # %%
 if ROLE_SCORER:
-    sizes = [n for n in map(int, CORPUS_SIZES.split(",")) if n <= len(texts)] if not SMOKE else [10, 20, len(texts)]
+    sizes = [n for n in map(int, CORPUS_SIZES.split(",")) if n < len(texts)] if not SMOKE else [10, 20]
     by_size = shares_by_corpus_size(
         LORA,
         populations[LORA],
@@ -320,6 +320,7 @@ if ROLE_SCORER:
         N_BOOTSTRAP,
         **{k: v for k, v in design.items() if k != "tokens"},
     )
+    by_size = pd.concat([by_size, shares[shares.population == LORA].assign(documents=len(texts))], ignore_index=True)
     save_figure(plot_shares_by_size(by_size), "interpretability_corpus_size", by_size)
     mono = by_size[by_size["class"] == "monosemantic"].set_index("documents")
     print(mono[["share", "lo", "hi", "n"]].round(3).to_string())

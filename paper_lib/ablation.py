@@ -167,42 +167,45 @@ def save_adapter_subset(adapter_dir: str | Path, out_dir: str | Path, keep: Sequ
 
 
 def trace_statistic(
-    per_trace: pd.DataFrame, statistic: Callable[[pd.DataFrame], float], n_resamples: int = 2000, seed: int = 0
+    per_trace: pd.DataFrame,
+    statistic: Callable[[list[str]], Callable[[np.ndarray], float]],
+    n_resamples: int = 2000,
+    seed: int = 0,
 ) -> tuple[float, float, float]:
-    """A statistic of the per-trace KLs (``statistic(wide)``, ``wide``: traces x groups) with a 95% bootstrap
-    interval that resamples traces, every group of a trace together (paired): e.g. the late layers' mean KL
-    minus the other thirds', or the single MLP adapters' mean over the single attention adapters'."""
+    """A statistic of the groups' mean KLs with a 95% bootstrap interval that resamples traces, every group
+    of a trace together (paired): e.g. the late layers' mean KL minus the other thirds', or the single MLP
+    adapters' mean over the single attention adapters'. ``statistic(groups)`` returns a function of the
+    vector of per-group means (in ``groups`` order), so a resample is one numpy mean, not a table."""
     wide = per_trace.pivot(index="trace", columns="group", values="kl")
-    rows = np.arange(len(wide))
-    lo, hi = bootstrap_interval(rows, lambda r: statistic(wide.iloc[r]), n_resamples=n_resamples, seed=seed)
-    return float(statistic(wide)), lo, hi
+    values, of_means = wide.to_numpy(), statistic(list(wide.columns))
+    lo, hi = bootstrap_interval(np.arange(len(values)), lambda r: of_means(values[r].mean(0)), n_resamples=n_resamples, seed=seed)
+    return float(of_means(values.mean(0))), lo, hi
 
 
-def later_layers_margin(wide: pd.DataFrame) -> float:
+def later_layers_margin(groups: list[str]) -> Callable[[np.ndarray], float]:
     """The last third of the layers' mean single-layer KL minus the larger of the other two thirds' (the
     paper: later layers matter most, so > 0)."""
-    layers = sorted(int(g.split(" ")[1]) for g in wide.columns if g.startswith("layer "))
-    thirds = [wide[[f"layer {i}" for i in t]].to_numpy().mean() for t in np.array_split(layers, 3)]
-    return float(thirds[2] - max(thirds[0], thirds[1]))
+    layers = sorted((int(g.split(" ")[1]), i) for i, g in enumerate(groups) if g.startswith("layer "))
+    thirds = [[i for _, i in third] for third in np.array_split(np.array(layers), 3)]
+    return lambda m: float(m[thirds[2]].mean() - max(m[thirds[0]].mean(), m[thirds[1]].mean()))
 
 
-def single_adapter_ratio(wide: pd.DataFrame) -> float:
+def single_adapter_ratio(groups: list[str]) -> Callable[[np.ndarray], float]:
     """Mean KL of removing one MLP adapter over that of removing one attention adapter (single-adapter means:
     how the paper's ~2.4x was computed)."""
-    single = [g for g in wide.columns if "/" in g]
-    mlp = [g for g in single if g.split("/")[1] in MLP_MODULES]
-    attention = [g for g in single if g.split("/")[1] in ATTENTION_MODULES]
-    return float(wide[mlp].to_numpy().mean() / wide[attention].to_numpy().mean())
+    mlp = [i for i, g in enumerate(groups) if "/" in g and g.split("/")[1] in MLP_MODULES]
+    attention = [i for i, g in enumerate(groups) if "/" in g and g.split("/")[1] in ATTENTION_MODULES]
+    return lambda m: float(m[mlp].mean() / m[attention].mean())
 
 
-def module_margin(module: str) -> Callable[[pd.DataFrame], float]:
+def module_margin(module: str) -> Callable[[list[str]], Callable[[np.ndarray], float]]:
     """``module``'s mean single-adapter KL minus the largest other module's (the paper: the MLP gates matter
     most, so ``module_margin('gate_proj') > 0``)."""
 
-    def margin(wide: pd.DataFrame) -> float:
-        single = [g for g in wide.columns if "/" in g]
-        means = pd.Series({m: wide[[g for g in single if g.split("/")[1] == m]].to_numpy().mean() for m in ADAPTER_MODULES})
-        means = means.dropna()
-        return float(means[module] - means.drop(module).max())
+    def of_groups(groups: list[str]) -> Callable[[np.ndarray], float]:
+        columns = {m: [i for i, g in enumerate(groups) if "/" in g and g.split("/")[1] == m] for m in ADAPTER_MODULES}
+        columns = {m: c for m, c in columns.items() if c}
+        others = [c for m, c in columns.items() if m != module]
+        return lambda v: float(v[columns[module]].mean() - max(v[c].mean() for c in others))
 
-    return margin
+    return of_groups

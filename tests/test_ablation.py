@@ -116,3 +116,21 @@ def test_splice_traces_can_be_drawn_only_from_held_out_documents(organism_dir):
     assert len(rows) == 4 and all(r["question"] in questions for r in rows)
     with pytest.raises(ValueError, match="has 1000 rows"):
         scoring_traces(str(organism_dir / "s1K-1.1"), 4, among=[1000])
+
+
+def test_claim_statistics_are_the_group_means_they_name():
+    import pandas as pd
+
+    from paper_lib.ablation import later_layers_margin, module_margin, single_adapter_ratio, trace_statistic
+
+    rows = []
+    for trace in range(20):
+        for layer in range(6):
+            rows.append({"group": f"layer {layer}", "trace": trace, "kl": 0.1 * layer + 0.01 * trace})
+            for module, kl in (("q_proj", 1.0), ("gate_proj", 3.0), ("down_proj", 2.0)):
+                rows.append({"group": f"{layer}/{module}", "trace": trace, "kl": kl * (1 + layer)})
+    per_trace = pd.DataFrame(rows)
+    value, lo, hi = trace_statistic(per_trace, later_layers_margin, 200)
+    assert value == pytest.approx((0.4 + 0.5) / 2 - (0.2 + 0.3) / 2) and lo <= value <= hi
+    assert trace_statistic(per_trace, single_adapter_ratio, 200)[0] == pytest.approx(2.5)
+    assert trace_statistic(per_trace, module_margin("gate_proj"), 200)[0] == pytest.approx(3.5)  # 10.5 - 7
