@@ -100,7 +100,6 @@ class GradingWorker:
     def __init__(self) -> None:
         self.process: subprocess.Popen | None = None
         self.lock = threading.Lock()  # one request at a time: callers in several threads take turns
-        self.restarts = 0
 
     def _start(self) -> subprocess.Popen:
         from paper_lib.paths import REPO_ROOT
@@ -144,7 +143,7 @@ class GradingWorker:
             line = self._read(self.process, timeout_s)
             if line is None or not line:
                 self._kill(self.process)
-                self.process, self.restarts = None, self.restarts + 1
+                self.process = None
                 return f"timed out after {timeout_s:.0f} s (worker killed)" if line is None else "the grading worker died"
             reply = json.loads(line)
             return reply["value"] if "value" in reply else reply["error"]

@@ -577,11 +577,8 @@ def class_shares(classes: pd.DataFrame, n_resamples: int = 2000, seed: int = 0) 
     for population, everything in classes.groupby("population", sort=False):
         group = classified(everything)
         labels = group["class"].to_numpy()
-        units = group["unit"].to_numpy() if "unit" in group else np.arange(len(group))
-        which, unit_names = pd.factorize(units)
-        size = np.bincount(which).astype(float)
         for name in CLASSES:
-            hits = np.bincount(which, weights=(labels == name).astype(float), minlength=len(unit_names))
+            hits, size = _unit_totals(group, (labels == name).astype(float))
             lo, hi = bootstrap_interval([hits, size], lambda h, s: h.sum() / s.sum(), n_resamples=n_resamples, seed=seed)
             rows.append(
                 {
@@ -590,7 +587,7 @@ def class_shares(classes: pd.DataFrame, n_resamples: int = 2000, seed: int = 0) 
                     "share": (labels == name).mean(),
                     "n": len(labels),
                     "rare": len(everything) - len(group),
-                    "units": len(unit_names),
+                    "units": len(size),
                     "lo": lo,
                     "hi": hi,
                 }
@@ -622,14 +619,13 @@ def adjusted_p_values(p_values: Mapping[str, float]) -> dict[str, float]:
     return {n: float(a) for n, a in zip(names, adjusted)}
 
 
-def _unit_sums(scored: pd.DataFrame, population: str, values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Per unit of ``population``: the sum of ``values`` over its features (NaN left out) and their count."""
-    group = scored.loc[scored["population"] == population]
-    units = group["unit"] if "unit" in group else pd.Series(np.arange(len(group)), index=group.index)
-    value = values.loc[group.index]
-    frame = pd.DataFrame({"unit": units.to_numpy(), "value": value.to_numpy(dtype=float)}).dropna()
-    sums = frame.groupby("unit", sort=False)["value"].agg(["sum", "count"])
-    return sums["sum"].to_numpy(), sums["count"].to_numpy(dtype=float)
+def _unit_totals(group: pd.DataFrame, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit of ``group`` (its ``unit`` column, else each feature its own): the sum of ``values`` over the
+    unit's features (NaN left out) and their count, units in order of appearance."""
+    keep = ~np.isnan(values)
+    units = group["unit"].to_numpy() if "unit" in group else np.arange(len(group))
+    which, names = pd.factorize(units[keep])
+    return np.bincount(which, weights=values[keep], minlength=len(names)), np.bincount(which, minlength=len(names)).astype(float)
 
 
 def clustered_difference(
@@ -640,7 +636,8 @@ def clustered_difference(
     from paper_lib.statistics import bootstrap_distribution
 
     ratio = lambda s, c: s.sum() / c.sum()  # noqa: E731
-    (sa, ca), (sb, cb) = _unit_sums(scored, a, values), _unit_sums(scored, b, values)
+    groups = [scored.loc[scored["population"] == p] for p in (a, b)]
+    (sa, ca), (sb, cb) = (_unit_totals(g, values.loc[g.index].to_numpy(dtype=float)) for g in groups)
     if not len(sa) or not len(sb):
         return float("nan"), float("nan"), float("nan")
     da = bootstrap_distribution([sa, ca], ratio, n_resamples, seed=seed)

@@ -165,14 +165,12 @@ class Stage:
 
 
 def notebook_parameters(notebook: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The notebook's parameters as papermill reads them: its defaults, then ``given``; unknown names refused."""
-    from paper_lib.params import notebook_defaults
+    """The notebook's parameters as papermill reads them, checked as the notebook itself checks them
+    (``params.check_parameters``: its defaults, then ``given``; unknown names, wrong types and values out of
+    range refused with a ``ConfigError``)."""
+    from paper_lib.params import check_parameters
 
-    defaults = notebook_defaults(notebook)
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise SystemExit(f"{notebook} has no parameter {', '.join(unknown)}")
-    return {**defaults, **given}
+    return check_parameters(dict(given), notebook)
 
 
 def plan_stages(notebook: str, p: dict[str, Any], shape: Shape, gpus: int) -> list[Stage]:
@@ -180,7 +178,7 @@ def plan_stages(notebook: str, p: dict[str, Any], shape: Shape, gpus: int) -> li
     stages = []
     n = notebook[:2]
     if n == "01":
-        tokens = p["MAX_LENGTH"] * (1 if p["PER_DEVICE_BATCH"] < 1 else p["PER_DEVICE_BATCH"])
+        tokens = p["MAX_LENGTH"] * p["PER_DEVICE_BATCH"]
         fsdp = gpus if p["NUM_PROCESSES"] > 1 else 1
 
         def lora_at(length: int, full: bool = False) -> float:
@@ -255,8 +253,8 @@ def plan_stages(notebook: str, p: dict[str, Any], shape: Shape, gpus: int) -> li
 
 
 def largest_fitting(stage: Stage, budget: float) -> int | None:
-    """The largest value of the stage's lever (a power of two times 1,024 at most its current value, or the
-    current value halved until it fits) whose peak fits ``budget``; None if none does."""
+    """The largest value of the stage's lever, its current value halved until the stage fits ``budget``; None
+    if none does."""
     value = stage.lever_value
     while value >= 1:
         if stage.fits_at(value) <= budget:
@@ -300,6 +298,7 @@ def table(stages: Sequence[Stage], gpu_gib: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from paper_lib.config import ConfigError
     from paper_lib.run_notebooks import parse_parameters
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -309,7 +308,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gpu-gib", type=float, default=141.0, help="memory of one GPU (H200: 141, H100: 80)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     args = parser.parse_args(argv)
-    stages, refusals = plan(args.notebook, args.model, args.gpus, args.gpu_gib, parse_parameters(args.parameter))
+    try:
+        stages, refusals = plan(args.notebook, args.model, args.gpus, args.gpu_gib, parse_parameters(args.parameter))
+    except ConfigError as err:
+        print(f"REFUSED {err}", file=sys.stderr)
+        return 2
     print(f"{args.notebook} on {args.gpus} x {args.gpu_gib:g} GiB, {args.model}")
     print(table(stages, args.gpu_gib))
     for line in refusals:

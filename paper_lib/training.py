@@ -343,7 +343,8 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
     final = out / FINAL_SUBDIR
     traces = load_traces(cfg.dataset)
     data_fingerprint = traces_fingerprint(traces)
-    finished = finished_run(cfg, data_fingerprint, overwrite)
+    base_weights = model_fingerprint(cfg.model)  # hashed once here (a cached digest beside the weights after)
+    finished = finished_run(cfg, data_fingerprint, overwrite, base_weights)
     if finished is not None:
         return finished
     seed_everything(cfg.seed)
@@ -364,7 +365,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
 
     checkpoints = out / CHECKPOINT_SUBDIR
     resume_from = get_last_checkpoint(str(checkpoints)) if cfg.resume and checkpoints.is_dir() else None
-    settings = {**cfg.to_dict(), "traces": data_fingerprint, "base_weights": model_fingerprint(cfg.model)}
+    settings = {**cfg.to_dict(), "traces": data_fingerprint, "base_weights": base_weights}
     if resume_from:
         check_resume_settings(checkpoints, settings)
         log.info("resuming from %s", resume_from)
@@ -390,7 +391,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
             "train_loss": float(result.training_loss),
             "resumed_from": Path(resume_from).name if resume_from else None,
             "data_fingerprint": data_fingerprint,
-            "base_weights": model_fingerprint(cfg.model),
+            "base_weights": base_weights,
             "world_size": trainer.accelerator.num_processes,
             "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
             **{f"data_{k}": v for k, v in data_stats.items()},
@@ -427,10 +428,13 @@ def traces_fingerprint(traces: Any) -> str:
     return fingerprint([traces[field] for field in TRACE_FIELDS])
 
 
-def finished_run(cfg: TrainConfig, data_fingerprint: str, overwrite: bool = False) -> dict[str, Any] | None:
+def finished_run(
+    cfg: TrainConfig, data_fingerprint: str, overwrite: bool = False, base_weights: str | None = None
+) -> dict[str, Any] | None:
     """The stats of a finished run of exactly ``cfg`` on the same traces in ``cfg.output_dir`` (training is
     skipped), None when there is none (or ``overwrite``); a finished run of other settings or other
-    traces is refused, naming what differs, so a changed parameter never reports an old result."""
+    traces or base weights is refused, naming what differs, so a changed parameter never reports an old
+    result. ``base_weights``: the base model's ``model_fingerprint`` where the caller already has it."""
     out = artifact_dir(cfg.output_dir)
     if overwrite or not ((out / FINAL_SUBDIR).is_dir() and (out / "stats.json").is_file()):
         return None
@@ -445,7 +449,8 @@ def finished_run(cfg: TrainConfig, data_fingerprint: str, overwrite: bool = Fals
     diff = differences(saved, cfg.to_dict(), ignore=("resume",))
     if stats.get("data_fingerprint") != data_fingerprint:
         diff["traces"] = (stats.get("data_fingerprint"), data_fingerprint)
-    if stats.get("base_weights") != (base := model_fingerprint(cfg.model)):  # the base's weights changed in place
+    base = base_weights or model_fingerprint(cfg.model)
+    if stats.get("base_weights") != base:  # the base's weights changed in place
         diff["base model weights"] = (stats.get("base_weights"), base)
     if diff:
         raise ConfigError(
