@@ -145,7 +145,7 @@ scaling = scaling_specs(protocols["greedy"], SCALING_BUDGETS, SCALING_WAITS) if 
 check_adapter(adapter_dir, BASE_MODEL)
 resolve_model(full_model)
 if OVERWRITE:
-    clear_run_dir(out_dir)  # only a run folder of its own: never data/, the organism or another run
+    clear_run_dir(out_dir, SECTION)  # only a run folder this notebook made: never data/, the organism or another run
 start_run(SECTION, out_dir, parameters)  # run.json, figures, headline section
 
 

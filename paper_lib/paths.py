@@ -127,24 +127,30 @@ def stage_dir(output_dir: str, smoke: bool = False, parameter: str = "OUTPUT_DIR
 RUN_MARKER = "run.json"  # what results.start_run writes into every run folder
 
 
-def clear_run_dir(path: str | Path) -> None:
-    """Delete a run folder's contents (``OVERWRITE True``), only when it is one: strictly inside the data
-    folder, marked by its own ``run.json``, and holding no other run's folder or the organism. Anything else
-    is refused, naming the folder, and nothing is deleted."""
+def clear_run_dir(path: str | Path, section: str) -> None:
+    """Delete a run folder (``OVERWRITE True``) of notebook ``section``, only when it is one: strictly inside
+    the data folder, marked by its own ``run.json`` naming ``section`` as the notebook that made it, and
+    holding no other run's folder and no model or adapter weights. Anything else (another notebook's run,
+    say notebook 01's trained models given as notebook 02's ``OUTPUT_DIR``) is refused, naming the folder,
+    and nothing is deleted."""
+    import json
     import shutil
 
     path, root = Path(path).resolve(), data_dir().resolve()
     if not path.exists():
         return
+    marker = path / RUN_MARKER
     problem = (
         "is not inside the data folder"
         if root not in path.parents
         else f"has no {RUN_MARKER} (not a folder a run made)"
-        if not (path / RUN_MARKER).is_file()
+        if not marker.is_file()
+        else f"was made by {json.loads(marker.read_text()).get('notebook')!r}, not {section!r}"
+        if json.loads(marker.read_text()).get("notebook") != section
         else "holds another run's folder"
         if any(p.parent != path for p in path.rglob(RUN_MARKER))
-        else "holds a model's weights"
-        if any(path.rglob("model.safetensors")) and (path / "model").is_dir()
+        else "holds model or adapter weights"
+        if any(path.rglob("*.safetensors"))
         else None
     )
     if problem:

@@ -48,18 +48,28 @@ def test_overwrite_deletes_only_a_run_folder_of_its_own(tmp_path, monkeypatch):
     data = tmp_path / "data"
     (data / "organism" / "model").mkdir(parents=True)
     (data / "organism" / "model" / "model.safetensors").write_text("weights")
+    mine = '{"notebook": "02_evaluate_reasoning"}'
     (data / "runs" / "a").mkdir(parents=True)
-    (data / "runs" / "a" / "run.json").write_text("{}")
+    (data / "runs" / "a" / "run.json").write_text(mine)
     (data / "runs" / "a" / "samples.jsonl").write_text("x")
     (data / "runs" / "bare").mkdir()
     (data / "runs" / "bare" / "keep.txt").write_text("x")
     (data / "runs" / "outer" / "inner").mkdir(parents=True)
-    (data / "runs" / "outer" / "run.json").write_text("{}")
-    (data / "runs" / "outer" / "inner" / "run.json").write_text("{}")
-    for refused in (data, data / "organism", data / "runs" / "bare", data / "runs" / "outer", tmp_path):
+    (data / "runs" / "outer" / "run.json").write_text(mine)
+    (data / "runs" / "outer" / "inner" / "run.json").write_text(mine)
+    # notebook 01's trained models given as notebook 02's OUTPUT_DIR: another notebook's run, with weights
+    (data / "runs" / "01_train" / "full" / "final").mkdir(parents=True)
+    (data / "runs" / "01_train" / "run.json").write_text('{"notebook": "01_train_rank1_lora"}')
+    (data / "runs" / "01_train" / "full" / "final" / "model.safetensors").write_text("weights")
+    (data / "runs" / "weights").mkdir()
+    (data / "runs" / "weights" / "run.json").write_text(mine)
+    (data / "runs" / "weights" / "adapter_model.safetensors").write_text("weights")
+    refused = (data, data / "organism", data / "runs" / "bare", data / "runs" / "outer", tmp_path)
+    for folder in refused + (data / "runs" / "01_train", data / "runs" / "weights"):
         with pytest.raises(RunDirError, match="refusing to delete"):
-            clear_run_dir(refused)
-    clear_run_dir(data / "runs" / "a")
+            clear_run_dir(folder, "02_evaluate_reasoning")
+    assert (data / "runs" / "01_train" / "full" / "final" / "model.safetensors").is_file()
+    clear_run_dir(data / "runs" / "a", "02_evaluate_reasoning")
     assert not (data / "runs" / "a").exists()
     assert (data / "organism" / "model" / "model.safetensors").is_file() and (data / "runs" / "bare" / "keep.txt").is_file()
 

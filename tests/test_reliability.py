@@ -49,7 +49,7 @@ def test_every_notebook_checks_its_parameters_before_any_work_and_deletes_only_a
     assert (
         evaluate_nb.index("load_benchmark(")
         < evaluate_nb.index("check_adapter(adapter_dir")
-        < evaluate_nb.index("clear_run_dir(out_dir)")
+        < evaluate_nb.index("clear_run_dir(out_dir, SECTION)")
     )
 
 
