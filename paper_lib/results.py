@@ -127,11 +127,14 @@ def git_commit() -> str:
 
 def start_run(section: str, out_dir: str | Path, parameters: dict[str, Any]) -> Path:
     """Begin a notebook run: ``out_dir/run.json`` records the notebook, its parameters and the git
-    commit; figures go under ``out_dir/figures`` unless ``$PAPER_FIGURES_DIR`` says otherwise (the main
+    commit (a folder whose ``run.json`` names another notebook is refused); figures go under ``out_dir/figures`` unless ``$PAPER_FIGURES_DIR`` says otherwise (the main
     command); the run's headline section is written whole, by this run alone, with the same record."""
-    from paper_lib.paths import set_default_figures_dir
+    from paper_lib.paths import RunDirError, set_default_figures_dir
 
     out_dir = Path(out_dir)
+    made_by = json.loads((out_dir / RUN_FILE).read_text()).get("notebook") if (out_dir / RUN_FILE).is_file() else None
+    if made_by not in (None, section):  # its run.json would be overwritten, and its files taken for this run's
+        raise RunDirError(f"{out_dir} is a run folder of {made_by}, not of {section}: give this run another OUTPUT_DIR")
     out_dir.mkdir(parents=True, exist_ok=True)
     if in_kernel():
         quiet_logs(out_dir)

@@ -185,3 +185,16 @@ def test_spliced_and_steered_samples_name_the_sae_and_an_sae_is_refused_on_anoth
     check_sae_adapter({"adapter_weights": "w"}, {"adapter_weights": "w"})
     with pytest.raises(ConfigError, match="trained on the activations of adapter w"):
         check_sae_adapter({"adapter_weights": "w"}, {"adapter_weights": "other"})
+
+
+def test_a_notebook_does_not_take_over_another_notebooks_run_folder(tmp_path):
+    """Notebook 02 given notebook 01's folder as OUTPUT_DIR overwrote its run.json, after which its own
+    OVERWRITE would have counted the folder as its own."""
+    from paper_lib.paths import RunDirError
+    from paper_lib.results import RUN_FILE, start_run
+
+    start_run("01_train_rank1_lora", tmp_path / "run", {})
+    with pytest.raises(RunDirError, match="run folder of 01_train_rank1_lora, not of 02_evaluate_reasoning"):
+        start_run("02_evaluate_reasoning", tmp_path / "run", {})
+    assert '"01_train_rank1_lora"' in (tmp_path / "run" / RUN_FILE).read_text()
+    start_run("01_train_rank1_lora", tmp_path / "run", {})  # a rerun of the same notebook is its own
