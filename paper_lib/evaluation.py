@@ -11,7 +11,7 @@ import dataclasses
 import json
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -210,106 +210,136 @@ FORCED_ANSWER = "\n" + ANSWER + "\nFinal Answer:"
 WAIT = "Wait"
 
 
-def generate_responses(
-    engine: Engine, questions: Sequence[str], spec: GenerationSpec, variant: str | None = None
-) -> list[list[Response]]:
-    """``spec.n`` responses per question.
+class Request(NamedTuple):
+    """One completion a sample's protocol asks for. ``phase``: its place in the protocol (thinking attempt
+    0, 1, ... then the answer), by which a batch-at-a-time engine groups requests."""
+
+    prompt: str
+    max_tokens: int
+    seed: int
+    stop_at_im_start: bool
+    phase: int
+
+
+SampleRun = Generator[Request, tuple[str, int], Response]
+
+
+def sample_protocol(prompt: str, spec: GenerationSpec, seed: int, limit: int, length: Callable[[str], int]) -> SampleRun:
+    """One sample's generation as a sequence of requests: yields each request, receives (text, generated
+    tokens), returns the ``Response``.
 
     Budget forcing (s1): the prompt opens ``<|im_start|>think``; thinking stops at the next
     ``<|im_start|>`` or the thinking budget; with ``wait_count`` the stop is replaced by "Wait" and
     thinking continues; then ``<|im_start|>answer\\nFinal Answer:`` is forced and the answer generated.
 
-    No request ever asks for more than the engine's context: every thinking request leaves room for
-    the "Wait"s still to come, the forced answer text and ``answer_tokens``; a trace that runs out of
+    No request ever asks for more than the context of ``limit`` tokens: every thinking request leaves room
+    for the "Wait"s still to come, the forced answer text and ``answer_tokens``; a trace that runs out of
     room is forced to answer (``thinking_cut``), and a prompt too long for the context gets an empty,
     wrong response instead of failing its batch.
     """
-    prompts = [chat_prompt(engine.tokenizer, q) for q in questions for _ in range(spec.n)]
-    seeds = [spec.seed * 1_000_003 + k for k in range(len(prompts))]  # one seed per sample, fixed by the spec
-    limit = getattr(engine, "max_model_len", None) or 2**62
-
-    def length(text: str) -> int:
-        return len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def grouped(responses: list[Response]) -> list[list[Response]]:
-        return [responses[i * spec.n : (i + 1) * spec.n] for i in range(len(questions))]
-
     if not spec.budget_forcing:
-        room = [min(spec.max_tokens, limit - length(p)) for p in prompts]
-        live = [i for i in range(len(prompts)) if room[i] >= 1]
-        outs = dict(
-            zip(
-                live,
-                engine.complete(
-                    [prompts[i] for i in live], [room[i] for i in live], spec, [seeds[i] for i in live], False, variant
-                ),
-            )
-        )
-        return grouped(
-            [
-                Response(*outs[i], thinking_cut=False, answer_cut=outs[i][1] >= room[i])
-                if i in outs
-                else Response("", 0, True, True)
-                for i in range(len(prompts))
-            ]
-        )
-    thinking_budget = spec.thinking_budget or spec.max_tokens - spec.answer_tokens
+        room = min(spec.max_tokens, limit - length(prompt))
+        if room < 1:
+            return Response("", 0, True, True)
+        text, n = yield Request(prompt, room, seed, False, 0)
+        return Response(text, n, False, n >= room)
+    budget = spec.thinking_budget or spec.max_tokens - spec.answer_tokens
     # a token of slack: the forced text can tokenize differently where it joins the thinking text
     reserve = length(FORCED_ANSWER) + 1 + spec.answer_tokens
-    wait_tokens = length(WAIT)
-    texts = [THINK + "\n" for _ in prompts]
-    used = [0 for _ in prompts]
-    cut = [False for _ in prompts]
+    thinking, used, cut = THINK + "\n", 0, False
     for attempt in range(spec.wait_count + 1):
-        waits_left = spec.wait_count - attempt
-        asks, room_bound = {}, set()
-        for i in range(len(prompts)):
-            if used[i] >= thinking_budget or cut[i]:
-                continue
-            room = limit - length(prompts[i] + texts[i]) - reserve - waits_left * wait_tokens
-            if room < 1:
-                cut[i] = True
-                continue
-            asks[i] = min(thinking_budget - used[i], room)
-            if room < thinking_budget - used[i]:
-                room_bound.add(i)
-        if not asks:
+        if used >= budget:
             break
-        pending = list(asks)
-        outs = engine.complete(
-            [prompts[i] + texts[i] for i in pending],
-            [asks[i] for i in pending],
-            spec,
-            [seeds[i] + attempt for i in pending],
-            True,
-            variant,
-        )
-        for i, (text, n_tokens) in zip(pending, outs):
-            texts[i] += text
-            used[i] += n_tokens
-            if i in room_bound and n_tokens >= asks[i]:
-                cut[i] = True  # stopped by the context, not by the model or the budget
-            elif attempt < spec.wait_count and used[i] < thinking_budget:  # stopped early: think on
-                texts[i] += WAIT
-    forced = [t.rstrip("\n") + FORCED_ANSWER for t in texts]
-    room = [min(spec.answer_tokens, limit - length(p + f)) for p, f in zip(prompts, forced)]
-    live = [i for i in range(len(prompts)) if room[i] >= 1]
-    answers = dict(
-        zip(
-            live,
-            engine.complete(
-                [prompts[i] + forced[i] for i in live], [room[i] for i in live], spec, [seeds[i] for i in live], False, variant
-            ),
-        )
-    )
-    responses = []
-    for i, (f, u) in enumerate(zip(forced, used)):
-        if i not in answers and u == 0:  # the prompt alone fills the context: nothing was generated
-            responses.append(Response("", 0, True, True))
-            continue
-        text, n = answers.get(i, ("", 0))
-        responses.append(Response(f + text, u + n, cut[i], i not in answers or n >= room[i]))
-    return grouped(responses)
+        room = limit - length(prompt + thinking) - reserve - (spec.wait_count - attempt) * length(WAIT)
+        if room < 1:
+            cut = True
+            break
+        ask = min(budget - used, room)
+        text, n = yield Request(prompt + thinking, ask, seed + attempt, True, attempt)
+        thinking, used = thinking + text, used + n
+        if room < budget - (used - n) and n >= ask:
+            cut = True  # stopped by the context, not by the model or the budget
+            break
+        if attempt == spec.wait_count or used >= budget:
+            break
+        thinking += WAIT  # stopped early: think on
+    forced = thinking.rstrip("\n") + FORCED_ANSWER
+    room = min(spec.answer_tokens, limit - length(prompt + forced))
+    if room < 1:  # no room left to answer; nothing at all when the prompt alone fills the context
+        return Response("", 0, True, True) if used == 0 else Response(forced, used, cut, True)
+    text, n = yield Request(prompt + forced, room, seed, False, spec.wait_count + 1)
+    return Response(forced + text, used + n, cut, n >= room)
+
+
+def run_protocols(
+    engine: Engine,
+    protocols: Sequence[SampleRun],
+    spec: GenerationSpec,
+    variant: str | None,
+    on_done: Callable[[int, Response], None],
+) -> None:
+    """Run every sample's protocol to its end, calling ``on_done(index, response)`` as each finishes.
+
+    An engine that can take requests while others run (``enqueue`` / ``finished``: vLLM) gets every
+    sample's first request at once and each follow-up the moment its previous request ends, so its
+    scheduler batches continuously and never waits for a slow response. Any other engine runs a phase at
+    a time: every pending request of the earliest phase in one ``complete`` call."""
+    pending: dict[Any, int] = {}
+    asks: dict[int, Request] = {}
+
+    def advance(i: int, result: tuple[str, int] | None) -> None:
+        try:
+            asks[i] = protocols[i].send(result)
+        except StopIteration as stop:
+            on_done(i, stop.value)
+
+    for i in range(len(protocols)):
+        advance(i, None)
+    if hasattr(engine, "enqueue"):
+        while asks or pending:
+            for stop in (False, True):  # one call per stop setting (it is part of the sampling settings)
+                group = [i for i in asks if asks[i].stop_at_im_start == stop]
+                if group:
+                    pending.update(zip(engine.enqueue(*_arguments([asks[i] for i in group], spec, stop, variant)), group))
+            asks.clear()
+            finished = engine.finished()
+            if not finished:
+                raise EvaluationError(f"the engine stopped with {len(pending)} requests unfinished")
+            for handle, text, n in finished:
+                advance(pending.pop(handle), (text, n))
+        return
+    while asks:
+        phase = min(r.phase for r in asks.values())
+        group = [i for i in sorted(asks) if asks[i].phase == phase]
+        requests = [asks.pop(i) for i in group]
+        outs = engine.complete(*_arguments(requests, spec, requests[0].stop_at_im_start, variant))
+        for i, out in zip(group, outs):
+            advance(i, out)
+
+
+def _arguments(requests: Sequence[Request], spec: GenerationSpec, stop: bool, variant: str | None) -> tuple:
+    return [r.prompt for r in requests], [r.max_tokens for r in requests], spec, [r.seed for r in requests], stop, variant
+
+
+def generate_responses(
+    engine: Engine, questions: Sequence[str], spec: GenerationSpec, variant: str | None = None
+) -> list[list[Response]]:
+    """``spec.n`` responses per question (``sample_protocol`` each; ``run_protocols`` drives them)."""
+    prompts = [chat_prompt(engine.tokenizer, q) for q in questions for _ in range(spec.n)]
+    seeds = [spec.seed * 1_000_003 + k for k in range(len(prompts))]  # one seed per sample, fixed by the spec
+    protocols = [sample_protocol(p, spec, s, context_limit(engine), token_counter(engine)) for p, s in zip(prompts, seeds)]
+    responses: dict[int, Response] = {}
+    run_protocols(engine, protocols, spec, variant, responses.__setitem__)
+    return [[responses[i * spec.n + s] for s in range(spec.n)] for i in range(len(questions))]
+
+
+def context_limit(engine: Engine) -> int:
+    """The engine's context in tokens (prompt + completion); unbounded if it states none."""
+    return getattr(engine, "max_model_len", None) or 2**62
+
+
+def token_counter(engine: Engine) -> Callable[[str], int]:
+    return lambda text: len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -326,6 +356,12 @@ def read_samples(path: Path) -> pd.DataFrame:
 
 def item_fingerprint(item: Item) -> str:
     return fingerprint([item.question, item.gold, item.kind])
+
+
+def sample_seed(spec: GenerationSpec, item: Item, sample: int) -> int:
+    """A sample's seed, fixed by the spec's seed, the question and the sample's number (not by which other
+    samples share its batch), so a resumed run draws what an uninterrupted one would."""
+    return int(fingerprint([spec.seed, item.id, sample])[:8], 16)
 
 
 def sample_meta(engine: Engine, spec: GenerationSpec, variant: str | None) -> dict[str, Any]:
@@ -395,8 +431,9 @@ def evaluate(
     chunk: int = 32,
     overwrite: bool = False,
 ) -> pd.DataFrame:
-    """Generate, grade and append each sample to ``out_path`` (JSONL), ``chunk`` questions at a time;
-    finished samples are skipped.
+    """Generate, grade and append each sample to ``out_path`` (JSONL) as it finishes; finished samples are
+    skipped. A serving engine (vLLM) gets all of them as one request set; any other engine ``chunk``
+    samples at a time.
 
     ``variant``: the engine's adapter (None: the base model) or, for ``ScalarEngine``, its transform.
     ``<out_path>.meta.json`` records what generates the file (the spec, the engine's model and variant);
@@ -432,45 +469,42 @@ def evaluate(
                 "benchmark changed); pass overwrite (OVERWRITE True) or choose another OUTPUT_DIR"
             )
     finished = set(zip(done["id"].astype(str), done["sample"].astype(int))) if len(done) else set()
-    todo = [it for it in items if any((it.id, s) not in finished for s in range(spec.n))]
-    with tqdm(
-        total=len(items),
-        initial=len(items) - len(todo),
-        desc=out_path.stem,
-        unit="question",
-        disable=not todo or not progress_enabled(),
-    ) as bar:
-        for start in range(0, len(todo), chunk):
-            part = todo[start : start + chunk]
-            responses = generate_responses(engine, [it.question for it in part], spec, variant)
-            with explained_disk_errors(out_path.parent), out_path.open("a") as handle:
-                for item, samples in zip(part, responses):
-                    for s, response in enumerate(samples):
-                        if (item.id, s) in finished:
-                            continue
-                        correct, excerpt = grade(item, response.text)
-                        handle.write(
-                            json.dumps(
-                                {
-                                    "id": item.id,
-                                    "sample": s,
-                                    "item": current[item.id],
-                                    "response": response.text,
-                                    "answer_excerpt": excerpt,
-                                    "correct": bool(correct),
-                                    "tokens": response.tokens,
-                                    "thinking_cut": response.thinking_cut,
-                                    "answer_cut": response.answer_cut,
-                                }
-                            )
-                            + "\n"
-                        )
-                        handle.flush()
-            bar.update(len(part))
+    todo = [(it, s) for it in items for s in range(spec.n) if (it.id, s) not in finished]
+    limit, length = context_limit(engine), token_counter(engine)
+    prompts = {it.id: chat_prompt(engine.tokenizer, it.question) for it, _ in todo}
+    # a serving engine takes every sample at once and schedules them itself; a batch-at-a-time engine
+    # gets `chunk` samples a call (its batch is held in memory)
+    parts = [todo] if hasattr(engine, "enqueue") else [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
+    with (
+        tqdm(
+            total=len(items) * spec.n,
+            initial=len(items) * spec.n - len(todo),
+            desc=out_path.stem,
+            unit="sample",
+            disable=not todo or not progress_enabled(),
+        ) as bar,
+        explained_disk_errors(out_path.parent),
+        out_path.open("a") as handle,
+    ):
+
+        def write(part: list[tuple[Item, int]], index: int, response: Response) -> None:
+            item, s = part[index]
+            correct, excerpt = grade(item, response.text)
+            row = dict(id=item.id, sample=s, item=current[item.id], response=response.text, answer_excerpt=excerpt)
+            row.update(correct=bool(correct), tokens=response.tokens, thinking_cut=response.thinking_cut)
+            handle.write(json.dumps({**row, "answer_cut": response.answer_cut}) + "\n")
+            handle.flush()  # a killed run resumes at the sample
+            bar.update(1)
+
+        for part in parts:
+            runs = [sample_protocol(prompts[it.id], spec, sample_seed(spec, it, s), limit, length) for it, s in part]
+            run_protocols(engine, runs, spec, variant, lambda i, r, part=part: write(part, i, r))
     results = read_samples(out_path)
-    wanted = {it.id for it in items}
-    results = results[results["id"].astype(str).isin(wanted) & (results["sample"].astype(int) < spec.n)]
-    return results.reset_index(drop=True)
+    order = {it.id: k for k, it in enumerate(items)}
+    results = results[results["id"].astype(str).isin(order) & (results["sample"].astype(int) < spec.n)]
+    # in the benchmark's order, whatever order the samples finished in
+    key = results["id"].astype(str).map(order) * spec.n + results["sample"].astype(int)
+    return results.iloc[key.argsort(kind="stable")].reset_index(drop=True)
 
 
 def sweep_changes(scaled: Any, sweep: str, n_resamples: int = 2000, seed: int = 0) -> Any:

@@ -229,6 +229,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--extraction", action="store_true", help="instead: adapter-activation extraction vs plain forward")
     parser.add_argument(
+        "--evaluation",
+        action="store_true",
+        help="instead: notebook 02's generation on the organism, a batch at a time vs one request set (vLLM)",
+    )
+    parser.add_argument(
         "--generation",
         metavar="RUN_DIR",
         default=None,
@@ -238,6 +243,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     logging.basicConfig(level=logging.INFO)
     if args.generation:
         return main_generation(args.generation)
+    if args.evaluation:
+        rows = measure_evaluation()
+        lines = [f"organism, notebook 02's protocols, fp32, threads={torch.get_num_threads()}", "| setup | s | tokens | tok/s |"]
+        lines += ["|---|---|---|---|"] + [
+            f"| {r['setup']} | {r['seconds']:.1f} | {r['tokens']:,} | {r['tok_per_s']:,.0f} |" for r in rows
+        ]
+        after = rows[1]
+        lines += [f"ratio {after['ratio']:.2f}x; alike {after['alike']}; accuracy before/after {after['accuracy']}"]
+        sys.stdout.write("\n".join(lines) + "\n")  # a command-line entry point: the table is its output
+        return rows
     device = torch.device(args.device)
     if args.shape == "organism":
         config = organism_config()
@@ -317,6 +332,61 @@ def measure_generation(
     start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     rows.append({"setup": "vLLM, adapter merged (fp32)", "tok_per_s": n_prompts * new_tokens / (time.perf_counter() - start)})
+    return rows
+
+
+def measure_evaluation(model_dir: str = "data/organism/model", benchmark_dir: str = "data/organism") -> list[dict[str, Any]]:
+    """Notebook 02's generation on the organism, the way evaluation drove vLLM before (a batch of 32
+    questions at a time, every phase waiting for its slowest response) and now (one request set that
+    vLLM schedules continuously), on one engine in one run: generated tokens/s of each, and how many
+    samples came out word for word alike. Greedy budget-forced protocol on the three benchmarks, then
+    pass@1 (4 samples) on AIME24, at notebook 02's organism settings."""
+    import tempfile
+
+    from paper_lib.engines import VLLMEngine
+    from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
+
+    class Lockstep:
+        """The engine without ``enqueue``: evaluation falls back to a batch at a time, as it ran before."""
+
+        def __init__(self, engine: VLLMEngine) -> None:
+            self.engine, self.tokenizer, self.max_model_len = engine, engine.tokenizer, engine.max_model_len
+
+        def complete(self, *args: Any) -> list[tuple[str, int]]:
+            return self.engine.complete(*args)
+
+        def identity(self, variant: str | None) -> dict[str, Any]:
+            return self.engine.identity(variant)
+
+    greedy = GenerationSpec(max_tokens=160, answer_tokens=32)
+    sampled = GenerationSpec(temperature=0.6, top_p=0.95, n=4, max_tokens=160, answer_tokens=32)
+    names = {"aime24": "aime24", "math500": "math500", "gpqa_diamond": "gpqa_diamond"}
+    benchmarks = {n: load_benchmark(n, f"{benchmark_dir}/{d}", choice_style="organism") for n, d in names.items()}
+    jobs = [(f"{n}.greedy", items, greedy) for n, items in benchmarks.items()] + [
+        ("aime24.sampled", benchmarks["aime24"], sampled)
+    ]
+    rows = []
+    with VLLMEngine(model_dir, dtype="float32", max_model_len=512) as engine, tempfile.TemporaryDirectory() as tmp:
+        evaluate(engine, benchmarks["aime24"][:4], greedy, f"{tmp}/warmup.jsonl")
+        for setup, driver in (
+            ("before: 32 questions a batch, phase by phase", Lockstep(engine)),
+            ("after: one request set", engine),
+        ):
+            frames, start = [], time.perf_counter()
+            for name, items, spec in jobs:
+                frames.append(evaluate(driver, items, spec, f"{tmp}/{len(rows)}/{name}.jsonl", chunk=32 * spec.n))
+            seconds = time.perf_counter() - start
+            tokens = sum(int(f["tokens"].sum()) for f in frames)
+            rows.append({"setup": setup, "seconds": seconds, "tokens": tokens, "tok_per_s": tokens / seconds, "frames": frames})
+    before, after = (r.pop("frames") for r in rows)
+    alike = [(a["response"] == b["response"]).sum() for a, b in zip(before, after)]
+    total = sum(len(a) for a in before)
+    rows[1]["ratio"] = rows[1]["tok_per_s"] / rows[0]["tok_per_s"]
+    rows[1]["alike"] = f"{sum(alike[:3])}/{sum(len(a) for a in before[:3])} greedy, {alike[3]}/{len(before[3])} sampled"
+    rows[1]["accuracy"] = {
+        j[0]: (round(a["correct"].mean(), 4), round(b["correct"].mean(), 4)) for j, a, b in zip(jobs, before, after)
+    }
+    rows[1]["samples"] = total
     return rows
 
 

@@ -146,6 +146,79 @@ def test_evaluate_appends_per_sample_and_resumes_after_a_crash(tmp_path):
     assert len(path.read_text().splitlines()) == 5
 
 
+class DigitEngine(FakeEngine):
+    """Thinks one token more than the digit its question starts with, then answers '4'; a batch at a time."""
+
+    def think(self, prompt):
+        return int(prompt.split("user\n")[1][0]) + 1
+
+    def complete(self, prompts, max_tokens, spec, seeds, stop_at_im_start, adapter):
+        if not stop_at_im_start:
+            return [(" 4<|im_end|>", 2) for _ in prompts]
+        return [("s" * min(self.think(p), m), min(self.think(p), m)) for p, m in zip(prompts, max_tokens)]
+
+
+class StreamingEngine(DigitEngine):
+    """Like vLLM's scheduler: takes requests while others run (``enqueue``) and hands back whichever ends
+    first (``finished``): a question's thinking lasts as many steps as the digit it starts with. Records
+    what was in flight when each request arrived."""
+
+    def __init__(self, fail_after=None):
+        super().__init__()
+        self.flight: dict[str, tuple] = {}
+        self.arrivals: list[tuple[bool, int]] = []  # (stop_at_im_start, requests in flight) per arrival
+        self.done = 0
+        self.fail_after = fail_after
+
+    def enqueue(self, prompts, max_tokens, spec, seeds, stop_at_im_start, adapter):
+        ids = []
+        for prompt, m in zip(prompts, max_tokens):
+            self.arrivals.append((stop_at_im_start, len(self.flight)))
+            ids.append(str(len(self.arrivals)))
+            steps = self.think(prompt) if stop_at_im_start else 1
+            self.flight[ids[-1]] = (steps, prompt, m, stop_at_im_start)
+        return ids
+
+    def finished(self):
+        if self.fail_after is not None and self.done >= self.fail_after:
+            raise RuntimeError("engine died")
+        if not self.flight:
+            return []
+        rid = min(self.flight, key=lambda r: self.flight[r][0])
+        steps, prompt, m, stop = self.flight.pop(rid)
+        self.flight = {r: (s - steps, *rest) for r, (s, *rest) in self.flight.items()}
+        self.done += 1
+        return [(rid, "s" * min(self.think(prompt), m), min(self.think(prompt), m)) if stop else (rid, " 4<|im_end|>", 2)]
+
+
+def test_a_serving_engine_gets_every_sample_at_once_and_each_next_request_as_soon_as_its_last_ends():
+    """Continuous batching: every question's thinking request is in flight together, a quick question's
+    answer is requested while slow ones still think (nobody waits for the slowest), and the responses are
+    those of the phase-at-a-time protocol."""
+    questions = ["5 +1", "0 +1", "3 +1", "1 +1"]
+    spec = GenerationSpec(max_tokens=64, answer_tokens=8, wait_count=1)
+    engine = StreamingEngine()
+    streamed = generate_responses(engine, questions, spec)
+    assert streamed == generate_responses(DigitEngine(), questions, spec)  # same words, another schedule
+    assert [n for stop, n in engine.arrivals[:4]] == [0, 1, 2, 3]  # one request set
+    answer_at = next(n for stop, n in engine.arrivals if not stop)
+    assert answer_at >= 2, "the first answer was requested only after every question had stopped thinking"
+
+
+def test_evaluate_writes_each_sample_as_it_finishes_and_resumes_at_the_sample(tmp_path):
+    items = [Item(str(i), f"{d} +1", "4", "math") for i, d in enumerate([7, 0, 5, 1, 3])]
+    path = tmp_path / "m" / "b.jsonl"
+    spec = GenerationSpec(max_tokens=64, answer_tokens=8)
+    with pytest.raises(RuntimeError, match="engine died"):
+        evaluate(StreamingEngine(fail_after=5), items, spec, path, chunk=2)
+    kept = [json.loads(line)["id"] for line in path.read_text().splitlines()]
+    assert kept == ["1", "3"]  # the quick ones, graded and flushed before the crash (chunk plays no part)
+    engine = StreamingEngine()
+    df = evaluate(engine, items, spec, path)
+    assert list(df["id"]) == ["0", "1", "2", "3", "4"] and df["correct"].all()  # the benchmark's order
+    assert sum(stop for stop, _ in engine.arrivals) == 3  # only the unfinished samples were generated
+
+
 def test_organism_benchmarks_load_by_path_and_gpqa_gold_matches(organism_dir):
     aime = load_benchmark("aime24", str(organism_dir / "aime24"))
     math = load_benchmark("math500", str(organism_dir / "math500"))
