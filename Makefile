@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 
-.PHONY: all env test ci notebooks smoke rehearse gpu-check bench-train bench-extract bench-generate bench-evaluate bench-scale sync-notebooks clean
+.PHONY: all env test ci notebooks smoke rehearse gpu-check bench-train bench-extract bench-generate bench-evaluate bench-scale plan sync-notebooks clean
 
 all: notebooks
 
@@ -80,6 +80,11 @@ sync-notebooks: $(STAMP)
 # notebook 02's generation on the organism: a batch at a time (as before) vs one request set vLLM schedules
 bench-evaluate: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m paper_lib.throughput --evaluation
+
+# the real-scale cost table of the README's commands (memory, hours, GPU-hours; paper_lib/plan.py says how);
+# `make plan WRITE=--write` puts it into the README
+plan: $(STAMP)
+	$(PY) -m paper_lib.plan --readme $(WRITE)
 
 # On a GPU box (no venv needed: torch, transformers and peft are there). Writes the rows as JSON too.
 gpu-check:

@@ -40,6 +40,14 @@ GiB = 2**30
 LOGIT_BYTES = 11.4  # per token x vocabulary entry: bf16 logits, their float32 upcast and gradient (calibrated)
 RECOMPUTE = 1.5  # one layer recomputed under checkpointing, and its gradients (calibrated)
 HBM_TB_S = {"H100": 3.35, "H200": 4.8}  # GPU memory bandwidth, TB/s
+PEAK_TFLOPS = 989.0  # dense bf16 of an H100 or H200 (same compute; the H200 has more and faster memory)
+HBM_EFFICIENCY = 0.7  # the fraction of the bandwidth a decode step reaches (assumed, not yet measured)
+FSDP_SCALING = 0.8  # throughput a GPU keeps under FSDP over several (assumed)
+STATIC_BATCH_EFFICIENCY = 0.5  # busy slots of a static generation batch that runs until its longest response (assumed)
+# Assumed mean response lengths at real scale (R1-style traces; s1.1-32B's own lengths), capped by MAX_TOKENS
+RESPONSE_TOKENS = {"aime24": 16_000, "math500": 4_000, "gpqa_diamond": 8_000}
+QUESTIONS = {"aime24": 30, "math500": 500, "gpqa_diamond": 198}
+S1K_TOKENS = 10_000_000  # s1K-1.1's tokens an epoch (1,000 traces of ~10k tokens, Qwen2.5's tokenizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +159,49 @@ def vllm_bytes(shape: Shape, max_model_len: int, tensor_parallel: int, lora_rank
     return (shape.params * 2 + max_model_len * shape.kv_bytes + slots) / tensor_parallel + GiB
 
 
+# Time, from the reference rates of BENCHMARKS.md (one H200, bf16). A compute-bound pass costs 2 x params
+# FLOPs a token per forward-sized pass; the fraction of peak each kind reached at 32B is its efficiency.
+PASSES = {"lora": 3, "full": 4, "forward": 1}  # forward, recompute, backward (input grads; + weight grads for full)
+MFU = {
+    "train": 2_150 * PASSES["lora"] * 2 * QWEN25["32B"].params / (PEAK_TFLOPS * 1e12),  # rank-1 step, Liger, 20k blocks
+    "forward": 8_080 * 2 * QWEN25["32B"].params / (PEAK_TFLOPS * 1e12),  # plain forward
+}
+
+
+def gpu_name(gpu_gib: float) -> str:
+    return "H200" if gpu_gib > 100 else "H100"
+
+
+def compute_seconds(shape: Shape, tokens: float, passes: int, kind: str, gpus: int = 1) -> float:
+    """Wall seconds of compute-bound work over ``gpus`` GPUs (FSDP or data parallel at ``FSDP_SCALING``)."""
+    rate = PEAK_TFLOPS * 1e12 * MFU[kind] * gpus * (FSDP_SCALING if gpus > 1 else 1.0)
+    return tokens * passes * 2 * shape.params / rate
+
+
+def decode_seconds(
+    shape: Shape, tokens: float, context: float, requests: float, tp: int, gpu_gib: float, static_slot: int = 0, cache: float = 0
+) -> tuple[float, int]:
+    """(wall seconds, sequences decoded at once) to generate ``tokens`` tokens over ``requests`` requests of
+    mean context ``context``. Decode is bound by reading memory, not by compute: every step reads the
+    weights and the batch's KV cache once, at ``HBM_EFFICIENCY`` of the bandwidth. vLLM (continuous
+    batching) decodes what the KV cache left by the weights on ``tp`` GPUs holds at the mean context. The
+    two-cache generator (``static_slot``: a sequence's most tokens) runs static batches of ``cache //
+    static_slot`` sequences, two forwards a token (the reference pass, then the transformed one), each batch
+    until its longest response ends (half its slots idle on average: ``STATIC_BATCH_EFFICIENCY``)."""
+    weights = shape.params * 2
+    forwards = 2 if static_slot else 1
+    if static_slot:
+        batch = int(max(1, min(requests, cache // static_slot)))
+    else:
+        room = max(tp * (0.9 * gpu_gib * GiB - GiB) - weights, 0) / shape.kv_bytes
+        batch = int(max(1, min(requests, room // max(context, 1))))
+    step_bytes = forwards * (weights + batch * context * shape.kv_bytes) / tp
+    step = step_bytes / (HBM_TB_S[gpu_name(gpu_gib)] * 1e12 * HBM_EFFICIENCY)
+    compute = forwards * batch * 2 * shape.params / (tp * PEAK_TFLOPS * 1e12 * MFU["forward"])
+    busy = STATIC_BATCH_EFFICIENCY if static_slot else 1.0
+    return tokens / (batch * busy) * max(step, compute), batch
+
+
 @dataclasses.dataclass
 class Stage:
     """One expensive step: its peak bytes a device, what it processes, and the lever that bounds it."""
@@ -162,6 +213,8 @@ class Stage:
     lever: str = ""  # the parameter to change when it does not fit
     fits_at: Callable[[int], float] | None = None  # peak bytes at another value of the lever
     lever_value: int = 0
+    seconds: float = 0.0  # wall time on the planned GPUs
+    gpus: int = 1  # GPUs the stage holds (for GPU-hours)
 
 
 def notebook_parameters(notebook: str, given: dict[str, Any]) -> dict[str, Any]:
@@ -173,51 +226,95 @@ def notebook_parameters(notebook: str, given: dict[str, Any]) -> dict[str, Any]:
     return check_parameters(dict(given), notebook)
 
 
-def plan_stages(notebook: str, p: dict[str, Any], shape: Shape, gpus: int) -> list[Stage]:
-    """The expensive stages of ``notebook`` with parameters ``p`` on ``gpus`` GPUs."""
+def generation_work(benchmarks: dict[str, int], runs: int, max_tokens: int) -> tuple[float, float, float]:
+    """(requests, generated tokens, mean context) of ``runs`` greedy passes over ``benchmarks`` (name ->
+    questions), each response the benchmark's assumed length capped at ``max_tokens``."""
+    lengths = {b: min(RESPONSE_TOKENS[b], max_tokens) for b in benchmarks}
+    requests = runs * sum(benchmarks.values())
+    tokens = runs * sum(n * lengths[b] for b, n in benchmarks.items())
+    # the context a generated token reads, averaged over tokens: the prompt and half its response
+    context = runs * sum(n * lengths[b] ** 2 / 2 for b, n in benchmarks.items()) / max(tokens, 1) + 300
+    return requests, tokens, context
+
+
+def questions(p: dict[str, Any], names: Sequence[str], limit: int = 0) -> dict[str, int]:
+    """Questions per benchmark: the real benchmarks' sizes (the organism's are the same), capped at ``limit``."""
+    return {n: min(QUESTIONS[n], limit) if limit else QUESTIONS[n] for n in names}
+
+
+def plan_stages(notebook: str, p: dict[str, Any], shape: Shape, gpus: int, gpu_gib: float = 141.0) -> list[Stage]:
+    """The expensive stages of ``notebook`` with parameters ``p`` on ``gpus`` GPUs of ``gpu_gib``."""
     stages = []
     n = notebook[:2]
     if n == "01":
         tokens = p["MAX_LENGTH"] * p["PER_DEVICE_BATCH"]
         fsdp = gpus if p["NUM_PROCESSES"] > 1 else 1
+        trained = S1K_TOKENS * p["EPOCHS"]
 
         def lora_at(length: int, full: bool = False) -> float:
             return training_bytes(
                 shape, length * p["PER_DEVICE_BATCH"], not full, p["GRADIENT_CHECKPOINTING"], p["USE_LIGER"], fsdp
             )
 
-        stages.append(
-            Stage(
-                "rank-1 LoRA step", lora_at(p["MAX_LENGTH"]), tokens, f"FSDP over {fsdp}", "MAX_LENGTH", lora_at, p["MAX_LENGTH"]
-            )
-        )
-        if p["TRAIN_FULL"]:
-            full = lambda length: lora_at(length, True)  # noqa: E731
+        for name, full in (("rank-1 LoRA", False), ("full fine-tune", True))[: 2 if p["TRAIN_FULL"] else 1]:
+            at = lambda length, full=full: lora_at(length, full)  # noqa: E731
+            seconds = compute_seconds(shape, trained, PASSES["full" if full else "lora"], "train", fsdp)
+            note = f"FSDP over {fsdp}, {trained / 1e6:.0f}M tokens" if fsdp > 1 else f"one GPU, {trained / 1e6:.0f}M tokens"
             stages.append(
-                Stage(
-                    "full fine-tune step", full(p["MAX_LENGTH"]), tokens, f"FSDP over {fsdp}", "MAX_LENGTH", full, p["MAX_LENGTH"]
-                )
+                Stage(f"{name} training", at(p["MAX_LENGTH"]), tokens, note, "MAX_LENGTH", at, p["MAX_LENGTH"], seconds, fsdp)
             )
     if n in ("02", "03", "07"):
         tp = p.get("TENSOR_PARALLEL", 1)
         at = lambda length: vllm_bytes(shape, length, tp, 16)  # noqa: E731
+        names = ("aime24", "math500", "gpqa_diamond") if n == "02" else ("aime24", "math500")
+        if n == "02":  # base chat, base forced, the adapter, the full model: greedy and N_SAMPLES samples each
+            runs = 4 * (1 + p["N_SAMPLES"])
+            scaling = [int(b) for b in p["SCALING_BUDGETS"].split(",") if b.strip()] if p["SCALING_BENCHMARK"] else []
+            waits = len([w for w in p["SCALING_WAITS"].split(",") if w.strip()]) if p["SCALING_BENCHMARK"] else 0
+        else:
+            runs, scaling, waits = (4 if n == "03" else 1 + len(p.get("ADAPTER_RUNS", "").split(","))), [], 0
+        requests, tokens, context = generation_work(questions(p, names, p.get("N_BENCHMARK_QUESTIONS", 0)), runs, p["MAX_TOKENS"])
+        for budget in scaling:  # 3 models x the scaling benchmark's questions, thinking capped at the budget
+            requests += 3 * QUESTIONS["aime24"]
+            tokens += 3 * QUESTIONS["aime24"] * min(budget + p["ANSWER_TOKENS"], p["MAX_TOKENS"])
+        tokens += 3 * waits * QUESTIONS["aime24"] * min(RESPONSE_TOKENS["aime24"], p["MAX_TOKENS"])
+        seconds, batch = decode_seconds(shape, tokens, context, requests / max(runs, 1), tp, gpu_gib)
         stages.append(
             Stage(
-                "vLLM engine (a GPU of it)",
+                "vLLM generation (a GPU of it)",
                 at(p["MAX_MODEL_LEN"]),
-                note=f"tensor parallel {tp}",
-                lever="MAX_MODEL_LEN",
-                fits_at=at,
-                lever_value=p["MAX_MODEL_LEN"],
+                tokens,
+                f"tensor parallel {tp}, ~{batch} sequences at once, {tokens / 1e6:.1f}M tokens decoded",
+                "MAX_MODEL_LEN",
+                at,
+                p["MAX_MODEL_LEN"],
+                seconds,
+                tp,
             )
         )
     if n == "03":
         cap = p["BATCH_TOKENS"] or p["BATCH_SIZE"] * p["MAX_LENGTH"]
         at = lambda t: forward_bytes(shape, t, gpus, fp32_adapters=False)  # noqa: E731
-        stages.append(Stage("ablation KL batch", at(cap), cap, "use_cache off", "BATCH_TOKENS", at, cap))
+        passes = shape.layers * 8 + 2 + 1 + 1  # each layer, each (layer, projection), attention / MLP, all, none
+        tokens = passes * p["N_TRACES"] * p["MAX_LENGTH"]
+        seconds = compute_seconds(shape, tokens, 1, "forward")
+        stages.append(
+            Stage(
+                "ablation KL batch",
+                at(cap),
+                tokens,
+                f"{passes} forwards a trace, use_cache off, layers spread over the GPUs (one at work)",
+                "BATCH_TOKENS",
+                at,
+                cap,
+                seconds,
+                gpus,
+            )
+        )
     if n == "04":
-        tokens = p["BATCH_SIZE"] * p["MAX_LENGTH"]
         at = lambda b: forward_bytes(shape, b * p["MAX_LENGTH"], gpus)  # noqa: E731
+        tokens = (p["N_TRACES"] or 1000) * min(p["MAX_LENGTH"], S1K_TOKENS / 1000)
+        seconds = compute_seconds(shape, tokens, 1, "forward", gpus)
         stages.append(
             Stage(
                 "extraction batch",
@@ -227,26 +324,50 @@ def plan_stages(notebook: str, p: dict[str, Any], shape: Shape, gpus: int) -> li
                 "BATCH_SIZE",
                 at,
                 p["BATCH_SIZE"],
+                seconds,
+                gpus,
             )
         )
     if n == "05":
         cap = p["BATCH_TOKENS"]
         at = lambda t: forward_bytes(shape, t, 1)  # noqa: E731
+        tokens = 3 * p["N_SPLICE_TRACES"] * p["MAX_LENGTH"]
+        seconds = compute_seconds(shape, tokens, 1, "forward")
         stages.append(
-            Stage("splice KL batch", at(cap), cap, "use_cache off, adapters in the serving dtype", "BATCH_TOKENS", at, cap)
+            Stage(
+                "splice KL batch",
+                at(cap),
+                tokens,
+                "use_cache off, adapters in the serving dtype",
+                "BATCH_TOKENS",
+                at,
+                cap,
+                seconds,
+            )
         )
-    if n in ("05", "06"):
+    if n == "06":  # the adapted model held for the latents' logit effects (and the steering below)
+        stages.append(Stage("model for logit effects", shape.params * 2 + GiB, note="weights, one unembedding product"))
+    if n == "05" or (n == "06" and p["ROLE_SCORER"]):  # notebook 06 steers only the organism (its roles)
         chunk = min(p["CACHE_TOKENS"], p.get("BATCH_TOKENS", 16384))
         at = lambda c: two_cache_bytes(shape, c, min(c, chunk))  # noqa: E731
+        if n == "05":  # the base, the adapter and the spliced SAE on AIME and N_MATH MATH questions
+            work = generation_work(questions(p, ("aime24",)) | {"math500": p["N_MATH"] or 500}, 3, p["MAX_TOKENS"])
+        else:  # each steering strength and its equal-norm random direction on AIME
+            strengths = len([x for x in p["STEER_STRENGTHS"].split(",") if x.strip()])
+            work = generation_work(questions(p, ("aime24",)), 2 * strengths, p["MAX_TOKENS"])
+        requests, tokens, context = work
+        slot = p["MAX_TOKENS"] + 300  # a sequence's prompt and its most generated tokens
+        seconds, batch = decode_seconds(shape, tokens, context, requests, 1, gpu_gib, slot, p["CACHE_TOKENS"])
         stages.append(
             Stage(
                 "two-cache generator",
                 at(p["CACHE_TOKENS"]),
-                p["CACHE_TOKENS"],
-                "prefill in chunks",
+                tokens,
+                f"prefill in chunks, ~{batch} sequences at once, two forwards a token",
                 "CACHE_TOKENS",
                 at,
                 p["CACHE_TOKENS"],
+                seconds,
             )
         )
     return stages
@@ -272,7 +393,7 @@ def plan(notebook: str, model: str, gpus: int, gpu_gib: float, given: dict[str, 
         raise SystemExit(f"{notebook!r} names {len(matches)} notebooks; give a prefix such as 05 or 05_train_sae")
     p = notebook_parameters(matches[0], given)
     shape = shape_of(model)
-    stages = plan_stages(matches[0], p, shape, gpus)
+    stages = plan_stages(matches[0], p, shape, gpus, gpu_gib)
     budget = gpu_gib * GiB * 0.95  # CUDA context, allocator fragmentation
     refusals = []
     for stage in stages:
@@ -290,10 +411,13 @@ def plan(notebook: str, model: str, gpus: int, gpu_gib: float, given: dict[str, 
 
 
 def table(stages: Sequence[Stage], gpu_gib: float) -> str:
-    rows = [f"{'stage':<28} {'peak GiB/GPU':>12} {'tokens':>10}  note"]
+    rows = [f"{'stage':<30} {'peak GiB/GPU':>12} {'tokens':>13} {'hours':>7} {'GPU-h':>7}  note"]
     for s in stages:
         mark = "" if s.peak <= gpu_gib * GiB * 0.95 else "  DOES NOT FIT"
-        rows.append(f"{s.name:<28} {s.peak / GiB:>12.1f} {s.tokens:>10,.0f}  {s.note}{mark}")
+        hours = s.seconds / 3600
+        rows.append(f"{s.name:<30} {s.peak / GiB:>12.1f} {s.tokens:>13,.0f} {hours:>7.2f} {hours * s.gpus:>7.2f}  {s.note}{mark}")
+    total = sum(s.seconds * s.gpus for s in stages) / 3600
+    rows.append(f"{'total':<30} {'':>12} {'':>13} {sum(s.seconds for s in stages) / 3600:>7.2f} {total:>7.2f}")
     return "\n".join(rows)
 
 
@@ -302,12 +426,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     from paper_lib.run_notebooks import parse_parameters
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("notebook", help="a notebook name or prefix, e.g. 05 or 05_train_sae")
-    parser.add_argument("--model", required=True, help="a Qwen2.5 hub id or a local model folder")
+    parser.add_argument("notebook", nargs="?", help="a notebook name or prefix, e.g. 05 or 05_train_sae")
+    parser.add_argument("--model", help="a Qwen2.5 hub id or a local model folder")
+    parser.add_argument("--readme", action="store_true", help="instead: the cost table of the README's commands")
+    parser.add_argument("--write", action="store_true", help="with --readme: put it between the README's markers")
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--gpu-gib", type=float, default=141.0, help="memory of one GPU (H200: 141, H100: 80)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     args = parser.parse_args(argv)
+    if args.readme:
+        from paper_lib.paths import REPO_ROOT
+
+        path = REPO_ROOT / "README.md"
+        text = path.read_text()
+        block = readme_table(text)
+        if args.write:
+            head, rest = text.split(PLAN_BEGIN, 1)
+            path.write_text(head + PLAN_BEGIN + "\n" + block + "\n" + PLAN_END + rest.split(PLAN_END, 1)[1])
+        sys.stdout.write(block + "\n")  # a command-line entry point: the table is its output
+        return 0
+    if not args.notebook or not args.model:
+        parser.error("give a NOTEBOOK and --model (or --readme)")
     try:
         stages, refusals = plan(args.notebook, args.model, args.gpus, args.gpu_gib, parse_parameters(args.parameter))
     except ConfigError as err:
@@ -318,10 +457,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in refusals:
         print("REFUSED " + line, file=sys.stderr)
     return 1 if refusals else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def model_of(parameters: dict[str, Any], smoke: bool = False) -> str:
@@ -363,3 +498,55 @@ CALIBRATION = [
     ("1.5B", 8192, True, False, True, False, 18.9),  # Liger, no checkpointing
     ("32B", 20000, True, True, True, False, 79.7),  # the single-H200 32B probe
 ]
+
+
+def readme_commands(text: str) -> list[tuple[str, dict[str, Any], int, str]]:
+    """(notebook, parameters, GPUs, model) of every `run NN_...` command in a README's text, ``$REAL``
+    expanded; the GPUs are what the command names (processes or tensor parallelism), each an H200."""
+    import re
+    import shlex
+
+    from paper_lib.run_notebooks import parse_parameters
+
+    real = re.search(r'REAL="([^"]+)"', text)
+    found = []
+    for match in re.finditer(r"`run (\d\d_\w+) ([^`]+)`", text):
+        words = shlex.split(
+            match.group(2).replace("$REAL", real.group(1) if real else "").replace("<judge>", "judge").replace("...", "x")
+        )
+        given = parse_parameters([(words[i + 1], words[i + 2]) for i in range(len(words) - 2) if words[i] == "-p"])
+        gpus = max(given.get("NUM_PROCESSES", 1), given.get("TENSOR_PARALLEL", 1))
+        model = given.pop("MODEL", None) or given.pop("BASE_MODEL", None) or "Qwen/Qwen2.5-32B-Instruct"
+        found.append((match.group(1), given, gpus, model))
+    return found
+
+
+def readme_table(text: str, gpu_gib: float = 141.0) -> str:
+    """The cost table of the README's real-scale commands (``make plan``): each planned on the H200s it
+    names; the README carries this table verbatim between its ``plan`` markers (a test compares them)."""
+    rows = [
+        "| notebook | model | GPUs | peak GiB a GPU | hours | GPU-hours | largest stage |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for notebook, given, gpus, model in readme_commands(text):
+        stages, refusals = plan(notebook, model, gpus, gpu_gib, given)
+        peak = max(stages, key=lambda st: st.peak)
+        hours, gpu_hours = sum(st.seconds for st in stages) / 3600, sum(st.seconds * st.gpus for st in stages) / 3600
+        fits = "" if not refusals else " (does not fit)"
+        name = model.split("/")[-1]
+        rows.append(
+            f"| {notebook} | {name} | {gpus} x H200 | {peak.peak / GiB:.0f}{fits} | {hours:.1f} | {gpu_hours:.1f} | {peak.name} |"
+        )
+    return "\n".join(rows)
+
+
+PLAN_BEGIN, PLAN_END = "<!-- make plan: begin -->", "<!-- make plan: end -->"
+
+
+def readme_block(text: str) -> str:
+    """The table between the README's plan markers."""
+    return text.split(PLAN_BEGIN, 1)[1].split(PLAN_END, 1)[0].strip()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,11 +1,9 @@
 """The real-scale plan: its memory model reproduces the measured rows, and the README's commands fit the
 hardware they name (parsed from the README itself), while changed parameters that cannot fit are refused."""
 
-import re
-import shlex
-
 import pytest
 
+from paper_lib import plan as plan_module
 from paper_lib.paths import REPO_ROOT
 from paper_lib.plan import CALIBRATION, QWEN25, GiB, main, plan, training_bytes
 
@@ -27,27 +25,13 @@ def test_shapes_match_the_published_sizes():
 
 
 def readme_commands():
-    """(notebook, parameters, GPUs) of every `run NN_...` command in the README, $REAL expanded; the GPUs
-    are what the command names (processes or tensor parallelism), each an H200."""
-    real = re.search(r'REAL="([^"]+)"', README).group(1)
-    found = []
-    for match in re.finditer(r"`run (\d\d_\w+) ([^`]+)`", README):
-        words = shlex.split(match.group(2).replace("$REAL", real).replace("<judge>", "judge").replace("...", "x"))
-        pairs = {words[i + 1]: words[i + 2] for i in range(len(words) - 2) if words[i] == "-p"}
-        from paper_lib.run_notebooks import parse_parameters
-
-        given = parse_parameters(list(pairs.items()))
-        gpus = max(given.get("NUM_PROCESSES", 1), given.get("TENSOR_PARALLEL", 1))
-        model = given.get("MODEL") or given.get("BASE_MODEL") or "Qwen/Qwen2.5-32B-Instruct"
-        found.append((match.group(1), given, gpus, model))
-    return found
+    return plan_module.readme_commands(README)
 
 
 def test_every_real_scale_command_in_the_readme_fits_the_gpus_it_names():
     commands = readme_commands()
     assert {c[0][:2] for c in commands} >= {"01", "02", "03", "04", "05", "06"}
     for notebook, given, gpus, model in commands:
-        given = {k: v for k, v in given.items() if k not in ("MODEL", "BASE_MODEL")}
         stages, refusals = plan(notebook, model, gpus, 141, given)
         assert stages and not refusals, (notebook, refusals)
 
@@ -114,4 +98,27 @@ def test_a_notebook_on_a_gpu_box_refuses_what_will_not_fit_before_any_work(monke
     }
     with pytest.raises(MemoryError, match="MAX_LENGTH"):
         check_plan("01_train_rank1_lora", params)
-    assert "rank-1 LoRA step" in capsys.readouterr().out
+    assert "rank-1 LoRA training" in capsys.readouterr().out
+
+
+def test_the_readme_cost_table_is_the_plan_of_its_own_commands():
+    """One source: the table between the README's markers is what `make plan` prints for the README's
+    commands, so a changed command, parameter or rate that is not carried into the README fails here."""
+    assert plan_module.readme_block(README) == plan_module.readme_table(README)
+    changed = README.replace("-p N_SAMPLES 8 ", "-p N_SAMPLES 16 ", 1)
+    assert plan_module.readme_table(changed) != plan_module.readme_table(README)
+
+
+def test_decode_is_planned_as_bound_by_memory_reads_and_training_by_the_measured_rate():
+    from paper_lib.plan import compute_seconds, decode_seconds
+
+    shape = QWEN25["32B"]
+    # the reference row itself: 50M tokens at 2,150 tok/s on one H200
+    assert compute_seconds(shape, 50e6, 3, "train") / 3600 == pytest.approx(50e6 / 2150 / 3600, rel=0.01)
+    # one sequence at a time reads the 65.5 GB of weights a token: ~20 ms on an H200 at 70% of 4.8 TB/s
+    seconds, batch = decode_seconds(shape, 1000, 1000, 1, 1, 141)
+    assert batch == 1 and seconds / 1000 == pytest.approx(shape.params * 2 / (4.8e12 * 0.7), rel=0.05)
+    # more sequences share each read of the weights; a longer context reads more cache a step
+    fast, many = decode_seconds(shape, 1e6, 4000, 1000, 1, 141)
+    slow, _ = decode_seconds(shape, 1e6, 16000, 1000, 1, 141)
+    assert many > 1 and fast < seconds * 1000 and slow > fast
