@@ -374,13 +374,25 @@ def control_populations(model: torch.nn.Module, keys: Sequence[tuple[int, str]],
     }
 
 
+MIN_SHARDS = 8  # one per GPU of an 8-GPU node
+MAX_SHARD_DOCS = 256
+
+
+def shard_docs(n_docs: int) -> int:
+    """Documents a shard holds: at most 256, and few enough for ``MIN_SHARDS`` shards, so every process of
+    an 8-GPU ``accelerate launch`` gets work (1,000 traces: 8 shards of 125, where 256 a shard left 4 of 8
+    GPUs idle). A function of the corpus alone, never of the process count: a resumed run with another
+    number of processes finds the same shards."""
+    return max(1, min(MAX_SHARD_DOCS, math.ceil(n_docs / MIN_SHARDS)))
+
+
 def extract_activation_shards(
     model: torch.nn.Module,
     tokenizer: Any,
     texts: Sequence[str],
     out_dir: str | Path,
     batch_size: int = 16,
-    docs_per_shard: int = 256,
+    docs_per_shard: int | None = None,
     dtype: str = "float16",
     max_length: int = 2048,
     adapter: str = "default",
@@ -406,6 +418,7 @@ def extract_activation_shards(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    docs_per_shard = docs_per_shard or shard_docs(len(texts))
     populations = dict(populations or {})
     if LORA in populations:
         raise ValueError(f"{LORA!r} names the adapter scalars themselves; give the other populations other names")
@@ -436,6 +449,10 @@ def extract_activation_shards(
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp, meta_path)
     n_shards = math.ceil(len(texts) / docs_per_shard)
+    if process_index == 0 and num_processes > n_shards:
+        logging.getLogger(__name__).warning(
+            "%d processes for %d shards: %d of them have nothing to do", num_processes, n_shards, num_processes - n_shards
+        )
     device = next(model.parameters()).device
     todo = [s for s in range(process_index, n_shards, num_processes) if not _shard_paths(out_dir, s)["done"].is_file()]
     # progress in traces (not shards), so the time-left estimate moves with every batch

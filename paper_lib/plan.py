@@ -259,7 +259,12 @@ def plan_stages(notebook: str, p: dict[str, Any], shape: Shape, gpus: int, gpu_g
         for name, full in (("rank-1 LoRA", False), ("full fine-tune", True))[: 2 if p["TRAIN_FULL"] else 1]:
             at = lambda length, full=full: lora_at(length, full)  # noqa: E731
             seconds = compute_seconds(shape, trained, PASSES["full" if full else "lora"], "train", fsdp)
-            note = f"FSDP over {fsdp}, {trained / 1e6:.0f}M tokens" if fsdp > 1 else f"one GPU, {trained / 1e6:.0f}M tokens"
+            host = shape.params * 2 / 1e9  # the weights read on rank 0 alone, and the state dict gathered there at the save
+            note = (
+                f"FSDP over {fsdp}, {trained / 1e6:.0f}M tokens, host ~{host:.0f} GB on rank 0"
+                if fsdp > 1
+                else f"one GPU, {trained / 1e6:.0f}M tokens"
+            )
             stages.append(
                 Stage(f"{name} training", at(p["MAX_LENGTH"]), tokens, note, "MAX_LENGTH", at, p["MAX_LENGTH"], seconds, fsdp)
             )

@@ -298,3 +298,17 @@ def test_randomized_weights_are_an_untrained_model_of_the_same_shape(organism):
     batch = tok(["<|im_start|>user\n3 x3<|im_end|>\n"], return_tensors="pt")
     got, layers, modules = lora_activations(one, batch["input_ids"])
     assert len(find_readouts(one)) == 7 * one.config.num_hidden_layers and torch.isfinite(got).all()
+
+
+def test_every_process_of_an_eight_gpu_extraction_gets_a_shard_whatever_the_corpus():
+    """1,000 traces at 256 a shard made 4 shards: 4 of 8 GPUs idle. The shard size depends on the corpus
+    only (a resumed run with another process count finds the same shards)."""
+    import math
+
+    from paper_lib.activations import shard_docs
+
+    for n_docs in (8, 100, 1000, 5000):
+        n_shards = math.ceil(n_docs / shard_docs(n_docs))
+        assert all(list(range(i, n_shards, 8)) for i in range(8)), n_docs
+        assert shard_docs(n_docs) <= 256
+    assert shard_docs(1000) == 125 and shard_docs(100_000) == 256 and shard_docs(3) == 1

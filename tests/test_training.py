@@ -441,3 +441,24 @@ def test_a_finished_run_on_base_weights_changed_in_place_is_refused(tiny_setup, 
     model.save_pretrained(base)
     with pytest.raises(ConfigError, match="base model weights"):
         train(cfg)
+
+
+def test_the_model_loads_after_the_distributed_state_exists(tiny_setup, monkeypatch):
+    """Under FSDP, transformers loads the weights on rank 0 only when torch.distributed is set up before
+    ``from_pretrained`` (``is_fsdp_enabled``); the state comes from the training arguments, so they must
+    exist first, or every process reads the whole model into host memory (8 x 61 GiB at 32B)."""
+    from accelerate.state import PartialState
+
+    from paper_lib import training
+
+    PartialState._reset_state()
+    seen = {}
+
+    def load(name, bf16):
+        seen["state"] = PartialState._shared_state != {}
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(training, "load_base_model", load)
+    with pytest.raises(RuntimeError, match="stop before training"):
+        training.train(tiny_config(tiny_setup, "load_order"))
+    assert seen["state"], "the model was loaded before the distributed state existed"
