@@ -87,8 +87,9 @@ plan: $(STAMP)
 	$(PY) -m paper_lib.plan --readme $(WRITE)
 
 # On a GPU box (no venv needed: torch, transformers and peft are there). Writes the rows as JSON too.
+# the environment's python when `make env` built one (its Liger and vLLM rows run then), else the box's own
 gpu-check:
-	$(PYTHON) -m paper_lib.gpu_check --json $${OUT:-build}/gpu_check.json
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m paper_lib.gpu_check --json $${OUT:-build}/gpu_check.json
 
 clean:
 	rm -rf build

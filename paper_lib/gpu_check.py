@@ -214,6 +214,7 @@ def check_device_paths(device: torch.device, shape: str, seq_len: int = 512) -> 
             "unit": f"tok/s (KL all adapters {kl[kl.group == 'all adapters'].kl.mean():.3g} nats)",
         }
     )
+    rows += check_two_cache_generator(reloaded, shape)
     if device.type == "cuda":
         rows.append(
             {
@@ -227,6 +228,40 @@ def check_device_paths(device: torch.device, shape: str, seq_len: int = 512) -> 
     except ImportError:
         rows.append({"check": "vLLM", "value": "not installed on this box: generation rows skipped", "unit": ""})
     return rows
+
+
+def check_two_cache_generator(
+    model: torch.nn.Module, shape: str, n_prompts: int = 4, new_tokens: int = 32
+) -> list[dict[str, Any]]:
+    """Notebooks 05-06's two-cache generator (``ScalarEngine``) on the device at the Qwen2.5 shape, prompts
+    prefilled in chunks: with the identity transform it must pick the tokens plain greedy decoding picks."""
+    import types
+
+    from paper_lib.engines import ScalarEngine
+    from paper_lib.organism import build_tokenizer
+
+    tokenizer = build_tokenizer()  # any tokenizer whose ids the random model's vocabulary covers
+    prompts = [f"<|im_start|>user\nquestion {i}: 12 + {i} * 7<|im_end|>\n<|im_start|>assistant\n" for i in range(n_prompts)]
+    engine = ScalarEngine(model, tokenizer, {"identity": lambda x: x}, cache_tokens=1 << 14, prefill_tokens=8)
+    greedy = types.SimpleNamespace(temperature=0.0)  # the one field the engine reads of a GenerationSpec
+    start = time.perf_counter()
+    spliced = engine.complete(prompts, [new_tokens] * n_prompts, greedy, [0] * n_prompts, False, "identity")
+    seconds = time.perf_counter() - start
+    device = next(model.parameters()).device
+    plain = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+            out = model.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            plain.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=False))
+    same = sum(text == p[: len(text)] for (text, _), p in zip(spliced, plain))
+    return [
+        {
+            "check": f"Qwen2.5-{shape} device path: two-cache generator, identity transform = plain greedy",
+            "value": same,
+            "unit": f"of {n_prompts} prompts ({sum(n for _, n in spliced) / seconds:.0f} tok/s, prefill in chunks of 8)",
+        }
+    ]
 
 
 CHECKS: list[Callable[[argparse.Namespace, torch.device], list[dict[str, Any]]]] = [

@@ -17,6 +17,7 @@ def test_gpu_check_runs_on_cpu_and_reports_every_row(tmp_path):
     assert sum("extraction" in c for c in checks) == 7
     assert sum("device path" in c for c in checks) >= 4
     assert next(r for r in rows if "reloads to identical" in r["check"])["value"] == "True"
+    assert next(r for r in rows if "two-cache generator" in r["check"])["value"] == 4  # the splice engine at the shape
     assert not [r for r in rows if str(r["value"]).startswith("FAILED")], table
     assert next(r for r in rows if r["check"].startswith("organism logits"))["value"] == 0.0
 
