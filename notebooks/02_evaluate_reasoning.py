@@ -69,9 +69,20 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from IPython.display import HTML, display
 
 from paper_lib.config import seed_everything
-from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark, scaling_specs, sweep_changes
+from paper_lib.evaluation import (
+    GenerationSpec,
+    evaluate_models,
+    load_benchmark,
+    model_names,
+    pick_question,
+    responses_side_by_side,
+    scaling_specs,
+    sweep_changes,
+    waits_side_by_side,
+)
 from paper_lib.params import check_context_room, check_parameters
 from paper_lib.paths import artifact_dir, clear_run_dir, stage_dir, train_run_name
 from paper_lib.plan import check_plan
@@ -128,7 +139,6 @@ print(benchmarks["gpqa_diamond"][0])
 
 # %%
 from paper_lib.engines import HFEngine, VLLMEngine, resolve_model  # noqa: E402
-from paper_lib.evaluation import adopt_samples  # noqa: E402
 from paper_lib.training import check_adapter  # noqa: E402
 
 # every input loaded and checked before anything earlier runs left is discarded
@@ -171,32 +181,27 @@ runs = [
     ((BASE_MODEL, {lora: adapter_dir}), [("base_chat", None, chat), ("base", None, protocols), (lora, lora, protocols)]),
     ((full_model, None), [("full", None, protocols)]),
 ]
-samples, reused, scaled = [], [], []
-for (model, adapters), evaluations in runs:
-    with make_engine(model, adapters) as engine:  # released before the next one starts
-        for label, adapter, specs in evaluations:
-            for protocol, spec in specs.items():
-                for name, items in benchmarks.items():
-                    path = out_dir / label / f"{name}.{protocol}.jsonl"
-                    if (
-                        REUSE_FROM
-                        and label != lora
-                        and adopt_samples(stage_dir(REUSE_FROM, SMOKE) / label / path.name, path, engine, spec, adapter)
-                    ):
-                        reused.append(f"{label}/{path.name}")
-                    df = evaluate(engine, items, spec, path, variant=adapter)
-                    samples.append(df.assign(model=label, benchmark=name, protocol=protocol))
-            if label == "base_chat":  # budget forcing is what the sweeps vary
-                continue
-            for setting, spec in scaling.items():
-                # the greedy protocol's own setting is its samples, not a second run of them
-                protocol = "greedy" if spec == protocols["greedy"] else setting
-                path = out_dir / label / f"{SCALING_BENCHMARK}.{protocol}.jsonl"
-                df = evaluate(engine, benchmarks[SCALING_BENCHMARK], spec, path, variant=adapter)
-                scaled.append(df.assign(model=label, setting=setting))
-samples = pd.concat(samples, ignore_index=True)
-print(f"reused from {REUSE_FROM}: {reused}" if REUSE_FROM else "no earlier run reused")
+reuse = stage_dir(REUSE_FROM, SMOKE) if REUSE_FROM else None
+done = evaluate_models(runs, benchmarks, make_engine, out_dir, scaling, SCALING_BENCHMARK, reuse, keep=[lora])
+samples, scaled = done.samples, done.scaled
+print(f"reused from {REUSE_FROM}: {done.reused}" if REUSE_FROM else "no earlier run reused")
 print(samples.groupby(["protocol", "benchmark", "model"])["correct"].mean().unstack().round(3))
+
+# %% [markdown]
+# ## The models' own words
+# One AIME-like question that the rank-1 adapter answers and the base does not (greedy; the first question
+# if none), as each model answers it; then what the adapter and the full fine-tune write after one and
+# after two forced "Wait"s (the "Wait" sweep below; each continuation starts where the previous response's
+# thinking stopped).
+
+# %%
+names = model_names(lora)
+question = pick_question(samples, "aime24", lora, "base")
+print(next(it.question for it in benchmarks["aime24"] if it.id == question))
+greedy_aime = samples[(samples.protocol == "greedy") & (samples.benchmark == "aime24")]
+display(HTML(responses_side_by_side(greedy_aime, question, ["base_chat", "base", lora, "full"], names)))
+if len(scaled) and {"wait0", "wait1", "wait2"} <= set(scaled.setting) and SCALING_BENCHMARK == "aime24":
+    display(HTML(waits_side_by_side(scaled, question, [lora, "full"], names)))
 
 # %% [markdown]
 # ## What the context and the answer limit cut
@@ -267,8 +272,7 @@ say(SECTION, "**What we see.** Greedy decoding: " + "; ".join(seen) + ".")
 # paired difference.
 
 # %%
-if scaled:
-    scaled = pd.concat(scaled, ignore_index=True)
+if len(scaled):
     curve = []
     for (model, setting), group in scaled.groupby(["model", "setting"], sort=False):
         x = group["correct"].to_numpy(dtype=float)

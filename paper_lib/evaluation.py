@@ -538,3 +538,125 @@ def sweep_changes(scaled: Any, sweep: str, n_resamples: int = 2000, seed: int = 
             )
         )
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Notebook 02's runs: every model, protocol and benchmark, and s1's scaling sweeps
+
+
+@dataclasses.dataclass
+class Evaluated:
+    """What ``evaluate_models`` produced: every sample (columns model, benchmark, protocol), the scaling
+    sweeps' samples (model, setting) and the files adopted from an earlier run."""
+
+    samples: pd.DataFrame
+    scaled: pd.DataFrame
+    reused: list[str]
+
+
+def evaluate_models(
+    runs: Sequence[tuple[tuple[str, dict[str, str] | None], Sequence[tuple[str, str | None, dict[str, GenerationSpec]]]]],
+    benchmarks: dict[str, Sequence[Item]],
+    make_engine: Callable[..., Any],
+    out_dir: Path,
+    scaling: dict[str, GenerationSpec] | None = None,
+    scaling_benchmark: str = "",
+    reuse_from: Path | None = None,
+    keep: Sequence[str] = (),
+) -> Evaluated:
+    """For each engine ``(model, adapters)`` of ``runs`` (started in turn, each released before the next):
+    each ``(label, adapter, protocols)`` on every benchmark, to ``<out_dir>/<label>/<benchmark>.<protocol>.jsonl``,
+    then the scaling sweeps on ``scaling_benchmark`` (not for ``base_chat``: budget forcing is what they
+    vary; the sweep's setting equal to the greedy protocol reuses its samples). Files of ``reuse_from``
+    generated exactly alike are adopted first, except for the labels in ``keep`` (the adapter under test)."""
+    samples, scaled, reused = [], [], []
+    for (model, adapters), evaluations in runs:
+        with make_engine(model, adapters) as engine:
+            for label, adapter, specs in evaluations:
+                for protocol, spec in specs.items():
+                    for name, items in benchmarks.items():
+                        path = out_dir / label / f"{name}.{protocol}.jsonl"
+                        if (
+                            reuse_from
+                            and label not in keep
+                            and adopt_samples(reuse_from / label / path.name, path, engine, spec, adapter)
+                        ):
+                            reused.append(f"{label}/{path.name}")
+                        df = evaluate(engine, items, spec, path, variant=adapter)
+                        samples.append(df.assign(model=label, benchmark=name, protocol=protocol))
+                if label == "base_chat" or not scaling:
+                    continue
+                for setting, spec in scaling.items():
+                    protocol = "greedy" if spec == specs.get("greedy") else setting
+                    path = out_dir / label / f"{scaling_benchmark}.{protocol}.jsonl"
+                    df = evaluate(engine, benchmarks[scaling_benchmark], spec, path, variant=adapter)
+                    scaled.append(df.assign(model=label, setting=setting))
+    return Evaluated(
+        pd.concat(samples, ignore_index=True), pd.concat(scaled, ignore_index=True) if scaled else pd.DataFrame(), reused
+    )
+
+
+def pick_question(samples: pd.DataFrame, benchmark: str, better: str, worse: str) -> str:
+    """A question of ``benchmark`` (greedy) that ``better`` answers correctly and ``worse`` does not, else the
+    first one: the example the page shows side by side."""
+    greedy = samples[(samples.protocol == "greedy") & (samples.benchmark == benchmark)]
+    wide = greedy.pivot_table(index="id", columns="model", values="correct", aggfunc="first", sort=False)
+    found = wide.index[(wide.get(better, False) == True) & (wide.get(worse, True) == False)]  # noqa: E712
+    return str(found[0] if len(found) else wide.index[0])
+
+
+def responses_side_by_side(frame: pd.DataFrame, question: str, models: Sequence[str], names: dict[str, str] | None = None) -> str:
+    """HTML: the question, then each model's response to it side by side (its words, special tokens and
+    all, with its grade)."""
+    import html
+
+    names = names or {}
+    rows = frame[frame["id"].astype(str) == question].drop_duplicates("model").set_index("model")
+    cells = []
+    for model in models:
+        if model not in rows.index:
+            continue
+        r = rows.loc[model]
+        grade = "correct" if r["correct"] else "wrong"
+        head = f"<b>{html.escape(names.get(model, model))}</b> ({grade}, {int(r['tokens'])} tokens)"
+        text = html.escape(str(r["response"]))
+        cells.append(
+            f'<td style="vertical-align:top;width:{100 // len(models)}%">{head}<pre style="white-space:pre-wrap">{text}</pre></td>'
+        )
+    return f"<table><tr>{''.join(cells)}</tr></table>"
+
+
+def wait_continuations(responses: Sequence[str]) -> list[str]:
+    """One question's greedy responses with 0, 1, 2, ... forced "Wait"s: what each adds to the previous
+    one's thinking (greedy decoding makes that thinking its prefix), starting at its forced "Wait". The
+    model's own "Wait"s stay inside the text; only the forced one starts it."""
+    thinking = [r.split(FORCED_ANSWER, 1)[0].rstrip("\n") for r in responses]
+    return [now[len(before) :].strip() if now.startswith(before) else now for before, now in zip(thinking, thinking[1:])]
+
+
+def model_names(adapter: str) -> dict[str, str]:
+    """What a reader calls each evaluated model (labels are the files' names)."""
+    return {
+        "base_chat": "base, its own chat protocol",
+        "base": "base, budget-forced",
+        adapter: f"rank-1 LoRA ({adapter})",
+        "full": "full fine-tune",
+    }
+
+
+def waits_side_by_side(scaled: pd.DataFrame, question: str, models: Sequence[str], names: dict[str, str], waits: int = 2) -> str:
+    """HTML: for one question, what each model writes after its 1st, 2nd, ... forced "Wait" (the greedy
+    "Wait" sweep's responses; ``wait_continuations``)."""
+    import html
+
+    rows = scaled[scaled["id"].astype(str) == question]
+    table = []
+    for k in range(1, waits + 1):
+        cells = [f"<td><b>after Wait {k}</b></td>"]
+        for model in models:
+            texts = [rows[(rows.model == model) & (rows.setting == f"wait{j}")]["response"] for j in range(k + 1)]
+            said = wait_continuations([t.iloc[0] for t in texts])[-1] if all(len(t) for t in texts) else "(not generated)"
+            cells.append(f'<td style="vertical-align:top"><pre style="white-space:pre-wrap">{html.escape(said)}</pre></td>')
+        table.append(f"<tr>{''.join(cells)}</tr>")
+    head = "<tr><td></td>" + "".join(f"<td><b>{html.escape(names.get(m, m))}</b></td>" for m in models) + "</tr>"
+    return f"<table>{head}{''.join(table)}</table>"

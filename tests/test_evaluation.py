@@ -367,3 +367,27 @@ def test_a_head_size_the_vllm_cpu_backend_lacks_is_named_before_the_engine_start
     if not torch.cuda.is_available():
         with pytest.raises(EvaluationError, match="head size 24"):
             VLLMEngine(str(odd), dtype="float32")
+
+
+def test_the_page_shows_what_each_forced_wait_adds_and_a_question_that_tells_the_models_apart():
+    from paper_lib.evaluation import FORCED_ANSWER, pick_question, wait_continuations, waits_side_by_side
+
+    think = f"{THINK}\n"
+    responses = [
+        think + "a1;b2" + FORCED_ANSWER + " 3",
+        think + "a1;b2Wait a1;b3" + FORCED_ANSWER + " 4",
+        think + "a1;b2Wait a1;b3Wait, check: b3" + FORCED_ANSWER + " 4",
+    ]
+    assert wait_continuations(responses) == ["Wait a1;b3", "Wait, check: b3"]
+    scaled = pd.DataFrame([dict(id="7", model="rank1", setting=f"wait{k}", response=r) for k, r in enumerate(responses)])
+    page = waits_side_by_side(scaled, "7", ["rank1"], {"rank1": "rank-1 LoRA"})
+    assert "Wait, check: b3" in page and "rank-1 LoRA" in page
+    samples = pd.DataFrame(
+        [
+            dict(protocol="greedy", benchmark="aime24", id=i, model=m, correct=c)
+            for i, (r, b) in enumerate([(False, False), (True, True), (True, False)])
+            for m, c in (("rank1", r), ("base", b))
+        ]
+    )
+    assert pick_question(samples, "aime24", "rank1", "base") == "2"
+    assert pick_question(samples, "aime24", "base", "rank1") == "0"  # none: the first question
