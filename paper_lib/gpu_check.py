@@ -223,10 +223,6 @@ def check_device_paths(device: torch.device, shape: str, seq_len: int = 512) -> 
                 "unit": "GiB",
             }
         )
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        rows.append({"check": "vLLM", "value": "not installed on this box: generation rows skipped", "unit": ""})
     return rows
 
 
@@ -264,9 +260,68 @@ def check_two_cache_generator(
     ]
 
 
+def check_vllm_lora(device: torch.device, shape: str, n_prompts: int = 4, new_tokens: int = 16) -> list[dict[str, Any]]:
+    """Notebook 02's serving path, when vLLM is installed: a random model at the Qwen2.5 shape and a rank-1
+    adapter on all seven projections, saved, then served unmerged by vLLM (``LoRARequest``) beside PEFT's
+    greedy decoding of the same adapter: prompts whose tokens agree, and vLLM's tokens/s. Random weights
+    leave near-ties, so a few bf16 disagreements are expected; none in float32."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return [{"check": "vLLM", "value": "not installed on this box: its LoRA serving path skipped", "unit": ""}]
+    import tempfile
+    import types
+
+    from peft import get_peft_model
+
+    from paper_lib.engines import VLLMEngine
+    from paper_lib.organism import build_tokenizer
+    from paper_lib.training import LoraSpec, build_lora_config
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = qwen25_config(shape)
+    tokenizer = build_tokenizer()
+    prompts = [f"<|im_start|>user\nquestion {i}: 3 * {i} + 4<|im_end|>\n<|im_start|>assistant\n" for i in range(n_prompts)]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = get_peft_model(Qwen2ForCausalLM(config).to(dtype), build_lora_config(LoraSpec(), config))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.02)
+        model.base_model.model.save_pretrained(f"{tmp}/model")  # the base weights (adapters unloaded below)
+        model.save_pretrained(f"{tmp}/adapter")
+        tokenizer.save_pretrained(f"{tmp}/model")
+        model.to(device).eval()
+        plain = []
+        with torch.no_grad():
+            for prompt in prompts:
+                ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+                out = model.generate(
+                    input_ids=ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
+                plain.append(out[0, ids.shape[1] :].tolist())
+        del model
+        greedy = types.SimpleNamespace(temperature=0.0, top_p=1.0)
+        with VLLMEngine(
+            f"{tmp}/model", {"rank1": f"{tmp}/adapter"}, dtype=str(dtype).split(".")[-1], max_model_len=256
+        ) as engine:
+            start = time.perf_counter()
+            served = engine.complete(prompts, [new_tokens] * n_prompts, greedy, [0] * n_prompts, False, "rank1")
+            seconds = time.perf_counter() - start
+    texts = [tokenizer.decode(p, skip_special_tokens=False) for p in plain]
+    same = sum(text == t[: len(text)] for (text, _), t in zip(served, texts))
+    return [
+        {
+            "check": f"Qwen2.5-{shape} vLLM rank-1 LoRA unmerged = PEFT greedy",
+            "value": same,
+            "unit": f"of {n_prompts} prompts ({n_prompts * new_tokens / seconds:.0f} tok/s served)",
+        }
+    ]
+
+
 CHECKS: list[Callable[[argparse.Namespace, torch.device], list[dict[str, Any]]]] = [
     lambda args, device: check_organism_parity(device),
     lambda args, device: check_device_paths(device, args.shape, min(args.seq_len, 512)),
+    lambda args, device: check_vllm_lora(device, args.shape),
     lambda args, device: check_forward_throughput(device, args.shape, args.tokens, args.seq_len),
     lambda args, device: check_extraction_throughput(device, args.shape, args.tokens, args.seq_len),
     lambda args, device: check_train_throughput(device, args.shape, args.tokens, args.seq_len, not args.no_compile),

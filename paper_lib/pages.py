@@ -171,6 +171,106 @@ def save_html(page: str, name: str) -> Path:
     """Write ``<figures>/<name>.html``."""
     if not name or "/" in name or name.endswith(".html"):
         raise ValueError(f"page name {name!r} must be a bare file stem")
+    from paper_lib.results import note_figure
+
     path = figures_dir() / f"{name}.html"
     path.write_text(page)
+    note_figure(f"{name}.html")
     return path
+
+
+def notebook_heading(section: str) -> tuple[str, str]:
+    """A notebook's title and one-sentence claim, as its first markdown cell states them."""
+    from paper_lib.run_notebooks import NOTEBOOK_DIR
+
+    source = NOTEBOOK_DIR / f"{section}.py"
+    if not source.is_file():
+        return section, ""
+    lines = [line.removeprefix("# ").strip() for line in source.read_text().splitlines() if line.startswith("# ")]
+    title = next((line[2:] for line in lines if line.startswith("# ")), section)
+    claim = next((line.replace("**Claim:**", "").strip() for line in lines if line.startswith("**Claim:**")), "")
+    return title, claim
+
+
+def _inline_markdown(text: str) -> str:
+    """Escaped text with **bold** and `code` kept (all the summary's prose uses)."""
+    import re
+
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def summary_page_html(headlines: dict) -> str:
+    """Every notebook's claim, what its run saw, each recorded verdict with its number, 95% interval and n,
+    and its figures (``figures/index.html``; generated from ``headline_numbers.json``, the run's own
+    record, by ``write_summary_page``)."""
+    colours = {"reproduced": "#1a7f37", "not reproduced": "#cf222e", "cannot decide": "#9a6700"}
+    parts = []
+    for section, entries in headlines.items():
+        if section.startswith("all_") or not isinstance(entries, dict):
+            continue
+        run = entries.get("_run", {})
+        title, claim = notebook_heading(section)
+        rows = []
+        for key, entry in entries.items():
+            if key.startswith("_") or "verdict" not in entry:
+                continue
+            ci = entry.get("ci95")
+            interval = f"[{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""
+            word = entry["verdict"]
+            rows.append(
+                f"<tr><td><code>{html.escape(key)}</code></td><td>{entry['value']:.3g}</td><td>{interval}</td>"
+                f'<td>{entry.get("n", "")}</td><td style="color:{colours.get(word, "#000")}"><b>{html.escape(word)}</b></td></tr>'
+            )
+        table = (
+            "<table><tr><th>claim</th><th>value</th><th>95% interval</th><th>n</th><th>verdict</th></tr>"
+            + "".join(rows)
+            + "</table>"
+            if rows
+            else ""
+        )
+        said = "".join(f"<p>{_inline_markdown(text)}</p>" for text in run.get("said", []))
+        figures = "".join(
+            f'<p><a href="{html.escape(name)}">{html.escape(name)}</a></p>'
+            if name.endswith(".html")
+            else f'<figure><img src="{html.escape(name)}.png" alt="{html.escape(name)}"><figcaption>{html.escape(name)}</figcaption></figure>'
+            for name in run.get("figures", [])
+        )
+        commit = f'<p class="run">commit {html.escape(str(run.get("commit", "unknown")))}</p>'
+        parts.append(
+            f'<section id="{html.escape(section)}"><h2>{html.escape(title)}</h2><p><i>{_inline_markdown(claim)}</i></p>'
+            f"{commit}{said}{table}{figures}</section>"
+        )
+    toc = "".join(
+        f'<li><a href="#{html.escape(s)}">{html.escape(notebook_heading(s)[0])}</a></li>'
+        for s in headlines
+        if not s.startswith("all_")
+    )
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}img{max-width:100%}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}.run{color:#666}"
+    )
+    return (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>Results</title><style>{style}</style></head><body>'
+        "<h1>Rank-1 LoRAs encode interpretable reasoning signals: results of the last main run</h1>"
+        "<p>Every claim the notebooks judge, with its number, interval and verdict (reproduced: the interval lies "
+        "inside the paper's range; not reproduced: wholly outside; cannot decide: otherwise), what each run saw, "
+        f"and its figures. Generated from <code>headline_numbers.json</code>.</p><ol>{toc}</ol>{''.join(parts)}</body></html>\n"
+    )
+
+
+def write_summary_page(headline_file: Path | None = None) -> Path:
+    """``index.html`` beside the headline numbers it is made from (the figures folder)."""
+    from paper_lib.results import headline_path, load_headlines
+
+    path = Path(headline_file or headline_path())
+    page = path.parent / "index.html"
+    page.write_text(summary_page_html(load_headlines(path)))
+    return page
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(f"{write_summary_page(Path(sys.argv[1]) if len(sys.argv) > 1 else None)}\n")

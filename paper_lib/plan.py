@@ -242,8 +242,24 @@ def questions(p: dict[str, Any], names: Sequence[str], limit: int = 0) -> dict[s
     return {n: min(QUESTIONS[n], limit) if limit else QUESTIONS[n] for n in names}
 
 
-def plan_stages(notebook: str, p: dict[str, Any], shape: Shape, gpus: int, gpu_gib: float = 141.0) -> list[Stage]:
-    """The expensive stages of ``notebook`` with parameters ``p`` on ``gpus`` GPUs of ``gpu_gib``."""
+def judge_stage(model: str, gpus: int, gpu_gib: float, context: int = 8192) -> Stage:
+    """A local judge server (vLLM) on its own ``gpus`` GPUs: its share of the weights and of one full
+    context's KV cache. Its GPUs are not the notebook's: the README starts it under its own
+    ``CUDA_VISIBLE_DEVICES``, or the 32B, spread over every GPU, would meet it there."""
+    try:
+        shape = shape_of(model)
+    except ValueError:
+        return Stage("judge server (own GPUs)", 0.0, note=f"{model}: size unknown offline, not planned", gpus=0)
+    at = lambda length: vllm_bytes(shape, length, gpus)  # noqa: E731
+    note = f"{model.split('/')[-1]}, tensor parallel {gpus} on its own GPUs (CUDA_VISIBLE_DEVICES)"
+    return Stage("judge server (own GPUs)", at(context), note=note, lever="--judge-gpus", fits_at=None, gpus=0)
+
+
+def plan_stages(
+    notebook: str, p: dict[str, Any], shape: Shape, gpus: int, gpu_gib: float = 141.0, judge_gpus: int = 4
+) -> list[Stage]:
+    """The expensive stages of ``notebook`` with parameters ``p`` on ``gpus`` GPUs of ``gpu_gib`` (a local
+    judge on ``judge_gpus`` others)."""
     stages = []
     n = notebook[:2]
     if n == "01":
@@ -350,6 +366,14 @@ def plan_stages(notebook: str, p: dict[str, Any], shape: Shape, gpus: int, gpu_g
                 seconds,
             )
         )
+    if n == "05":  # the SAE itself: encoder and decoder in float32, their gradients and Adam's two moments
+        d_in = shape.layers * 7
+        latents = d_in * p["EXPANSION"]
+        sae = 2 * d_in * latents * 4 * 4 + p["BATCH_SIZE"] * latents * 4 * 4
+        trained = (p.get("N_TRACES", 1000) or 1000) * S1K_TOKENS / 1000 * p["EPOCHS"]
+        stages.append(Stage("SAE training", sae, trained, f"{d_in} inputs x {latents} latents, float32", seconds=trained / 2e6))
+    if n in ("04", "06") and any(h in p.get("JUDGE_URL", "") for h in ("127.0.0.1", "localhost")):
+        stages.append(judge_stage(p["JUDGE_MODEL"], judge_gpus, gpu_gib))
     if n == "06":  # the adapted model held for the latents' logit effects (and the steering below)
         stages.append(Stage("model for logit effects", shape.params * 2 + GiB, note="weights, one unembedding product"))
     if n == "05" or (n == "06" and p["ROLE_SCORER"]):  # notebook 06 steers only the organism (its roles)
@@ -389,7 +413,9 @@ def largest_fitting(stage: Stage, budget: float) -> int | None:
     return None
 
 
-def plan(notebook: str, model: str, gpus: int, gpu_gib: float, given: dict[str, Any]) -> tuple[list[Stage], list[str]]:
+def plan(
+    notebook: str, model: str, gpus: int, gpu_gib: float, given: dict[str, Any], judge_gpus: int = 4
+) -> tuple[list[Stage], list[str]]:
     """Stages and the refusals (a sentence each, naming the parameter and a value that fits)."""
     from paper_lib.run_notebooks import list_notebooks
 
@@ -398,7 +424,7 @@ def plan(notebook: str, model: str, gpus: int, gpu_gib: float, given: dict[str, 
         raise SystemExit(f"{notebook!r} names {len(matches)} notebooks; give a prefix such as 05 or 05_train_sae")
     p = notebook_parameters(matches[0], given)
     shape = shape_of(model)
-    stages = plan_stages(matches[0], p, shape, gpus, gpu_gib)
+    stages = plan_stages(matches[0], p, shape, gpus, gpu_gib, judge_gpus)
     budget = gpu_gib * GiB * 0.95  # CUDA context, allocator fragmentation
     refusals = []
     for stage in stages:
@@ -409,6 +435,8 @@ def plan(notebook: str, model: str, gpus: int, gpu_gib: float, given: dict[str, 
                 + (
                     f"set {stage.lever} to {fits} (it is {stage.lever_value})"
                     if fits
+                    else f"raise {stage.lever} or use larger GPUs"
+                    if stage.fits_at is None
                     else f"no value of {stage.lever} fits: use more or larger GPUs"
                 )
             )
@@ -437,6 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="with --readme: put it between the README's markers")
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--gpu-gib", type=float, default=141.0, help="memory of one GPU (H200: 141, H100: 80)")
+    parser.add_argument("--judge-gpus", type=int, default=4, help="GPUs of a local judge server (JUDGE_URL on 127.0.0.1)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     args = parser.parse_args(argv)
     if args.readme:
@@ -453,7 +482,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.notebook or not args.model:
         parser.error("give a NOTEBOOK and --model (or --readme)")
     try:
-        stages, refusals = plan(args.notebook, args.model, args.gpus, args.gpu_gib, parse_parameters(args.parameter))
+        stages, refusals = plan(
+            args.notebook, args.model, args.gpus, args.gpu_gib, parse_parameters(args.parameter), args.judge_gpus
+        )
     except ConfigError as err:
         print(f"REFUSED {err}", file=sys.stderr)
         return 2

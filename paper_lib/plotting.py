@@ -18,7 +18,7 @@ import seaborn as sns  # noqa: E402
 
 from paper_lib.interp import classified  # noqa: E402
 from paper_lib.paths import figures_dir  # noqa: E402
-from paper_lib.results import QuietDict  # noqa: E402
+from paper_lib.results import QuietDict, note_figure  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -33,6 +33,7 @@ def save_figure(fig: plt.Figure, name: str, data: pd.DataFrame) -> dict[str, Pat
     # A fixed creation date keeps the PDF byte-stable between identical runs.
     fig.savefig(paths["pdf"], bbox_inches="tight", metadata={"CreationDate": None})
     data.to_csv(paths["csv"], index=False)
+    note_figure(name)
     show_inline(paths["png"])
     plt.close(fig)  # shown and saved: free it (a long notebook would otherwise keep every figure)
     return QuietDict(paths)  # the figure is shown inline; its paths are not echoed

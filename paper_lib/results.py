@@ -282,11 +282,45 @@ def say(section: str, text: str) -> str:
     if run is not None:
         with (run["dir"] / SAID_FILE).open("a") as handle:
             handle.write("\n" + text.strip() + "\n")
+        run["info"].setdefault("said", []).append(text.strip())  # the summary page shows it beside the numbers
+        _rewrite_run_record(section)
     if in_kernel():
         from IPython.display import Markdown, display
 
         display(Markdown(text))
     return QuietText(text)  # shown once, as markdown: not echoed again as a string
+
+
+def note_figure(name: str) -> None:
+    """Record that the running notebook saved figure ``name`` (the summary page shows it with the section's
+    claims)."""
+    for section, run in _RUNS.items():
+        figures = run["info"].setdefault("figures", [])
+        if name not in figures:
+            figures.append(name)
+        _rewrite_run_record(section)
+
+
+def _rewrite_run_record(section: str) -> None:
+    """Carry the run's record (figures, what it said) into its headline section once the section is this
+    run's (after its first number; the first number writes it whole)."""
+    run = _RUNS.get(section)
+    path = headline_path()
+    if run is None or not run["written"] or not path.is_file():
+        return
+    data = load_headlines(path)
+    data.setdefault(section, {})["_run"] = run["info"]
+    _write_headlines(data, path)
+
+
+def _write_headlines(data: dict[str, Any], path: Path) -> None:
+    """Atomically, so that an interrupted run never leaves half a JSON file."""
+    data = {s: dict(sorted(v.items())) for s, v in sorted(data.items())}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
+    os.replace(tmp, path)
 
 
 def record_headline(
@@ -314,12 +348,7 @@ def record_headline(
         data[section] = {"_run": run["info"]}
         run["written"] = True
     data.setdefault(section, {})[key] = entry
-    data = {s: dict(sorted(v.items())) for s, v in sorted(data.items())}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
+    _write_headlines(data, path)
     return QuietDict(entry)
 
 

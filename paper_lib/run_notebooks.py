@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from paper_lib.pages import write_summary_page
 from paper_lib.paths import REPO_ROOT, environment, resolve
-from paper_lib.results import record_headline
+from paper_lib.results import headline_path, record_headline
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ def run_all(
             record_headline(source.stem, "minutes", took, unit="min", machine=machine_description())
     if not smoke and not parameters and minutes and not only:
         record_headline("all_notebooks", "minutes", sum(minutes.values()), unit="min")
+    if minutes and headline_path().is_file():
+        log.info("summary page: %s", write_summary_page())  # every claim, verdict and figure, from the numbers
     return minutes
 
 

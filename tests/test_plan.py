@@ -122,3 +122,16 @@ def test_decode_is_planned_as_bound_by_memory_reads_and_training_by_the_measured
     fast, many = decode_seconds(shape, 1e6, 4000, 1000, 1, 141)
     slow, _ = decode_seconds(shape, 1e6, 16000, 1000, 1, 141)
     assert many > 1 and fast < seconds * 1000 and slow > fast
+
+
+def test_a_local_judge_is_planned_on_its_own_gpus_and_the_sae_beside_the_splice():
+    judge = {"JUDGE_URL": "http://127.0.0.1:8000/v1", "JUDGE_MODEL": "Qwen/Qwen2.5-72B-Instruct", "ROLE_SCORER": False}
+    stages, refusals = plan("04", "Qwen/Qwen2.5-32B-Instruct", 1, 141, judge)
+    served = next(s for s in stages if s.name.startswith("judge server"))
+    assert not refusals and "CUDA_VISIBLE_DEVICES" in served.note and served.gpus == 0  # not the notebook's GPUs
+    _, refusals = plan("04", "Qwen/Qwen2.5-32B-Instruct", 1, 80, judge, judge_gpus=1)  # a 72B judge on one 80 GB card
+    assert refusals and "--judge-gpus" in refusals[0]
+    stages, _ = plan("04", "Qwen/Qwen2.5-32B-Instruct", 1, 141, {**judge, "JUDGE_URL": "https://api.example.com/v1"})
+    assert not [s for s in stages if s.name.startswith("judge")]  # a remote judge holds no GPU here
+    stages, _ = plan("05", "Qwen/Qwen2.5-32B-Instruct", 1, 141, {})
+    assert "SAE training" in [s.name for s in stages]

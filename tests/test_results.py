@@ -327,3 +327,34 @@ def test_the_donut_labels_do_not_overlap():
     fig = plot_feature_donut(mass)
     assert overlapping_labels(fig) == []
     assert any("%" in t.get_text() for t in fig.findobj(plt.Text))  # shares, as the paper's donut
+
+
+def test_the_summary_page_shows_every_claim_its_verdict_what_the_run_saw_and_its_figures(tmp_path, monkeypatch):
+    """figures/index.html is made from the run's own record: the figures a notebook saved and what it said
+    are kept in its headline section, so the page needs nothing else."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from paper_lib import pages, results
+    from paper_lib.plotting import save_figure
+
+    monkeypatch.setenv("PAPER_FIGURES_DIR", str(tmp_path / "figures"))
+    monkeypatch.setattr(results, "_RUNS", {})
+    section = "02_evaluate_reasoning"
+    results.start_run(section, tmp_path / "run", {})
+    save_figure(plt.figure(), "benchmark_accuracy", pd.DataFrame({"x": [1]}))  # before the first number
+    results.record_headline(section, "greedy_aime24_gain_recovered", 0.56, n=30, ci95=[0.35, 0.77], verdict="cannot decide")
+    results.record_headline(section, "greedy_aime24_base_accuracy", 0.07, n=30)  # a number, not a claim
+    results.say(section, "**What we see.** the adapter recovers 56%")
+    save_figure(plt.figure(), "test_time_scaling", pd.DataFrame({"x": [1]}))  # after it
+    page_path = pages.write_summary_page()
+    page = page_path.read_text()
+    assert page_path == tmp_path / "figures" / "index.html"
+    assert "greedy_aime24_gain_recovered" in page and "[0.35, 0.77]" in page and "cannot decide" in page
+    assert "greedy_aime24_base_accuracy" not in page  # only judged claims are listed
+    assert "<b>What we see.</b> the adapter recovers 56%" in page
+    assert 'src="benchmark_accuracy.png"' in page and 'src="test_time_scaling.png"' in page
+    assert "Evaluate" in page or "evaluat" in page.lower()  # the notebook's own title
+    from paper_lib.paths import REPO_ROOT
+
+    assert "figures/index.html" in (REPO_ROOT / "README.md").read_text()  # linked from the README
