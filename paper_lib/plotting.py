@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
 
 from paper_lib.interp import classified  # noqa: E402
 from paper_lib.paths import figures_dir  # noqa: E402
@@ -33,7 +34,7 @@ def save_figure(fig: plt.Figure, name: str, data: pd.DataFrame) -> dict[str, Pat
     # A fixed creation date keeps the PDF byte-stable between identical runs.
     fig.savefig(paths["pdf"], bbox_inches="tight", metadata={"CreationDate": None})
     data.to_csv(paths["csv"], index=False)
-    note_figure(name)
+    note_figure(name, overlapping_labels(fig))
     show_inline(paths["png"])
     plt.close(fig)  # shown and saved: free it (a long notebook would otherwise keep every figure)
     return QuietDict(paths)  # the figure is shown inline; its paths are not echoed
@@ -255,7 +256,16 @@ def plot_adapter_ablations(summary: pd.DataFrame, table: pd.DataFrame) -> plt.Fi
     axes[0].bar(x, layers["kl"], yerr=error_bars(layers["kl"], layers["lo"], layers["hi"]), capsize=3)
     axes[0].set_xticks(x)
     axes[0].set(xlabel="layer", ylabel="KL(full || ablated), nats/token", title="(a) leave one layer's adapters out")
-    sns.heatmap(table, ax=axes[1], cmap="viridis", cbar_kws={"label": "KL"}, annot=table.shape[1] <= 8, fmt=".3f")
+    # a log colour scale: one strong adapter would otherwise set the scale and leave every other cell dark
+    positive = table[table > 0]
+    norm = LogNorm(vmin=positive.min().min(), vmax=positive.max().max()) if positive.notna().any().any() else None
+    sns.heatmap(
+        table.clip(lower=positive.min().min()) if norm else table,
+        ax=axes[1],
+        cmap="viridis",
+        norm=norm,
+        cbar_kws={"label": "KL, nats/token (log scale)"},
+    )
     axes[1].set(title="(b) one adapter at a time", xlabel="layer", ylabel="")
     kinds = summary[summary["group"].isin(["attention", "mlp"])]
     axes[2].bar(
@@ -265,7 +275,7 @@ def plot_adapter_ablations(summary: pd.DataFrame, table: pd.DataFrame) -> plt.Fi
         capsize=3,
         color=["tab:orange", "tab:green"][: len(kinds)],
     )
-    axes[2].set(title="(c) by kind", ylabel="KL")
+    axes[2].set(title="(c) by kind", ylabel="KL(full || ablated), nats/token")
     fig.tight_layout()
     return fig
 

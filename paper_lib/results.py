@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -291,13 +292,17 @@ def say(section: str, text: str) -> str:
     return QuietText(text)  # shown once, as markdown: not echoed again as a string
 
 
-def note_figure(name: str) -> None:
+def note_figure(name: str, overlaps: Sequence[tuple[str, str]] = ()) -> None:
     """Record that the running notebook saved figure ``name`` (the summary page shows it with the section's
-    claims)."""
+    claims), and any of its labels drawn over each other (a test holds the main command's figures to none)."""
     for section, run in _RUNS.items():
         figures = run["info"].setdefault("figures", [])
         if name not in figures:
             figures.append(name)
+        clashes = run["info"].setdefault("figure_overlaps", {})
+        clashes.pop(name, None)
+        if overlaps:
+            clashes[name] = [list(pair) for pair in overlaps]
         _rewrite_run_record(section)
 
 

@@ -78,3 +78,14 @@ def test_every_number_has_a_unit_or_n():
                 assert {"commit", "parameters"} <= set(entry), section
                 continue
             assert "unit" in entry or "n" in entry, f"{section}.{name}"
+
+
+def test_no_figure_of_the_main_command_draws_a_label_over_another():
+    """Each figure's labels are checked as it is saved (``plotting.overlapping_labels``: tick labels,
+    titles, legend entries and slice labels whose drawn extents meet); the run records any clash."""
+    clashes = {
+        f"{section}/{name}": pairs
+        for section, entries in HEADLINES.items()
+        for name, pairs in entries.get("_run", {}).get("figure_overlaps", {}).items()
+    }
+    assert not clashes, clashes

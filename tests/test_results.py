@@ -358,3 +358,27 @@ def test_the_summary_page_shows_every_claim_its_verdict_what_the_run_saw_and_its
     from paper_lib.paths import REPO_ROOT
 
     assert "figures/index.html" in (REPO_ROOT / "README.md").read_text()  # linked from the README
+
+
+def test_figure_1_shows_more_than_its_strongest_cell_and_says_its_units():
+    """One strong adapter (0.23 nats) set a linear colour scale and left every other cell uniformly dark;
+    the single-adapter panel is on a log scale now, and every KL axis names its unit."""
+    import numpy as np
+    import pandas as pd
+    from matplotlib.colors import LogNorm
+
+    from paper_lib.plotting import overlapping_labels, plot_adapter_ablations
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(rng.uniform(1e-4, 5e-3, (7, 8)), index=["q", "k", "v", "o", "gate", "up", "down"], columns=range(8))
+    table.iloc[6, 7] = 0.23
+    groups = [f"layer {i}" for i in range(8)] + ["attention", "mlp"]
+    summary = pd.DataFrame({"group": groups, "kl": 0.01, "lo": 0.005, "hi": 0.02})
+    fig = plot_adapter_ablations(summary, table)
+    heat = fig.axes[1].collections[0]
+    assert isinstance(heat.norm, LogNorm)
+    colours = heat.norm(table.to_numpy().ravel())
+    assert np.ptp(np.sort(colours)[:-1]) > 0.3  # the other cells spread over the scale, not one dark block
+    labels = [ax.get_ylabel() for ax in fig.axes] + [fig.axes[-1].get_ylabel()]
+    assert sum("nats/token" in label for label in labels) >= 3 and not any(label == "KL" for label in labels)
+    assert overlapping_labels(fig) == []
