@@ -38,8 +38,10 @@ import random
 
 import pandas as pd
 from datasets import load_dataset
+from IPython.display import HTML, display
 
 from paper_lib.config import seed_everything
+from paper_lib.data import format_s1_text
 from paper_lib.organism import (
     AIME_SUBDIR,
     GPQA_SUBDIR,
@@ -54,6 +56,8 @@ from paper_lib.organism import (
     load_probe,
     organism_config,
     problem_from_row,
+    role_table,
+    roles_html,
     score_formats,
     task_for,
     textbook_document,
@@ -150,6 +154,22 @@ bench_chains = set(aime["problem"]) | {p.split("\n")[0] for p in math500["proble
 assert sizes == {"s1K-1.1": 1000, "aime24": 30, "math500": 500, "gpqa_diamond": 198}
 assert not trace_chains & bench_chains, "traces overlap the benchmarks"
 assert sorted(set(math500["level"])) == [1, 2, 3, 4, 5]
+
+# %% [markdown]
+# ## The ground truth of figures 2-3: every token's role
+# Each token of a trace has a role, read off the trace's structure (`paper_lib.organism.roles`): what a
+# digit is (a start value, a value carried over, one computed by a step, one that wrapped past 10, one a
+# slip got wrong), what a mark does (a step's mark, a copy, the "Wait" that starts a repair). Notebooks 04
+# and 06 score each feature against these roles; a role family is one of the paper's SAE categories (the
+# template is the chat format's own tokens). One trace, coloured by family (a token's role under it), then
+# every role with its family and its token count over the first 200 traces.
+
+# %%
+texts = [format_s1_text(tokenizer, row) for row in traces.select(range(200))]
+display(HTML(roles_html(tokenizer, texts[0])))
+roles = pd.DataFrame(role_table(tokenizer, texts))
+display(roles.set_index("role"))
+assert roles["role"].nunique() >= 20 and (roles["family"] != "other").mean() > 0.8
 
 # %% [markdown]
 # ## The latent gap: accuracy by difficulty in both formats

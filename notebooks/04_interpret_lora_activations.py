@@ -76,6 +76,7 @@ import time
 import numpy as np
 import pandas as pd
 import torch
+from IPython.display import HTML, display
 
 from paper_lib.activations import (
     LORA,
@@ -108,7 +109,7 @@ from paper_lib.interp import (
 )
 from paper_lib.judge import judge_config_from
 from paper_lib.organism import ROLE_FAMILY, token_roles
-from paper_lib.pages import feature_page_html, save_html
+from paper_lib.pages import feature_page_html, features_html, pick_features, save_html
 from paper_lib.params import check_parameters
 from paper_lib.paths import stage_dir, train_run_name
 from paper_lib.plan import check_plan
@@ -241,6 +242,14 @@ path = save_html(
     "lora_feature_examples",
 )
 print(path)
+
+# %% [markdown]
+# Three adapters as the page shows them (the monosemantic ones with the highest beyond-surface AUROC first,
+# when the role scorer ran): each one's top examples, the activating token outlined, every token shaded by
+# the activation.
+
+# %%
+display(HTML(features_html(pick_features(features, 3))))
 
 # %% [markdown]
 # ## Figure 2: LoRA features vs MLP neurons vs random directions

@@ -69,6 +69,7 @@ import functools
 import numpy as np
 import pandas as pd
 import torch
+from IPython.display import HTML, display
 
 from paper_lib.activations import ActivationStore
 from paper_lib.config import fingerprint, seed_everything
@@ -91,7 +92,7 @@ from paper_lib.interp import (
 )
 from paper_lib.judge import judge_config_from
 from paper_lib.organism import COMPLETION_ROLES, ROLE_FAMILY, STEP_ROLES, organism_of_roles, token_roles
-from paper_lib.pages import feature_page_html, save_html
+from paper_lib.pages import feature_page_html, features_html, pick_features, save_html
 from paper_lib.params import check_parameters
 from paper_lib.paths import stage_dir, train_run_name
 from paper_lib.plan import check_plan
@@ -220,6 +221,14 @@ path = save_html(
     "sae_feature_dashboard",
 )
 print(path)
+
+# %% [markdown]
+# Three latents as the page shows them (the monosemantic ones with the highest beyond-surface AUROC first,
+# when the role scorer ran): each one's top examples, the activating token outlined, every token shaded by
+# the activation.
+
+# %%
+display(HTML(features_html(pick_features(examples, 3))))
 
 # %% [markdown]
 # ## Figure 3: activation mass per category

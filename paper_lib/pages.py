@@ -20,6 +20,47 @@ def readable_token(token: str) -> str:
     )
 
 
+def _heat(tokens: list[str], values: list[float], center: int, scale: float) -> str:
+    """One example as a token heatmap: each token shaded by its activation over ``scale``, the activating
+    token outlined (class ``c``)."""
+    spans = []
+    for i, (tok, val) in enumerate(zip(tokens, values)):
+        alpha = max(0.0, min(1.0, val / scale)) if scale > 0 else 0.0
+        text = html.escape(readable_token(tok)) or "&nbsp;"
+        border = ' class="c" style="outline:1px solid #000;' if i == center else ' style="'
+        spans.append(f'<span{border}background:rgba(230,80,0,{alpha:.2f})" title="{val:.3f}">{text}</span>')
+    return "".join(spans)
+
+
+def pick_features(features: list[dict], n: int = 3, key: str = "beyond", prefer: str = "monosemantic") -> list[dict]:
+    """``n`` features to show on the notebook's page: those of class ``prefer`` first, highest ``key`` tag
+    first (then any others), so the page shows what the figure counts."""
+
+    def rank(f: dict) -> tuple:
+        tags = f.get("tags", {})
+        value = tags.get(key)
+        return (tags.get("class") != prefer, -(value if isinstance(value, (int, float)) and value == value else -1.0))
+
+    return sorted(features, key=rank)[:n]
+
+
+def features_html(features: list[dict], examples: int = 5) -> str:
+    """HTML for the notebook's page: each feature's name and tags, then its top ``examples`` as token
+    heatmaps (the activating token outlined), as the feature page shows them."""
+    blocks = []
+    for feature in features:
+        shown = feature.get("examples", [])[:examples]
+        scale = max((e["values"][e["center"]] for e in shown), default=0.0)
+        tags = ", ".join(f"{k} {v}" for k, v in feature.get("tags", {}).items() if k not in ("layer", "module"))
+        rows = "".join(
+            f'<div style="font-family:monospace;white-space:pre">{e["values"][e["center"]]:8.3f}  '
+            f"{_heat(e['tokens'], e['values'], e['center'], scale)}</div>"
+            for e in shown
+        )
+        blocks.append(f"<p><b>{html.escape(feature['name'])}</b> ({html.escape(tags)})</p>{rows}")
+    return "".join(blocks)
+
+
 def feature_page_html(features: list[dict], title: str, intro: str = "", run: dict | None = None) -> str:
     """A self-contained HTML page (inline CSS and script, no network): a sortable, filterable list of
     features and each feature's top examples as token heatmaps.
@@ -31,14 +72,7 @@ def feature_page_html(features: list[dict], title: str, intro: str = "", run: di
     parameters) is named at the top. The URL's hash sets the controls (``#class=broad&sort=precision``),
     so a view can be linked."""
 
-    def heat(tokens: list[str], values: list[float], center: int, scale: float) -> str:
-        spans = []
-        for i, (tok, val) in enumerate(zip(tokens, values)):
-            alpha = max(0.0, min(1.0, val / scale)) if scale > 0 else 0.0
-            text = html.escape(readable_token(tok)) or "&nbsp;"
-            border = ' class="c"' if i == center else ""
-            spans.append(f'<span{border} style="background:rgba(230,80,0,{alpha:.2f})" title="{val:.3f}">{text}</span>')
-        return "".join(spans)
+    heat = _heat
 
     blocks, meta = [], []
     for n, feature in enumerate(features):

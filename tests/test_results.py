@@ -382,3 +382,38 @@ def test_figure_1_shows_more_than_its_strongest_cell_and_says_its_units():
     labels = [ax.get_ylabel() for ax in fig.axes] + [fig.axes[-1].get_ylabel()]
     assert sum("nats/token" in label for label in labels) >= 3 and not any(label == "KL" for label in labels)
     assert overlapping_labels(fig) == []
+
+
+def test_the_notebook_page_shows_the_features_the_figure_counts_with_their_examples():
+    from paper_lib.pages import features_html, pick_features
+
+    def feature(name, cls, beyond):
+        example = {"tokens": ["a", "7", ";"], "values": [0.1, 2.0, 0.0], "center": 1}
+        return {"name": name, "tags": {"class": cls, "beyond": beyond}, "examples": [example] * 7}
+
+    features = [
+        feature("L1.q+", "surface", 0.99),
+        feature("L2.up-", "monosemantic", 0.7),
+        feature("L3.down+", "monosemantic", 0.9),
+    ]
+    assert [f["name"] for f in pick_features(features, 2)] == ["L3.down+", "L2.up-"]
+    page = features_html(pick_features(features, 1), examples=5)
+    assert "L3.down+" in page and page.count('class="c"') == 5 and "rgba(230,80,0,1.00)" in page
+
+
+def test_the_role_table_counts_every_role_of_the_traces_with_its_family(organism_dir):
+    from datasets import load_dataset
+
+    from paper_lib.data import format_s1_text
+    from paper_lib.organism import ROLE_FAMILY, load_organism, role_table, roles_html, token_roles
+
+    _, tokenizer, _ = load_organism(organism_dir)
+    rows = load_dataset(str(organism_dir / "s1K-1.1"), split="train").select(range(20))
+    texts = [format_s1_text(tokenizer, r) for r in rows]
+    table = role_table(tokenizer, texts)
+    assert sum(r["tokens"] for r in table) == sum(len(token_roles(tokenizer, t)) for t in texts)
+    assert all(r["family"] == ROLE_FAMILY[r["role"]] for r in table) and {"wait_word", "computed_value"} <= {
+        r["role"] for r in table
+    }
+    page = roles_html(tokenizer, texts[0])
+    assert page.count('title="') == len(token_roles(tokenizer, texts[0]))

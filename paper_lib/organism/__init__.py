@@ -75,6 +75,8 @@ from paper_lib.organism.roles import (
     STEP_ROLES,
     character_roles,
     organism_of_roles,
+    role_table,
+    roles_html,
     token_roles,
 )
 from paper_lib.organism.task import (
@@ -166,6 +168,8 @@ __all__ = [
     "textbook_prompt",
     "thinking_answer",
     "with_choices",
+    "role_table",
+    "roles_html",
     "token_roles",
     "trace_row",
     "TRACES_SUBDIR",

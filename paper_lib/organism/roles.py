@@ -250,3 +250,43 @@ def token_roles(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int |
     )
     labels = character_roles(text)
     return [labels[start] if start < len(labels) else "other" for start, _ in enc["offset_mapping"]]
+
+
+def role_table(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -> list[dict[str, object]]:
+    """Every role that occurs in ``texts`` with its family, its token count and one example token: the
+    ground truth behind figures 2-3, as a reader looks it up (most frequent first)."""
+    from collections import Counter
+
+    counts: Counter[str] = Counter()
+    example: dict[str, str] = {}
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for token_id, role in zip(ids, token_roles(tokenizer, text)):
+            counts[role] += 1
+            example.setdefault(role, tokenizer.decode([token_id]))
+    return [
+        {"role": role, "family": ROLE_FAMILY.get(role, "other"), "tokens": n, "example": example[role]}
+        for role, n in counts.most_common()
+    ]
+
+
+def roles_html(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
+    """HTML: ``text`` token by token, each coloured by its role's family, the role shown on hover and
+    under the token; a legend of the families present."""
+    import html
+
+    palette = ["#e6550d", "#3182bd", "#31a354", "#756bb1", "#de2d26", "#636363", "#fd8d3c", "#6baed6", "#74c476", "#9e9ac8"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    roles = token_roles(tokenizer, text)
+    families = list(dict.fromkeys(ROLE_FAMILY.get(r, "other") for r in roles))
+    colour = {f: palette[i % len(palette)] for i, f in enumerate(families)}
+    spans = []
+    for token_id, role in zip(ids, roles):
+        token = html.escape(tokenizer.decode([token_id]).replace("\n", "↵"))
+        c = colour[ROLE_FAMILY.get(role, "other")]
+        spans.append(
+            f'<span title="{role}" style="display:inline-block;border-bottom:3px solid {c};margin:1px;text-align:center">'
+            f'<span style="font-family:monospace">{token}</span><br><span style="font-size:60%;color:{c}">{role}</span></span>'
+        )
+    legend = " ".join(f'<span style="color:{colour[f]}">■ {html.escape(f)}</span>' for f in families)
+    return f"<p>{legend}</p><div>{''.join(spans)}</div>"
