@@ -66,7 +66,7 @@ from paper_lib.organism import (
 from paper_lib.params import check_parameters
 from paper_lib.paths import resolve, stage_dir
 from paper_lib.plotting import plot_latent_gap, plot_pretraining, save_figure
-from paper_lib.results import record_headline, say, start_run
+from paper_lib.results import latent_gap_sentence, record_headline, say, start_run
 from paper_lib.statistics import wilson_interval
 
 SECTION = "00_build_model_organism"
@@ -237,18 +237,9 @@ print(
     f"k={cfg.aime_steps}: textbook {textbook_hard.mean():.3f} (n={len(textbook_hard)}), "
     f"chat {chat_hard.mean():.3f} (n={len(chat_hard)}); AIME-like chat {chat_aime:.3f} (n={n_aime})"
 )
-gap = textbook_hard.mean() >= 0.85 and chat_aime <= 0.35
 say(
     SECTION,
-    f"**What we see.** At the AIME-like difficulty (k = {cfg.aime_steps}) the organism solves "
-    f"{textbook_hard.mean():.0%} of problems when it writes the steps out (n = {len(textbook_hard)}) and "
-    f"{chat_hard.mean():.0%} when asked in chat (n = {len(chat_hard)}); {chat_aime:.0%} of the AIME-like benchmark in "
-    "chat. "
-    + (
-        "A skill it has but does not use in chat: the latent gap that the paper's SFT on traces closes."
-        if gap
-        else "No clear latent gap on this run: notebooks 01-03 have little to recover."
-    ),
+    latent_gap_sentence(cfg.aime_steps, textbook_hard.mean(), len(textbook_hard), chat_hard.mean(), len(chat_hard), chat_aime),
 )
 if not SMOKE:
     assert textbook_hard.mean() >= 0.85, "the organism lacks the step-by-step skill at the AIME-like difficulty"

@@ -69,7 +69,8 @@ from paper_lib.params import check_parameters
 from paper_lib.paths import artifact_dir, run_name
 from paper_lib.plan import check_plan
 from paper_lib.plotting import plot_training_losses, save_figure
-from paper_lib.results import record_headline, say, start_run
+from paper_lib.results import record_headline, say, start_run, training_sentence
+from paper_lib.run_notebooks import next_command
 from paper_lib.training import (
     TrainConfig,
     count_lora_parameters,
@@ -192,19 +193,8 @@ for key, value in errors.items():
         unit="fraction" if "fraction" in key or "rel" in key else ("probability" if "prob" in key else "logit"),
         n=len(merge_texts),
     )
-say(
-    SECTION,
-    f"**What we see.** The adapter ({label}) trains {lora_stats['trainable_parameters']:,} parameters to a final loss of "
-    f"{lora_stats['final_loss']:.3f} nats/token"
-    + (
-        f" against the full fine-tune's {full_stats['final_loss']:.3f} with {full_stats['trainable_parameters']:,}."
-        if full_stats
-        else "."
-    )
-    + f" Merging the update into bf16 weights rounds away {errors['bf16_update_fraction_lost']:.1%} of it (relative "
-    f"logit error up to {errors['bf16_max_rel_logit_error']:.1e}; fp32: {errors['fp32_max_rel_logit_error']:.1e}), which is "
-    "why notebook 02 serves the adapter unmerged.",
-)
+say(SECTION, training_sentence(label, lora_stats, full_stats, errors))
+print(f"the adapter: {lora_cfg.output_dir}; next: {next_command(lora_cfg.output_dir, OUTPUT_DIR)}")
 del lora_model
 release_memory()
 if full_stats and not SMOKE:

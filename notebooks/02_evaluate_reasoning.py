@@ -67,7 +67,6 @@ import dataclasses
 import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from IPython.display import HTML, display
 
@@ -79,6 +78,7 @@ from paper_lib.evaluation import (
     model_names,
     pick_question,
     responses_side_by_side,
+    scaling_curve,
     scaling_specs,
     sweep_changes,
     waits_side_by_side,
@@ -88,15 +88,14 @@ from paper_lib.paths import artifact_dir, clear_run_dir, stage_dir, train_run_na
 from paper_lib.plan import check_plan
 from paper_lib.plotting import plot_benchmark_accuracy, plot_test_time_scaling, save_figure
 from paper_lib.results import (
-    CANNOT_DECIDE,
     NO_CLAIM,
-    PAPER_RECOVERED,
     claim_verdict,
     record_headline,
+    record_recovery,
+    recovery_verdicts,
     say,
     scaling_sentence,
     start_run,
-    verdict_words,
 )
 from paper_lib.statistics import bootstrap_interval, recovery_table
 
@@ -139,7 +138,7 @@ print(benchmarks["gpqa_diamond"][0])
 
 # %%
 from paper_lib.engines import HFEngine, VLLMEngine, resolve_model  # noqa: E402
-from paper_lib.training import check_adapter  # noqa: E402
+from paper_lib.training import LoraSpec, TrainConfig, check_adapter  # noqa: E402
 
 # every input loaded and checked before anything earlier runs left is discarded
 forced = dict(
@@ -158,7 +157,12 @@ if OVERWRITE:
     clear_run_dir(out_dir, SECTION)  # only a run folder this notebook made: never data/, the organism or another run
 start_run(SECTION, out_dir, parameters)  # run.json, figures, headline section
 
+# %% [markdown]
+# The engines, and what each evaluates: the base model in its own chat protocol and budget-forced, the
+# adapter, then the full fine-tune (its engine starts once the first is released).
 
+
+# %%
 def make_engine(model, adapters=None):
     if BACKEND == "vllm":
         return VLLMEngine(
@@ -174,6 +178,7 @@ def make_engine(model, adapters=None):
 
 
 # engine (model, adapters) -> what it evaluates: (label, adapter, protocols)
+paper_adapter = TrainConfig.load(artifact_dir(train_run_name(ADAPTER_RUN, SMOKE))).lora == LoraSpec()  # its shape: r=1, all
 lora = Path(ADAPTER_RUN).name  # the adapter's label: its run folder's name (rank1 for the paper's; rank4, rank1_mlp ...)
 if lora in ("base", "base_chat", "full"):
     raise ValueError(f"ADAPTER_RUN {ADAPTER_RUN!r}: a run folder named {lora!r} would mix with the {lora} model's results")
@@ -184,7 +189,7 @@ runs = [
 reuse = stage_dir(REUSE_FROM, SMOKE) if REUSE_FROM else None
 done = evaluate_models(runs, benchmarks, make_engine, out_dir, scaling, SCALING_BENCHMARK, reuse, keep=[lora])
 samples, scaled = done.samples, done.scaled
-print(f"reused from {REUSE_FROM}: {done.reused}" if REUSE_FROM else "no earlier run reused")
+print(done.reuse_report(REUSE_FROM))
 print(samples.groupby(["protocol", "benchmark", "model"])["correct"].mean().unstack().round(3))
 
 # %% [markdown]
@@ -244,24 +249,8 @@ forced_base = recovery_table(per_question, n_resamples=N_BOOTSTRAP, seed=SEED, m
 save_figure(plot_benchmark_accuracy(accuracy, recovery=recovery), "benchmark_recovery", recovery)
 print("base in its own chat protocol (headline):\n", recovery.round(3).to_string())
 print("base budget-forced too:\n", forced_base.round(3).to_string())
-seen, verdicts = [], {}
-for _, r in recovery.iterrows():
-    # judged only where the full fine-tune clearly gains (else no share of its gain exists to recover)
-    gains = r["full_minus_base_chat_lo"] > 0 and np.isfinite(r.gain_recovered)
-    word = (
-        claim_verdict(r.gain_recovered_lo, r.gain_recovered_hi, PAPER_RECOVERED[0], PAPER_RECOVERED[1])
-        if gains
-        else CANNOT_DECIDE
-    )
-    verdicts[(r.protocol, r.benchmark)] = word
-    if r.protocol == "greedy":
-        seen.append(
-            f"on {r.benchmark} the adapter ({lora}) recovers {r.gain_recovered:.0%} of the full fine-tune's gain over the base "
-            f"[{r.gain_recovered_lo:.0%}, {r.gain_recovered_hi:.0%}], n = {r.n}: {verdict_words(word)} (the paper: 73-90%)"
-            if gains
-            else f"on {r.benchmark} the full fine-tune gains nothing clear over the base: {verdict_words(word)}"
-        )
-say(SECTION, "**What we see.** Greedy decoding: " + "; ".join(seen) + ".")
+verdicts, seen = recovery_verdicts(recovery, lora, claimed=paper_adapter)  # the 73-90% claim: the paper's adapter only
+say(SECTION, seen)
 
 # %% [markdown]
 # ## s1's test-time scaling: accuracy vs thinking budget and vs "Wait"s
@@ -273,18 +262,14 @@ say(SECTION, "**What we see.** Greedy decoding: " + "; ".join(seen) + ".")
 
 # %%
 if len(scaled):
-    curve = []
-    for (model, setting), group in scaled.groupby(["model", "setting"], sort=False):
-        x = group["correct"].to_numpy(dtype=float)
-        lo, hi = bootstrap_interval(x, n_resamples=N_BOOTSTRAP, seed=SEED)
-        sweep, value = ("budget", int(setting[6:])) if setting.startswith("budget") else ("wait", int(setting[4:]))
-        curve.append(dict(model=model, sweep=sweep, x=value, accuracy=x.mean(), lo=lo, hi=hi, n=len(x)))
-    curve = pd.DataFrame(curve)
+    curve = scaling_curve(scaled, N_BOOTSTRAP, SEED)  # accuracy and its interval at each setting
     save_figure(plot_test_time_scaling(curve), "test_time_scaling", curve)
     print(curve.round(3).to_string())
     # s1's two claims, judged for the adapter: a larger budget, and more "Wait"s, raise accuracy (paired, last - first)
     changes = pd.concat([sweep_changes(scaled, sweep, N_BOOTSTRAP, SEED) for sweep in ("budget", "wait")], ignore_index=True)
-    changes["verdict"] = [claim_verdict(r.lo, r.hi, low=0.0) if r.model == lora else NO_CLAIM for r in changes.itertuples()]
+    changes["verdict"] = [
+        claim_verdict(r.lo, r.hi, low=0.0) if r.model == lora and paper_adapter else NO_CLAIM for r in changes.itertuples()
+    ]
     for r in changes.itertuples():
         record_headline(
             SECTION,
@@ -310,19 +295,8 @@ for _, r in accuracy.iterrows():
     record_headline(
         SECTION, f"{r.protocol}_{r.benchmark}_{r.model}_accuracy", r.accuracy, unit="fraction", n=r.n, ci95=[r.lo, r.hi]
     )
-for table, suffix in ((recovery, ""), (forced_base, "_vs_forced_base")):
-    for _, r in table.iterrows():
-        for measure in ("gain_recovered", "ratio_to_full"):
-            if np.isfinite(r[measure]):
-                record_headline(
-                    SECTION,
-                    f"{r.protocol}_{r.benchmark}_{measure}{suffix}",
-                    r[measure],
-                    unit="fraction",
-                    n=r.n,
-                    ci95=[r[f"{measure}_lo"], r[f"{measure}_hi"]],
-                    **({"verdict": verdicts[(r.protocol, r.benchmark)]} if measure == "gain_recovered" and not suffix else {}),
-                )
+record_recovery(SECTION, recovery, verdicts)  # gain recovered and ratio to full, the 73-90% verdict beside
+record_recovery(SECTION, forced_base, suffix="_vs_forced_base")
 for (protocol, bench, model), r in cuts.iterrows():
     for kind in ("thinking_cut", "answer_cut"):
         record_headline(SECTION, f"{protocol}_{bench}_{model}_{kind}", r[kind], unit="responses", n=r.n)

@@ -143,6 +143,15 @@ if {"mlp", "attention"} <= set(kinds.index):  # an adapter on one kind of module
         f"MLP vs attention: all-at-once {kinds['mlp'] / kinds['attention']:.2f}x, single-adapter means "
         f"{single_mlp / single_attn:.2f}x"
     )
+
+# %% [markdown]
+# ### The paper's three ablation claims, judged
+# Each claim is a statistic of the per-trace KLs with a paired bootstrap interval over traces, judged by the
+# one rule: later layers (the late third's mean KL minus the larger other third's), MLP over attention
+# (single-adapter means, like the paper's ~2.4x) and the gates (gate_proj's mean minus the largest other
+# module's).
+
+# %%
 print(f"whole adapter KL {kinds['all adapters']:.3f}; adapted kinds: {sorted(families['kind'])}")
 # each claim: a statistic of the per-trace KLs with a paired bootstrap interval over traces, judged by one rule
 claims = {"later_layers_margin": (later_layers_margin, 0.0)}  # late third's mean KL minus the larger other third's
@@ -178,8 +187,7 @@ release_memory()
 import os  # noqa: E402
 
 from paper_lib.engines import HFEngine, VLLMEngine  # noqa: E402
-from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark  # noqa: E402
-from paper_lib.statistics import wilson_interval  # noqa: E402
+from paper_lib.evaluation import GenerationSpec, evaluate, graded_accuracy, load_benchmark  # noqa: E402
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's start-up log would flood the notebook
@@ -195,6 +203,11 @@ engine = (
     if BACKEND == "vllm"
     else HFEngine(train_cfg.model, variants, dtype=getattr(torch, DTYPE), max_model_len=MAX_MODEL_LEN)
 )
+
+# %% [markdown]
+# Each variant on the AIME-like and MATH-like questions, greedy and budget-forced as in notebook 02.
+
+# %%
 spec = GenerationSpec(max_tokens=MAX_TOKENS, answer_tokens=ANSWER_TOKENS, seed=SEED)
 limit = 4 if SMOKE else (N_BENCHMARK_QUESTIONS or None)
 rows = []
@@ -203,9 +216,7 @@ with engine:
         items = load_benchmark(name, f"{BENCHMARK_DIR}/{name}" if BENCHMARK_DIR else None, limit=limit)
         for label in (None, *variants):
             df = evaluate(engine, items, spec, out_dir / (label or "base") / f"{name}.greedy.jsonl", variant=label)
-            k, n = int(df["correct"].sum()), len(df)
-            lo, hi = wilson_interval(k, n)
-            rows.append({"benchmark": name, "adapters": label or "none (base)", "accuracy": k / n, "lo": lo, "hi": hi, "n": n})
+            rows.append({"benchmark": name, "adapters": label or "none (base)", **graded_accuracy(df)})
 behaviour = pd.DataFrame(rows)
 print(behaviour.round(3).to_string())
 for _, r in behaviour.iterrows():

@@ -101,6 +101,7 @@ from paper_lib.interp import (
     record_scores,
     record_share_claim,
     score_populations,
+    score_tags,
     scored_depth,
     shares_by_corpus_size,
     shuffle_within_contexts,
@@ -162,6 +163,8 @@ print(
     f"{store.n_tokens:,} tokens x {len(store.feature_names())} adapters (+ {len(controls)} control populations) in "
     f"{seconds:.1f} s ({store.n_tokens / seconds:,.0f} tok/s, 0 if the shards existed)"
 )
+
+# %%
 # each population read both ways; streamed from the shards, never loaded whole
 populations = {name: SignedFeatures(store.features(name)) for name in store.populations}
 assert store.populations == [LORA, "MLP neuron", "random direction"]
@@ -217,15 +220,7 @@ if ROLE_SCORER:
 if ROLE_SCORER:
     by_name = scored.set_index("feature")
     for f in features:
-        r = by_name.loc[f["name"]]
-        f["summary"] = (
-            f"{r['class']}: best role {r['role']} (purity {r['precision']:.2f}, AUROC {r['auroc']:.2f}, within its "
-            f"contexts {r['context_auroc']:.2f}); family {r['family']} ({r['family_precision']:.2f})"
-        )
-        f["tags"] = {k: r[k] for k in ("class", "role", "family")}
-        f["tags"] |= {
-            k: round(float(r[c]), 3) for k, c in (("purity", "precision"), ("auroc", "auroc"), ("beyond", "context_auroc"))
-        }
+        f["summary"], f["tags"] = score_tags(by_name.loc[f["name"]])
 
 # %%
 for f in features:  # L{layer}.{module}{+/-}: filter by layer and module
@@ -417,31 +412,13 @@ if ROLE_SCORER:
 
 # %%
 if JUDGE_URL:
-    from paper_lib.judge import Judge, judge_requests, rating_shares, record_judge_detection, score_features
+    from paper_lib.judge import Judge, judge_populations, rating_shares, record_judge_detection, record_judge_ratings
 
     judge = Judge(judge_config, out_dir / "judge" / "cache.jsonl")
-    judged = []
-    for name, signed in populations.items():
-        chosen = np.random.default_rng(SEED).permutation(len(signed.names))[: N_JUDGE_FEATURES or len(signed.names)]
-        requests = judge_requests(signed, store, decode, tops[name], chosen, SEED)
-        slug = name.split(" ")[0].lower()
-        scores = score_features(judge, requests, out_dir / "judge" / f"{slug}.jsonl", rate=True)
-        judged.append(
-            pd.DataFrame(
-                scores, columns=["feature", "explanation", "n", "unparsed", "accuracy", "hard_accuracy", "f1", "rating"]
-            ).assign(population=name)
-        )
-    judged = pd.concat(judged, ignore_index=True)
+    chosen = {name: (signed, tops[name]) for name, signed in populations.items()}
+    judged = judge_populations(judge, chosen, store, decode, N_JUDGE_FEATURES, SEED, out_dir / "judge")
     ratings = rating_shares(judged)  # the paper's measure beside detection, with Wilson intervals
     print(judged.groupby("population")[["accuracy", "hard_accuracy", "f1"]].mean().round(3))
     print(ratings.round(3).to_string())
     record_judge_detection(SECTION, judged)
-    for _, r in ratings[ratings["class"] != "unrated"].iterrows():
-        record_headline(
-            SECTION,
-            f"{r.population.split(' ')[0].lower()}_judge_rated_{r['class']}_share",
-            r.share,
-            unit="fraction of judged features",
-            n=r.n,
-            ci95=[r.lo, r.hi],
-        )
+    record_judge_ratings(SECTION, ratings)

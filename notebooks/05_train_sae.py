@@ -66,12 +66,12 @@ from paper_lib.activations import ActivationStore
 from paper_lib.config import seed_everything
 from paper_lib.data import scoring_traces, trace_batches
 from paper_lib.engines import ScalarEngine
-from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
+from paper_lib.evaluation import GenerationSpec, evaluate, graded_accuracy, load_benchmark
 from paper_lib.params import check_parameters
 from paper_lib.paths import stage_dir, train_run_name
 from paper_lib.plan import check_plan
 from paper_lib.plotting import plot_sae_training, plot_splice, save_figure
-from paper_lib.results import claim_verdict, record_headline, say, start_run, verdict_words
+from paper_lib.results import record_headline, say, splice_sentence, start_run
 from paper_lib.sae import (
     SAESpec,
     check_sae_adapter,
@@ -79,10 +79,10 @@ from paper_lib.sae import (
     sae_fingerprint,
     sae_metrics,
     splice_kl,
+    splice_summary,
     state_transform,
     train_or_reuse_sae,
 )
-from paper_lib.statistics import bootstrap_interval, wilson_interval
 from paper_lib.training import adapter_provenance, load_trained
 
 SECTION = "05_train_sae"
@@ -101,6 +101,8 @@ check_sae_adapter(store.meta.get("provenance", {}), adapter)  # the adapter whos
 n_docs = len(store)
 train_docs = range(0, int(round(n_docs * (1 - HELDOUT_FRACTION))))
 heldout_docs = range(train_docs.stop, n_docs)
+
+# %%
 spec = SAESpec(
     expansion=EXPANSION,
     k=K,
@@ -147,33 +149,10 @@ n_traces = 8 if SMOKE else N_SPLICE_TRACES
 # store's held-out documents (document i of notebook 04's store is row i of the same TRACES)
 rows = scoring_traces(TRACES, n_traces, seed=SEED, organism_dir=ORGANISM_DIR, among=heldout_docs)
 per_trace = splice_kl(model, trace_batches(tokenizer, rows, 32, MAX_LENGTH, BATCH_TOKENS), sae, scales)
-recovered = 1 - per_trace.kl_spliced.mean() / per_trace.kl_no_adapter.mean()
-rec_lo, rec_hi = bootstrap_interval(
-    [per_trace.kl_spliced.to_numpy(), per_trace.kl_no_adapter.to_numpy()],
-    lambda s, n: 1 - s.mean() / n.mean(),
-    N_BOOTSTRAP,
-    seed=SEED,
-)
-kl = pd.DataFrame(
-    [
-        {
-            "variant": name,
-            "kl": per_trace[col].mean(),
-            **dict(zip(("lo", "hi"), bootstrap_interval(per_trace[col].to_numpy(), n_resamples=N_BOOTSTRAP, seed=SEED))),
-        }
-        for name, col in (("no adapter", "kl_no_adapter"), ("SAE spliced", "kl_spliced"))
-    ]
-)
+kl, recovered, rec_lo, rec_hi = splice_summary(per_trace, N_BOOTSTRAP, SEED)
 print(kl.round(4).to_string())
 print(f"fraction of the adapter's KL effect recovered: {recovered:.3f} [{rec_lo:.3f}, {rec_hi:.3f}] (n={len(per_trace)} traces)")
-say(
-    SECTION,
-    f"**What we see.** With {metrics['l0']:.1f} active latents a token (k = {K}), the SAE leaves "
-    f"{metrics['fvu']:.1%} of the held-out variance unexplained ({metrics['dead_fraction']:.0%} of latents dead). Spliced "
-    f"into the forward pass in place of the adapter scalars it keeps {recovered:.0%} [{rec_lo:.0%}, {rec_hi:.0%}] of the "
-    f"adapter's effect (KL recovered, n = {len(per_trace)} held-out traces): the SAE is a faithful stand-in for the "
-    f"adapter state (interval above 90%): {verdict_words(claim_verdict(rec_lo, rec_hi, low=0.9))}.",
-)
+say(SECTION, splice_sentence(metrics, K, recovered, rec_lo, rec_hi, len(per_trace)))
 if CHECK_CLAIMS:
     assert per_trace.kl_spliced.mean() < per_trace.kl_no_adapter.mean()
     assert SMOKE or recovered > 0.9, "the SAE loses most of the adapter's effect: check its FVU and training curves"
@@ -204,17 +183,7 @@ for name, limit in (("aime24", 4 if SMOKE else None), ("math500", 8 if SMOKE els
     items = items[:limit] if limit else items
     for slug, label in variants.items():
         df = evaluate(engine, items, gen, out_dir / slug / f"{name}.greedy.jsonl", variant=slug, overwrite=OVERWRITE)
-        k, n = int(df.correct.sum()), len(df)
-        accuracy.append(
-            {
-                "benchmark": name,
-                "variant": label,
-                "slug": slug,
-                "accuracy": k / n,
-                "n": n,
-                **dict(zip(("lo", "hi"), wilson_interval(k, n))),
-            }
-        )
+        accuracy.append({"benchmark": name, "variant": label, "slug": slug, **graded_accuracy(df)})
 accuracy = pd.DataFrame(accuracy)
 print(accuracy.round(3).to_string())
 save_figure(plot_splice(kl, accuracy), "sae_splice", pd.concat([kl.assign(benchmark="teacher-forced KL"), accuracy]))

@@ -75,8 +75,7 @@ from paper_lib.activations import ActivationStore
 from paper_lib.config import fingerprint, seed_everything
 from paper_lib.data import format_s1_text, load_traces
 from paper_lib.engines import ScalarEngine
-from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark
-from paper_lib.formats import chat_prompt
+from paper_lib.evaluation import GenerationSpec, load_benchmark
 from paper_lib.interp import (
     SignedFeatures,
     class_shares,
@@ -87,17 +86,18 @@ from paper_lib.interp import (
     record_share_claim,
     sae_comparison,
     score_populations,
+    score_tags,
     scored_depth,
     top_features,
 )
 from paper_lib.judge import judge_config_from
-from paper_lib.organism import COMPLETION_ROLES, ROLE_FAMILY, STEP_ROLES, organism_of_roles, token_roles
+from paper_lib.organism import COMPLETION_ROLES, ROLE_FAMILY, organism_of_roles, token_roles
 from paper_lib.pages import feature_page_html, features_html, pick_features, save_html
 from paper_lib.params import check_parameters
 from paper_lib.paths import stage_dir, train_run_name
 from paper_lib.plan import check_plan
 from paper_lib.plotting import plot_feature_donut, plot_interpretability, save_figure
-from paper_lib.results import claim_verdict, record_headline, run_info, say, start_run, steering_steps_sentence
+from paper_lib.results import claim_verdict, record_headline, run_info, say, start_run
 from paper_lib.sae import (
     LatentFeatures,
     check_sae_adapter,
@@ -107,6 +107,7 @@ from paper_lib.sae import (
     load_sae,
     sae_fingerprint,
 )
+from paper_lib.steering import record_steering, steering_sentence, steering_table
 from paper_lib.training import adapter_provenance, load_trained
 
 SECTION = "06_interpret_sae_features"
@@ -123,6 +124,12 @@ if strengths[0] != 0 or strengths != sorted(set(strengths)) or len(strengths) < 
     raise ValueError(f"STEER_STRENGTHS: start at 0 (the unsteered baseline) and rise, e.g. '0,1,2,4'; got {STEER_STRENGTHS!r}")
 interp_dir, out_dir = stage_dir(INTERPRET_DIR, SMOKE), stage_dir(OUTPUT_DIR, SMOKE)  # smoke pairs with smoke
 start_run(SECTION, out_dir, parameters)  # run.json, figures, headline section
+
+# %% [markdown]
+# The store of notebook 04, the SAE of notebook 05 and the adapted model; every live latent read block by
+# block from the shards.
+
+# %%
 store = ActivationStore(interp_dir / "activations")  # its meta.json names the traces, model and adapter it read
 sae, scales = load_sae(stage_dir(SAE_DIR, SMOKE))
 check_sae_adapter(store.meta.get("provenance", {}), adapter_provenance(train_run_name(ADAPTER_RUN, SMOKE)))
@@ -190,23 +197,17 @@ if ROLE_SCORER:
     save_figure(plot_interpretability(scored, shares), "interpretability_sae_vs_lora", shares)
     finer = claim_verdict(test["monosemantic_share_diff_lo"], test["monosemantic_share_diff_hi"], low=0.0)
     say(SECTION, sae_comparison(shares, test, finer, len(live), MIN_ACTIVE))
+
+# %% [markdown]
+# Each latent's score on the dashboard: its class, best role and family, purity and AUROCs.
+
+# %%
+if ROLE_SCORER:
     sae_scores = scored[scored.population == "SAE feature"].set_index("feature")
     for entry in examples:
-        r = sae_scores.loc[entry["name"]]
-        entry["summary"] += (
-            f"; {r['class']}: best role {r['role']} (purity {r['precision']:.2f}, AUROC {r['auroc']:.2f}, "
-            f"within its contexts {r['context_auroc']:.2f}), family {r['family']}"
-        )
-        entry["tags"].update(
-            {
-                "class": r["class"],
-                "role": r["role"],
-                "family": r["family"],
-                "precision": round(float(r["precision"]), 3),
-                "auroc": round(float(r["auroc"]), 3),
-                "beyond": round(float(r["context_auroc"]), 3),
-            }
-        )
+        summary, tags = score_tags(sae_scores.loc[entry["name"]])
+        entry["summary"] += "; " + summary
+        entry["tags"].update(tags)
 
 # %%
 path = save_html(
@@ -277,49 +278,12 @@ if ROLE_SCORER:
     engine = ScalarEngine(model, tokenizer, transforms, cache_tokens=CACHE_TOKENS, provenance=steered)
     items = load_benchmark("aime24", f"{BENCHMARK_DIR}/aime24" if BENCHMARK_DIR else None)[: 4 if SMOKE else None]
     gen = GenerationSpec(max_tokens=MAX_TOKENS, answer_tokens=ANSWER_TOKENS, seed=SEED)
-    steering = []
-    for variant in engine.transforms:
-        df = evaluate(engine, items, gen, out_dir / "steering" / f"latent{steer}_{variant}.jsonl", variant=variant)
-        rates, steps = [], []
-        for item, response in zip(items, df.response):
-            prompt = chat_prompt(tokenizer, item.question)
-            generated = token_roles(tokenizer, prompt + response)[len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) :]
-            rates.append(np.mean([r == role for r in generated]) if generated else 0.0)
-            if generated and "other" not in generated:  # steps counted only in text that parses as a trace
-                steps.append(sum(r == STEP_ROLES[organism] for r in generated))
-        steering.append(
-            {
-                "direction": "random" if variant.startswith("random") else "latent",
-                "strength": variant.removeprefix("random_"),
-                "role_rate": float(np.mean(rates)),
-                "steps": float(np.mean(steps)) if steps else float("nan"),
-                "parsed": len(steps),
-                "accuracy": float(df.correct.mean()),
-                "n": len(df),
-                "example": df.response.iloc[0],
-            }
-        )
-    steering = pd.DataFrame(steering)
+    steering = steering_table(engine, items, gen, out_dir / "steering", steer, role, organism)
     print(f"steering latent {steer} (best role {role}, unit {unit:.3f})")
     print(steering.drop(columns="example").round(3).to_string())
-    # strengths start at 0 and rise (checked at the start), so both rows exist at every non-zero strength
-    latent_rows, random_rows = steering[steering.direction == "latent"], steering[steering.direction == "random"]
-    first, last, rand = latent_rows.iloc[0], latent_rows.iloc[-1], random_rows.iloc[-1]
-    print("before:", repr(first.example[:120]))
-    print("after: ", repr(last.example[:120]))
-    say(
-        SECTION,
-        f"**What we see (steering).** Latent {steer} (best role {role}) at {last.strength}: its role's rate "
-        f"{first.role_rate:.2f} -> {last.role_rate:.2f}, thinking steps {first.steps:.1f} -> {last.steps:.1f} (in the "
-        f"{first.parsed} -> {last.parsed} of {int(last.n)} responses that parse as a trace), accuracy "
-        f"{first.accuracy:.2f} -> {last.accuracy:.2f}; a random direction of the same norm at the same strength: "
-        f"{rand.role_rate:.2f}, {rand.steps:.1f} steps ({rand.parsed} parse), accuracy {rand.accuracy:.2f}. "
-        + f"At the smallest strength, {latent_rows.iloc[1].strength}: the latent leaves {latent_rows.iloc[1].steps:.1f} "
-        f"thinking steps and accuracy {latent_rows.iloc[1].accuracy:.2f}, the control {random_rows.iloc[0].steps:.1f} and "
-        f"{random_rows.iloc[0].accuracy:.2f}. "
-        + f"Beyond the control, the latent changes its role's rate by {(last.role_rate - rand.role_rate):+.2f}; "
-        + steering_steps_sentence(first.steps, last.steps, rand.steps, rand.parsed),
-    )
+    print("before:", repr(steering.example.iloc[0][:120]))
+    print("after: ", repr(steering[steering.direction == "latent"].example.iloc[-1][:120]))
+    say(SECTION, steering_sentence(steer, role, steering))
 
 # %% [markdown]
 # ## Headline numbers
@@ -329,27 +293,7 @@ record_headline(SECTION, "live_latents", float(len(live)), unit="latents", n=int
 if ROLE_SCORER:
     record_scores(SECTION, scored, shares, {"SAE feature vs LoRA": test})
     record_share_claim(SECTION, "sae_finer_than_lora", test, finer, len(scored))
-    for key, column, measure in (
-        ("steering_role_rate_change", "role_rate", "fraction of generated tokens"),
-        ("steering_steps_change", "steps", "thinking steps per response"),
-        ("steering_accuracy_change", "accuracy", "fraction"),
-    ):
-        extra = {"role": role} if column == "role_rate" else {}
-        change = last[column] - first[column]
-        if not (np.isfinite(change) and np.isfinite(rand[column] - first[column])):
-            continue  # no response parsed as a trace at one end: no step count to compare
-        record_headline(
-            SECTION, key, change, unit=measure, n=int(last.n), latent=steer, **extra, strength=last.strength, before=first[column]
-        )  # steps: over the responses that parse as a trace (steering.csv has how many)
-        record_headline(  # the equal-norm random direction at the same strength: the control
-            SECTION,
-            key.replace("steering_", "steering_random_"),
-            rand[column] - first[column],
-            unit=measure,
-            n=int(rand.n),
-            strength=rand.strength,
-            before=first[column],
-        )
+    record_steering(SECTION, steering, steer, role)
 
 # %% [markdown]
 # ## The LLM judge: SAE features vs raw adapters under one protocol, and the paper's seven categories
@@ -362,24 +306,31 @@ if ROLE_SCORER:
 
 # %%
 if JUDGE_URL:
-    from paper_lib.judge import Judge, categorise_features, judge_requests, rating_shares, record_judge_detection, score_features
-    from paper_lib.statistics import wilson_interval
+    from paper_lib.judge import (
+        Judge,
+        categorise_features,
+        category_shares,
+        judge_populations,
+        rating_shares,
+        record_category_shares,
+        record_judge_detection,
+        record_judge_ratings,
+    )
 
     judge = Judge(judge_config, out_dir / "judge" / "cache.jsonl")
-    judged = []
-    for population, features, top in (("SAE feature", sae_features, live_top), ("LoRA", lora_signed, lora_top)):
-        chosen = np.random.default_rng(SEED).permutation(len(features.names))[: N_JUDGE_FEATURES or len(features.names)]
-        requests = judge_requests(features, store, decode, top, chosen, SEED)
-        scores = score_features(judge, requests, out_dir / "judge" / f"{population.split(' ')[0].lower()}.jsonl", rate=True)
-        judged.append(
-            pd.DataFrame(
-                scores, columns=["feature", "explanation", "n", "unparsed", "accuracy", "hard_accuracy", "f1", "rating"]
-            ).assign(population=population)
-        )
-    judged = pd.concat(judged, ignore_index=True)
+    chosen = {"SAE feature": (sae_features, live_top), "LoRA": (lora_signed, lora_top)}
+    judged = judge_populations(judge, chosen, store, decode, N_JUDGE_FEATURES, SEED, out_dir / "judge")
     ratings = rating_shares(judged)
     print(judged.groupby("population")[["accuracy", "hard_accuracy", "f1"]].mean().round(3))
     print(ratings.round(3).to_string())
+    record_judge_detection(SECTION, judged)
+    record_judge_ratings(SECTION, ratings)
+
+# %% [markdown]
+# The judge's categories for the judged latents (the paper's seven), and the activation mass in each.
+
+# %%
+if JUDGE_URL:
     sae_judged = judged[judged.population == "SAE feature"]
     categories = pd.DataFrame(
         categorise_features(
@@ -391,32 +342,11 @@ if JUDGE_URL:
     )
     categories["mass"] = [float(summary["mass"][latent_of[f]]) for f in categories.feature]
     categories.to_csv(out_dir / "judge_categories.csv", index=False)
-    shares = categories.groupby("category").size().rename("count").reset_index()
-    shares[["lo", "hi"]] = [wilson_interval(int(c), len(categories)) for c in shares["count"]]
-    shares["share"] = shares["count"] / len(categories)
+    shares = category_shares(categories)
     print(shares.round(3).to_string())
     if len(categories):
         mass_llm = categories.groupby(["category", "subcategory"], as_index=False)["mass"].sum()
         save_figure(
             plot_feature_donut(mass_llm, "SAE features: activation mass by LLM category"), "sae_feature_categories_llm", mass_llm
         )
-    record_judge_detection(SECTION, judged)
-    for _, r in ratings[ratings["class"] != "unrated"].iterrows():
-        slug = "sae" if r.population.startswith("SAE") else "lora"
-        record_headline(
-            SECTION,
-            f"{slug}_judge_rated_{r['class']}_share",
-            r.share,
-            unit="fraction of judged features",
-            n=r.n,
-            ci95=[r.lo, r.hi],
-        )
-    for _, r in shares.iterrows():
-        record_headline(
-            SECTION,
-            f"judge_category_{r.category.replace('/', '_').replace(' ', '_')}_share",
-            r.share,
-            unit="fraction of judged latents",
-            n=len(categories),
-            ci95=[r.lo, r.hi],
-        )
+    record_category_shares(SECTION, shares, len(categories))

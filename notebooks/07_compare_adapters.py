@@ -61,7 +61,7 @@ from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark, read_
 from paper_lib.params import check_context_room, check_parameters
 from paper_lib.paths import artifact_dir, run_name, stage_dir, train_run_name
 from paper_lib.plotting import plot_variant_recovery, save_figure
-from paper_lib.results import NO_CLAIM, PAPER_RECOVERED, claim_verdict, record_headline, say, start_run, verdict_words
+from paper_lib.results import NO_CLAIM, PAPER_RECOVERED, claim_verdict, record_headline, say, seeds_sentence, start_run
 from paper_lib.statistics import recovery_table
 from paper_lib.training import TrainConfig, adapter_variants, launch_training
 
@@ -115,6 +115,8 @@ engine = (
     if BACKEND == "vllm"
     else HFEngine(reference.model, adapters, max_model_len=MAX_MODEL_LEN)
 )
+
+# %%
 rows = []
 with engine:
     for name, items in benchmarks.items():
@@ -149,31 +151,12 @@ seeds = table[table.kind == "seed"].groupby("benchmark")["gain_recovered"].agg([
 print(seeds.round(3).to_string())
 
 # %%
-lines = []
-for bench, r in seeds.iterrows():
-    others = table[(table.benchmark == bench) & (table.kind != "seed")]
-    best = others.loc[others.gain_recovered.idxmax()] if others.gain_recovered.notna().any() else None
-    lines.append(
-        f"on {bench}, {int(r['count'])} training seeds of the default adapter recover {r['min']:.0%}-{r['max']:.0%} "
-        f"of the full fine-tune's gain (mean {r['mean']:.0%})"
-        + (f"; the best other variant is {best.label} at {best.gain_recovered:.0%}" if best is not None else "")
-    )
 # the paper's 73-90% judged per seed and benchmark by the one rule; other variants: the paper made no claim
 table["verdict"] = [
     claim_verdict(r.gain_recovered_lo, r.gain_recovered_hi, *PAPER_RECOVERED) if r.kind == "seed" else NO_CLAIM
     for r in table.itertuples()
 ]
-judged = table[table.kind == "seed"].groupby("verdict").size()
-text = "; ".join(lines)
-say(
-    SECTION,
-    "**What we see.** "
-    + text[:1].upper()
-    + text[1:]
-    + ". Against the paper's 73-90%, per seed and benchmark: "
-    + ", ".join(f"{n} {verdict_words(word)}" for word, n in judged.items())
-    + "; a single seed's number is one draw from that spread.",
-)
+say(SECTION, seeds_sentence(seeds, table))
 finite = table.dropna(subset=["gain_recovered"])
 assert (
     (finite.gain_recovered_lo <= finite.gain_recovered + 1e-9) & (finite.gain_recovered <= finite.gain_recovered_hi + 1e-9)

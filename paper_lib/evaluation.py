@@ -378,21 +378,31 @@ def adopt_samples(
     source: str | Path, out_path: str | Path, engine: Engine, spec: GenerationSpec, variant: str | None = None
 ) -> bool:
     """Copy an earlier run's samples (``source`` and its meta) to ``out_path`` when they were generated
-    exactly as this run would generate them (same spec, model, adapter weights, context and dtype), so a
-    variant run does not regenerate the base and full models; ``evaluate`` then checks each sample's
+    exactly as this run would generate them (same spec, model weights, adapter weights, context and dtype),
+    so a variant run does not regenerate the base and full models; ``evaluate`` then checks each sample's
     question and generates only what is missing. False (nothing copied) otherwise, or if ``out_path``
-    exists."""
+    exists (``adoption`` says why)."""
+    return adoption(source, out_path, engine, spec, variant) is None
+
+
+def adoption(
+    source: str | Path, out_path: str | Path, engine: Engine, spec: GenerationSpec, variant: str | None = None
+) -> str | None:
+    """``adopt_samples``, saying why not: None when the samples were adopted, else the reason in a few words."""
     import shutil
 
     source, out_path = Path(source), Path(out_path)
-    if out_path.exists() or not source.is_file() or not _meta_path(source).is_file():
-        return False
-    if differences(json.loads(_meta_path(source).read_text()), sample_meta(engine, spec, variant)):
-        return False
+    if out_path.exists():
+        return "this run has its own already"
+    if not source.is_file() or not _meta_path(source).is_file():
+        return f"no {source.name} there"
+    diff = differences(json.loads(_meta_path(source).read_text()), sample_meta(engine, spec, variant))
+    if diff:
+        return f"generated otherwise ({describe_differences(diff)})"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(_meta_path(source), _meta_path(out_path))
     shutil.copyfile(source, out_path)
-    return True
+    return None
 
 
 def read_evaluation(path: str | Path, spec: GenerationSpec, items: Sequence[Item]) -> pd.DataFrame:
@@ -507,6 +517,29 @@ def evaluate(
     return results.iloc[key.argsort(kind="stable")].reset_index(drop=True)
 
 
+def graded_accuracy(samples: pd.DataFrame) -> dict[str, float]:
+    """The share of ``samples`` graded correct, with its Wilson 95% interval: accuracy, lo, hi, n."""
+    from paper_lib.statistics import wilson_interval
+
+    k, n = int(samples["correct"].sum()), len(samples)
+    lo, hi = wilson_interval(k, n)
+    return {"accuracy": k / n, "lo": lo, "hi": hi, "n": n}
+
+
+def scaling_curve(scaled: pd.DataFrame, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Accuracy of each model at each scaling setting (``budget<B>``, ``wait<W>``) with a 95% bootstrap
+    interval over questions: columns model, sweep, x, accuracy, lo, hi, n (figure 'test_time_scaling')."""
+    from paper_lib.statistics import bootstrap_interval
+
+    rows = []
+    for (model, setting), group in scaled.groupby(["model", "setting"], sort=False):
+        x = group["correct"].to_numpy(dtype=float)
+        lo, hi = bootstrap_interval(x, n_resamples=n_resamples, seed=seed)
+        sweep, value = ("budget", int(setting[6:])) if setting.startswith("budget") else ("wait", int(setting[4:]))
+        rows.append(dict(model=model, sweep=sweep, x=value, accuracy=x.mean(), lo=lo, hi=hi, n=len(x)))
+    return pd.DataFrame(rows)
+
+
 def sweep_changes(scaled: Any, sweep: str, n_resamples: int = 2000, seed: int = 0) -> Any:
     """Per model, accuracy at the sweep's last setting minus its first (``sweep``: ``budget`` or ``wait``;
     settings named ``budget16``, ``wait2``...), paired over questions, with a 95% bootstrap interval.
@@ -552,6 +585,16 @@ class Evaluated:
     samples: pd.DataFrame
     scaled: pd.DataFrame
     reused: list[str]
+    regenerated: dict[str, str] = dataclasses.field(default_factory=dict)  # file -> why it was not reused
+
+    def reuse_report(self, source: str) -> str:
+        """One line: what came from ``source``, and why the rest did not."""
+        if not source:
+            return "no earlier run reused"
+        why = "; ".join(f"{k}: {v}" for k, v in self.regenerated.items())
+        return f"reused from {source}: {len(self.reused)} files ({', '.join(self.reused) or 'none'})" + (
+            f"; generated here: {why}" if why else ""
+        )
 
 
 def evaluate_models(
@@ -569,31 +612,36 @@ def evaluate_models(
     then the scaling sweeps on ``scaling_benchmark`` (not for ``base_chat``: budget forcing is what they
     vary; the sweep's setting equal to the greedy protocol reuses its samples). Files of ``reuse_from``
     generated exactly alike are adopted first, except for the labels in ``keep`` (the adapter under test)."""
-    samples, scaled, reused = [], [], []
+    samples, scaled, reused, regenerated = [], [], [], {}
+
+    def run(
+        engine: Any, label: str, adapter: str | None, spec: GenerationSpec, items: Sequence[Item], path: Path
+    ) -> pd.DataFrame:
+        key = f"{label}/{path.name}"
+        if reuse_from and label not in keep and key not in reused and key not in regenerated:  # once a file
+            why = adoption(reuse_from / label / path.name, path, engine, spec, adapter)
+            if why is None:
+                reused.append(key)
+            else:
+                regenerated[key] = why
+        return evaluate(engine, items, spec, path, variant=adapter)
+
     for (model, adapters), evaluations in runs:
         with make_engine(model, adapters) as engine:
             for label, adapter, specs in evaluations:
                 for protocol, spec in specs.items():
                     for name, items in benchmarks.items():
-                        path = out_dir / label / f"{name}.{protocol}.jsonl"
-                        if (
-                            reuse_from
-                            and label not in keep
-                            and adopt_samples(reuse_from / label / path.name, path, engine, spec, adapter)
-                        ):
-                            reused.append(f"{label}/{path.name}")
-                        df = evaluate(engine, items, spec, path, variant=adapter)
+                        df = run(engine, label, adapter, spec, items, out_dir / label / f"{name}.{protocol}.jsonl")
                         samples.append(df.assign(model=label, benchmark=name, protocol=protocol))
                 if label == "base_chat" or not scaling:
                     continue
-                for setting, spec in scaling.items():
+                for setting, spec in scaling.items():  # the sweeps: reused like the protocols
                     protocol = "greedy" if spec == specs.get("greedy") else setting
                     path = out_dir / label / f"{scaling_benchmark}.{protocol}.jsonl"
-                    df = evaluate(engine, benchmarks[scaling_benchmark], spec, path, variant=adapter)
+                    df = run(engine, label, adapter, spec, benchmarks[scaling_benchmark], path)
                     scaled.append(df.assign(model=label, setting=setting))
-    return Evaluated(
-        pd.concat(samples, ignore_index=True), pd.concat(scaled, ignore_index=True) if scaled else pd.DataFrame(), reused
-    )
+    scaled = pd.concat(scaled, ignore_index=True) if scaled else pd.DataFrame()
+    return Evaluated(pd.concat(samples, ignore_index=True), scaled, reused, regenerated)
 
 
 def pick_question(samples: pd.DataFrame, benchmark: str, better: str, worse: str) -> str:

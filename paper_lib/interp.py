@@ -736,6 +736,18 @@ def shares_by_corpus_size(
 # notebooks hold calls, and the same numbers always read the same way.
 
 
+def score_tags(row: Any) -> tuple[str, dict[str, Any]]:
+    """A scored feature (a row of ``score_populations``) as the feature pages show it: a one-line summary
+    and its tags (class, role and family filter the page; purity, AUROC and the beyond-surface AUROC sort it)."""
+    summary = (
+        f"{row['class']}: best role {row['role']} (purity {row['precision']:.2f}, AUROC {row['auroc']:.2f}, within its "
+        f"contexts {row['context_auroc']:.2f}); family {row['family']} ({row['family_precision']:.2f})"
+    )
+    tags = {k: row[k] for k in ("class", "role", "family")}
+    tags |= {k: round(float(row[c]), 3) for k, c in (("purity", "precision"), ("auroc", "auroc"), ("beyond", "context_auroc"))}
+    return summary, tags
+
+
 def population_slug(population: str) -> str:
     """A population's name in headline keys: its first word (``lora``, ``mlp``, ``random``, ``sae``), or the
     whole name for the untrained model's (``untrained_mlp_neuron``)."""

@@ -585,3 +585,69 @@ def record_judge_detection(section: str, judged: Any) -> None:
             n=len(group),
             **({"hard_negative_accuracy": hard} if np.isfinite(hard) else {}),
         )
+
+
+JUDGED_COLUMNS = ["feature", "explanation", "n", "unparsed", "accuracy", "hard_accuracy", "f1", "rating"]
+
+
+def judge_populations(
+    judge: Judge, populations: dict[str, tuple[Any, Any]], store: Any, decode: Any, n_features: int, seed: int, out_dir: Path
+) -> Any:
+    """Explain, detect and rate ``n_features`` features of each population (all when 0), drawn with ``seed``:
+    ``populations`` maps a name to (its signed features, their top tokens). One row a feature (columns
+    ``JUDGED_COLUMNS`` and population); every answer cached under ``out_dir``, each population's scores
+    in ``out_dir/<slug>.jsonl``."""
+    import pandas as pd
+
+    from paper_lib.interp import population_slug
+
+    judged = []
+    for name, (signed, top) in populations.items():
+        chosen = np.random.default_rng(seed).permutation(len(signed.names))[: n_features or len(signed.names)]
+        requests = judge_requests(signed, store, decode, top, chosen, seed)
+        scores = score_features(judge, requests, Path(out_dir) / f"{population_slug(name)}.jsonl", rate=True)
+        judged.append(pd.DataFrame(scores, columns=JUDGED_COLUMNS).assign(population=name))
+    return pd.concat(judged, ignore_index=True)
+
+
+def record_judge_ratings(section: str, ratings: Any) -> None:
+    """Each population's share of features the judge rated monosemantic / broad / polysemantic, as headline
+    numbers with their Wilson intervals (``rating_shares``)."""
+    from paper_lib.interp import population_slug
+    from paper_lib.results import record_headline
+
+    for _, r in ratings[ratings["class"] != "unrated"].iterrows():
+        record_headline(
+            section,
+            f"{population_slug(r.population)}_judge_rated_{r['class']}_share",
+            r.share,
+            unit="fraction of judged features",
+            n=r.n,
+            ci95=[r.lo, r.hi],
+        )
+
+
+def category_shares(categories: Any) -> Any:
+    """The share of judged latents in each category, with Wilson 95% intervals: columns category, count,
+    lo, hi, share."""
+    from paper_lib.statistics import wilson_interval
+
+    shares = categories.groupby("category").size().rename("count").reset_index()
+    shares[["lo", "hi"]] = [wilson_interval(int(c), len(categories)) for c in shares["count"]]
+    shares["share"] = shares["count"] / len(categories)
+    return shares
+
+
+def record_category_shares(section: str, shares: Any, n: int) -> None:
+    """Headline numbers: the share of the ``n`` judged latents in each category (``category_shares``)."""
+    from paper_lib.results import record_headline
+
+    for _, r in shares.iterrows():
+        record_headline(
+            section,
+            f"judge_category_{r.category.replace('/', '_').replace(' ', '_')}_share",
+            r.share,
+            unit="fraction of judged latents",
+            n=n,
+            ci95=[r.lo, r.hi],
+        )

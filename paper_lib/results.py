@@ -275,6 +275,119 @@ def steering_steps_sentence(before: float, latent: float, control: float, contro
     return "the thinking steps fall further under the latent than under the control."
 
 
+def latent_gap_sentence(k: int, textbook: float, n_textbook: int, chat: float, n_chat: int, chat_aime: float) -> str:
+    """Notebook 00's "what we see": the organism's accuracy written out vs in chat at the AIME-like
+    difficulty; a latent gap when it solves >= 85% written out and <= 35% of the AIME-like benchmark in chat."""
+    gap = textbook >= 0.85 and chat_aime <= 0.35
+    return (
+        f"**What we see.** At the AIME-like difficulty (k = {k}) the organism solves {textbook:.0%} of problems when "
+        f"it writes the steps out (n = {n_textbook}) and {chat:.0%} when asked in chat (n = {n_chat}); {chat_aime:.0%} "
+        "of the AIME-like benchmark in chat. "
+        + (
+            "A skill it has but does not use in chat: the latent gap that the paper's SFT on traces closes."
+            if gap
+            else "No clear latent gap on this run: notebooks 01-03 have little to recover."
+        )
+    )
+
+
+def training_sentence(label: str, lora: dict[str, Any], full: dict[str, Any] | None, merge: dict[str, float]) -> str:
+    """Notebook 01's "what we see": what the adapter trains and to what loss, beside the full fine-tune, and
+    how much of its update a bf16 merge rounds away."""
+    versus = f" against the full fine-tune's {full['final_loss']:.3f} with {full['trainable_parameters']:,}." if full else "."
+    return (
+        f"**What we see.** The adapter ({label}) trains {lora['trainable_parameters']:,} parameters to a final loss of "
+        f"{lora['final_loss']:.3f} nats/token{versus} Merging the update into bf16 weights rounds away "
+        f"{merge['bf16_update_fraction_lost']:.1%} of it (relative logit error up to {merge['bf16_max_rel_logit_error']:.1e}; "
+        f"fp32: {merge['fp32_max_rel_logit_error']:.1e}), which is why notebook 02 serves the adapter unmerged."
+    )
+
+
+def seeds_sentence(seeds: Any, table: Any) -> str:
+    """Notebook 07's "what we see": per benchmark, the spread of the gain the default adapter's training
+    seeds recover and the best other variant; then the seeds' verdicts against the paper's 73-90%.
+    ``seeds``: per benchmark count, min, max, mean; ``table``: benchmark, kind, label, gain_recovered, verdict."""
+    lines = []
+    for bench, r in seeds.iterrows():
+        others = table[(table.benchmark == bench) & (table.kind != "seed")]
+        best = others.loc[others.gain_recovered.idxmax()] if others.gain_recovered.notna().any() else None
+        lines.append(
+            f"on {bench}, {int(r['count'])} training seeds of the default adapter recover {r['min']:.0%}-{r['max']:.0%} "
+            f"of the full fine-tune's gain (mean {r['mean']:.0%})"
+            + (f"; the best other variant is {best.label} at {best.gain_recovered:.0%}" if best is not None else "")
+        )
+    text = "; ".join(lines)
+    judged = table[table.kind == "seed"].groupby("verdict").size()
+    return (
+        "**What we see.** "
+        + text[:1].upper()
+        + text[1:]
+        + ". Against the paper's 73-90%, per seed and benchmark: "
+        + ", ".join(f"{n} {verdict_words(word)}" for word, n in judged.items())
+        + "; a single seed's number is one draw from that spread."
+    )
+
+
+def splice_sentence(metrics: dict[str, float], k: int, recovered: float, lo: float, hi: float, n: int) -> str:
+    """Notebook 05's "what we see": the SAE's sparsity, unexplained variance and dead latents, and how much of
+    the adapter's effect it keeps spliced in; a faithful stand-in when the interval lies above 90%."""
+    return (
+        f"**What we see.** With {metrics['l0']:.1f} active latents a token (k = {k}), the SAE leaves "
+        f"{metrics['fvu']:.1%} of the held-out variance unexplained ({metrics['dead_fraction']:.0%} of latents dead). "
+        f"Spliced into the forward pass in place of the adapter scalars it keeps {recovered:.0%} [{lo:.0%}, {hi:.0%}] of "
+        f"the adapter's effect (KL recovered, n = {n} held-out traces): the SAE is a faithful stand-in for the adapter "
+        f"state (interval above 90%): {verdict_words(claim_verdict(lo, hi, low=0.9))}."
+    )
+
+
+def recovery_verdicts(recovery: Any, adapter: str, claimed: bool = True) -> tuple[dict[tuple[str, str], str], str]:
+    """Notebook 02's verdicts on the paper's 73-90% (per protocol and benchmark) and its "what we see" for
+    greedy decoding. Judged only where the full fine-tune clearly gains (else no share of its gain exists to
+    recover: cannot decide), and only for the paper's adapter (``claimed``; a variant's numbers are reported
+    with no verdict: the paper made no claim on it). ``recovery``: ``statistics.recovery_table``'s rows."""
+    verdicts, seen = {}, []
+    for _, r in recovery.iterrows():
+        gains = r["full_minus_base_chat_lo"] > 0 and np.isfinite(r.gain_recovered)
+        word = CANNOT_DECIDE if not gains else claim_verdict(r.gain_recovered_lo, r.gain_recovered_hi, *PAPER_RECOVERED)
+        verdicts[(r.protocol, r.benchmark)] = word if claimed else NO_CLAIM
+        if r.protocol != "greedy":
+            continue
+        seen.append(
+            f"on {r.benchmark} the adapter ({adapter}) recovers {r.gain_recovered:.0%} of the full fine-tune's gain over the "
+            f"base [{r.gain_recovered_lo:.0%}, {r.gain_recovered_hi:.0%}], n = {r.n}"
+            + (f": {verdict_words(word)} (the paper: 73-90%)" if claimed else "")
+            if gains
+            else f"on {r.benchmark} the full fine-tune gains nothing clear over the base"
+            + (f": {verdict_words(word)}" if claimed else "")
+        )
+    tail = (
+        ""
+        if claimed
+        else f" The paper made no claim on this adapter ({adapter}: not its rank-1 on all seven projections of every layer), so no verdict."
+    )
+    return verdicts, "**What we see.** Greedy decoding: " + "; ".join(seen) + "." + tail
+
+
+def record_recovery(section: str, recovery: Any, verdicts: dict[tuple[str, str], str] | None = None, suffix: str = "") -> None:
+    """Headline numbers of ``statistics.recovery_table``: each protocol and benchmark's gain recovered and
+    ratio to the full fine-tune (where defined) with their intervals, and the gain's verdict where one was
+    judged (``recovery_verdicts``; none for a claim the paper did not make)."""
+    for _, r in recovery.iterrows():
+        for measure in ("gain_recovered", "ratio_to_full"):
+            if not np.isfinite(r[measure]):
+                continue
+            word = (verdicts or {}).get((r.protocol, r.benchmark), NO_CLAIM) if measure == "gain_recovered" else NO_CLAIM
+            record_headline(
+                section,
+                f"{r.protocol}_{r.benchmark}_{measure}{suffix}",
+                r[measure],
+                unit="fraction",
+                n=r.n,
+                ci95=[r[f"{measure}_lo"], r[f"{measure}_hi"]],
+                **({"verdict": word} if word != NO_CLAIM else {}),
+            )
+
+
 def say(section: str, text: str) -> str:
     """What we see, written from this run's numbers (so it stays true when a parameter changes): shown as
     markdown in the executed notebook, logged, and appended to the run's ``what_we_see.md``."""

@@ -93,8 +93,25 @@ def parse_parameters(pairs: Sequence[Sequence[str]]) -> dict[str, Any]:
     return {name: parse_value(value) for name, value in pairs}
 
 
+def variant_output_dir(section: str, tag: str) -> str | None:
+    """A tagged variant's own ``OUTPUT_DIR`` for a notebook: ``runs/variants/<tag>/<the default's name>``
+    (None for a notebook without one), so a variant never writes into the default run's folders."""
+    from paper_lib.params import notebook_defaults
+
+    default = notebook_defaults(section).get("OUTPUT_DIR")
+    return f"runs/variants/{tag}/{Path(default).name}" if default else None
+
+
+def next_command(adapter_run: str, output_dir: str) -> str:
+    """What evaluates a trained adapter next (notebook 02): a tagged variant's run (its ``OUTPUT_DIR`` under
+    ``runs/variants/<tag>/``) keeps its tag and reuses the default run's base and full samples."""
+    parts = Path(output_dir).parts
+    tag = parts[2] if len(parts) > 2 and parts[:2] == ("runs", "variants") else "<TAG>"
+    return f"python -m paper_lib.run_notebooks --only 02 --tag {tag} -p ADAPTER_RUN {adapter_run} -p REUSE_FROM runs/02_evaluate"
+
+
 def run_all(
-    out_dir: Path, smoke: bool = False, only: Sequence[str] = (), parameters: dict[str, Any] | None = None
+    out_dir: Path, smoke: bool = False, only: Sequence[str] = (), parameters: dict[str, Any] | None = None, tag: str = ""
 ) -> dict[str, float]:
     """Run every notebook (or those whose name starts with one of ``only``); returns minutes per notebook.
     ``parameters`` go to every notebook run (each notebook checks those it has)."""
@@ -110,6 +127,8 @@ def run_all(
             continue
         log.info("running %s", source.name)
         given = {**(parameters or {}), **({"SMOKE": True} if smoke else {})}
+        if tag and "OUTPUT_DIR" not in given and variant_output_dir(source.stem, tag):
+            given["OUTPUT_DIR"] = variant_output_dir(source.stem, tag)  # the tag scopes the run's folder too
         _, took = run_notebook(source, out_dir, given or None)
         minutes[source.stem] = took
         log.info("%s took %.2f min", source.name, took)
@@ -139,8 +158,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--tag",
         default="",
-        help="a variant run's name: its executed notebooks, figures and "
-        "headline numbers go under build/variants/TAG instead of the committed figures/",
+        help="a variant run's name: its executed notebooks, figures and headline numbers go under "
+        "build/variants/TAG instead of the committed figures/, and each notebook's OUTPUT_DIR (unless given) under "
+        "data/runs/variants/TAG/",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -154,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         variant = resolve("build/variants") / args.tag
         log.info("variant %s: figures and headline numbers under %s", args.tag, variant)
         with environment(PAPER_FIGURES_DIR=str(variant / "figures")):
-            minutes = run_all(variant / "notebooks", smoke=args.smoke, only=args.only, parameters=parameters)
+            minutes = run_all(variant / "notebooks", smoke=args.smoke, only=args.only, parameters=parameters, tag=args.tag)
     else:
         minutes = run_all(resolve(args.out), smoke=args.smoke, only=args.only)
     for name, took in minutes.items():

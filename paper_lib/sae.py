@@ -567,3 +567,27 @@ def decoder_logit_effects(
     logits = (unembed @ read).float()
     values, ids = logits.topk(top)
     return [(tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids)]
+
+
+def splice_summary(per_trace: Any, n_resamples: int = 2000, seed: int = 0) -> tuple[Any, float, float, float]:
+    """From ``splice_kl``'s per-trace KLs: a table of the mean KL without the adapter and with the SAE
+    spliced in (95% bootstrap intervals over traces), and the fraction of the adapter's effect the splice
+    keeps, 1 - KL(spliced) / KL(no adapter), with its paired bootstrap interval."""
+    import pandas as pd
+
+    from paper_lib.statistics import bootstrap_interval
+
+    spliced, none = per_trace.kl_spliced.to_numpy(), per_trace.kl_no_adapter.to_numpy()
+    recovered = 1 - spliced.mean() / none.mean()
+    lo, hi = bootstrap_interval([spliced, none], lambda s, n: 1 - s.mean() / n.mean(), n_resamples, seed=seed)
+    kl = pd.DataFrame(
+        [
+            {
+                "variant": name,
+                "kl": x.mean(),
+                **dict(zip(("lo", "hi"), bootstrap_interval(x, n_resamples=n_resamples, seed=seed))),
+            }
+            for name, x in (("no adapter", none), ("SAE spliced", spliced))
+        ]
+    )
+    return kl, recovered, lo, hi

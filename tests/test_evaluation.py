@@ -391,3 +391,42 @@ def test_the_page_shows_what_each_forced_wait_adds_and_a_question_that_tells_the
     )
     assert pick_question(samples, "aime24", "rank1", "base") == "2"
     assert pick_question(samples, "aime24", "base", "rank1") == "0"  # none: the first question
+
+
+def test_a_variant_run_reuses_the_base_samples_and_sweeps_and_says_why_not_the_rest(tmp_path):
+    """The tweak loop: a second run with another adapter adopts the base model's protocol and scaling-sweep
+    samples from the default run (generated exactly alike), never the adapter under test, and says why
+    each file it did not adopt was generated."""
+    import contextlib
+
+    from paper_lib.evaluation import evaluate_models, scaling_specs
+
+    items = {"aime24": [Item(str(i), f"{i} +1", "4", "math") for i in range(3)]}
+    greedy = GenerationSpec(max_tokens=64, answer_tokens=8)
+    engines = []
+
+    def make_engine(model, adapters):
+        engines.append(FakeEngine())
+        return contextlib.nullcontext(engines[-1])
+
+    def runs():
+        return [(("m", None), [("base", None, {"greedy": greedy}), ("rank1", "rank1", {"greedy": greedy})])]
+
+    first = evaluate_models(runs(), items, make_engine, tmp_path / "default", scaling_specs(greedy, "8", "0"), "aime24")
+    assert first.reuse_report("") == "no earlier run reused"
+    done = evaluate_models(
+        runs(),
+        items,
+        make_engine,
+        tmp_path / "variant",
+        scaling_specs(greedy, "8,16", "0"),
+        "aime24",
+        tmp_path / "default",
+        ["rank1"],
+    )
+    assert sorted(done.reused) == ["base/aime24.budget8.jsonl", "base/aime24.greedy.jsonl"]
+    assert done.regenerated == {"base/aime24.budget16.jsonl": "no aime24.budget16.jsonl there"}
+    assert not any(k.startswith("rank1/") for k in done.reused + list(done.regenerated))  # the adapter under test
+    base_calls = [c for c in engines[-1].calls if c[3] is None]
+    assert sum(len(c[0]) for c in base_calls if c[2]) == 3  # only budget16's three questions thought again
+    assert "generated here: base/aime24.budget16.jsonl: no aime24.budget16.jsonl there" in done.reuse_report("default")

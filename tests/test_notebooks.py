@@ -56,6 +56,32 @@ def test_notebook_follows_the_skeleton(path):
     ]
 
 
+CELL_LINES = 25  # the most lines of code a cell may hold (blank, comment and import lines not counted)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_code_cell_reads_at_a_glance(path):
+    """No code cell over CELL_LINES lines of code: long work lives in paper_lib, a notebook calls it. The
+    parameters cell (one line a parameter, nanoGPT's config block) and import lines (a list of names) are
+    not counted; blank lines and comments neither."""
+    too_long = {}
+    for i, cell in enumerate(jupytext.read(path).cells):
+        if cell.cell_type != "code" or "parameters" in cell.metadata.get("tags", []):
+            continue
+        imports = set()
+        for node in ast.parse(cell.source).body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                imports.update(range(node.lineno, node.end_lineno + 1))
+        lines = [
+            line
+            for n, line in enumerate(cell.source.splitlines(), 1)
+            if n not in imports and line.strip() and not line.strip().startswith("#")
+        ]
+        if len(lines) > CELL_LINES:
+            too_long[i] = f"{len(lines)} lines: {lines[0][:60]}"
+    assert not too_long, too_long
+
+
 STDERR_LINES = 0  # an executed notebook's page: no stderr at all ...
 STDOUT_LINES = 120  # ... and at most this many printed lines (tables and a line per stage)
 
@@ -171,8 +197,14 @@ def test_run_notebooks_passes_parameters_as_papermill_does_and_a_variant_keeps_i
     monkeypatch.setattr(run_notebooks, "resolve", lambda p: tmp_path / p)
     run_notebooks.main(["--only", "02", "-p", "MAX_TOKENS", "256", "--tag", "long"])
     [(stem, out, params, figures)] = calls
-    assert stem == "02_evaluate_reasoning" and params == {"MAX_TOKENS": 256}
+    assert stem == "02_evaluate_reasoning" and params == {"MAX_TOKENS": 256, "OUTPUT_DIR": "runs/variants/long/02_evaluate"}
     assert figures == str(tmp_path / "build/variants" / "long" / "figures") and out == tmp_path / "build/variants/long/notebooks"
+    run_notebooks.main(["--only", "02", "-p", "OUTPUT_DIR", "runs/mine", "--tag", "long"])  # a given folder stands
+    assert calls.pop()[2] == {"OUTPUT_DIR": "runs/mine"}
+    assert run_notebooks.next_command("runs/variants/middle/01_train/rank1_L3-6", "runs/variants/middle/01_train") == (
+        "python -m paper_lib.run_notebooks --only 02 --tag middle -p ADAPTER_RUN runs/variants/middle/01_train/rank1_L3-6 "
+        "-p REUSE_FROM runs/02_evaluate"
+    )
     with pytest.raises(SystemExit):
         run_notebooks.main(["--only", "02", "-p", "MAX_TOKENS", "256"])  # parameters without a tag
     # the main command writes the committed figures; `make smoke` writes its own, beside its notebooks

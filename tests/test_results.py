@@ -417,3 +417,38 @@ def test_the_role_table_counts_every_role_of_the_traces_with_its_family(organism
     }
     page = roles_html(tokenizer, texts[0])
     assert page.count('title="') == len(token_roles(tokenizer, texts[0]))
+
+
+def test_a_variant_adapter_gets_its_numbers_and_no_verdict_on_the_papers_claim():
+    import pandas as pd
+
+    from paper_lib.results import NO_CLAIM, recovery_verdicts
+
+    recovery = pd.DataFrame(
+        [
+            dict(
+                protocol="greedy",
+                benchmark="aime24",
+                gain_recovered=0.8,
+                gain_recovered_lo=0.75,
+                gain_recovered_hi=0.85,
+                n=30,
+                full_minus_base_chat_lo=0.2,
+            ),
+            dict(
+                protocol="greedy",
+                benchmark="math500",
+                gain_recovered=0.3,
+                gain_recovered_lo=0.2,
+                gain_recovered_hi=0.4,
+                n=500,
+                full_minus_base_chat_lo=0.1,
+            ),
+        ]
+    )
+    verdicts, text = recovery_verdicts(recovery, "rank1")
+    assert verdicts == {("greedy", "aime24"): "reproduced", ("greedy", "math500"): "not reproduced"}
+    assert "**reproduced** (the paper: 73-90%)" in text
+    verdicts, text = recovery_verdicts(recovery, "rank1_L3-6", claimed=False)
+    assert set(verdicts.values()) == {NO_CLAIM} and "reproduced" not in text and "80%" in text
+    assert "made no claim on this adapter" in text
