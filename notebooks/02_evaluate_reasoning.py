@@ -77,6 +77,7 @@ from paper_lib.evaluation import (
     load_benchmark,
     model_names,
     pick_question,
+    recovery_beside_default,
     responses_side_by_side,
     scaling_curve,
     scaling_specs,
@@ -86,7 +87,7 @@ from paper_lib.evaluation import (
 from paper_lib.params import check_context_room, check_parameters
 from paper_lib.paths import artifact_dir, clear_run_dir, stage_dir, train_run_name
 from paper_lib.plan import check_plan
-from paper_lib.plotting import plot_benchmark_accuracy, plot_test_time_scaling, save_figure
+from paper_lib.plotting import plot_benchmark_accuracy, plot_test_time_scaling, plot_variant_recovery, save_figure
 from paper_lib.results import (
     NO_CLAIM,
     claim_verdict,
@@ -251,6 +252,16 @@ print("base in its own chat protocol (headline):\n", recovery.round(3).to_string
 print("base budget-forced too:\n", forced_base.round(3).to_string())
 verdicts, seen = recovery_verdicts(recovery, lora, claimed=paper_adapter)  # the 73-90% claim: the paper's adapter only
 say(SECTION, seen)
+
+# %% [markdown]
+# ## A variant beside the default
+# With `REUSE_FROM` (the default run's folder) and another adapter, the default adapter's gain recovered
+# beside this run's: the same questions, the same base and full samples.
+
+# %%
+beside = recovery_beside_default(stage_dir(REUSE_FROM, SMOKE), per_question, lora, N_BOOTSTRAP, SEED) if REUSE_FROM else []
+if len(beside):
+    save_figure(plot_variant_recovery(beside), "benchmark_recovery_beside_default", beside)
 
 # %% [markdown]
 # ## s1's test-time scaling: accuracy vs thinking budget and vs "Wait"s

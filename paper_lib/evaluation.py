@@ -708,3 +708,35 @@ def waits_side_by_side(scaled: pd.DataFrame, question: str, models: Sequence[str
         table.append(f"<tr>{''.join(cells)}</tr>")
     head = "<tr><td></td>" + "".join(f"<td><b>{html.escape(names.get(m, m))}</b></td>" for m in models) + "</tr>"
     return f"<table>{head}{''.join(table)}</table>"
+
+
+def recovery_beside_default(
+    default_dir: Path, per_question: pd.DataFrame, adapter: str, n_resamples: int = 2000, seed: int = 0
+) -> pd.DataFrame:
+    """A variant run's greedy gain recovered beside the default run's (``default_dir``: notebook 02's folder of
+    the default run, whose ``run.json`` names its adapter), on the same questions and the same base and full
+    samples: rows benchmark, label, kind (``default`` / ``this run``), gain_recovered and its interval, for
+    ``plotting.plot_variant_recovery``. Empty when that run is missing or evaluated this very adapter."""
+    from paper_lib.statistics import recovery_table
+
+    run = Path(default_dir) / "run.json"
+    if not run.is_file():
+        return pd.DataFrame()
+    default = Path(json.loads(run.read_text())["parameters"]["ADAPTER_RUN"]).name
+    greedy = per_question[per_question.protocol == "greedy"]
+    if default == adapter:
+        return pd.DataFrame()
+    theirs = []
+    for bench in greedy.benchmark.unique():
+        path = Path(default_dir) / default / f"{bench}.greedy.jsonl"
+        if path.is_file():
+            done = read_samples(path)
+            theirs.append(done.assign(protocol="greedy", benchmark=bench, model=f"{default} (default)")[list(greedy.columns)])
+    if not theirs:
+        return pd.DataFrame()
+    both = pd.concat([greedy, *theirs], ignore_index=True)
+    rows = []
+    for label, kind in ((f"{default} (default)", "default"), (adapter, "this run")):
+        table = recovery_table(both, n_resamples=n_resamples, seed=seed, models=("base_chat", label, "full"))
+        rows.append(table.assign(label=label, kind=kind))
+    return pd.concat(rows, ignore_index=True)

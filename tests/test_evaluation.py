@@ -430,3 +430,24 @@ def test_a_variant_run_reuses_the_base_samples_and_sweeps_and_says_why_not_the_r
     base_calls = [c for c in engines[-1].calls if c[3] is None]
     assert sum(len(c[0]) for c in base_calls if c[2]) == 3  # only budget16's three questions thought again
     assert "generated here: base/aime24.budget16.jsonl: no aime24.budget16.jsonl there" in done.reuse_report("default")
+
+
+def test_a_variant_is_plotted_beside_the_default_adapter_on_the_same_questions(tmp_path):
+    from paper_lib.evaluation import recovery_beside_default
+
+    default = tmp_path / "02_evaluate"
+    (default / "rank1").mkdir(parents=True)
+    (default / "run.json").write_text(json.dumps({"notebook": "02", "parameters": {"ADAPTER_RUN": "runs/01_train/rank1"}}))
+    ids = [str(i) for i in range(20)]
+    (default / "rank1" / "aime24.greedy.jsonl").write_text(
+        "".join(json.dumps({"id": i, "sample": 0, "correct": int(i) < 15}) + "\n" for i in ids)
+    )
+    correct = {"base_chat": lambda i: int(i) < 5, "full": lambda i: int(i) < 18, "rank1_L3-6": lambda i: int(i) < 8}
+    per_question = pd.DataFrame(
+        [dict(protocol="greedy", benchmark="aime24", model=m, id=i, correct=float(f(i))) for m, f in correct.items() for i in ids]
+    )
+    table = recovery_beside_default(default, per_question, "rank1_L3-6", n_resamples=200)
+    got = table.set_index("label")["gain_recovered"]
+    assert got["rank1 (default)"] == pytest.approx(10 / 13) and got["rank1_L3-6"] == pytest.approx(3 / 13)
+    assert set(table["kind"]) == {"default", "this run"}
+    assert recovery_beside_default(default, per_question, "rank1").empty  # the default itself: nothing beside it
