@@ -71,7 +71,7 @@ from paper_lib.params import check_parameters
 from paper_lib.paths import stage_dir, train_run_name
 from paper_lib.plan import check_plan
 from paper_lib.plotting import plot_sae_training, plot_splice, save_figure
-from paper_lib.results import record_headline, say, splice_sentence, start_run
+from paper_lib.results import dead_latents_sentence, record_headline, say, splice_sentence, start_run
 from paper_lib.sae import (
     SAESpec,
     check_sae_adapter,
@@ -126,6 +126,7 @@ print(
 history = train_or_reuse_sae(store, spec, out_dir, train_docs, overwrite=OVERWRITE)
 sae, scales = load_sae(out_dir, device=DEVICE)
 save_figure(plot_sae_training(history), "sae_training", history)
+print(dead_latents_sentence(history, sae.cfg.d_sae))
 
 # %% [markdown]
 # ## Reconstruction on held-out traces: FVU, L0, dead latents

@@ -342,13 +342,11 @@ def plot_quantile_detection(curves: pd.DataFrame) -> plt.Figure:
 
 
 def plot_sae_training(history: pd.DataFrame) -> plt.Figure:
-    """SAE training curves: loss, FVU of each batch, L0 and dead latents over steps (``history`` from
-    ``sae.train_sae``)."""
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.3))
+    """SAE training curves over steps: loss, FVU of each batch and dead latents (``history`` from
+    ``sae.train_sae``). L0 is not drawn: BatchTopK holds its mean at k by construction (a flat line)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.3))
     smooth = max(1, len(history) // 50)
-    for ax, column, label in zip(
-        axes, ("loss", "fvu", "l0", "dead"), ("loss (MSE + AuxK)", "FVU (batch)", "L0 (active latents / token)", "dead latents")
-    ):
+    for ax, column, label in zip(axes, ("loss", "fvu", "dead"), ("loss (MSE + AuxK)", "FVU (batch)", "dead latents")):
         ax.plot(history["step"], history[column].rolling(smooth, min_periods=1).mean())
         ax.set(xlabel="step", title=label)
     axes[0].set_yscale("log")

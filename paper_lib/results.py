@@ -388,6 +388,23 @@ def record_recovery(section: str, recovery: Any, verdicts: dict[tuple[str, str],
             )
 
 
+def dead_latents_sentence(history: Any, latents: int, tail: float = 0.2) -> str:
+    """Whether the SAE's dead latents had settled when training stopped: their count over the last ``tail`` of
+    the steps against the count just before it; still falling by more than 1% of the latents is said
+    plainly (train longer: EPOCHS), never shown as settled."""
+    dead = history["dead"].to_numpy(dtype=float)
+    if len(dead) < 5:
+        return "Too few steps to tell whether the dead latents settled."
+    cut = int(len(dead) * (1 - tail))
+    before, last = dead[cut - 1], dead[-1]
+    if before - last > 0.01 * latents:
+        return (
+            f"The dead latents had not settled: {before:.0f} -> {last:.0f} of {latents} over the last {tail:.0%} of the "
+            "steps, still falling (more EPOCHS would revive more)."
+        )
+    return f"The dead latents had settled: {before:.0f} -> {last:.0f} of {latents} over the last {tail:.0%} of the steps."
+
+
 def say(section: str, text: str) -> str:
     """What we see, written from this run's numbers (so it stays true when a parameter changes): shown as
     markdown in the executed notebook, logged, and appended to the run's ``what_we_see.md``."""

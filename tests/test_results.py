@@ -452,3 +452,14 @@ def test_a_variant_adapter_gets_its_numbers_and_no_verdict_on_the_papers_claim()
     verdicts, text = recovery_verdicts(recovery, "rank1_L3-6", claimed=False)
     assert set(verdicts.values()) == {NO_CLAIM} and "reproduced" not in text and "80%" in text
     assert "made no claim on this adapter" in text
+
+
+def test_the_sae_page_says_whether_dead_latents_settled():
+    import pandas as pd
+
+    from paper_lib.results import dead_latents_sentence
+
+    falling = pd.DataFrame({"dead": [100 - i for i in range(50)]})
+    assert "had not settled" in dead_latents_sentence(falling, 400)
+    flat = pd.DataFrame({"dead": [100 - i for i in range(40)] + [60] * 10})
+    assert "had settled" in dead_latents_sentence(flat, 400) and "not" not in dead_latents_sentence(flat, 400)
