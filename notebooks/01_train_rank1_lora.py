@@ -53,26 +53,31 @@ ACCELERATE_CONFIG = ""  # e.g. paper_lib/accelerate_configs/fsdp_8gpu.yaml
 DEVICE = "auto"  # after-training checks: auto (every GPU, else the CPU), cpu, cuda:0 ...
 MERGE_CHECK_TEXTS = 8  # traces for the merge check
 MERGE_CHECK_TOKENS = 512  # each truncated to this many tokens (at 32B the check runs beside the model on the GPU)
+HELDOUT = "auto"  # held-out loss traces: auto (the organism's probe; none for s1K-1.1), a dataset, or ""
+N_HELDOUT = 100  # held-out traces scored (teacher-forced, completion tokens only)
 RESUME = False  # continue an interrupted run from its last checkpoint
 OVERWRITE = False  # retrain even if a finished run exists in OUTPUT_DIR
 SMOKE = False  # fast check for CI: a few optimizer steps
 
 # %%
+from pathlib import Path
+
 import pandas as pd
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from paper_lib.config import seed_everything
-from paper_lib.data import format_s1_text, load_traces
+from paper_lib.data import format_s1_text, load_traces, scoring_traces, trace_batches
 from paper_lib.engines import release_memory
 from paper_lib.params import check_parameters
-from paper_lib.paths import artifact_dir, run_name
+from paper_lib.paths import artifact_dir, resolve, run_name
 from paper_lib.plan import check_plan
 from paper_lib.plotting import plot_training_losses, save_figure
 from paper_lib.results import record_headline, say, start_run, training_sentence
 from paper_lib.run_notebooks import next_command
 from paper_lib.training import (
     TrainConfig,
+    completion_loss,
     count_lora_parameters,
     launch_training,
     layer_subset,
@@ -86,9 +91,19 @@ SECTION = "01_train_rank1_lora"
 # every parameter has its default's type (and an allowed value), checked before any work
 parameters = check_parameters(globals(), SECTION, choices={"LORA_MODULES": ("all", "attention", "mlp")})
 check_plan(SECTION, parameters, SMOKE)  # on a GPU box: the plan printed, and what will not fit refused, first
+organism = Path(DATASET).parent  # held out of training: the probe traces of the organism whose traces train it
+heldout = HELDOUT if HELDOUT != "auto" else ("organism-probe" if (resolve(organism) / "config.json").is_file() else "")
+if heldout == "organism-probe" and not (resolve(organism) / "config.json").is_file():
+    raise ValueError(f'HELDOUT organism-probe: DATASET {DATASET!r} is not an organism\'s traces; give a dataset or ""')
 seed_everything(SEED)
 out_name = run_name(OUTPUT_DIR, SMOKE)  # a smoke run never clashes with (or reuses) a full one
 start_run(SECTION, artifact_dir(out_name), parameters)  # run.json, figures, headline section
+
+# %% [markdown]
+# The two runs' settings: the same data, schedule and batch; the adapter's shape from the parameters (its
+# run folder is named after it), the full fine-tune's learning rate its own.
+
+# %%
 epochs = 0.05 if SMOKE else EPOCHS
 common = dict(
     model=MODEL,
@@ -151,6 +166,31 @@ for name, cfg in ((f"LoRA ({label})", lora_cfg), ("full fine-tune", full_cfg)):
         histories.append(h[h["loss"].notna()][["step", "epoch", "loss"]].assign(run=name))
 losses = pd.concat(histories, ignore_index=True)
 save_figure(plot_training_losses(losses), "training_loss", losses)
+
+# %% [markdown]
+# ## Held-out loss
+# The training loss above is on the traces trained on; here the same loss (nats per completion token,
+# teacher-forced) on `N_HELDOUT` traces no model was trained on (`HELDOUT`), for the base model (adapter
+# off), the rank-1 adapter and the full fine-tune. A rank-1 adapter that only memorised its traces would
+# gain little here.
+
+# %%
+print(f"held-out traces: {heldout or 'none (HELDOUT names a dataset in s1K-1.1 schema to score one)'}")
+if heldout:
+    rows = scoring_traces(heldout, 8 if SMOKE else N_HELDOUT, seed=SEED, organism_dir=str(organism))
+    batches = trace_batches(tokenizer, rows, 16, MERGE_CHECK_TOKENS)
+    scored = {label: completion_loss(lora_model, batches)}
+    with lora_model.disable_adapter():
+        scored["base"] = completion_loss(lora_model, batches)
+    if full_stats:
+        full_model, _, _ = load_trained(full_cfg.output_dir, dtype=torch.bfloat16 if BF16 else torch.float32, device=DEVICE)
+        scored["full"] = completion_loss(full_model, batches)
+        del full_model
+    losses_heldout = pd.DataFrame([{"model": m, "heldout_loss": loss, "tokens": n} for m, (loss, n) in scored.items()])
+    print(losses_heldout.round(4).to_string(index=False))
+    for _, r in losses_heldout.iterrows():
+        record_headline(SECTION, f"heldout_loss_{r.model}", r.heldout_loss, unit="nats/token", n=int(r.tokens))
+    assert scored[label][0] < scored["base"][0], "the adapter does not lower the held-out loss below the base model's"
 
 # %% [markdown]
 # ## Merging: fp32 is exact, bf16 is not

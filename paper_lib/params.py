@@ -71,6 +71,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
 
 # Ranges of one notebook's parameters, where the shared rule above does not fit it.
 SECTION_RANGES: dict[str, dict[str, tuple[float | None, float | None]]] = {
+    "01_train_rank1_lora": {"N_HELDOUT": (1, None)},  # HELDOUT "" turns the held-out loss off, not 0 traces
     "03_ablate_adapters": {"N_TRACES": (1, None)},  # every score needs at least one trace (0 is not "all" here)
     "05_train_sae": {"HELDOUT_FRACTION": (0.01, 0.9)},  # some traces to train on, some held out
 }

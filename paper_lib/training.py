@@ -22,7 +22,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -822,3 +822,19 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@torch.no_grad()
+def completion_loss(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """(mean NLL in nats per token, tokens) of the completion tokens of ``batches`` (``data.completion_batches``:
+    ``score_mask`` marks the positions that predict a completion token), teacher-forced: the held-out
+    counterpart of the training loss."""
+    total, count = 0.0, 0
+    device = input_device(model)
+    for batch in batches:
+        ids = batch["input_ids"].to(device)
+        mask = batch["score_mask"][:, :-1].to(device).bool()
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits[:, :-1]
+        total += float(torch.nn.functional.cross_entropy(logits[mask].float(), ids[:, 1:][mask], reduction="sum"))
+        count += int(mask.sum())
+    return total / max(count, 1), count
