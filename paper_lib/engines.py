@@ -25,7 +25,7 @@ import torch
 from paper_lib.activations import transformed_forward
 from paper_lib.formats import END_MARKERS, IM_START
 from paper_lib.paths import resolve
-from paper_lib.results import progress_enabled
+from paper_lib.results import native_stderr_to_log, progress_enabled
 from paper_lib.training import adapter_weights_hash, check_adapter, data_relative, input_device, model_fingerprint
 
 if TYPE_CHECKING:
@@ -207,7 +207,8 @@ class VLLMEngine(ServingEngine):
             kwargs.update(
                 enable_lora=True, max_lora_rank=vllm_lora_rank(list(self.adapters.values())), max_loras=len(self.adapters)
             )
-        self.llm = LLM(**kwargs)
+        with native_stderr_to_log():  # the engine's native start-up notices go to the run's log
+            self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self.dtype_name = str(self.llm.model_config.dtype)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +98,30 @@ def quiet_logs(out_dir: Path) -> Path:
     except ImportError:
         pass
     print(f"logs, warnings and progress: {path}")
+    global _LOG_PATH
+    _LOG_PATH = path
     return path
+
+
+_LOG_PATH: Path | None = None  # the run's log file, once quiet_logs has set it up
+
+
+@contextlib.contextmanager
+def native_stderr_to_log() -> Iterator[None]:
+    """C and C++ code writes to file descriptor 2 directly, past Python's logging (torch's NUMA-binding
+    notice as vLLM's CPU engine starts): in a notebook with a run log, send it there while the block runs."""
+    if _LOG_PATH is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(_LOG_PATH, "a") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 RUN_FILE = "run.json"  # beside a stage's own config.json (a TrainConfig, an SAESpec), never over it
