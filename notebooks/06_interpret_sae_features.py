@@ -205,8 +205,8 @@ if ROLE_SCORER:
 if ROLE_SCORER:
     sae_scores = scored[scored.population == "SAE feature"].set_index("feature")
     for entry in examples:
-        summary, tags = score_tags(sae_scores.loc[entry["name"]])
-        entry["summary"] += "; " + summary
+        said, tags = score_tags(sae_scores.loc[entry["name"]])
+        entry["summary"] += "; " + said
         entry["tags"].update(tags)
 
 # %%
