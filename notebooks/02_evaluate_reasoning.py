@@ -75,7 +75,6 @@ from paper_lib.evaluation import (
     GenerationSpec,
     evaluate_models,
     load_benchmark,
-    model_names,
     pick_question,
     recovery_beside_default,
     responses_side_by_side,
@@ -201,13 +200,12 @@ print(samples.groupby(["protocol", "benchmark", "model"])["correct"].mean().unst
 # thinking stopped).
 
 # %%
-names = model_names(lora)
 question = pick_question(samples, "aime24", lora, "base")
 print(next(it.question for it in benchmarks["aime24"] if it.id == question))
 greedy_aime = samples[(samples.protocol == "greedy") & (samples.benchmark == "aime24")]
-display(HTML(responses_side_by_side(greedy_aime, question, ["base_chat", "base", lora, "full"], names)))
+display(HTML(responses_side_by_side(greedy_aime, question, ["base_chat", "base", lora, "full"])))
 if len(scaled) and {"wait0", "wait1", "wait2"} <= set(scaled.setting) and SCALING_BENCHMARK == "aime24":
-    display(HTML(waits_side_by_side(scaled, question, [lora, "full"], names)))
+    display(HTML(waits_side_by_side(scaled, question, [lora, "full"])))
 
 # %% [markdown]
 # ## What the context and the answer limit cut

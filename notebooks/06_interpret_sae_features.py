@@ -97,7 +97,7 @@ from paper_lib.params import check_parameters
 from paper_lib.paths import stage_dir, train_run_name
 from paper_lib.plan import check_plan
 from paper_lib.plotting import plot_feature_donut, plot_interpretability, save_figure
-from paper_lib.results import claim_verdict, record_headline, run_info, say, start_run
+from paper_lib.results import claim_verdict, mass_sentence, record_headline, run_info, say, start_run
 from paper_lib.sae import (
     LatentFeatures,
     check_sae_adapter,
@@ -250,7 +250,7 @@ if ROLE_SCORER:
         .sum()
     )
     save_figure(plot_feature_donut(mass), "sae_feature_categories", mass)
-    print(mass.sort_values("mass", ascending=False).head(10).round(1).to_string())
+    say(SECTION, mass_sentence(mass))
 
 # %% [markdown]
 # ## Steering: add a feature's decoder direction to the adapter scalars while generating

@@ -653,12 +653,13 @@ def pick_question(samples: pd.DataFrame, benchmark: str, better: str, worse: str
     return str(found[0] if len(found) else wide.index[0])
 
 
-def responses_side_by_side(frame: pd.DataFrame, question: str, models: Sequence[str], names: dict[str, str] | None = None) -> str:
+def responses_side_by_side(frame: pd.DataFrame, question: str, models: Sequence[str]) -> str:
     """HTML: the question, then each model's response to it side by side (its words, special tokens and
     all, with its grade)."""
     import html
 
-    names = names or {}
+    from paper_lib.results import model_name
+
     rows = frame[frame["id"].astype(str) == question].drop_duplicates("model").set_index("model")
     cells = []
     for model in models:
@@ -666,7 +667,7 @@ def responses_side_by_side(frame: pd.DataFrame, question: str, models: Sequence[
             continue
         r = rows.loc[model]
         grade = "correct" if r["correct"] else "wrong"
-        head = f"<b>{html.escape(names.get(model, model))}</b> ({grade}, {int(r['tokens'])} tokens)"
+        head = f"<b>{html.escape(model_name(model))}</b> ({grade}, {int(r['tokens'])} tokens)"
         text = html.escape(str(r["response"]))
         cells.append(
             f'<td style="vertical-align:top;width:{100 // len(models)}%">{head}<pre style="white-space:pre-wrap">{text}</pre></td>'
@@ -682,20 +683,12 @@ def wait_continuations(responses: Sequence[str]) -> list[str]:
     return [now[len(before) :].strip() if now.startswith(before) else now for before, now in zip(thinking, thinking[1:])]
 
 
-def model_names(adapter: str) -> dict[str, str]:
-    """What a reader calls each evaluated model (labels are the files' names)."""
-    return {
-        "base_chat": "base, its own chat protocol",
-        "base": "base, budget-forced",
-        adapter: f"rank-1 LoRA ({adapter})",
-        "full": "full fine-tune",
-    }
-
-
-def waits_side_by_side(scaled: pd.DataFrame, question: str, models: Sequence[str], names: dict[str, str], waits: int = 2) -> str:
+def waits_side_by_side(scaled: pd.DataFrame, question: str, models: Sequence[str], waits: int = 2) -> str:
     """HTML: for one question, what each model writes after its 1st, 2nd, ... forced "Wait" (the greedy
     "Wait" sweep's responses; ``wait_continuations``)."""
     import html
+
+    from paper_lib.results import model_name
 
     rows = scaled[scaled["id"].astype(str) == question]
     table = []
@@ -706,7 +699,7 @@ def waits_side_by_side(scaled: pd.DataFrame, question: str, models: Sequence[str
             said = wait_continuations([t.iloc[0] for t in texts])[-1] if all(len(t) for t in texts) else "(not generated)"
             cells.append(f'<td style="vertical-align:top"><pre style="white-space:pre-wrap">{html.escape(said)}</pre></td>')
         table.append(f"<tr>{''.join(cells)}</tr>")
-    head = "<tr><td></td>" + "".join(f"<td><b>{html.escape(names.get(m, m))}</b></td>" for m in models) + "</tr>"
+    head = "<tr><td></td>" + "".join(f"<td><b>{html.escape(model_name(m))}</b></td>" for m in models) + "</tr>"
     return f"<table>{head}{''.join(table)}</table>"
 
 

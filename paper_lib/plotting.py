@@ -19,7 +19,7 @@ from matplotlib.colors import LogNorm  # noqa: E402
 
 from paper_lib.interp import classified  # noqa: E402
 from paper_lib.paths import figures_dir  # noqa: E402
-from paper_lib.results import QuietDict, note_figure  # noqa: E402
+from paper_lib.results import QuietDict, model_name, note_figure  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -72,7 +72,8 @@ def _grouped_bars(
     for i, name in enumerate(group_order):
         sub = data[data[group] == name].set_index(x).reindex(x_order)
         positions = np.arange(len(x_order)) + (i - (len(group_order) - 1) / 2) * width
-        ax.bar(positions, sub[value], width, yerr=error_bars(sub[value], sub["lo"], sub["hi"]), capsize=3, label=name)
+        label = model_name(name) if group == "model" else name
+        ax.bar(positions, sub[value], width, yerr=error_bars(sub[value], sub["lo"], sub["hi"]), capsize=3, label=label)
     ax.set_xticks(np.arange(len(x_order)), x_order)
     ax.legend(fontsize=8)
 
@@ -153,7 +154,7 @@ def plot_test_time_scaling(table: pd.DataFrame) -> plt.Figure:
     for ax, sweep, label in ((axes[0], "budget", "thinking budget (tokens)"), (axes[1], "wait", 'number of "Wait"s')):
         sub = table[table["sweep"] == sweep].sort_values("x")
         for model, group in sub.groupby("model", sort=False):
-            line = ax.plot(group["x"], group["accuracy"], marker="o", label=model)[0]
+            line = ax.plot(group["x"], group["accuracy"], marker="o", label=model_name(model))[0]
             ax.fill_between(group["x"], group["lo"], group["hi"], color=line.get_color(), alpha=0.15)
         if sweep == "budget" and len(sub):
             ax.set_xscale("log", base=2)

@@ -430,6 +430,37 @@ def dead_latents_sentence(history: Any, latents: int, tail: float = 0.2) -> str:
     return f"The dead latents had settled: {before:.0f} -> {last:.0f} of {latents} over the last {tail:.0%} of the steps."
 
 
+def mass_sentence(mass: Any) -> str:
+    """Notebook 06's "what we see" on figure 3: each category's share of the live latents' activation mass,
+    largest first, and what the template's share means (the paper's donut has no such category)."""
+    shares = mass.groupby("category")["mass"].sum()
+    shares = (shares / shares.sum()).sort_values(ascending=False)
+    listed = ", ".join(f"{c} {v:.0%}" for c, v in shares.items())
+    text = f"**What we see (figure 3).** Activation mass by category: {listed}."
+    if "template" in shares:
+        text += (
+            f" The template ({shares['template']:.0%}) is the chat format's own tokens (turn markers, role names, the "
+            "think and answer markers, newlines): every trace has them in the same places and the adapter state is "
+            "large there, so latents that fire on them carry much mass. The paper's seven categories have no such "
+            "slice; its formatting tokens fall inside them, so the other slices are the ones to compare."
+        )
+    return text
+
+
+MODEL_NAMES = {
+    "base_chat": "base, its own chat protocol",
+    "base": "base, budget-forced",
+    "full": "full fine-tune",
+    "rank1": "rank-1 LoRA",
+}
+
+
+def model_name(label: str) -> str:
+    """What a reader calls an evaluated model (labels are the samples' folder names; an adapter's label says
+    its shape: rank1_L3-6, rank1_mlp, rank4...)."""
+    return MODEL_NAMES.get(label, f"adapter {label}")
+
+
 def say(section: str, text: str) -> str:
     """What we see, written from this run's numbers (so it stays true when a parameter changes): shown as
     markdown in the executed notebook, logged, and appended to the run's ``what_we_see.md``."""

@@ -380,7 +380,7 @@ def test_the_page_shows_what_each_forced_wait_adds_and_a_question_that_tells_the
     ]
     assert wait_continuations(responses) == ["Wait a1;b3", "Wait, check: b3"]
     scaled = pd.DataFrame([dict(id="7", model="rank1", setting=f"wait{k}", response=r) for k, r in enumerate(responses)])
-    page = waits_side_by_side(scaled, "7", ["rank1"], {"rank1": "rank-1 LoRA"})
+    page = waits_side_by_side(scaled, "7", ["rank1"])
     assert "Wait, check: b3" in page and "rank-1 LoRA" in page
     samples = pd.DataFrame(
         [

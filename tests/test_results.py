@@ -463,3 +463,20 @@ def test_the_sae_page_says_whether_dead_latents_settled():
     assert "had not settled" in dead_latents_sentence(falling, 400)
     flat = pd.DataFrame({"dead": [100 - i for i in range(40)] + [60] * 10})
     assert "had settled" in dead_latents_sentence(flat, 400) and "not" not in dead_latents_sentence(flat, 400)
+
+
+def test_figure_3s_largest_slice_is_named_and_the_template_explained():
+    import pandas as pd
+
+    from paper_lib.results import mass_sentence
+
+    mass = pd.DataFrame(
+        {
+            "category": ["template", "template", "computational operations"],
+            "subcategory": ["a", "b", "c"],
+            "mass": [30.0, 30.0, 40.0],
+        }
+    )
+    text = mass_sentence(mass)
+    assert "template 60%, computational operations 40%" in text and "chat format's own tokens" in text
+    assert "template" not in mass_sentence(mass[mass.category != "template"])
