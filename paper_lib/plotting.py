@@ -406,10 +406,9 @@ def plot_feature_donut(mass: pd.DataFrame, title: str = "SAE features: activatio
         loc="center left",
         bbox_to_anchor=(1.12, 0.5),
         fontsize=8,
-        title="category (inner ring)",
+        title=f"{title}\n\ncategory (inner ring)",  # beside the ring: a title above it meets its labels
     )
     ax.set(aspect="equal")
-    ax.set_title(title, pad=40)
     fig.tight_layout()
     return fig
 
@@ -419,14 +418,47 @@ def overlapping_labels(fig: plt.Figure) -> list[tuple[str, str]]:
     whose drawn extents overlap, from matplotlib's own text extents after a draw."""
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
-    texts = [t for t in fig.findobj(plt.Text) if t.get_visible() and t.get_text().strip()]
-    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    undrawn = set()  # labels of ticks outside an axis's view: located, never drawn
+    for ax in fig.axes:
+        for axis, (low, high) in ((ax.xaxis, sorted(ax.get_xlim())), (ax.yaxis, sorted(ax.get_ylim()))):
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                if not low - 1e-9 * abs(high - low) <= tick.get_loc() <= high + 1e-9 * abs(high - low):
+                    undrawn.update(id(t) for t in (tick.label1, tick.label2))
+    texts = [t for t in fig.findobj(plt.Text) if t.get_visible() and t.get_text().strip() and id(t) not in undrawn]
+    boxes = [(t.get_text(), t.get_window_extent(renderer), _text_corners(t, renderer)) for t in texts]
     return [
         (a, b)
-        for i, (a, box_a) in enumerate(boxes)
-        for b, box_b in boxes[i + 1 :]
-        if box_a.overlaps(box_b) and box_a.width > 0 and box_b.width > 0
+        for i, (a, box_a, corners_a) in enumerate(boxes)
+        for b, box_b, corners_b in boxes[i + 1 :]
+        if box_a.overlaps(box_b) and box_a.width > 0 and box_b.width > 0 and _polygons_meet(corners_a, corners_b)
     ]
+
+
+def _text_corners(text: plt.Text, renderer) -> np.ndarray:
+    """The four corners of a text's drawn rectangle (rotated with it), in display units. matplotlib gives the
+    axis-aligned box around the rotated rectangle (W, H); its sides (w, h) follow from W = w|cos| + h|sin|,
+    H = w|sin| + h|cos|, about the same centre (at 45 degrees, where that has no solution, the box itself)."""
+    box = text.get_window_extent(renderer)
+    theta = np.deg2rad(text.get_rotation())
+    c, s = abs(np.cos(theta)), abs(np.sin(theta))
+    centre = np.array([(box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2])
+    if abs(c * c - s * s) < 0.05:
+        return np.array([[box.x0, box.y0], [box.x1, box.y0], [box.x1, box.y1], [box.x0, box.y1]])
+    w, h = np.linalg.solve([[c, s], [s, c]], [box.width, box.height])
+    u, v = np.array([np.cos(theta), np.sin(theta)]) * w / 2, np.array([-np.sin(theta), np.cos(theta)]) * h / 2
+    return np.array([centre - u - v, centre + u - v, centre + u + v, centre - u + v])
+
+
+def _polygons_meet(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two convex polygons overlap (separating-axis test; touching edges do not count)."""
+    for poly in (a, b):
+        for i in range(len(poly)):
+            edge = poly[(i + 1) % len(poly)] - poly[i]
+            axis = np.array([-edge[1], edge[0]])
+            pa, pb = a @ axis, b @ axis
+            if pa.max() <= pb.min() + 1e-6 or pb.max() <= pa.min() + 1e-6:
+                return False
+    return True
 
 
 def plot_shares_by_size(by_size: pd.DataFrame) -> plt.Figure:

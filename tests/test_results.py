@@ -480,3 +480,22 @@ def test_figure_3s_largest_slice_is_named_and_the_template_explained():
     text = mass_sentence(mass)
     assert "template 60%, computational operations 40%" in text and "chat format's own tokens" in text
     assert "template" not in mass_sentence(mass[mass.category != "template"])
+
+
+def test_the_overlap_check_flags_piled_labels_not_parallel_rotated_ones_or_undrawn_ticks():
+    from paper_lib.plotting import overlapping_labels
+
+    fig, ax = plt.subplots()
+    ax.text(0.5, 0.5, "template 40%")
+    ax.text(0.52, 0.5, "values 30%")  # piled on each other, as the old donut's inner labels
+    assert ("template 40%", "values 30%") in overlapping_labels(fig)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.set(xticks=[], yticks=[])
+    ax.text(0.3, 0.3, "program_operator 6%", rotation=60, fontsize=10)
+    ax.text(0.36, 0.3, "program_operand 4%", rotation=60, fontsize=10)  # side by side, parallel: their boxes meet
+    assert overlapping_labels(fig) == []
+    fig, ax = plt.subplots()
+    ax.plot([0, 10_000], [0, 1])
+    ax.set_xticks([-2000, 0, 5000, 10_000])  # a located tick outside the view is never drawn
+    ax.set_xlim(0, 10_000)
+    assert overlapping_labels(fig) == []
