@@ -123,6 +123,9 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
         assert said and all("What we see" in text for text in said), said
         assert "{" not in "".join(said)  # formatted, not a template
     assert minutes < 10
+    pages = "".join(o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {}))
+    shown = {"00": "wait_word", "02": "full fine-tune", "04": 'class="c"', "06": 'class="c"'}  # roles, words, features
+    assert shown.get(path.stem[:2], "") in pages, f"{path.stem}: what the page should show is missing"
     if path.stem.startswith("01"):  # a smoke run keeps out of the full run's folder (a full run there is refused)
         assert (artifact_dir("runs/01_train_smoke/rank1") / "final").is_dir() and not artifact_dir("runs/01_train").exists()
 
