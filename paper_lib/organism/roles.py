@@ -260,8 +260,10 @@ def role_table(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -> list
     counts: Counter[str] = Counter()
     example: dict[str, str] = {}
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        for token_id, role in zip(ids, token_roles(tokenizer, text)):
+        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)  # once: ids and roles
+        labels = character_roles(text)
+        for token_id, (start, _) in zip(enc["input_ids"], enc["offset_mapping"]):
+            role = labels[start] if start < len(labels) else "other"  # as token_roles reads it
             counts[role] += 1
             example.setdefault(role, tokenizer.decode([token_id]))
     return [
