@@ -584,8 +584,12 @@ def check_adapter(adapter_dir: str | Path, base_model: str) -> None:
         adapter_config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise AdapterError(f"{config_path} is not valid JSON: {err}") from err
-    recorded = adapter_config.get("base_model_name_or_path", "")
-    same = recorded == base_model or (Path(recorded).exists() and resolve(recorded).resolve() == resolve(base_model).resolve())
+    recorded = adapter_config.get("base_model_name_or_path") or ""  # PEFT writes null for a model built from a config
+    same = (
+        not recorded  # the adapter names no base: its shapes, checked below, are all there is to check
+        or recorded == base_model
+        or (Path(recorded).exists() and resolve(recorded).resolve() == resolve(base_model).resolve())
+    )
     if not same:
         raise AdapterError(f"adapter {adapter_dir} was trained on {recorded!r}, not on {base_model!r}")
     local = resolve(base_model)

@@ -233,6 +233,14 @@ def test_adapters_are_checked_against_their_base_before_any_work(tiny_run, tmp_p
         check_adapter(variant("deeper", deeper), cfg.model)
     with pytest.raises(AdapterError, match="NaN or infinite"):
         check_adapter(variant("nan", nan), cfg.model)
+    # PEFT records no base (null) for a model built from a config: the shapes decide, never a TypeError
+    unnamed, wide_unnamed = variant("unnamed", lambda t: t), variant("wide_unnamed", wider)
+    for folder in (unnamed, wide_unnamed):
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    check_adapter(unnamed, cfg.model)
+    with pytest.raises(AdapterError, match="needs \\(1, 64\\)"):
+        check_adapter(wide_unnamed, cfg.model)
     torn = tmp_path / "torn"
     shutil.copytree(adapter, torn)
     data = (torn / "adapter_model.safetensors").read_bytes()
