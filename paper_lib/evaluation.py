@@ -370,6 +370,15 @@ def sample_meta(engine: Engine, spec: GenerationSpec, variant: str | None) -> di
     return json.loads(json.dumps({"spec": spec.to_dict(), **identity}))  # as it reads back from JSON
 
 
+def generation_differences(saved: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """What differs between two files' ``sample_meta``. A model is the same model when its weights' content
+    fingerprints agree, wherever it was read from (a copied or moved data folder, another ``PAPER_DATA_DIR``):
+    its path is then not compared."""
+    if saved.get("model_weights") and saved.get("model_weights") == meta.get("model_weights"):
+        saved, meta = {k: v for k, v in saved.items() if k != "model"}, {k: v for k, v in meta.items() if k != "model"}
+    return differences(saved, meta)
+
+
 def _meta_path(path: Path) -> Path:
     return path.with_name(path.name.removesuffix(".jsonl") + ".meta.json")
 
@@ -396,7 +405,7 @@ def adoption(
         return "this run has its own already"
     if not source.is_file() or not _meta_path(source).is_file():
         return f"no {source.name} there"
-    diff = differences(json.loads(_meta_path(source).read_text()), sample_meta(engine, spec, variant))
+    diff = generation_differences(json.loads(_meta_path(source).read_text()), sample_meta(engine, spec, variant))
     if diff:
         return f"generated otherwise ({describe_differences(diff)})"
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -455,7 +464,7 @@ def evaluate(
     meta_path = _meta_path(out_path)
     meta = sample_meta(engine, spec, variant)
     if meta_path.is_file() and not overwrite:
-        diff = differences(json.loads(meta_path.read_text()), meta)
+        diff = generation_differences(json.loads(meta_path.read_text()), meta)
         if diff:
             raise EvaluationError(
                 f"{out_path} holds samples generated with other settings ({describe_differences(diff)});"

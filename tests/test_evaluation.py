@@ -451,3 +451,14 @@ def test_a_variant_is_plotted_beside_the_default_adapter_on_the_same_questions(t
     assert got["rank1 (default)"] == pytest.approx(10 / 13) and got["rank1_L3-6"] == pytest.approx(3 / 13)
     assert set(table["kind"]) == {"default", "this run"}
     assert recovery_beside_default(default, per_question, "rank1").empty  # the default itself: nothing beside it
+
+
+def test_samples_of_the_same_weights_read_from_another_data_folder_are_the_same_generation():
+    """A copied data/runs under another PAPER_DATA_DIR records the organism's path otherwise ("data/..."
+    instead of "data:..."): the weights' fingerprint decides, so its base samples are reused, not regenerated."""
+    from paper_lib.evaluation import generation_differences
+
+    saved = {"spec": {"n": 1}, "model": "data:organism/model", "model_weights": "abc", "adapter": None}
+    assert generation_differences(saved, {**saved, "model": "data/organism/model"}) == {}
+    assert generation_differences(saved, {**saved, "model": "data/organism/model", "model_weights": "xyz"})
+    assert generation_differences({**saved, "model_weights": None}, {**saved, "model_weights": None, "model": "other"})
