@@ -47,6 +47,10 @@ class QuietDict(Quiet, dict):
     pass
 
 
+class QuietPath(Quiet, type(Path())):
+    """A path a cell does not echo (``start_run``'s run folder)."""
+
+
 def in_kernel() -> bool:
     """Whether this runs inside a Jupyter kernel (a notebook, papermill)."""
     try:
@@ -171,7 +175,7 @@ def start_run(section: str, out_dir: str | Path, parameters: dict[str, Any]) -> 
     figures_dir()  # a file where the figures go is refused now, not after the expensive work
     _RUNS[section] = {"info": {"commit": info["commit"], "parameters": parameters}, "written": False, "dir": out_dir}
     (out_dir / SAID_FILE).write_text(f"# What {section} saw (commit {info['commit']})\n")
-    return out_dir
+    return QuietPath(out_dir)
 
 
 SAID_FILE = "what_we_see.md"
