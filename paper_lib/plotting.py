@@ -237,7 +237,7 @@ def plot_variant_recovery(table: pd.DataFrame) -> plt.Figure:
     from matplotlib.patches import Patch
 
     fig.legend(
-        handles=[Patch(color=c, label=f"varies: {k}") for k, c in colours.items()]
+        handles=[Patch(color=c, label=k if k in ("default", "this run") else f"varies: {k}") for k, c in colours.items()]
         + [Patch(color="grey", alpha=0.2, label="paper: 73-90%")],
         fontsize=8,
         loc="lower center",
