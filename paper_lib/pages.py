@@ -220,10 +220,13 @@ def notebook_heading(section: str) -> tuple[str, str]:
     source = NOTEBOOK_DIR / f"{section}.py"
     if not source.is_file():
         return section, ""
-    lines = [line.removeprefix("# ").strip() for line in source.read_text().splitlines() if line.startswith("# ")]
+    lines = [line.removeprefix("#").strip() for line in source.read_text().splitlines() if line.startswith("#")]
     title = next((line[2:] for line in lines if line.startswith("# ")), section)
-    claim = next((line.replace("**Claim:**", "").strip() for line in lines if line.startswith("**Claim:**")), "")
-    return title, claim
+    start = next((i for i, line in enumerate(lines) if line.startswith("**Claim:**")), None)
+    if start is None:
+        return title, ""
+    end = next((i for i in range(start, len(lines)) if not lines[i]), len(lines))  # the paragraph: to its blank line
+    return title, " ".join(lines[start:end]).replace("**Claim:**", "").strip()
 
 
 def _inline_markdown(text: str) -> str:
@@ -282,7 +285,7 @@ def summary_page_html(headlines: dict) -> str:
         if not s.startswith("all_")
     )
     style = (
-        "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}img{max-width:100%}"
+        "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}img{max-width:100%;max-height:380px}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}.run{color:#666}"
     )
     return (
