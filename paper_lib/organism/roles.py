@@ -242,14 +242,21 @@ def character_roles(text: str) -> list[str]:
     return labels
 
 
-def token_roles(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int | None = None) -> list[str]:
-    """The role of every token of ``text`` as the tokenizer splits it (a token takes the role of its first
-    character), truncated like the extraction at ``max_length`` tokens."""
+def tokens_with_roles(
+    tokenizer: PreTrainedTokenizerBase, text: str, max_length: int | None = None
+) -> tuple[list[int], list[str]]:
+    """The token ids of ``text`` and each token's role (a token takes the role of its first character), from
+    one tokenization, truncated like the extraction at ``max_length`` tokens."""
     enc = tokenizer(
         text, return_offsets_mapping=True, add_special_tokens=False, truncation=max_length is not None, max_length=max_length
     )
     labels = character_roles(text)
-    return [labels[start] if start < len(labels) else "other" for start, _ in enc["offset_mapping"]]
+    return enc["input_ids"], [labels[start] if start < len(labels) else "other" for start, _ in enc["offset_mapping"]]
+
+
+def token_roles(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int | None = None) -> list[str]:
+    """The role of every token of ``text`` as the tokenizer splits it (``tokens_with_roles``)."""
+    return tokens_with_roles(tokenizer, text, max_length)[1]
 
 
 def role_table(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -> list[dict[str, object]]:
@@ -260,10 +267,7 @@ def role_table(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -> list
     counts: Counter[str] = Counter()
     example: dict[str, str] = {}
     for text in texts:
-        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)  # once: ids and roles
-        labels = character_roles(text)
-        for token_id, (start, _) in zip(enc["input_ids"], enc["offset_mapping"]):
-            role = labels[start] if start < len(labels) else "other"  # as token_roles reads it
+        for token_id, role in zip(*tokens_with_roles(tokenizer, text)):
             counts[role] += 1
             example.setdefault(role, tokenizer.decode([token_id]))
     return [
@@ -278,8 +282,7 @@ def roles_html(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
     import html
 
     palette = ["#e6550d", "#3182bd", "#31a354", "#756bb1", "#de2d26", "#636363", "#fd8d3c", "#6baed6", "#74c476", "#9e9ac8"]
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    roles = token_roles(tokenizer, text)
+    ids, roles = tokens_with_roles(tokenizer, text)
     families = list(dict.fromkeys(ROLE_FAMILY.get(r, "other") for r in roles))
     colour = {f: palette[i % len(palette)] for i, f in enumerate(families)}
     spans = []
