@@ -92,8 +92,9 @@ SECTION = "01_train_rank1_lora"
 parameters = check_parameters(globals(), SECTION, choices={"LORA_MODULES": ("all", "attention", "mlp")})
 check_plan(SECTION, parameters, SMOKE)  # on a GPU box: the plan printed, and what will not fit refused, first
 organism = Path(DATASET).parent  # held out of training: the probe traces of the organism whose traces train it
-heldout = HELDOUT if HELDOUT != "auto" else ("organism-probe" if (resolve(organism) / "config.json").is_file() else "")
-if heldout == "organism-probe" and not (resolve(organism) / "config.json").is_file():
+is_organism = (resolve(organism) / "config.json").is_file()
+heldout = HELDOUT if HELDOUT != "auto" else ("organism-probe" if is_organism else "")
+if heldout == "organism-probe" and not is_organism:
     raise ValueError(f'HELDOUT organism-probe: DATASET {DATASET!r} is not an organism\'s traces; give a dataset or ""')
 seed_everything(SEED)
 out_name = run_name(OUTPUT_DIR, SMOKE)  # a smoke run never clashes with (or reuses) a full one

@@ -383,21 +383,14 @@ def _meta_path(path: Path) -> Path:
     return path.with_name(path.name.removesuffix(".jsonl") + ".meta.json")
 
 
-def adopt_samples(
-    source: str | Path, out_path: str | Path, engine: Engine, spec: GenerationSpec, variant: str | None = None
-) -> bool:
-    """Copy an earlier run's samples (``source`` and its meta) to ``out_path`` when they were generated
-    exactly as this run would generate them (same spec, model weights, adapter weights, context and dtype),
-    so a variant run does not regenerate the base and full models; ``evaluate`` then checks each sample's
-    question and generates only what is missing. False (nothing copied) otherwise, or if ``out_path``
-    exists (``adoption`` says why)."""
-    return adoption(source, out_path, engine, spec, variant) is None
-
-
 def adoption(
     source: str | Path, out_path: str | Path, engine: Engine, spec: GenerationSpec, variant: str | None = None
 ) -> str | None:
-    """``adopt_samples``, saying why not: None when the samples were adopted, else the reason in a few words."""
+    """Copy an earlier run's samples (``source`` and its meta) to ``out_path`` when they were generated
+    exactly as this run would generate them (same spec, model weights, adapter weights, context and dtype),
+    so a variant run does not regenerate the base and full models; ``evaluate`` then checks each sample's
+    question and generates only what is missing. None when adopted; otherwise (nothing copied, or
+    ``out_path`` exists) the reason in a few words."""
     import shutil
 
     source, out_path = Path(source), Path(out_path)

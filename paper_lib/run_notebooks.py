@@ -127,8 +127,9 @@ def run_all(
             continue
         log.info("running %s", source.name)
         given = {**(parameters or {}), **({"SMOKE": True} if smoke else {})}
-        if tag and "OUTPUT_DIR" not in given and variant_output_dir(source.stem, tag):
-            given["OUTPUT_DIR"] = variant_output_dir(source.stem, tag)  # the tag scopes the run's folder too
+        scoped = variant_output_dir(source.stem, tag) if tag and "OUTPUT_DIR" not in given else None
+        if scoped:
+            given["OUTPUT_DIR"] = scoped  # the tag scopes the run's folder too
         _, took = run_notebook(source, out_dir, given or None)
         minutes[source.stem] = took
         log.info("%s took %.2f min", source.name, took)

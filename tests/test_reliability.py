@@ -98,7 +98,7 @@ def test_samples_whose_meta_file_is_missing_are_kept_and_the_run_stops(tmp_path)
 def test_a_variant_run_adopts_earlier_base_samples_only_when_generated_alike(tmp_path):
     """Notebook 02's REUSE_FROM: the base's samples from an earlier run are copied when spec and engine
     match, so only missing questions are generated; other settings are never adopted."""
-    from paper_lib.evaluation import adopt_samples
+    from paper_lib.evaluation import adoption
     from paper_lib.organism import build_tokenizer
 
     calls = []
@@ -114,14 +114,17 @@ def test_a_variant_run_adopts_earlier_base_samples_only_when_generated_alike(tmp
     evaluate(engine, items[:3], spec, tmp_path / "earlier" / "base" / "aime24.greedy.jsonl")
     calls.clear()
     target = tmp_path / "variant" / "base" / "aime24.greedy.jsonl"
-    assert not adopt_samples(
-        tmp_path / "earlier" / "base" / "aime24.greedy.jsonl", target, engine, GenerationSpec(max_tokens=96, answer_tokens=8)
+    assert (
+        adoption(
+            tmp_path / "earlier" / "base" / "aime24.greedy.jsonl", target, engine, GenerationSpec(max_tokens=96, answer_tokens=8)
+        )
+        is not None
     )  # another budget: not adopted
     assert not target.exists()
-    assert adopt_samples(tmp_path / "earlier" / "base" / "aime24.greedy.jsonl", target, engine, spec)
+    assert adoption(tmp_path / "earlier" / "base" / "aime24.greedy.jsonl", target, engine, spec) is None
     assert len(evaluate(engine, items, spec, target)) == 4
     assert sum(calls) == 2  # only the fourth question was generated (a thinking and an answer request)
-    assert not adopt_samples(tmp_path / "earlier" / "base" / "aime24.greedy.jsonl", target, engine, spec)  # exists
+    assert adoption(tmp_path / "earlier" / "base" / "aime24.greedy.jsonl", target, engine, spec) is not None  # exists
 
 
 @pytest.fixture(scope="module")
