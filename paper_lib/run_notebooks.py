@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import platform
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -171,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parameters = parse_parameters(args.parameter)
     if parameters and not args.tag:
         parser.error("a run with -p parameters is a variant: name it with --tag, so it keeps its own figures")
+    if args.tag and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.tag):  # a path would leave build/variants
+        parser.error(f"--tag {args.tag!r}: a plain name (letters, digits, . _ -), e.g. middle or rank4")
     if args.tag:
         variant = resolve("build/variants") / args.tag
         log.info("variant %s: figures and headline numbers under %s", args.tag, variant)

@@ -210,6 +210,9 @@ def test_run_notebooks_passes_parameters_as_papermill_does_and_a_variant_keeps_i
     )
     with pytest.raises(SystemExit):
         run_notebooks.main(["--only", "02", "-p", "MAX_TOKENS", "256"])  # parameters without a tag
+    for tag in ("../../figures", "/tmp/x", "..", "a/b"):  # would write figures or runs outside their folders
+        with pytest.raises(SystemExit):
+            run_notebooks.main(["--only", "02", "-p", "MAX_TOKENS", "256", "--tag", tag])
     # the main command writes the committed figures; `make smoke` writes its own, beside its notebooks
     monkeypatch.delenv("PAPER_FIGURES_DIR", raising=False)
     run_notebooks.main(["--only", "02"])
