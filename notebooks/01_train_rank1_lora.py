@@ -121,7 +121,7 @@ common = dict(
 )
 num_layers = AutoConfig.from_pretrained(MODEL).num_hidden_layers
 lora_spec = lora_spec_for(LORA_MODULES, r=LORA_RANK, **layer_subset(LORA_LAYERS, num_layers))
-label = lora_run_label(lora_spec, LORA_MODULES)  # rank1 for the paper's adapter; e.g. rank4, rank1_mlp, rank1_L8-12
+label = lora_run_label(lora_spec, LORA_MODULES)  # rank1 for the paper's adapter; e.g. rank4, rank1_mlp, rank1_L8-11
 lora_cfg = TrainConfig(output_dir=f"{out_name}/{label}", lora=lora_spec, learning_rate=LORA_LR, **common)
 full_cfg = TrainConfig(output_dir=f"{out_name}/full", lora=None, learning_rate=FULL_LR, **common)
 

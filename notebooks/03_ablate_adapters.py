@@ -46,6 +46,9 @@ MAX_TOKENS = 160  # generated tokens per response (real scale: 32768)
 ANSWER_TOKENS = 32  # tokens for the forced answer section (real scale: 2048)
 TENSOR_PARALLEL = 1  # vLLM tensor parallelism for the behavioural part (GPUs per engine)
 N_BENCHMARK_QUESTIONS = 0  # behavioural part: questions per benchmark (0: all)
+REUSE_FROM = (
+    "runs/02_evaluate"  # notebook 02's OUTPUT_DIR: its base and adapter samples generated exactly alike are reused ("": none)
+)
 CHECK_CLAIMS = True  # assert the default's expected results (False: the rehearsal, and variants that may differ)
 OUTPUT_DIR = "runs/03_ablate"  # under data/: adapter variants and per-sample JSONL files
 SMOKE = False  # fast check for CI: a few traces
@@ -187,7 +190,15 @@ release_memory()
 import os  # noqa: E402
 
 from paper_lib.engines import HFEngine, VLLMEngine  # noqa: E402
-from paper_lib.evaluation import GenerationSpec, evaluate, graded_accuracy, load_benchmark  # noqa: E402
+from paper_lib.evaluation import (  # noqa: E402
+    GenerationSpec,
+    Task,
+    evaluate_tasks,
+    graded_accuracy,
+    load_benchmark,
+    reuse_report,
+    reuse_samples,
+)
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's start-up log would flood the notebook
@@ -205,19 +216,24 @@ engine = (
 )
 
 # %% [markdown]
-# Each variant on the AIME-like and MATH-like questions, greedy and budget-forced as in notebook 02.
+# Each variant on the AIME-like and MATH-like questions, greedy and budget-forced as in notebook 02 (whose
+# base and adapter samples are the same generation: reused where their spec, weights and serving settings
+# match, checked file by file).
 
 # %%
 spec = GenerationSpec(max_tokens=MAX_TOKENS, answer_tokens=ANSWER_TOKENS, seed=SEED)
 limit = 4 if SMOKE else (N_BENCHMARK_QUESTIONS or None)
-rows = []
-with engine:
-    for name in ("aime24", "math500"):
-        items = load_benchmark(name, f"{BENCHMARK_DIR}/{name}" if BENCHMARK_DIR else None, limit=limit)
-        for label in (None, *variants):
-            df = evaluate(engine, items, spec, out_dir / (label or "base") / f"{name}.greedy.jsonl", variant=label)
-            rows.append({"benchmark": name, "adapters": label or "none (base)", **graded_accuracy(df)})
-behaviour = pd.DataFrame(rows)
+tasks, rows = [], []
+for name in ("aime24", "math500"):
+    items = load_benchmark(name, f"{BENCHMARK_DIR}/{name}" if BENCHMARK_DIR else None, limit=limit)
+    for label in (None, *variants):
+        tasks.append(Task(items, spec, out_dir / (label or "base") / f"{name}.greedy.jsonl", variant=label))
+        rows.append({"benchmark": name, "adapters": label or "none (base)"})
+with engine:  # notebook 02's samples where generated exactly alike; the rest in one request set
+    reused, why = reuse_samples(engine, tasks, out_dir, stage_dir(REUSE_FROM, SMOKE) if REUSE_FROM else None)
+    frames = evaluate_tasks(engine, tasks)
+print(reuse_report(REUSE_FROM, reused, why))
+behaviour = pd.DataFrame([{**row, **graded_accuracy(df)} for row, df in zip(rows, frames)])
 print(behaviour.round(3).to_string())
 for _, r in behaviour.iterrows():
     record_headline(

@@ -57,7 +57,15 @@ import pandas as pd
 
 from paper_lib.config import seed_everything
 from paper_lib.engines import HFEngine, VLLMEngine
-from paper_lib.evaluation import GenerationSpec, evaluate, load_benchmark, read_evaluation
+from paper_lib.evaluation import (
+    GenerationSpec,
+    Task,
+    evaluate_tasks,
+    load_benchmark,
+    read_evaluation,
+    reuse_report,
+    reuse_samples,
+)
 from paper_lib.params import check_context_room, check_parameters
 from paper_lib.paths import artifact_dir, run_name, stage_dir, train_run_name
 from paper_lib.plotting import plot_variant_recovery, save_figure
@@ -117,12 +125,16 @@ engine = (
 )
 
 # %%
-rows = []
-with engine:
-    for name, items in benchmarks.items():
-        for label in adapters:
-            df = evaluate(engine, items, spec, out_dir / label / f"{name}.greedy.jsonl", variant=label)
-            rows.append(df.assign(model=label, benchmark=name))
+tasks = {
+    (label, name): Task(items, spec, out_dir / label / f"{name}.greedy.jsonl", label)
+    for name, items in benchmarks.items()
+    for label in adapters
+}
+with engine:  # the default adapter's samples from notebook 02 where generated exactly alike; the rest in one request set
+    reused, why = reuse_samples(engine, list(tasks.values()), out_dir, stage_dir(EVALUATION_DIR, SMOKE))
+    frames = evaluate_tasks(engine, list(tasks.values()))
+print(reuse_report(EVALUATION_DIR, reused, why))
+rows = [df.assign(model=label, benchmark=name) for (label, name), df in zip(tasks, frames)]
 for name, items in benchmarks.items():  # the same questions, generated alike in notebook 02 (checked)
     for model, model_spec in (("base_chat", chat), ("full", spec)):
         df = read_evaluation(stage_dir(EVALUATION_DIR, SMOKE) / model / f"{name}.greedy.jsonl", model_spec, items)

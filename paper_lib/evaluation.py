@@ -7,6 +7,7 @@ sample is appended to a JSONL file as soon as it exists, and a rerun skips finis
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -164,6 +165,14 @@ class GenerationSpec(Config):
         require(self.wait_count >= 0, "wait_count", "must be >= 0")
         require(self.thinking_budget is None or self.thinking_budget > 0, "thinking_budget", "must be positive")
 
+    def generates_like(self, other: GenerationSpec) -> bool:
+        """Whether two specs generate alike: a thinking budget of what ``max_tokens`` leaves is no budget."""
+
+        def stated(spec: GenerationSpec) -> GenerationSpec:
+            return dataclasses.replace(spec, thinking_budget=spec.thinking_budget or spec.max_tokens - spec.answer_tokens)
+
+        return stated(self) == stated(other)
+
 
 def scaling_specs(spec: GenerationSpec, budgets: str, waits: str) -> dict[str, GenerationSpec]:
     """s1's test-time scaling sweeps around ``spec`` (a budget-forced greedy protocol): ``budget<B>`` caps
@@ -224,6 +233,15 @@ class Request(NamedTuple):
 SampleRun = Generator[Request, tuple[str, int], Response]
 
 
+class Job(NamedTuple):
+    """One sample's protocol and how its requests are decoded: the spec's sampling settings, and the
+    engine's adapter (None: the base model) or, for ``ScalarEngine``, its transform."""
+
+    run: SampleRun
+    spec: GenerationSpec
+    variant: str | None
+
+
 def sample_protocol(prompt: str, spec: GenerationSpec, seed: int, limit: int, length: Callable[[str], int]) -> SampleRun:
     """One sample's generation as a sequence of requests: yields each request, receives (text, generated
     tokens), returns the ``Response``.
@@ -271,36 +289,35 @@ def sample_protocol(prompt: str, spec: GenerationSpec, seed: int, limit: int, le
     return Response(forced + text, used + n, cut, n >= room)
 
 
-def run_protocols(
-    engine: Engine,
-    protocols: Sequence[SampleRun],
-    spec: GenerationSpec,
-    variant: str | None,
-    on_done: Callable[[int, Response], None],
-) -> None:
-    """Run every sample's protocol to its end, calling ``on_done(index, response)`` as each finishes.
+def run_protocols(engine: Engine, jobs: Sequence[Job], on_done: Callable[[int, Response], None]) -> None:
+    """Run every job's protocol to its end, calling ``on_done(index, response)`` as each finishes.
 
     An engine that can take requests while others run (``enqueue`` / ``finished``: vLLM) gets every
-    sample's first request at once and each follow-up the moment its previous request ends, so its
-    scheduler batches continuously and never waits for a slow response. Any other engine runs a phase at
-    a time: every pending request of the earliest phase in one ``complete`` call."""
+    job's first request at once and each follow-up the moment its previous request ends, so its
+    scheduler batches continuously and never waits for a slow response; jobs of other specs and
+    adapters share its batch. Any other engine runs a phase at a time: the pending requests of the
+    earliest phase (of one spec, adapter and stop setting) in one ``complete`` call."""
     pending: dict[Any, int] = {}
     asks: dict[int, Request] = {}
 
     def advance(i: int, result: tuple[str, int] | None) -> None:
         try:
-            asks[i] = protocols[i].send(result)
+            asks[i] = jobs[i].run.send(result)
         except StopIteration as stop:
             on_done(i, stop.value)
 
-    for i in range(len(protocols)):
+    def key(i: int) -> tuple:  # what one engine call shares: sampling settings, adapter, stop token
+        return jobs[i].spec, jobs[i].variant, asks[i].stop_at_im_start
+
+    for i in range(len(jobs)):
         advance(i, None)
     if hasattr(engine, "enqueue"):
         while asks or pending:
-            for stop in (False, True):  # one call per stop setting (it is part of the sampling settings)
-                group = [i for i in asks if asks[i].stop_at_im_start == stop]
-                if group:
-                    pending.update(zip(engine.enqueue(*_arguments([asks[i] for i in group], spec, stop, variant)), group))
+            groups: dict[tuple, list[int]] = {}
+            for i in asks:
+                groups.setdefault(key(i), []).append(i)
+            for (spec, variant, stop), group in groups.items():
+                pending.update(zip(engine.enqueue(*_arguments([asks[i] for i in group], spec, stop, variant)), group))
             asks.clear()
             finished = engine.finished()
             if not finished:
@@ -309,10 +326,11 @@ def run_protocols(
                 advance(pending.pop(handle), (text, n))
         return
     while asks:
-        phase = min(r.phase for r in asks.values())
-        group = [i for i in sorted(asks) if asks[i].phase == phase]
+        first = min(asks, key=lambda i: (asks[i].phase, i))
+        group = [i for i in sorted(asks) if asks[i].phase == asks[first].phase and key(i) == key(first)]
+        spec, variant, stop = key(first)
         requests = [asks.pop(i) for i in group]
-        outs = engine.complete(*_arguments(requests, spec, requests[0].stop_at_im_start, variant))
+        outs = engine.complete(*_arguments(requests, spec, stop, variant))
         for i, out in zip(group, outs):
             advance(i, out)
 
@@ -327,9 +345,10 @@ def generate_responses(
     """``spec.n`` responses per question (``sample_protocol`` each; ``run_protocols`` drives them)."""
     prompts = [chat_prompt(engine.tokenizer, q) for q in questions for _ in range(spec.n)]
     seeds = [spec.seed * 1_000_003 + k for k in range(len(prompts))]  # one seed per sample, fixed by the spec
-    protocols = [sample_protocol(p, spec, s, context_limit(engine), token_counter(engine)) for p, s in zip(prompts, seeds)]
+    limit, length = context_limit(engine), token_counter(engine)
+    jobs = [Job(sample_protocol(p, spec, s, limit, length), spec, variant) for p, s in zip(prompts, seeds)]
     responses: dict[int, Response] = {}
-    run_protocols(engine, protocols, spec, variant, responses.__setitem__)
+    run_protocols(engine, jobs, responses.__setitem__)
     return [[responses[i * spec.n + s] for s in range(spec.n)] for i in range(len(questions))]
 
 
@@ -434,6 +453,18 @@ def read_evaluation(path: str | Path, spec: GenerationSpec, items: Sequence[Item
     return done.reset_index(drop=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One file of samples: ``spec.n`` samples of each of ``items`` from the engine's ``variant`` (its
+    adapter, None: the base model; for ``ScalarEngine`` its transform), to ``out_path`` (JSONL)."""
+
+    items: Sequence[Item]
+    spec: GenerationSpec
+    out_path: Path
+    variant: str | None = None
+    overwrite: bool = False
+
+
 def evaluate(
     engine: Engine,
     items: Sequence[Item],
@@ -444,31 +475,86 @@ def evaluate(
     overwrite: bool = False,
 ) -> pd.DataFrame:
     """Generate, grade and append each sample to ``out_path`` (JSONL) as it finishes; finished samples are
-    skipped. A serving engine (vLLM) gets all of them as one request set; any other engine ``chunk``
-    samples at a time.
+    skipped (``evaluate_tasks`` for one file; it says what is checked first)."""
+    return evaluate_tasks(engine, [Task(items, spec, Path(out_path), variant, overwrite)], chunk)[0]
 
-    ``variant``: the engine's adapter (None: the base model) or, for ``ScalarEngine``, its transform.
-    ``<out_path>.meta.json`` records what generates the file (the spec, the engine's model and variant);
-    each sample records its question's fingerprint. A rerun with another spec, model, variant or
-    question text is refused, naming what differs (``overwrite`` discards the old file instead), so a
-    changed setting never returns old rows."""
-    out_path = Path(out_path)
+
+def evaluate_tasks(engine: Engine, tasks: Sequence[Task], chunk: int = 32) -> list[pd.DataFrame]:
+    """Every task's samples, generated, graded and appended to its file as each finishes (a killed run
+    resumes at the sample); each task's samples in its benchmark's order.
+
+    A serving engine (vLLM) gets the samples of all tasks as one request set: its scheduler fills each
+    batch from every file at once, so a small file (a 30-question sweep) never runs alone. Any other
+    engine runs the tasks in turn, ``chunk`` samples a call (its batch is held in memory).
+
+    ``<out_path>.meta.json`` records what generates a file (the spec, the engine's model and variant);
+    each sample records its question's fingerprint. Every file is checked before anything is generated:
+    one generated with another spec, model, variant or question text is refused, naming what differs
+    (a task's ``overwrite`` discards the old file instead), so a changed setting never returns old rows.
+    Tasks naming the same file (a sweep's setting equal to the main protocol) generate it once."""
+    unique: dict[Path, Task] = {}
+    for task in tasks:
+        same = unique.setdefault(Path(task.out_path), task)
+        if (same.spec, same.variant, [it.id for it in same.items]) != (task.spec, task.variant, [it.id for it in task.items]):
+            raise EvaluationError(f"two tasks write {task.out_path} with different settings, variants or questions")
+    todos = {path: _pending(engine, task) for path, task in unique.items()}  # every file checked first
+    limit, length = context_limit(engine), token_counter(engine)
+    owners: list[tuple[Path, Item, int]] = [(path, it, s) for path, todo in todos.items() for it, s in todo]
+    total = sum(len(t.items) * t.spec.n for t in unique.values())
+    desc = next(iter(unique)).stem if len(unique) == 1 else f"{len(unique)} files"
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(
+            tqdm(total=total, initial=total - len(owners), desc=desc, unit="sample", disable=not owners or not progress_enabled())
+        )
+        handles = {}
+        for path in todos:
+            stack.enter_context(explained_disk_errors(path.parent))
+            handles[path] = stack.enter_context(path.open("a"))
+
+        def write(path: Path, item: Item, s: int, response: Response) -> None:
+            correct, excerpt = grade(item, response.text)
+            row = dict(id=item.id, sample=s, item=item_fingerprint(item), response=response.text, answer_excerpt=excerpt)
+            row.update(correct=bool(correct), tokens=response.tokens, thinking_cut=response.thinking_cut)
+            handles[path].write(json.dumps({**row, "answer_cut": response.answer_cut}) + "\n")
+            handles[path].flush()  # a killed run resumes at the sample
+            bar.update(1)
+
+        def job(path: Path, item: Item, s: int) -> Job:
+            task = unique[path]
+            prompt = chat_prompt(engine.tokenizer, item.question)
+            return Job(
+                sample_protocol(prompt, task.spec, sample_seed(task.spec, item, s), limit, length), task.spec, task.variant
+            )
+
+        # a serving engine: one request set; any other: each file in turn, `chunk` samples a call
+        if hasattr(engine, "enqueue"):
+            parts = [owners]
+        else:
+            parts = [[(p, *o) for o in todo[i : i + chunk]] for p, todo in todos.items() for i in range(0, len(todo), chunk)]
+        for part in parts:
+            run_protocols(engine, [job(*o) for o in part], lambda i, r, part=part: write(*part[i], r))
+    return [_in_order(read_samples(Path(t.out_path)), t) for t in tasks]
+
+
+def _pending(engine: Engine, task: Task) -> list[tuple[Item, int]]:
+    """A task's checks (``evaluate_tasks``), its meta file written when new; the samples still to generate."""
+    out_path, spec, items = Path(task.out_path), task.spec, task.items
     out_path.parent.mkdir(parents=True, exist_ok=True)
     meta_path = _meta_path(out_path)
-    meta = sample_meta(engine, spec, variant)
-    if meta_path.is_file() and not overwrite:
+    meta = sample_meta(engine, spec, task.variant)
+    if meta_path.is_file() and not task.overwrite:
         diff = generation_differences(json.loads(meta_path.read_text()), meta)
         if diff:
             raise EvaluationError(
                 f"{out_path} holds samples generated with other settings ({describe_differences(diff)});"
                 " pass overwrite (OVERWRITE True) or choose another OUTPUT_DIR"
             )
-    if not overwrite and not meta_path.is_file() and out_path.is_file() and out_path.stat().st_size:
+    if not task.overwrite and not meta_path.is_file() and out_path.is_file() and out_path.stat().st_size:
         raise EvaluationError(
             f"{out_path} holds samples but its {meta_path.name} is missing, so what generated them cannot be "
             "checked; they are kept: restore the meta file, pass overwrite (OVERWRITE True), or choose another OUTPUT_DIR"
         )
-    if overwrite or not meta_path.is_file():
+    if task.overwrite or not meta_path.is_file():
         out_path.unlink(missing_ok=True)
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     done = read_samples(out_path)
@@ -481,41 +567,15 @@ def evaluate(
                 "benchmark changed); pass overwrite (OVERWRITE True) or choose another OUTPUT_DIR"
             )
     finished = set(zip(done["id"].astype(str), done["sample"].astype(int))) if len(done) else set()
-    todo = [(it, s) for it in items for s in range(spec.n) if (it.id, s) not in finished]
-    limit, length = context_limit(engine), token_counter(engine)
-    prompts = {it.id: chat_prompt(engine.tokenizer, it.question) for it, _ in todo}
-    # a serving engine takes every sample at once and schedules them itself; a batch-at-a-time engine
-    # gets `chunk` samples a call (its batch is held in memory)
-    parts = [todo] if hasattr(engine, "enqueue") else [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
-    with (
-        tqdm(
-            total=len(items) * spec.n,
-            initial=len(items) * spec.n - len(todo),
-            desc=out_path.stem,
-            unit="sample",
-            disable=not todo or not progress_enabled(),
-        ) as bar,
-        explained_disk_errors(out_path.parent),
-        out_path.open("a") as handle,
-    ):
+    return [(it, s) for it in items for s in range(spec.n) if (it.id, s) not in finished]
 
-        def write(part: list[tuple[Item, int]], index: int, response: Response) -> None:
-            item, s = part[index]
-            correct, excerpt = grade(item, response.text)
-            row = dict(id=item.id, sample=s, item=current[item.id], response=response.text, answer_excerpt=excerpt)
-            row.update(correct=bool(correct), tokens=response.tokens, thinking_cut=response.thinking_cut)
-            handle.write(json.dumps({**row, "answer_cut": response.answer_cut}) + "\n")
-            handle.flush()  # a killed run resumes at the sample
-            bar.update(1)
 
-        for part in parts:
-            runs = [sample_protocol(prompts[it.id], spec, sample_seed(spec, it, s), limit, length) for it, s in part]
-            run_protocols(engine, runs, spec, variant, lambda i, r, part=part: write(part, i, r))
-    results = read_samples(out_path)
-    order = {it.id: k for k, it in enumerate(items)}
-    results = results[results["id"].astype(str).isin(order) & (results["sample"].astype(int) < spec.n)]
-    # in the benchmark's order, whatever order the samples finished in
-    key = results["id"].astype(str).map(order) * spec.n + results["sample"].astype(int)
+def _in_order(results: pd.DataFrame, task: Task) -> pd.DataFrame:
+    """A task's samples in its benchmark's order, whatever order they finished in."""
+    order = {it.id: k for k, it in enumerate(task.items)}
+    n = task.spec.n
+    results = results[results["id"].astype(str).isin(order) & (results["sample"].astype(int) < n)]
+    key = results["id"].astype(str).map(order) * n + results["sample"].astype(int)
     return results.iloc[key.argsort(kind="stable")].reset_index(drop=True)
 
 
@@ -591,12 +651,39 @@ class Evaluated:
 
     def reuse_report(self, source: str) -> str:
         """One line: what came from ``source``, and why the rest did not."""
-        if not source:
-            return "no earlier run reused"
-        why = "; ".join(f"{k}: {v}" for k, v in self.regenerated.items())
-        return f"reused from {source}: {len(self.reused)} files ({', '.join(self.reused) or 'none'})" + (
-            f"; generated here: {why}" if why else ""
-        )
+        return reuse_report(source, self.reused, self.regenerated)
+
+
+def reuse_samples(
+    engine: Engine, tasks: Sequence[Task], out_dir: Path, source: Path | None, keep: Sequence[str] = ()
+) -> tuple[list[str], dict[str, str]]:
+    """Before ``evaluate_tasks``: adopt each task's file from the same place under ``source`` (an earlier
+    run's folder) where it was generated exactly alike (``adoption``), except under the labels (first
+    folders) in ``keep``. Returns the files reused and, for the rest, why not; files named by their path
+    under ``out_dir`` (``<label>/<benchmark>.<protocol>.jsonl``)."""
+    reused: list[str] = []
+    regenerated: dict[str, str] = {}
+    for task in tasks if source is not None else ():
+        where = Path(task.out_path).relative_to(out_dir)
+        key = where.as_posix()
+        if where.parts[0] in keep or key in reused or key in regenerated:  # once a file
+            continue
+        why = adoption(source / where, task.out_path, engine, task.spec, task.variant)
+        if why is None:
+            reused.append(key)
+        else:
+            regenerated[key] = why
+    return reused, regenerated
+
+
+def reuse_report(source: str, reused: Sequence[str], regenerated: dict[str, str]) -> str:
+    """One line: what came from ``source`` (``reuse_samples``), and why the rest did not."""
+    if not source:
+        return "no earlier run reused"
+    why = "; ".join(f"{k}: {v}" for k, v in regenerated.items())
+    return f"reused from {source}: {len(reused)} files ({', '.join(reused) or 'none'})" + (
+        f"; generated here: {why}" if why else ""
+    )
 
 
 def evaluate_models(
@@ -612,36 +699,38 @@ def evaluate_models(
     """For each engine ``(model, adapters)`` of ``runs`` (started in turn, each released before the next):
     each ``(label, adapter, protocols)`` on every benchmark, to ``<out_dir>/<label>/<benchmark>.<protocol>.jsonl``,
     then the scaling sweeps on ``scaling_benchmark`` (not for ``base_chat``: budget forcing is what they
-    vary; the sweep's setting equal to the greedy protocol reuses its samples). Files of ``reuse_from``
-    generated exactly alike are adopted first, except for the labels in ``keep`` (the adapter under test)."""
+    vary; the sweep's setting equal to the greedy protocol reuses its samples), all of an engine's files
+    as one request set (``evaluate_tasks``). Files of ``reuse_from`` generated exactly alike are adopted
+    first, except for the labels in ``keep`` (the adapter under test)."""
     samples, scaled, reused, regenerated = [], [], [], {}
-
-    def run(
-        engine: Any, label: str, adapter: str | None, spec: GenerationSpec, items: Sequence[Item], path: Path
-    ) -> pd.DataFrame:
-        key = f"{label}/{path.name}"
-        if reuse_from and label not in keep and key not in reused and key not in regenerated:  # once a file
-            why = adoption(reuse_from / label / path.name, path, engine, spec, adapter)
-            if why is None:
-                reused.append(key)
-            else:
-                regenerated[key] = why
-        return evaluate(engine, items, spec, path, variant=adapter)
-
     for (model, adapters), evaluations in runs:
         with make_engine(model, adapters) as engine:
+            tasks, where = [], []  # where each task's samples go: (the list, the columns that name them)
             for label, adapter, specs in evaluations:
                 for protocol, spec in specs.items():
                     for name, items in benchmarks.items():
-                        df = run(engine, label, adapter, spec, items, out_dir / label / f"{name}.{protocol}.jsonl")
-                        samples.append(df.assign(model=label, benchmark=name, protocol=protocol))
+                        tasks.append(Task(items, spec, out_dir / label / f"{name}.{protocol}.jsonl", adapter))
+                        where.append((samples, dict(model=label, benchmark=name, protocol=protocol)))
                 if label == "base_chat" or not scaling:
                     continue
                 for setting, spec in scaling.items():  # the sweeps: reused like the protocols
-                    protocol = "greedy" if spec == specs.get("greedy") else setting
-                    path = out_dir / label / f"{scaling_benchmark}.{protocol}.jsonl"
-                    df = run(engine, label, adapter, spec, benchmarks[scaling_benchmark], path)
-                    scaled.append(df.assign(model=label, setting=setting))
+                    protocol = setting
+                    if "greedy" in specs and spec.generates_like(specs["greedy"]):  # the greedy protocol's samples
+                        spec, protocol = specs["greedy"], "greedy"
+                    tasks.append(
+                        Task(
+                            benchmarks[scaling_benchmark],
+                            spec,
+                            out_dir / label / f"{scaling_benchmark}.{protocol}.jsonl",
+                            adapter,
+                        )
+                    )
+                    where.append((scaled, dict(model=label, setting=setting)))
+            adopted, why = reuse_samples(engine, tasks, out_dir, reuse_from, keep)
+            reused, regenerated = reused + adopted, {**regenerated, **why}
+            # one request set an engine: vLLM batches every model, protocol, benchmark and sweep together
+            for (frames, columns), df in zip(where, evaluate_tasks(engine, tasks)):
+                frames.append(df.assign(**columns))
     scaled = pd.concat(scaled, ignore_index=True) if scaled else pd.DataFrame()
     return Evaluated(pd.concat(samples, ignore_index=True), scaled, reused, regenerated)
 

@@ -316,15 +316,21 @@ def plan_stages(
     if n == "03":
         cap = p["BATCH_TOKENS"] or p["BATCH_SIZE"] * p["MAX_LENGTH"]
         at = lambda t: forward_bytes(shape, t, gpus, fp32_adapters=False)  # noqa: E731
-        passes = shape.layers * 8 + 2 + 1 + 1  # each layer, each (layer, projection), attention / MLP, all, none
+        # each layer, each (layer, projection), attention / MLP, all, none; a group's forward starts at its first
+        # ablated layer (the reference's residual stream there), so a layer's groups run (layers - l) / layers of one
+        passes = 8 * (shape.layers + 1) / 2 + 2 + 1 + 1
         tokens = passes * p["N_TRACES"] * p["MAX_LENGTH"]
         seconds = compute_seconds(shape, tokens, 1, "forward")
+        record = (
+            shape.layers * min(cap, p["N_TRACES"] * p["MAX_LENGTH"]) * shape.hidden * (4 if p["DTYPE"] == "float32" else 2) / 1e9
+        )
         stages.append(
             Stage(
                 "ablation KL batch",
                 at(cap),
                 tokens,
-                f"{passes} forwards a trace, use_cache off, layers spread over the GPUs (one at work)",
+                f"{passes:.0f} forwards' work a trace, use_cache off, layers spread over the GPUs (one at work); "
+                f"host ~{record:.1f} GB for the batch's residual stream at every layer",
                 "BATCH_TOKENS",
                 at,
                 cap,

@@ -461,7 +461,7 @@ MODEL_NAMES = {
 
 def model_name(label: str) -> str:
     """What a reader calls an evaluated model (labels are the samples' folder names; an adapter's label says
-    its shape: rank1_L3-6, rank1_mlp, rank4...)."""
+    its shape: rank1_L3-5, rank1_mlp, rank4...)."""
     return MODEL_NAMES.get(label, f"adapter {label}")
 
 

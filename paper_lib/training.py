@@ -137,13 +137,16 @@ def layer_subset(text: str, num_layers: int) -> dict[str, Any]:
 
 def lora_run_label(spec: LoraSpec, modules: str = "all") -> str:
     """A run folder and result label that says what the adapter is: ``rank1`` for the paper's (every module,
-    every layer), else e.g. ``rank4``, ``rank1_mlp``, ``rank1_L16-24``, ``rank1_L0-64s4``, ``rank1_L3,7``."""
+    every layer), else e.g. ``rank4``, ``rank1_mlp``, ``rank1_L16-23`` (layers 16 to 23, both adapted),
+    ``rank1_L0-60s4`` (every fourth), ``rank1_L3,7``."""
     label = f"rank{spec.r}" + ("" if modules == "all" else f"_{modules}")
     if spec.layers is not None:
         label += "_L" + ",".join(str(layer) for layer in spec.layers)
     elif spec.layer_start is not None or spec.layer_end is not None:
-        label += f"_L{spec.layer_start or 0}-{spec.layer_end if spec.layer_end is not None else 'end'}"
-        label += f"s{spec.layer_stride}" if spec.layer_stride != 1 else ""
+        start, stride = spec.layer_start or 0, spec.layer_stride
+        # the last adapted layer (a range's end is exclusive, a folder name's is not)
+        last = "end" if spec.layer_end is None else start + (spec.layer_end - 1 - start) // stride * stride
+        label += f"_L{start}-{last}" + (f"s{stride}" if stride != 1 else "")
     return label
 
 
@@ -634,26 +637,29 @@ def adapter_weights_hash(adapter_dir: str | Path) -> str:
     return hashlib.sha256((Path(adapter_dir) / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
 
 
-DIGEST_FILE = ".weights_digest.json"  # beside a model's weights: their hash, computed once
+DIGEST_CACHE = ".cache/weights_digests"  # under the data folder: one file a model folder, its weights' hash
 
 
 def model_fingerprint(model: str | Path) -> str:
     """A content hash of a model's weights (every ``*.safetensors`` / ``*.bin`` file of a local folder, or of
     a hub id's cached snapshot): artifacts made from a model record it, so weights changed in place are
-    another model. Cached beside the weights, keyed by each file's size and modification time, so a
-    65 GB model is read once. A model not found locally (to be downloaded) is named by its id."""
+    another model. Cached under the data folder (``DIGEST_CACHE``), keyed by the folder and each file's
+    size and modification time, so a 65 GB model is read once; nothing is written beside the weights (a
+    run folder stays as its run left it, a hub snapshot as downloaded). A model not found locally (to be
+    downloaded) is named by its id."""
     import hashlib
 
     folder = resolve(model) if resolve(model).is_dir() else _hub_snapshot(str(model))
     if folder is None:
         return f"id:{model}"
+    folder = folder.resolve()
     files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
     stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    cache = folder / DIGEST_FILE
+    cache = data_dir() / DIGEST_CACHE / f"{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}.json"
     if cache.is_file():
         try:
             saved = json.loads(cache.read_text())
-            if saved.get("files") == stamp:
+            if saved.get("folder") == str(folder) and saved.get("files") == stamp:
                 return saved["digest"]
         except (OSError, json.JSONDecodeError, KeyError):
             pass
@@ -664,8 +670,11 @@ def model_fingerprint(model: str | Path) -> str:
                 digest.update(chunk)
     value = digest.hexdigest()[:16]
     try:
-        cache.write_text(json.dumps({"files": stamp, "digest": value}) + "\n")
-    except OSError:  # a read-only model folder: hashed again next time
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"folder": str(folder), "files": stamp, "digest": value}) + "\n")
+        partial.replace(cache)  # whole or absent: processes hashing the same model at once
+    except OSError:  # a read-only data folder: hashed again next time
         pass
     return value
 

@@ -134,3 +134,32 @@ def test_claim_statistics_are_the_group_means_they_name():
     assert value == pytest.approx((0.4 + 0.5) / 2 - (0.2 + 0.3) / 2) and lo <= value <= hi
     assert trace_statistic(per_trace, single_adapter_ratio, 200)[0] == pytest.approx(2.5)
     assert trace_statistic(per_trace, module_margin("gate_proj"), 200)[0] == pytest.approx(3.5)  # 10.5 - 7
+
+
+def test_an_ablation_starts_at_its_first_layer_and_gives_what_the_whole_forward_gives(peft_model):
+    """Layers below a group's first ablated layer are not run again (their output is the reference's), and
+    the KL is bit for bit that of ablating in a whole forward pass."""
+    from paper_lib.ablation import split_head, trace_means
+
+    model, tok = peft_model
+    [batch] = completion_batches(tok, ["3 x2 +1", "12 x3"], [" think 7 then 36", " 5"], batch_size=2)
+    families = ablation_groups(model)
+    groups = {"layer 3": families["layer"]["layer 3"], "5/down_proj": families["single"]["5/down_proj"]}
+    groups["attention"] = families["kind"]["attention"]
+    decoder, head = split_head(model)
+    calls = []
+    hook = decoder.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        per_trace = ablation_kl(model, [batch], groups)
+    finally:
+        hook.remove()
+    assert len(calls) == 2  # the reference pass and the attention group (it starts at layer 0)
+    mask = batch["score_mask"].bool()
+    with torch.no_grad():
+        reference = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[mask]
+        for name, keys in groups.items():
+            with ablated(model, keys):
+                hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[mask]
+            whole = trace_means(kl_divergence(head(reference), head(hidden)), mask).tolist()
+            assert per_trace[per_trace.group == name]["kl"].tolist() == whole, name
+    assert (per_trace["kl"] > 0).all()

@@ -442,13 +442,13 @@ def test_a_variant_is_plotted_beside_the_default_adapter_on_the_same_questions(t
     (default / "rank1" / "aime24.greedy.jsonl").write_text(
         "".join(json.dumps({"id": i, "sample": 0, "correct": int(i) < 15}) + "\n" for i in ids)
     )
-    correct = {"base_chat": lambda i: int(i) < 5, "full": lambda i: int(i) < 18, "rank1_L3-6": lambda i: int(i) < 8}
+    correct = {"base_chat": lambda i: int(i) < 5, "full": lambda i: int(i) < 18, "rank1_L3-5": lambda i: int(i) < 8}
     per_question = pd.DataFrame(
         [dict(protocol="greedy", benchmark="aime24", model=m, id=i, correct=float(f(i))) for m, f in correct.items() for i in ids]
     )
-    table = recovery_beside_default(default, per_question, "rank1_L3-6", n_resamples=200)
+    table = recovery_beside_default(default, per_question, "rank1_L3-5", n_resamples=200)
     got = table.set_index("label")["gain_recovered"]
-    assert got["rank1 (default)"] == pytest.approx(10 / 13) and got["rank1_L3-6"] == pytest.approx(3 / 13)
+    assert got["rank1 (default)"] == pytest.approx(10 / 13) and got["rank1_L3-5"] == pytest.approx(3 / 13)
     assert set(table["kind"]) == {"default", "this run"}
     assert recovery_beside_default(default, per_question, "rank1").empty  # the default itself: nothing beside it
 
@@ -462,3 +462,54 @@ def test_samples_of_the_same_weights_read_from_another_data_folder_are_the_same_
     assert generation_differences(saved, {**saved, "model": "data/organism/model"}) == {}
     assert generation_differences(saved, {**saved, "model": "data/organism/model", "model_weights": "xyz"})
     assert generation_differences({**saved, "model_weights": None}, {**saved, "model_weights": None, "model": "other"})
+
+
+def test_an_engines_models_protocols_and_sweeps_run_as_one_request_set_and_a_sweep_equal_to_greedy_is_not_rerun(tmp_path):
+    """A serving engine gets every file's samples at once (two adapters, greedy and sampled, the sweeps), so
+    a small sweep never runs alone; the words are those of a batch-at-a-time engine; a sweep setting that
+    generates like the greedy protocol (no "Wait", the budget the greedy protocol leaves) reuses its file."""
+    import contextlib
+
+    from paper_lib.evaluation import evaluate_models, scaling_specs
+
+    class Recording(StreamingEngine):
+        def enqueue(self, prompts, max_tokens, spec, seeds, stop_at_im_start, adapter):
+            self.kinds = getattr(self, "kinds", []) + [(adapter, spec.temperature)] * len(prompts)
+            return super().enqueue(prompts, max_tokens, spec, seeds, stop_at_im_start, adapter)
+
+    items = {"aime24": [Item(str(i), f"{i} +1", "4", "math") for i in (3, 0, 5)], "math500": [Item("m", "1 +3", "4", "math")]}
+    greedy = GenerationSpec(max_tokens=64, answer_tokens=8)
+    protocols = {"greedy": greedy, "sampled": GenerationSpec(temperature=0.6, top_p=0.95, n=2, max_tokens=64, answer_tokens=8)}
+    sweeps = scaling_specs(greedy, "2,56", "0,1")  # budget56 and wait0 generate like greedy
+    runs = [(("m", {"rank1": "a"}), [("base", None, protocols), ("rank1", "rank1", protocols)])]
+    engines = {"streamed": Recording(), "batched": DigitEngine()}
+    done = {
+        name: evaluate_models(runs, items, lambda *_, e=engine: contextlib.nullcontext(e), tmp_path / name, sweeps, "aime24")
+        for name, engine in engines.items()
+    }
+    first_set = 2 * (4 + 8 + 3 + 3)  # two models: greedy (4 questions), sampled (8), budget2 (3), wait1 (3)
+    streamed = engines["streamed"]
+    assert [n for _, n in streamed.arrivals[:first_set]] == list(range(first_set))  # all in flight together
+    assert set(streamed.kinds[:first_set]) == {(None, 0.0), (None, 0.6), ("rank1", 0.0), ("rank1", 0.6)}
+    files = sorted(p.name for p in (tmp_path / "streamed" / "base").glob("*.jsonl"))
+    assert files == ["aime24.budget2.jsonl", "aime24.greedy.jsonl", "aime24.sampled.jsonl", "aime24.wait1.jsonl"] + [
+        "math500.greedy.jsonl",
+        "math500.sampled.jsonl",
+    ]
+    scaled = done["streamed"].scaled.set_index(["model", "setting", "id"])["response"]
+    assert (scaled.xs("budget56", level=1) == scaled.xs("wait0", level=1)).all()
+    for part in ("samples", "scaled"):
+        a, b = (getattr(done[n], part).drop(columns=["tokens"], errors="ignore") for n in ("streamed", "batched"))
+        assert a["response"].tolist() == b["response"].tolist(), part  # the same words, in the same order
+
+
+def test_two_tasks_writing_one_file_must_ask_for_the_same(tmp_path):
+    from paper_lib.evaluation import Task, evaluate_tasks
+
+    items = [Item("1", "1 +1", "2", "math")]
+    greedy = GenerationSpec(max_tokens=64, answer_tokens=8)
+    path = tmp_path / "base" / "aime24.greedy.jsonl"
+    a, b = evaluate_tasks(FakeEngine(), [Task(items, greedy, path), Task(items, greedy, path)])
+    assert a.equals(b) and len(a) == 1
+    with pytest.raises(EvaluationError, match="two tasks write"):
+        evaluate_tasks(FakeEngine(), [Task(items, greedy, path), Task(items, greedy, path, "rank1")])

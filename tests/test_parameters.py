@@ -123,15 +123,24 @@ def test_a_context_with_no_room_for_an_answer_is_refused():
     check_context_room(512, 32)
 
 
-def test_a_models_fingerprint_sees_its_weights_change_in_place_and_is_cached(tmp_path):
+def test_a_models_fingerprint_sees_its_weights_change_in_place_and_is_cached_outside_its_folder(tmp_path, monkeypatch):
+    """Hashed once (cached under the data folder), hashed again when a file changes, and the model's folder
+    left as it was: a copied run folder (new modification times) is not rewritten by being read."""
     import os
+    import shutil
 
-    from paper_lib.training import DIGEST_FILE, data_relative, model_fingerprint
+    from paper_lib.training import DIGEST_CACHE, data_relative, model_fingerprint
 
+    monkeypatch.setenv("PAPER_DATA_DIR", str(tmp_path / "data"))
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model.safetensors").write_bytes(b"weights one")
     first = model_fingerprint(tmp_path / "m")
-    assert (tmp_path / "m" / DIGEST_FILE).is_file() and model_fingerprint(tmp_path / "m") == first
+    assert len(list((tmp_path / "data" / DIGEST_CACHE).glob("*.json"))) == 1
+    os.utime(tmp_path / "m" / "model.safetensors", ns=(5, 5))  # the cache is keyed by the files' stamps ...
+    shutil.copytree(tmp_path / "m", tmp_path / "copy")  # ... and a copy gets new ones
+    assert model_fingerprint(tmp_path / "copy") == first and model_fingerprint(tmp_path / "m") == first
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.safetensors"]  # nothing written beside
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["model.safetensors"]
     (tmp_path / "m" / "model.safetensors").write_bytes(b"weights two")  # a REBUILD into the same folder
     os.utime(tmp_path / "m" / "model.safetensors", ns=(1, 1))
     assert model_fingerprint(tmp_path / "m") != first

@@ -449,7 +449,7 @@ def test_a_variant_adapter_gets_its_numbers_and_no_verdict_on_the_papers_claim()
     verdicts, text = recovery_verdicts(recovery, "rank1")
     assert verdicts == {("greedy", "aime24"): "reproduced", ("greedy", "math500"): "not reproduced"}
     assert "**reproduced** (the paper: 73-90%)" in text
-    verdicts, text = recovery_verdicts(recovery, "rank1_L3-6", claimed=False)
+    verdicts, text = recovery_verdicts(recovery, "rank1_L3-5", claimed=False)
     assert set(verdicts.values()) == {NO_CLAIM} and "reproduced" not in text and "80%" in text
     assert "made no claim on this adapter" in text
 

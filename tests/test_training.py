@@ -398,8 +398,8 @@ def test_layer_subsets_and_run_labels_say_what_the_adapter_is():
             layer_subset(bad, 8)
     assert lora_run_label(LoraSpec()) == "rank1"  # the paper's adapter keeps its folder
     assert lora_run_label(lora_spec_for("mlp", r=4), "mlp") == "rank4_mlp"
-    assert lora_run_label(LoraSpec(**layer_subset("late", 64))) == "rank1_L43-64"
-    assert lora_run_label(LoraSpec(**layer_subset("0:64:4", 64))) == "rank1_L0-64s4"
+    assert lora_run_label(LoraSpec(**layer_subset("late", 64))) == "rank1_L43-63"
+    assert lora_run_label(LoraSpec(**layer_subset("0:64:4", 64))) == "rank1_L0-60s4"
     assert lora_run_label(LoraSpec(**layer_subset("3,7", 8))) == "rank1_L3,7"
 
 
