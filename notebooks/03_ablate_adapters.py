@@ -46,9 +46,7 @@ MAX_TOKENS = 160  # generated tokens per response (real scale: 32768)
 ANSWER_TOKENS = 32  # tokens for the forced answer section (real scale: 2048)
 TENSOR_PARALLEL = 1  # vLLM tensor parallelism for the behavioural part (GPUs per engine)
 N_BENCHMARK_QUESTIONS = 0  # behavioural part: questions per benchmark (0: all)
-REUSE_FROM = (
-    "runs/02_evaluate"  # notebook 02's OUTPUT_DIR: its base and adapter samples generated exactly alike are reused ("": none)
-)
+REUSE_FROM = "runs/02_evaluate"  # notebook 02's OUTPUT_DIR: its samples generated exactly alike are reused
 CHECK_CLAIMS = True  # assert the default's expected results (False: the rehearsal, and variants that may differ)
 OUTPUT_DIR = "runs/03_ablate"  # under data/: adapter variants and per-sample JSONL files
 SMOKE = False  # fast check for CI: a few traces

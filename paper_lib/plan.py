@@ -299,7 +299,8 @@ def plan_stages(
             requests += 3 * QUESTIONS["aime24"]
             tokens += 3 * QUESTIONS["aime24"] * min(budget + p["ANSWER_TOKENS"], p["MAX_TOKENS"])
         tokens += 3 * waits * QUESTIONS["aime24"] * min(RESPONSE_TOKENS["aime24"], p["MAX_TOKENS"])
-        seconds, batch = decode_seconds(shape, tokens, context, requests / max(runs, 1), tp, gpu_gib)
+        # one request set an engine (evaluation.evaluate_tasks): every run it serves batches together
+        seconds, batch = decode_seconds(shape, tokens, context, requests, tp, gpu_gib)
         stages.append(
             Stage(
                 "vLLM generation (a GPU of it)",

