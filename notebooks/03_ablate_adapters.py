@@ -227,7 +227,7 @@ for name in ("aime24", "math500"):
     for label in (None, *variants):
         tasks.append(Task(items, spec, out_dir / (label or "base") / f"{name}.greedy.jsonl", variant=label))
         rows.append({"benchmark": name, "adapters": label or "none (base)"})
-with engine:  # notebook 02's samples where generated exactly alike; the rest in one request set
+with engine:  # notebook 02's samples where generated exactly alike; the rest one request set a variant
     reused, why = reuse_samples(engine, tasks, out_dir, stage_dir(REUSE_FROM, SMOKE) if REUSE_FROM else None)
     frames = evaluate_tasks(engine, tasks)
 print(reuse_report(REUSE_FROM, reused, why))

@@ -130,7 +130,7 @@ tasks = {
     for name, items in benchmarks.items()
     for label in adapters
 }
-with engine:  # the default adapter's samples from notebook 02 where generated exactly alike; the rest in one request set
+with engine:  # the default adapter's samples from notebook 02 where generated exactly alike; the rest one set an adapter
     reused, why = reuse_samples(engine, list(tasks.values()), out_dir, stage_dir(EVALUATION_DIR, SMOKE))
     frames = evaluate_tasks(engine, list(tasks.values()))
 print(reuse_report(EVALUATION_DIR, reused, why))

@@ -159,23 +159,22 @@ def ablation_kl(
     trace = 0
     with tqdm(total=len(batches) * len(groups), desc="ablations", unit="pass") as bar:
         for batch in batches:
+            ids = batch["input_ids"].to(device)
             inputs = {"attention_mask": batch["attention_mask"].to(device)}
             inputs["use_cache"] = False  # a KV cache nobody reads: 32 GiB at 32B for 131k tokens
             mask = batch["score_mask"].bool().to(device)
             with layer_inputs(decoder, store) as residual:
-                reference = decoder(input_ids=batch["input_ids"].to(device), **inputs).last_hidden_state[mask]
+                reference = decoder(input_ids=ids, **inputs).last_hidden_state[mask]
             for name, keys in groups.items():
                 first = min(layer for layer, _ in keys) if residual else 0
                 with ablated(model, keys, adapter), starting_at(decoder, first):
-                    start = (
-                        {"inputs_embeds": residual[first].to(device)} if first else {"input_ids": batch["input_ids"].to(device)}
-                    )
+                    start = {"inputs_embeds": residual[first].to(device)} if first else {"input_ids": ids}
                     hidden = decoder(**start, **inputs).last_hidden_state[mask]
                 per_trace = trace_means(chunked_kl(head, reference, hidden, chunk_elements), mask)
                 rows += [{"group": name, "trace": trace + i, "kl": float(v)} for i, v in enumerate(per_trace.tolist())]
                 bar.update(1)
             del residual[:]
-            trace += len(batch["input_ids"])
+            trace += len(ids)
     return pd.DataFrame(rows)
 
 

@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 
 from paper_lib.config import describe_differences, differences, fingerprint
 from paper_lib.formats import ADAPTER_MODULES
-from paper_lib.paths import explained_disk_errors
+from paper_lib.paths import explained_disk_errors, write_text_atomically
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -444,10 +443,8 @@ def extract_activation_shards(
                 f"{out_dir} holds an extraction of other inputs ({describe_differences(diff)}); use "
                 "another folder, or delete it (OVERWRITE True in notebook 04)"
             )
-    else:  # atomic: several processes may write the same file at once
-        tmp = out_dir / f".meta.{process_index}.tmp"
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, meta_path)
+    else:  # several processes may write the same file at once
+        write_text_atomically(meta_path, json.dumps(meta, indent=2) + "\n")
     n_shards = math.ceil(len(texts) / docs_per_shard)
     if process_index == 0 and num_processes > n_shards:
         logging.getLogger(__name__).warning(

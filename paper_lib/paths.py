@@ -8,6 +8,7 @@ folder); without it a notebook writes them under its own output folder.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -171,3 +172,16 @@ def environment(**variables: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """``text`` to ``path`` whole or not at all (a temporary file beside it, then a rename): neither a process
+    killed while writing nor another writing the same file at once leaves a torn one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

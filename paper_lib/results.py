@@ -8,14 +8,13 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from paper_lib.paths import figures_dir
+from paper_lib.paths import figures_dir, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -511,11 +510,7 @@ def _rewrite_run_record(section: str) -> None:
 def _write_headlines(data: dict[str, Any], path: Path) -> None:
     """Atomically, so that an interrupted run never leaves half a JSON file."""
     data = {s: dict(sorted(v.items())) for s, v in sorted(data.items())}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(data, indent=2) + "\n")
 
 
 def record_headline(

@@ -44,7 +44,7 @@ from paper_lib.config import (
 )
 from paper_lib.data import TRACE_FIELDS, build_sft_dataset, load_traces
 from paper_lib.formats import ALL_MODULES, MODULE_SETS
-from paper_lib.paths import artifact_dir, data_dir, resolve
+from paper_lib.paths import artifact_dir, data_dir, resolve, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -670,10 +670,8 @@ def model_fingerprint(model: str | Path) -> str:
                 digest.update(chunk)
     value = digest.hexdigest()[:16]
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps({"folder": str(folder), "files": stamp, "digest": value}) + "\n")
-        partial.replace(cache)  # whole or absent: processes hashing the same model at once
+        cache.parent.mkdir(parents=True, exist_ok=True)  # whole or absent: processes may hash one model at once
+        write_text_atomically(cache, json.dumps({"folder": str(folder), "files": stamp, "digest": value}) + "\n")
     except OSError:  # a read-only data folder: hashed again next time
         pass
     return value
